@@ -1,0 +1,76 @@
+"""The Controller actor: starts every engine actor, waits for them, stops them.
+
+It is created by the deploy process as an openYuanrong actor (detached and named in
+cluster mode). Engine actors are created with the resources their engine needs, so
+in cluster mode openYuanrong places them on nodes that have those devices.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import yr
+
+from deploy.config import Accelerator, ServiceConfig
+from deploy.errors import StartupError
+from workers.engine_actor import EngineActor
+from workers.engine_process import EngineSpec
+
+logger = logging.getLogger(__name__)
+
+# openYuanrong custom resource names for accelerators, by the SDK's convention.
+_DEVICE_RESOURCE = {Accelerator.CUDA: "GPU/.+/count", Accelerator.ASCEND: "NPU/.+/count"}
+
+
+def engine_invoke_options(config: ServiceConfig, spec: EngineSpec) -> yr.InvokeOptions:
+    options = yr.InvokeOptions(cpu=1000 * max(1, len(spec.devices)) if config.accelerator is Accelerator.CPU else 1000, memory=4096)
+    resource = _DEVICE_RESOURCE.get(config.accelerator)
+    if resource is not None:
+        options.custom_resources = {resource: float(spec.tensor_parallel)}
+    return options
+
+
+class Controller:
+    def __init__(self, config: ServiceConfig, specs: list[EngineSpec]) -> None:
+        self._config = config
+        self._specs = specs
+        self._engines: list[Any] = []
+        self._infos: list[dict[str, object]] = []
+
+    def initialize(self) -> list[dict[str, object]]:
+        """Start all engines in parallel; return their infos, or stop them all and raise."""
+        remote_engine = yr.instance(EngineActor)
+        advertise = "" if self._config.cluster_mode else "127.0.0.1"  # "": the engine's node address
+        for spec in self._specs:
+            handle = remote_engine.options(engine_invoke_options(self._config, spec)).invoke(
+                spec, str(self._config.log_dir), self._config.engine_start_timeout_s, advertise
+            )
+            self._engines.append(handle)
+        pending = [(spec, handle.start.invoke()) for spec, handle in zip(self._specs, self._engines)]
+        try:
+            for done, (spec, ref) in enumerate(pending, start=1):
+                info = yr.get(ref, timeout=int(self._config.engine_start_timeout_s) + 60)
+                self._infos.append(info)
+                logger.info("engine %s healthy on port %s (%d/%d)", spec.name, info["port"], done, len(pending))
+        except Exception as exc:
+            self.shutdown()
+            raise StartupError(f"an engine failed to start: {exc}") from None
+        return list(self._infos)
+
+    def engines(self) -> list[dict[str, object]]:
+        return [yr.get(handle.info.invoke()) for handle in self._engines]
+
+    def shutdown(self) -> None:
+        refs = [handle.stop.invoke() for handle in self._engines]
+        for ref in refs:
+            try:
+                yr.get(ref, timeout=60)
+            except Exception as exc:  # keep stopping the others
+                logger.error("stopping an engine failed: %s", exc)
+        for handle in self._engines:
+            try:
+                handle.terminate()
+            except Exception as exc:
+                logger.warning("terminating an engine actor failed: %s", exc)
+        self._engines = []

@@ -1,0 +1,222 @@
+"""Verbs of run_vllm_on_yr.sh: deploy, status, logs, clean.
+
+Exit codes: 0 done; 1 a start or stop failed (reason printed); 2 bad configuration
+(one line naming the setting, the value and what is allowed; nothing was started).
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from deploy import config as config_module
+from deploy.config import ServiceConfig
+from deploy.datasystem import stop_worker
+from deploy.errors import ConfigError, DeployError, StartupError
+from deploy.serve import READY_MARKER
+from deploy.state import DeploymentState, pid_alive, read_pid
+from workers.engine_process import is_healthy
+
+FRONT_DOOR_GRACE_S = 30.0
+STOP_GRACE_S = 90.0
+
+
+def check_port_free(host: str, port: int) -> None:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            reason = "already in use" if exc.errno == errno.EADDRINUSE else exc.strerror
+            raise ConfigError(f"SERVER_PORT={port} is invalid: {host}:{port} is {reason}; choose a free port") from None
+
+
+def check_not_running(config: ServiceConfig) -> None:
+    pid = read_pid(config.pid_file)
+    if pid is not None and pid_alive(pid):
+        raise ConfigError(
+            f"RUN_DIR={config.run_dir} is invalid: a deployment is already running there (pid {pid}); "
+            "run 'bash run_vllm_on_yr.sh clean' first"
+        )
+
+
+def _probe_host(config: ServiceConfig) -> str:
+    return "127.0.0.1" if config.server_ip in ("0.0.0.0", "::") else config.server_ip
+
+
+def deploy(config: ServiceConfig, flags: list[str]) -> int:
+    check_not_running(config)
+    check_port_free(config.server_ip, config.server_port)
+    for line in config_module.describe(config):
+        print(line, flush=True)
+    config.run_dir.mkdir(parents=True, exist_ok=True)
+    log_offset = config.deploy_log.stat().st_size if config.deploy_log.exists() else 0
+    with open(config.deploy_log, "ab") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "deploy.serve", *flags],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    config.pid_file.write_text(str(process.pid))
+    print(f"deploying (pid {process.pid}); progress below and in {config.deploy_log}", flush=True)
+    try:
+        _follow_until_ready(config, process, log_offset)
+    except BaseException:
+        _stop_serve_process(process.pid, STOP_GRACE_S)
+        raise
+    print(f"ready: http://{config.server_ip}:{config.server_port}  (status: bash run_vllm_on_yr.sh status)", flush=True)
+    return 0
+
+
+def _follow_until_ready(config: ServiceConfig, process: subprocess.Popen[bytes], log_offset: int) -> None:
+    deadline = time.monotonic() + config.engine_start_timeout_s * 2 + 300
+    with open(config.deploy_log, errors="replace") as log:
+        log.seek(log_offset)
+        ready_seen = False
+        while time.monotonic() < deadline:
+            for line in log.readlines():
+                print(f"  | {line.rstrip()}", flush=True)
+                ready_seen = ready_seen or READY_MARKER in line
+            code = process.poll()
+            if code is not None:
+                for line in log.readlines():
+                    print(f"  | {line.rstrip()}", flush=True)
+                raise StartupError(f"deploy failed (exit code {code}); the reason is above and in {config.deploy_log}")
+            if ready_seen and is_healthy(_probe_host(config), config.server_port):
+                return
+            time.sleep(0.5)
+    raise StartupError(f"the service was not ready within the deadline; see {config.deploy_log}")
+
+
+def _stop_serve_process(pid: int, grace_s: float) -> bool:
+    """SIGTERM the deploy process (it stops its engines and worker) and wait for it."""
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return True
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline:
+        if not pid_alive(pid) or _is_zombie(pid):
+            return True
+        time.sleep(0.5)
+    os.kill(pid, signal.SIGKILL)
+    return False
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def clean(config: ServiceConfig) -> int:
+    state = DeploymentState.read(config.state_file)
+    pid = read_pid(config.pid_file)
+    stopped_anything = False
+    if pid is not None and pid_alive(pid):
+        print(f"stopping deployment (pid {pid}) ...", flush=True)
+        graceful = _stop_serve_process(pid, STOP_GRACE_S)
+        print("stopped" if graceful else f"pid {pid} did not stop in {STOP_GRACE_S:.0f} s; killed", flush=True)
+        stopped_anything = True
+    # Whatever the deploy process could not stop, stop here by the PIDs it recorded.
+    log_dir = Path(state.log_dir) if state is not None else config.log_dir
+    for pid_path in sorted(log_dir.glob("*.pid")) if log_dir.is_dir() else []:
+        engine_pid = read_pid(pid_path)
+        if engine_pid is not None and pid_alive(engine_pid):
+            print(f"stopping engine {pid_path.stem} (pid {engine_pid})", flush=True)
+            try:
+                os.killpg(engine_pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            stopped_anything = True
+        pid_path.unlink(missing_ok=True)
+    ds_started_here = state.ds_started_here if state is not None else (pid is not None and not config.cluster_mode)
+    if ds_started_here:
+        address = state.ds_worker_address if state is not None else config.datasystem.address
+        if stop_worker(address):
+            print(f"stopped data system worker {address}", flush=True)
+            stopped_anything = True
+    config.state_file.unlink(missing_ok=True)
+    config.pid_file.unlink(missing_ok=True)
+    if not stopped_anything:
+        print("nothing was running", flush=True)
+    return 0
+
+
+def status(config: ServiceConfig) -> int:
+    state = DeploymentState.read(config.state_file)
+    pid = read_pid(config.pid_file)
+    if state is None or pid is None or not pid_alive(pid):
+        print("no deployment is running (deploy with: bash run_vllm_on_yr.sh deploy)")
+        return 1
+    door = "healthy" if is_healthy(_probe_host(config), config.server_port) else "not answering"
+    print(f"front door {state.endpoint}  pid {state.pid}  {door}  (openYuanrong {state.yr_mode} mode)")
+    print(f"model {state.served_model_name}  data system worker {state.ds_worker_address}")
+    header = ("INSTANCE", "ROLE", "DEVICES", "PORT", "PID", "HEALTH", "RESTARTS", "LOG")
+    rows = [header]
+    for engine in state.engines:
+        health = "healthy" if is_healthy(str(engine["host"]), int(engine["port"])) else "unhealthy"  # type: ignore[arg-type]
+        devices = ",".join(str(d) for d in engine["devices"]) or "-"  # type: ignore[attr-defined]
+        rows.append(
+            (str(engine["name"]), str(engine["role"]), devices, str(engine["port"]), str(engine["pid"]), health, str(engine["restarts"]), str(engine["log"]))
+        )
+    if len(rows) == 1:
+        print("engines are still starting; progress in", config.deploy_log)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    return 0
+
+
+def logs(config: ServiceConfig, name: str | None, lines: int) -> int:
+    files = [config.deploy_log] + (sorted(config.log_dir.glob("*.log")) if config.log_dir.is_dir() else [])
+    if name:
+        files = [f for f in files if f.stem == name]
+        if not files:
+            raise ConfigError(f"logs {name} is invalid: no such log; choose deploy or one of the instance names in status")
+    for path in files:
+        print(f"==> {path} <==")
+        if path.exists():
+            print("\n".join(path.read_text(errors="replace").splitlines()[-lines:]))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="run_vllm_on_yr.sh", description="prefill/decode-disaggregated vLLM on openYuanrong")
+    verbs = parser.add_subparsers(dest="verb", required=True)
+    for verb, text in (("deploy", "start the service and return when it is ready"), ("status", "one row per engine"), ("clean", "stop everything deploy started")):
+        config_module.add_arguments(verbs.add_parser(verb, help=text))
+    log_parser = verbs.add_parser("logs", help="show the deploy log and the engines' logs")
+    config_module.add_arguments(log_parser)
+    log_parser.add_argument("name", nargs="?", help="deploy or an instance name")
+    log_parser.add_argument("-n", "--lines", type=int, default=40)
+    args = parser.parse_args(argv)
+    try:
+        config = config_module.build_config(os.environ, args)
+        if args.verb == "deploy":
+            return deploy(config, argv[1:])
+        if args.verb == "status":
+            return status(config)
+        if args.verb == "clean":
+            return clean(config)
+        return logs(config, args.name, args.lines)
+    except DeployError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted; what deploy started was stopped", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

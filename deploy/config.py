@@ -1,0 +1,418 @@
+"""The one typed configuration of a deployment.
+
+This is the only module that reads ``os.environ``. Everything else receives a
+:class:`ServiceConfig`. Each setting has an environment name (seed 000's names where
+the seed has one) and a command-line flag that overrides it; the flag is the
+environment name in lower case with dashes (``PTP`` -> ``--ptp``).
+
+Validation happens here, before anything starts. A bad value raises
+:class:`ConfigError` whose message is one line: the variable, the value, and what
+is allowed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import enum
+import ipaddress
+import os
+import shlex
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from deploy.errors import ConfigError
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+# vLLM flags the system owns: each engine's address, its parallelism and the KV
+# connector are decided by the Controller, never by user pass-through params.
+OWNED_ENGINE_FLAGS = (
+    "--host",
+    "--port",
+    "--tensor-parallel-size",
+    "-tp",
+    "--data-parallel-size",
+    "-dp",
+    "--data-parallel-rank",
+    "--data-parallel-address",
+    "--data-parallel-rpc-port",
+    "--kv-transfer-config",
+    "--served-model-name",
+    "--headless",
+)
+
+
+class Accelerator(str, enum.Enum):
+    CPU = "cpu"
+    CUDA = "cuda"
+    ASCEND = "ascend"
+
+
+class Role(str, enum.Enum):
+    PREFILL = "prefill"
+    DECODE = "decode"
+    COLOCATED = "colocated"
+
+    @property
+    def kv_role(self) -> str:
+        return {"prefill": "kv_producer", "decode": "kv_consumer", "colocated": "kv_both"}[self.value]
+
+
+@dataclass(frozen=True)
+class DataSystemConfig:
+    """Where the KV store is and, in local mode, how deploy starts its own worker."""
+
+    worker_host: str
+    worker_port: int
+    metastore_port: int
+    shared_memory_mb: int
+    spill_dir: Path | None
+    spill_size_mb: int
+
+    @property
+    def address(self) -> str:
+        return f"{self.worker_host}:{self.worker_port}"
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    server_ip: str
+    server_port: int
+    model_path: Path | None  # None: build and serve the embedded random-weight model
+    prefill_instances: int
+    decode_instances: int
+    prefill_tp: int
+    decode_tp: int
+    prefill_dp: int
+    decode_dp: int
+    using_prefix_connector: bool
+    accelerator: Accelerator
+    devices: tuple[int, ...]  # CPU cores, CUDA or Ascend device ids this node may use
+    prefill_startup_params: tuple[str, ...]
+    decode_startup_params: tuple[str, ...]
+    cpu_kvcache_gb: int
+    engine_start_timeout_s: float
+    datasystem: DataSystemConfig
+    run_dir: Path  # deploy.log, deploy.pid, state.json
+    sessions_dir: Path  # /tmp/yr_sessions: engine logs go to <sessions_dir>/latest/log
+    model_cache_dir: Path
+    yr_server_address: str | None  # set: cluster mode
+    extra_engine_env: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def disaggregated(self) -> bool:
+        return self.decode_instances > 0
+
+    @property
+    def devices_per_prefill_instance(self) -> int:
+        return self.prefill_tp * self.prefill_dp
+
+    @property
+    def devices_per_decode_instance(self) -> int:
+        return self.decode_tp * self.decode_dp
+
+    @property
+    def devices_needed(self) -> int:
+        return (
+            self.prefill_instances * self.devices_per_prefill_instance
+            + self.decode_instances * self.devices_per_decode_instance
+        )
+
+    @property
+    def cluster_mode(self) -> bool:
+        return self.yr_server_address is not None
+
+    @property
+    def log_dir(self) -> Path:
+        return self.sessions_dir / "latest" / "log"
+
+    @property
+    def deploy_log(self) -> Path:
+        return self.run_dir / "deploy.log"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.run_dir / "deploy.pid"
+
+    @property
+    def state_file(self) -> Path:
+        return self.run_dir / "state.json"
+
+
+@dataclass(frozen=True)
+class _Setting:
+    env: str
+    default: str | None
+    help: str
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.env.lower().replace("_", "-")
+
+    @property
+    def dest(self) -> str:
+        return self.env.lower()
+
+
+SETTINGS: tuple[_Setting, ...] = (
+    _Setting("SERVER_IP", "127.0.0.1", "address the front door listens on"),
+    _Setting("SERVER_PORT", "9000", "port the front door listens on"),
+    _Setting("MODEL_PATH", None, "model folder; unset: the embedded random-weight model"),
+    _Setting("PREFILL_INS_NUM", "1", "number of prefill instances (colocated when DECODE_INS_NUM=0)"),
+    _Setting("DECODE_INS_NUM", "1", "number of decode instances; 0 = PD-colocated (kv_both)"),
+    _Setting("PTP", "1", "tensor-parallel size of each prefill instance"),
+    _Setting("DTP", "1", "tensor-parallel size of each decode instance"),
+    _Setting("PDP", "1", "data-parallel engines per prefill instance"),
+    _Setting("DDP", "1", "data-parallel engines per decode instance"),
+    _Setting("USING_PREFIX_CONNECTOR", "0", "1: every instance reuses prefixes found in the data system"),
+    _Setting("ACCELERATOR", None, "cpu, cuda or ascend; unset: detected"),
+    _Setting("VISIBLE_DEVICES", None, "device ids (CPU cores on cpu) engines may use, e.g. 0,1 or 0-3"),
+    _Setting("PREFILL_STARTUP_PARAMS", "", "extra vLLM arguments for prefill engines"),
+    _Setting("DECODE_STARTUP_PARAMS", "", "extra vLLM arguments for decode engines"),
+    _Setting("VLLM_CPU_KVCACHE_SPACE", "1", "KV cache GiB per CPU engine"),
+    _Setting("ENGINE_START_TIMEOUT", "600", "seconds an engine may take to become healthy"),
+    _Setting("DS_WORKER_ADDRESS", None, "data system worker host:port; unset: local 127.0.0.1:31501"),
+    _Setting("DS_METASTORE_PORT", "32379", "metastore port of a locally started data system worker"),
+    _Setting("DS_SHARED_MEMORY_MB", "2048", "shared memory (DRAM tier) of a locally started worker"),
+    _Setting("DS_SPILL_DIR", None, "SSD spill folder of a locally started worker; unset: no spill"),
+    _Setting("DS_SPILL_SIZE_MB", "8192", "SSD spill limit of a locally started worker"),
+    _Setting("RUN_DIR", None, "where deploy.log, deploy.pid and state.json live; unset: project root"),
+    _Setting("YR_SESSIONS_DIR", "/tmp/yr_sessions", "openYuanrong session folder (engine logs in latest/log)"),
+    _Setting("MODEL_CACHE_DIR", None, "where the embedded model is built; unset: <project>/.cache/models"),
+    _Setting("YR_SERVER_ADDRESS", None, "openYuanrong cluster address; unset: read yr start's master info"),
+)
+
+_MASTER_INFO_NAME = "yr_current_master_info"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add one flag per setting; a flag given wins over the environment."""
+    for setting in SETTINGS:
+        parser.add_argument(setting.flag, dest=setting.dest, default=None, metavar=setting.env, help=setting.help)
+
+
+def build_config(environ: Mapping[str, str], overrides: argparse.Namespace | None = None) -> ServiceConfig:
+    """Merge environment and flags, parse and validate every value."""
+    raw: dict[str, str | None] = {}
+    for setting in SETTINGS:
+        value = getattr(overrides, setting.dest, None) if overrides is not None else None
+        if value is None:
+            value = environ.get(setting.env)
+        if value is None or (value == "" and setting.default is None):
+            value = setting.default
+        raw[setting.env] = value
+
+    prefill_instances = _int(raw, "PREFILL_INS_NUM", minimum=1)
+    decode_instances = _int(raw, "DECODE_INS_NUM", minimum=0)
+    accelerator = _accelerator(raw["ACCELERATOR"])
+    sessions_dir = Path(raw["YR_SESSIONS_DIR"] or "/tmp/yr_sessions")
+    yr_server_address = raw["YR_SERVER_ADDRESS"] or _master_address(sessions_dir)
+    config = ServiceConfig(
+        server_ip=_ip(raw, "SERVER_IP"),
+        server_port=_int(raw, "SERVER_PORT", minimum=1, maximum=65535),
+        model_path=_model_path(raw["MODEL_PATH"]),
+        prefill_instances=prefill_instances,
+        decode_instances=decode_instances,
+        prefill_tp=_int(raw, "PTP", minimum=1),
+        decode_tp=_int(raw, "DTP", minimum=1),
+        prefill_dp=_int(raw, "PDP", minimum=1),
+        decode_dp=_int(raw, "DDP", minimum=1),
+        using_prefix_connector=_flag(raw, "USING_PREFIX_CONNECTOR"),
+        accelerator=accelerator,
+        devices=_devices(raw["VISIBLE_DEVICES"], accelerator, environ),
+        prefill_startup_params=_startup_params(raw, "PREFILL_STARTUP_PARAMS"),
+        decode_startup_params=_startup_params(raw, "DECODE_STARTUP_PARAMS"),
+        cpu_kvcache_gb=_int(raw, "VLLM_CPU_KVCACHE_SPACE", minimum=1),
+        engine_start_timeout_s=float(_int(raw, "ENGINE_START_TIMEOUT", minimum=10)),
+        datasystem=_datasystem(raw),
+        run_dir=Path(raw["RUN_DIR"] or PROJECT_ROOT),
+        sessions_dir=sessions_dir,
+        model_cache_dir=Path(raw["MODEL_CACHE_DIR"] or PROJECT_ROOT / ".cache" / "models"),
+        yr_server_address=yr_server_address,
+    )
+    _check_consistency(config)
+    return config
+
+
+def _fail(name: str, value: object, allowed: str) -> ConfigError:
+    return ConfigError(f"{name}={value!s} is invalid: {allowed}")
+
+
+def _int(raw: Mapping[str, str | None], name: str, minimum: int, maximum: int | None = None) -> int:
+    value = raw[name]
+    allowed = f"must be an integer >= {minimum}" + (f" and <= {maximum}" if maximum is not None else "")
+    try:
+        number = int(str(value).strip())
+    except ValueError:
+        raise _fail(name, value, allowed) from None
+    if number < minimum or (maximum is not None and number > maximum):
+        raise _fail(name, value, allowed)
+    return number
+
+
+def _flag(raw: Mapping[str, str | None], name: str) -> bool:
+    value = str(raw[name]).strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise _fail(name, raw[name], "must be 0 or 1")
+
+
+def _ip(raw: Mapping[str, str | None], name: str) -> str:
+    value = str(raw[name]).strip()
+    if value in ("", "localhost"):
+        return "127.0.0.1"
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        raise _fail(name, value, "must be an IPv4 or IPv6 address of this host, e.g. 127.0.0.1 or 0.0.0.0") from None
+    return value
+
+
+def _model_path(value: str | None) -> Path | None:
+    if value is None or value.strip() == "":
+        return None
+    path = Path(value).expanduser()
+    if not path.is_dir():
+        raise _fail("MODEL_PATH", value, "must be an existing model folder (with config.json), or unset for the embedded model")
+    if not (path / "config.json").is_file():
+        raise _fail("MODEL_PATH", value, "the folder has no config.json; point it at a Hugging Face model folder")
+    return path
+
+
+def _accelerator(value: str | None) -> Accelerator:
+    if value is None or value.strip() == "":
+        return detect_accelerator()
+    try:
+        return Accelerator(value.strip().lower())
+    except ValueError:
+        raise _fail("ACCELERATOR", value, "must be one of cpu, cuda, ascend") from None
+
+
+def detect_accelerator() -> Accelerator:
+    """Ascend if a davinci device exists, CUDA if an NVIDIA device exists, else CPU."""
+    if Path("/dev/davinci0").exists():
+        return Accelerator.ASCEND
+    if Path("/dev/nvidia0").exists():
+        return Accelerator.CUDA
+    return Accelerator.CPU
+
+
+def parse_device_list(text: str) -> tuple[int, ...]:
+    """Parse ``0,1,4-6`` into ``(0, 1, 4, 5, 6)``; raise ValueError on anything else."""
+    ids: list[int] = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        if "-" in part:
+            low, high = (int(x) for x in part.split("-", 1))
+            if high < low:
+                raise ValueError(part)
+            ids.extend(range(low, high + 1))
+        else:
+            ids.append(int(part))
+    if not ids or len(set(ids)) != len(ids) or min(ids) < 0:
+        raise ValueError(text)
+    return tuple(ids)
+
+
+def _devices(value: str | None, accelerator: Accelerator, environ: Mapping[str, str]) -> tuple[int, ...]:
+    inherited = {
+        Accelerator.CUDA: environ.get("CUDA_VISIBLE_DEVICES"),
+        Accelerator.ASCEND: environ.get("ASCEND_RT_VISIBLE_DEVICES"),
+        Accelerator.CPU: None,
+    }[accelerator]
+    text = value if value not in (None, "") else inherited
+    if text:
+        try:
+            return parse_device_list(text)
+        except ValueError:
+            raise _fail("VISIBLE_DEVICES", text, "must be a list of distinct device ids such as 0,1 or 0-3") from None
+    if accelerator is Accelerator.CPU:
+        return tuple(sorted(os.sched_getaffinity(0)))
+    return tuple(range(_count_devices(accelerator)))
+
+
+def _count_devices(accelerator: Accelerator) -> int:
+    pattern = "davinci[0-9]*" if accelerator is Accelerator.ASCEND else "nvidia[0-9]*"
+    return len(list(Path("/dev").glob(pattern)))
+
+
+def _startup_params(raw: Mapping[str, str | None], name: str) -> tuple[str, ...]:
+    try:
+        params = tuple(shlex.split(raw[name] or ""))
+    except ValueError as exc:
+        raise _fail(name, raw[name], f"must be shell-quoted vLLM arguments ({exc})") from None
+    for param in params:
+        flag = param.split("=", 1)[0]
+        if flag in OWNED_ENGINE_FLAGS:
+            raise ConfigError(
+                f"{name} contains {flag}, which the deployment sets itself; remove it "
+                f"(owned flags: {', '.join(OWNED_ENGINE_FLAGS)}; use SERVER_PORT, PTP/DTP, PDP/DDP instead)"
+            )
+    return params
+
+
+def _datasystem(raw: Mapping[str, str | None]) -> DataSystemConfig:
+    address = raw["DS_WORKER_ADDRESS"] or "127.0.0.1:31501"
+    host, sep, port_text = address.rpartition(":")
+    if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise _fail("DS_WORKER_ADDRESS", address, "must be host:port, e.g. 127.0.0.1:31501")
+    spill = raw["DS_SPILL_DIR"]
+    return DataSystemConfig(
+        worker_host=host,
+        worker_port=int(port_text),
+        metastore_port=_int(raw, "DS_METASTORE_PORT", minimum=1, maximum=65535),
+        shared_memory_mb=_int(raw, "DS_SHARED_MEMORY_MB", minimum=64),
+        spill_dir=Path(spill) if spill else None,
+        spill_size_mb=_int(raw, "DS_SPILL_SIZE_MB", minimum=1),
+    )
+
+
+def _master_address(sessions_dir: Path) -> str | None:
+    """The cluster address ``yr start`` wrote, if a cluster was started on this host."""
+    info = sessions_dir / _MASTER_INFO_NAME
+    if not info.is_file():
+        return None
+    text = info.read_text().strip()
+    return text or None
+
+
+def _check_consistency(config: ServiceConfig) -> None:
+    if config.cluster_mode:
+        return  # devices live on the cluster's nodes; the scheduler places the actors
+    available = len(config.devices)
+    if config.devices_needed > available:
+        raise ConfigError(
+            f"PREFILL_INS_NUM={config.prefill_instances} x PTP={config.prefill_tp} x PDP={config.prefill_dp} + "
+            f"DECODE_INS_NUM={config.decode_instances} x DTP={config.decode_tp} x DDP={config.decode_dp} "
+            f"needs {config.devices_needed} {config.accelerator.value} devices, but only {available} are visible "
+            f"({','.join(map(str, config.devices))}); lower the counts or set VISIBLE_DEVICES"
+        )
+    if config.datasystem.worker_port == config.server_port:
+        raise ConfigError(
+            f"SERVER_PORT={config.server_port} is invalid: the data system worker uses that port (DS_WORKER_ADDRESS)"
+        )
+
+
+def replace(config: ServiceConfig, **changes: object) -> ServiceConfig:
+    """A copy of ``config`` with some fields changed (typed helper for tests and set-up)."""
+    return dataclasses.replace(config, **changes)  # type: ignore[arg-type]
+
+
+def describe(config: ServiceConfig) -> Sequence[str]:
+    """Lines an operator reads at start: what will be deployed."""
+    mode = "PD-disaggregated" if config.disaggregated else "PD-colocated"
+    lines = [
+        f"mode: {mode}, accelerator: {config.accelerator.value}, devices: {','.join(map(str, config.devices))}",
+        f"prefill: {config.prefill_instances} instance(s) x TP{config.prefill_tp} x DP{config.prefill_dp}",
+    ]
+    if config.disaggregated:
+        lines.append(f"decode: {config.decode_instances} instance(s) x TP{config.decode_tp} x DP{config.decode_dp}")
+    lines.append(f"model: {config.model_path or 'embedded random-weight Qwen2 (gibberish by design)'}")
+    lines.append(f"endpoint: http://{config.server_ip}:{config.server_port}")
+    return lines

@@ -1,0 +1,138 @@
+"""The deployment's long-running process (started in the background by ``deploy``).
+
+Order: session folders -> yr.init -> data system worker (local mode) -> model ->
+Controller actor -> engines healthy -> state.json -> front door until SIGTERM ->
+engines, worker and runtime stopped in ``finally``, whatever happened before.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from types import FrameType
+
+import uvicorn
+import yr
+
+from controller.controller import Controller
+from controller.frontdoor import create_app
+from controller.placement import plan_engines
+from controller.routing import RoutingTable
+from deploy import config as config_module
+from deploy.config import ServiceConfig
+from deploy.datasystem import start_worker, stop_worker
+from deploy.embedded_model import ensure_embedded_model
+from deploy.errors import DeployError
+from deploy.runtime import finalize_yr, init_yr
+from deploy.state import DeploymentState, read_pid
+
+logger = logging.getLogger(__name__)
+
+READY_MARKER = "front door ready at"
+
+
+def prepare_session(config: ServiceConfig) -> Path:
+    """Make <sessions>/latest/log, pointing ``latest`` at a new session if there is none."""
+    latest = config.sessions_dir / "latest"
+    if not latest.exists():
+        session = config.sessions_dir / time.strftime("vllm-%Y%m%d-%H%M%S")
+        session.mkdir(parents=True, exist_ok=True)
+        if latest.is_symlink():
+            latest.unlink()
+        latest.symlink_to(session.name)
+    config.log_dir.mkdir(parents=True, exist_ok=True)
+    return config.log_dir
+
+
+def _raise_on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)
+
+
+def serve(config: ServiceConfig) -> int:
+    signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    log_dir = prepare_session(config)
+    for line in config_module.describe(config):
+        logger.info("%s", line)
+    mode = init_yr(config)
+    ds_started = False
+    controller = None
+    state = DeploymentState(
+        pid=os.getpid(),
+        endpoint=f"http://{config.server_ip}:{config.server_port}",
+        yr_mode=mode,
+        served_model_name="",
+        ds_worker_address=config.datasystem.address,
+        ds_started_here=not config.cluster_mode,
+        log_dir=str(log_dir),
+    )
+    state.write(config.state_file)
+    try:
+        if not config.cluster_mode:
+            start_worker(config.datasystem, log_dir.parent / "datasystem")
+            ds_started = True
+        model_path = config.model_path or ensure_embedded_model(config.model_cache_dir)
+        state.served_model_name = str(model_path)
+        specs = plan_engines(config, model_path, state.served_model_name, config.datasystem.address)
+        logger.info("starting %d engine(s): %s; logs in %s", len(specs), ", ".join(s.name for s in specs), log_dir)
+        options = yr.InvokeOptions()
+        if config.cluster_mode:
+            options.name = "Controller"
+            options.namespace = "vllm"
+            options.custom_extensions = {"lifecycle": "detached"}
+        controller = yr.instance(Controller).options(options).invoke(config, specs)
+        engines = yr.get(controller.initialize.invoke(), timeout=int(config.engine_start_timeout_s) * 2 + 120)
+        state.engines = engines
+        state.write(config.state_file)
+        app = create_app(RoutingTable(engines), state.served_model_name)
+        server = uvicorn.Server(
+            uvicorn.Config(app, host=config.server_ip, port=config.server_port, log_level="warning", access_log=False)
+        )
+        logger.info("%s %s", READY_MARKER, state.endpoint)
+        server.run()
+        return 0
+    except DeployError as exc:
+        logger.error("deploy failed: %s", exc)
+        return exc.exit_code
+    except Exception as exc:  # an actor error arrives wrapped; report its text
+        logger.error("deploy failed: %s", exc)
+        return 1
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # finish cleaning even if signalled again
+        logger.info("shutting down")
+        if controller is not None:
+            try:
+                yr.get(controller.shutdown.invoke(), timeout=120)
+                controller.terminate()
+            except Exception as exc:
+                logger.error("stopping engines through the Controller failed: %s", exc)
+        if ds_started:
+            stop_worker(config.datasystem.address)
+        finalize_yr()
+        config.state_file.unlink(missing_ok=True)
+        if read_pid(config.pid_file) == os.getpid():
+            config.pid_file.unlink(missing_ok=True)
+        logger.info("stopped")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="deploy.serve")
+    config_module.add_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, stream=sys.stdout, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        config = config_module.build_config(os.environ, args)
+    except DeployError as exc:
+        logger.error("%s", exc)
+        return exc.exit_code
+    return serve(config)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""YuanRongConnector: vLLM's KV connector interface on the openYuanrong data system."""

@@ -1,0 +1,109 @@
+"""YuanRongConnector: vLLM KV connector (v1) backed by the openYuanrong data system.
+
+Loaded without touching vLLM's files::
+
+    --kv-transfer-config '{"kv_connector": "YuanRongConnector",
+                           "kv_connector_module_path": "patch.yuanrong_connector.connector",
+                           "kv_role": "kv_producer" | "kv_consumer" | "kv_both",
+                           "kv_load_failure_policy": "recompute",
+                           "kv_connector_extra_config": {"ds_worker_address": "host:port",
+                                                         "prefix_reuse": false}}'
+
+Hooks and the process that calls them:
+- scheduler (EngineCore): get_num_new_matched_tokens, update_state_after_alloc,
+  build_connector_meta, request_finished -> ``scheduler.YuanRongScheduler``
+- worker (model runner): register_kv_caches, start_load_kv, wait_for_layer_load,
+  save_kv_layer, wait_for_save, get_block_ids_with_load_errors -> ``worker.YuanRongWorker``
+
+This version moves whole blocks synchronously: loads finish before the forward pass,
+saves before the step returns, so a prefill's response means its blocks are stored.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+)
+
+from patch.yuanrong_connector.metadata import YuanRongConnectorMetadata
+from patch.yuanrong_connector.scheduler import YuanRongScheduler
+from patch.yuanrong_connector.settings import ConnectorSettings
+from patch.yuanrong_connector.store import BlockStore
+from patch.yuanrong_connector.worker import YuanRongWorker
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.forward_context import ForwardContext
+    from vllm.v1.attention.backend import AttentionMetadata
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.request import Request
+
+
+class YuanRongConnector(KVConnectorBase_V1):
+    def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig) -> None:
+        super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        settings = ConnectorSettings.from_vllm_config(vllm_config)
+        store = BlockStore(settings.ds_address)
+        self._scheduler: YuanRongScheduler | None = None
+        self._worker: YuanRongWorker | None = None
+        if role == KVConnectorRole.SCHEDULER:
+            self._scheduler = YuanRongScheduler(settings, store)
+        else:
+            from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+
+            self._worker = YuanRongWorker(
+                settings, store, tp_rank=get_tensor_model_parallel_rank(), num_blocks=kv_cache_config.num_blocks
+            )
+
+    # ---- worker side ----
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        assert self._worker is not None
+        self._worker.register_kv_caches(kv_caches)
+
+    def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
+        assert self._worker is not None
+        meta = self._get_connector_metadata()
+        assert isinstance(meta, YuanRongConnectorMetadata)
+        self._worker.load(meta)
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return  # loads complete in start_load_kv
+
+    def save_kv_layer(
+        self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: AttentionMetadata, **kwargs: Any
+    ) -> None:
+        return  # all layers are saved together in wait_for_save
+
+    def wait_for_save(self) -> None:
+        assert self._worker is not None
+        meta = self._get_connector_metadata()
+        assert isinstance(meta, YuanRongConnectorMetadata)
+        self._worker.save(meta)
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        assert self._worker is not None
+        return self._worker.take_failed_block_ids()
+
+    # ---- scheduler side ----
+    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
+        assert self._scheduler is not None
+        return self._scheduler.get_num_new_matched_tokens(request, num_computed_tokens)
+
+    def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
+        assert self._scheduler is not None
+        self._scheduler.update_state_after_alloc(request, blocks, num_external_tokens)
+
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
+        assert self._scheduler is not None
+        return self._scheduler.build_connector_meta(scheduler_output)
+
+    def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        assert self._scheduler is not None
+        return self._scheduler.request_finished(request, block_ids)

@@ -1,0 +1,157 @@
+"""The engine actor: starts one vLLM engine, waits until it is healthy, and keeps
+supervising it (an engine that exits on its own is restarted, a bounded number of times).
+
+The class is plain Python; the Controller turns it into an openYuanrong actor with
+``yr.instance``. Its methods are synchronous (local mode cannot await actor methods).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import subprocess
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from deploy.errors import StartupError
+from workers.engine_process import (
+    EngineSpec,
+    build_engine_argv,
+    build_engine_env,
+    is_healthy,
+    start_process,
+    stop_process_group,
+    wait_until_healthy,
+)
+
+logger = logging.getLogger(__name__)
+
+MAX_RESTARTS = 3
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """What the Controller, the front door and ``status`` know of one engine."""
+
+    name: str
+    instance: str
+    role: str
+    devices: tuple[int, ...]
+    host: str
+    port: int
+    pid: int
+    log: str
+    restarts: int
+    state: str  # starting | healthy | restarting | failed | stopped
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((host, 0))
+        return int(probe.getsockname()[1])
+
+
+def node_address() -> str:
+    """This node's address as other nodes reach it."""
+    return socket.gethostbyname(socket.gethostname())
+
+
+class EngineActor:
+    def __init__(self, spec: EngineSpec, log_dir: str, start_timeout_s: float, advertise_host: str) -> None:
+        self._spec = spec
+        self._log_path = Path(log_dir) / f"{spec.name}.log"
+        self._start_timeout_s = start_timeout_s
+        self._advertise_host = advertise_host or node_address()
+        self._port = free_port(spec.bind_host)
+        self._process: subprocess.Popen[bytes] | None = None
+        self._state = "starting"
+        self._restarts = 0
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()
+        self._supervisor: threading.Thread | None = None
+
+    def start(self) -> dict[str, object]:
+        """Start the engine and return its info once /health answers; raise StartupError if it cannot."""
+        self._launch()
+        self._supervisor = threading.Thread(target=self._supervise, name=f"supervise-{self._spec.name}", daemon=True)
+        self._supervisor.start()
+        return self.info()
+
+    def _launch(self) -> None:
+        argv = build_engine_argv(self._spec, self._port)
+        env = build_engine_env(self._spec, os.environ)
+        logger.info("[engine=%s role=%s] starting on port %d, log %s", self._spec.name, self._spec.role.value, self._port, self._log_path)
+        with self._lock:
+            self._process = start_process(argv, env, self._log_path)
+        # clean reads this to stop the engine even if the deploy process is gone.
+        self._log_path.with_suffix(".pid").write_text(str(self._process.pid))
+        try:
+            wait_until_healthy(
+                self._process, self._advertise_host, self._port, self._start_timeout_s, self._log_path, self._spec.name
+            )
+        except StartupError:
+            self._state = "failed"
+            stop_process_group(self._process)
+            raise
+        self._state = "healthy"
+        logger.info("[engine=%s] healthy (pid %d)", self._spec.name, self._process.pid)
+
+    def _supervise(self) -> None:
+        while not self._stopping.wait(1.0):
+            process = self._process
+            if process is None or process.poll() is None:
+                continue
+            if self._stopping.is_set():
+                return
+            logger.error("[engine=%s] exited unexpectedly with code %s", self._spec.name, process.returncode)
+            if self._restarts >= MAX_RESTARTS:
+                self._state = "failed"
+                logger.error("[engine=%s] gave up after %d restarts; see %s", self._spec.name, self._restarts, self._log_path)
+                return
+            self._restarts += 1
+            self._state = "restarting"
+            time.sleep(min(2**self._restarts, 10))
+            try:
+                self._launch()
+            except StartupError as exc:
+                logger.error("[engine=%s] restart %d failed: %s", self._spec.name, self._restarts, exc)
+
+    def info(self) -> dict[str, object]:
+        process = self._process
+        return EngineInfo(
+            name=self._spec.name,
+            instance=self._spec.instance,
+            role=self._spec.role.value,
+            devices=self._spec.devices,
+            host=self._advertise_host,
+            port=self._port,
+            pid=process.pid if process is not None else -1,
+            log=str(self._log_path),
+            restarts=self._restarts,
+            state=self._state,
+        ).to_dict()
+
+    def healthy(self) -> bool:
+        return self._state == "healthy" and is_healthy(self._advertise_host, self._port)
+
+    def stop(self) -> None:
+        self._stopping.set()
+        with self._lock:
+            process = self._process
+        if process is not None and process.poll() is None:
+            logger.info("[engine=%s] stopping pid %d", self._spec.name, process.pid)
+            stop_process_group(process)
+        elif process is not None:
+            stop_process_group(process, grace_s=0)  # reap the group's stragglers
+        self._log_path.with_suffix(".pid").unlink(missing_ok=True)
+        self._state = "stopped"

@@ -1,0 +1,170 @@
+"""One vLLM engine as a child process: argv and env built by pure functions, started in
+its own process group, health-checked, and stopped with SIGTERM, a wait, then SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from deploy.config import Accelerator, Role
+from deploy.errors import StartupError
+
+logger = logging.getLogger(__name__)
+
+CONNECTOR_CLASS = "YuanRongConnector"
+CONNECTOR_MODULE = "patch.yuanrong_connector.connector"
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """Everything needed to start one engine (one vLLM server)."""
+
+    name: str  # e.g. prefill-0-dp0: also the log file's name
+    instance: str  # e.g. prefill-0
+    role: Role
+    accelerator: Accelerator
+    tensor_parallel: int
+    devices: tuple[int, ...]  # CPU cores, CUDA or Ascend ids; tensor_parallel groups of them
+    model_path: str
+    served_model_name: str
+    startup_params: tuple[str, ...]
+    ds_worker_address: str
+    prefix_reuse: bool
+    project_root: str
+    cache_root: str
+    cpu_kvcache_gb: int
+    bind_host: str = "127.0.0.1"
+    extra_env: Mapping[str, str] = field(default_factory=dict)
+
+
+def kv_transfer_config(spec: EngineSpec) -> dict[str, object]:
+    return {
+        "kv_connector": CONNECTOR_CLASS,
+        "kv_connector_module_path": CONNECTOR_MODULE,
+        "kv_role": spec.role.kv_role,
+        "kv_load_failure_policy": "recompute",
+        "kv_connector_extra_config": {
+            "ds_worker_address": spec.ds_worker_address,
+            "prefix_reuse": spec.prefix_reuse,
+        },
+    }
+
+
+def build_engine_argv(spec: EngineSpec, port: int, python: str = sys.executable) -> list[str]:
+    return [
+        python,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        spec.model_path,
+        "--served-model-name",
+        spec.served_model_name,
+        "--host",
+        spec.bind_host,
+        "--port",
+        str(port),
+        "--tensor-parallel-size",
+        str(spec.tensor_parallel),
+        "--kv-transfer-config",
+        json.dumps(kv_transfer_config(spec), separators=(",", ":")),
+        *spec.startup_params,
+    ]
+
+
+def cpu_thread_binding(cores: tuple[int, ...], tensor_parallel: int) -> str:
+    """VLLM_CPU_OMP_THREADS_BIND: one core list per TP rank, ranks separated by ``|``."""
+    if len(cores) % tensor_parallel:
+        raise ValueError(f"{len(cores)} cores cannot be split evenly over TP={tensor_parallel}")
+    per_rank = len(cores) // tensor_parallel
+    groups = [cores[i * per_rank : (i + 1) * per_rank] for i in range(tensor_parallel)]
+    return "|".join(",".join(str(core) for core in group) for group in groups)
+
+
+def build_engine_env(spec: EngineSpec, base_env: Mapping[str, str]) -> dict[str, str]:
+    env = dict(base_env)
+    python_path = [spec.project_root] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+    env["PYTHONPATH"] = os.pathsep.join(python_path)
+    env["VLLM_CACHE_ROOT"] = spec.cache_root
+    env["PYTHONUNBUFFERED"] = "1"
+    devices = ",".join(str(d) for d in spec.devices)
+    if spec.accelerator is Accelerator.CPU:
+        env["VLLM_CPU_OMP_THREADS_BIND"] = cpu_thread_binding(spec.devices, spec.tensor_parallel)
+        env["VLLM_CPU_KVCACHE_SPACE"] = str(spec.cpu_kvcache_gb)
+    elif spec.accelerator is Accelerator.CUDA:
+        env["CUDA_VISIBLE_DEVICES"] = devices
+    else:
+        env["ASCEND_RT_VISIBLE_DEVICES"] = devices
+    env.update(spec.extra_env)
+    return env
+
+
+def start_process(argv: list[str], env: Mapping[str, str], log_path: Path) -> subprocess.Popen[bytes]:
+    """Start ``argv`` in a new process group with stdout and stderr appended to ``log_path``."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(
+            argv, env=dict(env), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+        )
+
+
+def stop_process_group(process: subprocess.Popen[bytes], grace_s: float = 20.0) -> int | None:
+    """SIGTERM the whole group, wait up to ``grace_s``, then SIGKILL what is left."""
+    pgid = process.pid  # start_new_session made the child its group's leader
+    _signal_group(pgid, signal.SIGTERM)
+    try:
+        process.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        logger.warning("[pid=%d] did not stop within %.0f s of SIGTERM; sending SIGKILL", process.pid, grace_s)
+    # Children (EngineCore, workers) may outlive the leader: make sure the group is gone.
+    _signal_group(pgid, signal.SIGKILL)
+    try:
+        return process.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        return None
+
+
+def _signal_group(pgid: int, sig: signal.Signals) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def is_healthy(host: str, port: int, timeout_s: float = 2.0) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://{host}:{port}/health", timeout=timeout_s) as response:
+            return bool(response.status == 200)
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
+def wait_until_healthy(
+    process: subprocess.Popen[bytes], host: str, port: int, timeout_s: float, log_path: Path, name: str
+) -> None:
+    """Block until /health answers 200; raise StartupError if the process dies or time runs out."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        code = process.poll()
+        if code is not None:
+            raise StartupError(f"engine {name} exited with code {code} while starting; last log lines:\n{tail(log_path)}")
+        if is_healthy(host, port):
+            return
+        time.sleep(0.5)
+    raise StartupError(f"engine {name} was not healthy within {timeout_s:.0f} s (ENGINE_START_TIMEOUT); see {log_path}")
+
+
+def tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
