@@ -104,18 +104,11 @@ def _stop_serve_process(pid: int, grace_s: float) -> bool:
         return True
     deadline = time.monotonic() + grace_s
     while time.monotonic() < deadline:
-        if not pid_alive(pid) or _is_zombie(pid):
+        if not pid_alive(pid):
             return True
         time.sleep(0.5)
     os.kill(pid, signal.SIGKILL)
     return False
-
-
-def _is_zombie(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
-    except (OSError, IndexError):
-        return False
 
 
 def clean(config: ServiceConfig) -> int:

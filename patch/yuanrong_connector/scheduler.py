@@ -46,6 +46,7 @@ class YuanRongScheduler:
     _planned_loads: dict[str, _PlannedLoad] = field(default_factory=dict)
     _ready_loads: list[BlockTransfer] = field(default_factory=list)
     _saving: dict[str, _SaveProgress] = field(default_factory=dict)
+    _loaded_blocks: dict[str, int] = field(default_factory=dict)  # leading blocks that came from the store
 
     @property
     def block_size(self) -> int:
@@ -80,6 +81,7 @@ class YuanRongScheduler:
         if planned is None or num_external_tokens == 0:
             return
         count = num_external_tokens // self.block_size
+        self._loaded_blocks[request.request_id] = planned.first_block + count
         block_ids = blocks.get_block_ids()[0][planned.first_block : planned.first_block + count]
         self._ready_loads.append(
             BlockTransfer(request.request_id, tuple(planned.block_hashes[:count]), tuple(block_ids))
@@ -95,7 +97,9 @@ class YuanRongScheduler:
             self._saving[new.req_id] = _SaveProgress(
                 block_hashes=chained_block_hashes(prompt, self.block_size),
                 block_ids=list(new.block_ids[0]),
-                saved_blocks=new.num_computed_tokens // self.block_size,
+                # Blocks from vLLM's own prefix cache may be missing in the store (another
+                # worker, evicted): save them again; blocks loaded from the store are there.
+                saved_blocks=self._loaded_blocks.pop(new.req_id, 0),
                 prompt_len=len(prompt),
             )
             self._plan_save(meta, new.req_id, new.num_computed_tokens, scheduler_output)
@@ -133,6 +137,7 @@ class YuanRongScheduler:
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         self._saving.pop(request.request_id, None)
         self._planned_loads.pop(request.request_id, None)
+        self._loaded_blocks.pop(request.request_id, None)
         params = request.kv_transfer_params or {}
         if not params.get("do_remote_decode"):
             return False, None

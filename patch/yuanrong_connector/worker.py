@@ -9,6 +9,7 @@ to vLLM, which recomputes them.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -20,6 +21,9 @@ from patch.yuanrong_connector.settings import ConnectorSettings
 from patch.yuanrong_connector.store import BlockStore
 
 logger = init_logger(f"vllm.{__name__}")
+
+# Loaded blocks are zero-copy views of the store's read-only buffers; they are only read.
+warnings.filterwarnings("ignore", message="The given buffer is not writable")
 
 
 def block_axis(kv_layer: torch.Tensor, num_blocks: int) -> int:

@@ -1,0 +1,55 @@
+"""Bad configuration through the real CLI: one clear line, exit 2, nothing started."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import isolated_env, pids_matching, run_cli
+
+
+def _assert_refused(tmp_path: Path, result_stderr: str, returncode: int, expected: str) -> None:
+    assert returncode == 2
+    lines = [line for line in result_stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result_stderr
+    assert lines[0].startswith("error: ") and expected in lines[0]
+    assert not (tmp_path / "run" / "deploy.pid").exists()
+    assert not pids_matching(str(tmp_path))  # nothing of this deployment is running
+
+
+@pytest.mark.parametrize(
+    ("settings", "expected"),
+    [
+        ({"PTP": "0"}, "PTP=0 is invalid: must be an integer >= 1"),
+        ({"PREFILL_INS_NUM": "-1"}, "PREFILL_INS_NUM=-1 is invalid: must be an integer >= 1"),
+        ({"MODEL_PATH": "/nowhere/at/all"}, "MODEL_PATH=/nowhere/at/all is invalid"),
+        ({"PREFILL_STARTUP_PARAMS": "--port 1234"}, "contains --port, which the deployment sets itself"),
+    ],
+)
+def test_bad_config_is_refused_before_anything_starts(tmp_path: Path, settings: dict[str, str], expected: str) -> None:
+    result = run_cli("deploy", isolated_env(tmp_path, **settings), timeout=120)
+    _assert_refused(tmp_path, result.stderr, result.returncode, expected)
+
+
+def test_taken_server_port_is_refused(tmp_path: Path) -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        result = run_cli("deploy", isolated_env(tmp_path, SERVER_PORT=str(port)), timeout=120)
+    _assert_refused(tmp_path, result.stderr, result.returncode, f"SERVER_PORT={port} is invalid: 127.0.0.1:{port} is already in use")
+
+
+def test_unknown_verb_is_refused(tmp_path: Path) -> None:
+    result = run_cli("launch", isolated_env(tmp_path), timeout=60)
+    assert result.returncode == 2 and "unknown verb 'launch'" in result.stderr
+
+
+def test_status_and_clean_without_a_deployment(tmp_path: Path) -> None:
+    env = isolated_env(tmp_path)
+    status = run_cli("status", env, timeout=120)
+    assert status.returncode == 1 and "no deployment is running" in status.stdout
+    clean = run_cli("clean", env, timeout=120)
+    assert clean.returncode == 0 and "nothing was running" in clean.stdout

@@ -1,0 +1,86 @@
+"""The typed configuration: seed 000's names, defaults, flag overrides, one-line errors."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+from deploy.config import Accelerator, add_arguments, build_config, parse_device_list
+from deploy.errors import ConfigError
+
+CPU_2 = {"ACCELERATOR": "cpu", "VISIBLE_DEVICES": "0,1"}
+
+
+def test_defaults_are_one_prefill_one_decode_on_cpu() -> None:
+    config = build_config(CPU_2)
+    assert (config.prefill_instances, config.decode_instances) == (1, 1)
+    assert (config.prefill_tp, config.decode_tp, config.prefill_dp, config.decode_dp) == (1, 1, 1, 1)
+    assert config.disaggregated and config.model_path is None
+    assert config.accelerator is Accelerator.CPU
+    assert (config.server_ip, config.server_port) == ("127.0.0.1", 9000)
+
+
+def test_seed_000_names_are_read(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text("{}")
+    env = dict(
+        ACCELERATOR="cuda", VISIBLE_DEVICES="0-7", SERVER_IP="0.0.0.0", SERVER_PORT="9100", MODEL_PATH=str(tmp_path),
+        PREFILL_INS_NUM="1", DECODE_INS_NUM="1", PTP="4", DTP="2", PDP="1", DDP="2", USING_PREFIX_CONNECTOR="1",
+    )  # fmt: skip
+    config = build_config(env)
+    assert config.server_port == 9100 and config.model_path == tmp_path
+    assert (config.prefill_tp, config.decode_tp, config.decode_dp) == (4, 2, 2)
+    assert config.using_prefix_connector and config.devices_needed == 8
+
+
+def test_flag_overrides_environment() -> None:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    config = build_config({**CPU_2, "SERVER_PORT": "9000"}, parser.parse_args(["--server-port", "9555"]))
+    assert config.server_port == 9555
+
+
+def test_decode_zero_means_colocated() -> None:
+    config = build_config({**CPU_2, "DECODE_INS_NUM": "0", "PREFILL_INS_NUM": "2"})
+    assert not config.disaggregated and config.devices_needed == 2
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({"PTP": "0"}, "PTP=0 is invalid: must be an integer >= 1"),
+        ({"PREFILL_INS_NUM": "-1"}, "PREFILL_INS_NUM=-1 is invalid: must be an integer >= 1"),
+        ({"DECODE_INS_NUM": "x"}, "DECODE_INS_NUM=x is invalid: must be an integer >= 0"),
+        ({"SERVER_PORT": "70000"}, "SERVER_PORT=70000 is invalid: must be an integer >= 1 and <= 65535"),
+        ({"MODEL_PATH": "/nowhere/model"}, "MODEL_PATH=/nowhere/model is invalid: must be an existing model folder"),
+        ({"USING_PREFIX_CONNECTOR": "maybe"}, "USING_PREFIX_CONNECTOR=maybe is invalid: must be 0 or 1"),
+        ({"ACCELERATOR": "tpu"}, "ACCELERATOR=tpu is invalid: must be one of cpu, cuda, ascend"),
+        ({"PTP": "2"}, "needs 3 cpu devices, but only 2 are visible"),
+        ({"SERVER_IP": "not-an-ip"}, "SERVER_IP=not-an-ip is invalid"),
+    ],
+)
+def test_invalid_values_name_variable_value_and_allowed(env: dict[str, str], expected: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        build_config({**CPU_2, **env})
+    message = str(raised.value)
+    assert expected in message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("owned", ["--port 8000", "--tensor-parallel-size=2", "--kv-transfer-config {}", "--host 0.0.0.0"])
+def test_owned_engine_flags_are_refused(owned: str) -> None:
+    with pytest.raises(ConfigError, match="which the deployment sets itself"):
+        build_config({**CPU_2, "PREFILL_STARTUP_PARAMS": f"--enforce-eager {owned}"})
+
+
+def test_pass_through_params_are_split_like_a_shell() -> None:
+    config = build_config({**CPU_2, "DECODE_STARTUP_PARAMS": "--max-model-len 2048 --enforce-eager"})
+    assert config.decode_startup_params == ("--max-model-len", "2048", "--enforce-eager")
+
+
+def test_device_lists() -> None:
+    assert parse_device_list("0,2-4") == (0, 2, 3, 4)
+    for bad in ("", "1,1", "3-1", "a"):
+        with pytest.raises(ValueError):
+            parse_device_list(bad)

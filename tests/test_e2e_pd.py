@@ -1,0 +1,166 @@
+"""End to end on real components: `run_vllm_on_yr.sh deploy` brings up 1P1D with the
+embedded model (openYuanrong SDK local mode, a real data system worker, two real vLLM
+engines); requests go through the front door; `clean` leaves nothing behind.
+
+The tests share one deployment and run in file order; the last one cleans.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from deploy.state import DeploymentState, pid_alive
+from tests.helpers import isolated_env, pids_matching, port_open, run_cli
+
+pytestmark = pytest.mark.e2e
+
+BLOCK_SIZE = 128  # vLLM's CPU block size
+
+
+@dataclass
+class Deployment:
+    env: dict[str, str]
+    url: str
+    state: DeploymentState
+
+    def engine_url(self, role: str) -> str:
+        engine = next(e for e in self.state.engines if e["role"] == role)
+        return f"http://{engine['host']}:{engine['port']}"
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+    tmp = tmp_path_factory.mktemp("pd")
+    env = isolated_env(tmp, PREFILL_STARTUP_PARAMS="--enforce-eager", DECODE_STARTUP_PARAMS="--enforce-eager")
+    try:
+        result = run_cli("deploy", env, timeout=900)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "ready: http://127.0.0.1:" in result.stdout
+        state = DeploymentState.read(Path(env["RUN_DIR"]) / "state.json")
+        assert state is not None
+        yield Deployment(env, f"http://127.0.0.1:{env['SERVER_PORT']}", state)
+    finally:
+        run_cli("clean", env, timeout=300)
+
+
+def _complete(url: str, body: dict[str, object]) -> dict[str, object]:
+    response = httpx.post(f"{url}/v1/completions", json=body, timeout=120)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def _external_kv_tokens(engine_url: str) -> float:
+    metrics = httpx.get(f"{engine_url}/metrics", timeout=10).text
+    for line in metrics.splitlines():
+        if line.startswith("vllm:prompt_tokens_by_source_total{") and 'source="external_kv_transfer"' in line:
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError("decode engine exports no prompt_tokens_by_source_total for external_kv_transfer")
+
+
+def test_models_lists_the_served_model(deployment: Deployment) -> None:
+    models = httpx.get(f"{deployment.url}/v1/models", timeout=10).json()
+    assert [m["id"] for m in models["data"]] == [deployment.state.served_model_name]
+
+
+def test_non_streaming_completion(deployment: Deployment) -> None:
+    answer = _complete(deployment.url, {"prompt": "The capital of France is", "max_tokens": 8, "temperature": 0})
+    choice = answer["choices"][0]  # type: ignore[index]
+    assert choice["finish_reason"] == "length" and choice["text"]
+    assert answer["usage"]["completion_tokens"] == 8  # type: ignore[index]
+
+
+def test_streaming_completion(deployment: Deployment) -> None:
+    body = {"prompt": "Once upon a time", "max_tokens": 6, "temperature": 0, "stream": True}
+    events = []
+    with httpx.stream("POST", f"{deployment.url}/v1/completions", json=body, timeout=120) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        for line in response.iter_lines():
+            if line.startswith("data: "):
+                events.append(line[len("data: ") :])
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert len(chunks) >= 6
+    streamed = "".join(c["choices"][0]["text"] for c in chunks)
+    whole = _complete(deployment.url, {"prompt": "Once upon a time", "max_tokens": 6, "temperature": 0})
+    assert streamed == whole["choices"][0]["text"]  # type: ignore[index]
+
+
+@pytest.mark.parametrize("prompt_tokens", [BLOCK_SIZE // 2, BLOCK_SIZE, 3 * BLOCK_SIZE + 17], ids=["short", "one-block", "many-blocks"])
+def test_pd_output_equals_one_instance_computing_alone(deployment: Deployment, prompt_tokens: int) -> None:
+    """Greedy tokens and their log-probabilities through PD (KV loaded from the data
+    system) equal those of one engine that computes the whole prompt itself."""
+    prompt = [(7 * i + prompt_tokens) % 4000 + 10 for i in range(prompt_tokens)]
+    body = {"prompt": prompt, "max_tokens": 12, "temperature": 0, "logprobs": 2}
+    decode_url = deployment.engine_url("decode")
+    loaded_before = _external_kv_tokens(decode_url)
+    through_pd = _complete(deployment.url, body)["choices"][0]  # type: ignore[index]
+    loaded = _external_kv_tokens(decode_url) - loaded_before
+    alone = _complete(deployment.engine_url("prefill"), {**body, "model": deployment.state.served_model_name})["choices"][0]  # type: ignore[index]
+    assert through_pd["text"] == alone["text"]
+    assert through_pd["logprobs"]["tokens"] == alone["logprobs"]["tokens"]
+    assert through_pd["logprobs"]["token_logprobs"] == pytest.approx(alone["logprobs"]["token_logprobs"], abs=0.05)
+    # every full block but the one holding the last prompt token came from the store
+    assert loaded == ((prompt_tokens - 1) // BLOCK_SIZE) * BLOCK_SIZE
+
+
+def test_seed_000_curl_example_works_unchanged(deployment: Deployment) -> None:
+    command = """curl -X POST "http://${SERVER_IP}:${SERVER_PORT}/v1/completions" \\
+     -H "Content-Type: application/json" \\
+     -d '{
+          "model": "'"${MODEL_PATH}"'",
+          "prompt": "Introduce Beijing Forbidden City from the perspectives of geographical location, historical status, and political status",
+          "max_tokens": 50,
+          "temperature": 0
+        }'"""
+    env = {**os.environ, "SERVER_IP": "127.0.0.1", "SERVER_PORT": deployment.env["SERVER_PORT"],
+           "MODEL_PATH": deployment.state.served_model_name}  # fmt: skip
+    result = subprocess.run(["bash", "-c", command], env=env, capture_output=True, text=True, timeout=120)
+    answer = json.loads(result.stdout)
+    assert answer["model"] == deployment.state.served_model_name
+    assert answer["usage"]["completion_tokens"] == 50
+    assert answer["choices"][0]["finish_reason"] == "length"
+
+
+def test_bad_requests_get_openai_errors(deployment: Deployment) -> None:
+    bad_json = httpx.post(f"{deployment.url}/v1/completions", content=b"{oops", timeout=10)
+    assert bad_json.status_code == 400 and bad_json.json()["error"]["type"] == "invalid_request_error"
+    wrong_model = httpx.post(f"{deployment.url}/v1/completions", json={"model": "gpt-9", "prompt": "x"}, timeout=10)
+    assert wrong_model.status_code == 404 and "gpt-9" in wrong_model.json()["error"]["message"]
+    too_long = httpx.post(f"{deployment.url}/v1/completions", json={"prompt": "x", "max_tokens": 10**7}, timeout=30)
+    assert too_long.status_code == 400 and "error" in too_long.json()
+
+
+def test_status_shows_each_engine_healthy(deployment: Deployment) -> None:
+    result = run_cli("status", deployment.env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    rows = [line.split() for line in result.stdout.splitlines() if line.startswith(("prefill-", "decode-"))]
+    assert [(row[0], row[1], row[5]) for row in rows] == [("prefill-0", "prefill", "healthy"), ("decode-0", "decode", "healthy")]
+    assert {row[2] for row in rows} == {"0", "1"}  # disjoint CPU cores
+
+
+def test_logs_are_where_the_docs_say(deployment: Deployment) -> None:
+    log_dir = Path(deployment.env["YR_SESSIONS_DIR"]) / "latest" / "log"
+    assert "Application startup complete" in (log_dir / "prefill-0.log").read_text()
+    assert "Application startup complete" in (log_dir / "decode-0.log").read_text()
+    assert "front door ready" in (Path(deployment.env["RUN_DIR"]) / "deploy.log").read_text()
+
+
+def test_clean_leaves_no_process_port_or_worker(deployment: Deployment) -> None:
+    pids = [deployment.state.pid] + [int(e["pid"]) for e in deployment.state.engines]  # type: ignore[arg-type]
+    ports = [int(deployment.env["SERVER_PORT"])] + [int(e["port"]) for e in deployment.state.engines]  # type: ignore[arg-type]
+    ds_address = deployment.env["DS_WORKER_ADDRESS"]
+    result = run_cli("clean", deployment.env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert [pid for pid in pids if pid_alive(pid)] == []
+    assert [port for port in ports if port_open(port)] == []
+    assert pids_matching(f"--worker_address={ds_address}") == []
+    assert not (Path(deployment.env["RUN_DIR"]) / "deploy.pid").exists()
