@@ -58,9 +58,6 @@ class Controller:
             raise StartupError(f"an engine failed to start: {exc}") from None
         return list(self._infos)
 
-    def engines(self) -> list[dict[str, object]]:
-        return [yr.get(handle.info.invoke()) for handle in self._engines]
-
     def shutdown(self) -> None:
         refs = [handle.stop.invoke() for handle in self._engines]
         for ref in refs:

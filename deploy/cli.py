@@ -53,8 +53,6 @@ def _probe_host(config: ServiceConfig) -> str:
 def deploy(config: ServiceConfig, flags: list[str]) -> int:
     check_not_running(config)
     check_port_free(config.server_ip, config.server_port)
-    for line in config_module.describe(config):
-        print(line, flush=True)
     config.run_dir.mkdir(parents=True, exist_ok=True)
     log_offset = config.deploy_log.stat().st_size if config.deploy_log.exists() else 0
     with open(config.deploy_log, "ab") as log:

@@ -13,13 +13,12 @@ is allowed.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import enum
 import ipaddress
 import os
 import shlex
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from deploy.errors import ConfigError
@@ -99,7 +98,6 @@ class ServiceConfig:
     sessions_dir: Path  # /tmp/yr_sessions: engine logs go to <sessions_dir>/latest/log
     model_cache_dir: Path
     yr_server_address: str | None  # set: cluster mode
-    extra_engine_env: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def disaggregated(self) -> bool:
@@ -397,11 +395,6 @@ def _check_consistency(config: ServiceConfig) -> None:
         raise ConfigError(
             f"SERVER_PORT={config.server_port} is invalid: the data system worker uses that port (DS_WORKER_ADDRESS)"
         )
-
-
-def replace(config: ServiceConfig, **changes: object) -> ServiceConfig:
-    """A copy of ``config`` with some fields changed (typed helper for tests and set-up)."""
-    return dataclasses.replace(config, **changes)  # type: ignore[arg-type]
 
 
 def describe(config: ServiceConfig) -> Sequence[str]:

@@ -29,3 +29,9 @@ def ds_worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DataSystemCo
         yield settings
     finally:
         stop_worker(settings.address)
+
+
+@pytest.fixture(scope="session")
+def colocated_outputs() -> dict[int, dict[str, object]]:
+    """Greedy outputs of a colocated deployment by prompt length, shared between e2e modules."""
+    return {}

@@ -11,50 +11,22 @@ import json
 import os
 import subprocess
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
 
-from deploy.state import DeploymentState, pid_alive
-from tests.helpers import isolated_env, pids_matching, port_open, run_cli
+from deploy.state import pid_alive
+from tests.e2e import BLOCK_SIZE, PROMPT_LENGTHS, Deployment, complete as _complete, deployed, token_prompt
+from tests.helpers import pids_matching, port_open, run_cli
 
 pytestmark = pytest.mark.e2e
-
-BLOCK_SIZE = 128  # vLLM's CPU block size
-
-
-@dataclass
-class Deployment:
-    env: dict[str, str]
-    url: str
-    state: DeploymentState
-
-    def engine_url(self, role: str) -> str:
-        engine = next(e for e in self.state.engines if e["role"] == role)
-        return f"http://{engine['host']}:{engine['port']}"
 
 
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
-    tmp = tmp_path_factory.mktemp("pd")
-    env = isolated_env(tmp, PREFILL_STARTUP_PARAMS="--enforce-eager", DECODE_STARTUP_PARAMS="--enforce-eager")
-    try:
-        result = run_cli("deploy", env, timeout=900)
-        assert result.returncode == 0, result.stdout + result.stderr
-        assert "ready: http://127.0.0.1:" in result.stdout
-        state = DeploymentState.read(Path(env["RUN_DIR"]) / "state.json")
-        assert state is not None
-        yield Deployment(env, f"http://127.0.0.1:{env['SERVER_PORT']}", state)
-    finally:
-        run_cli("clean", env, timeout=300)
-
-
-def _complete(url: str, body: dict[str, object]) -> dict[str, object]:
-    response = httpx.post(f"{url}/v1/completions", json=body, timeout=120)
-    assert response.status_code == 200, response.text
-    return response.json()
+    with deployed(tmp_path_factory.mktemp("pd")) as running:
+        yield running
 
 
 def _external_kv_tokens(engine_url: str) -> float:
@@ -94,12 +66,14 @@ def test_streaming_completion(deployment: Deployment) -> None:
     assert streamed == whole["choices"][0]["text"]  # type: ignore[index]
 
 
-@pytest.mark.parametrize("prompt_tokens", [BLOCK_SIZE // 2, BLOCK_SIZE, 3 * BLOCK_SIZE + 17], ids=["short", "one-block", "many-blocks"])
-def test_pd_output_equals_one_instance_computing_alone(deployment: Deployment, prompt_tokens: int) -> None:
+@pytest.mark.parametrize("prompt_tokens", PROMPT_LENGTHS, ids=["short", "one-block", "many-blocks"])
+def test_pd_output_equals_one_instance_computing_alone(
+    deployment: Deployment, prompt_tokens: int, colocated_outputs: dict[int, dict[str, object]]
+) -> None:
     """Greedy tokens and their log-probabilities through PD (KV loaded from the data
-    system) equal those of one engine that computes the whole prompt itself."""
-    prompt = [(7 * i + prompt_tokens) % 4000 + 10 for i in range(prompt_tokens)]
-    body = {"prompt": prompt, "max_tokens": 12, "temperature": 0, "logprobs": 2}
+    system) equal those of one engine that computes the whole prompt itself, and those
+    of a colocated deployment (recorded by test_e2e_colocated when it ran first)."""
+    body = {"prompt": token_prompt(prompt_tokens), "max_tokens": 12, "temperature": 0, "logprobs": 2}
     decode_url = deployment.engine_url("decode")
     loaded_before = _external_kv_tokens(decode_url)
     through_pd = _complete(deployment.url, body)["choices"][0]  # type: ignore[index]
@@ -108,6 +82,8 @@ def test_pd_output_equals_one_instance_computing_alone(deployment: Deployment, p
     assert through_pd["text"] == alone["text"]
     assert through_pd["logprobs"]["tokens"] == alone["logprobs"]["tokens"]
     assert through_pd["logprobs"]["token_logprobs"] == pytest.approx(alone["logprobs"]["token_logprobs"], abs=0.05)
+    if prompt_tokens in colocated_outputs:
+        assert through_pd["text"] == colocated_outputs[prompt_tokens]["text"]
     # every full block but the one holding the last prompt token came from the store
     assert loaded == ((prompt_tokens - 1) // BLOCK_SIZE) * BLOCK_SIZE
 

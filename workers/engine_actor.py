@@ -21,7 +21,6 @@ from workers.engine_process import (
     EngineSpec,
     build_engine_argv,
     build_engine_env,
-    is_healthy,
     start_process,
     stop_process_group,
     wait_until_healthy,
@@ -140,9 +139,6 @@ class EngineActor:
             restarts=self._restarts,
             state=self._state,
         ).to_dict()
-
-    def healthy(self) -> bool:
-        return self._state == "healthy" and is_healthy(self._advertise_host, self._port)
 
     def stop(self) -> None:
         self._stopping.set()
