@@ -20,8 +20,7 @@ from deploy import config as config_module
 from deploy.config import ServiceConfig
 from deploy.datasystem import stop_worker
 from deploy.errors import ConfigError, DeployError, StartupError
-from deploy.serve import READY_MARKER
-from deploy.state import DeploymentState, pid_alive, read_pid
+from deploy.state import READY_MARKER, DeploymentState, pid_alive, read_pid
 from workers.engine_process import is_healthy
 
 FRONT_DOOR_GRACE_S = 30.0

@@ -29,12 +29,9 @@ from deploy.datasystem import start_worker, stop_worker
 from deploy.embedded_model import ensure_embedded_model
 from deploy.errors import DeployError
 from deploy.runtime import finalize_yr, init_yr
-from deploy.state import DeploymentState, read_pid
+from deploy.state import READY_MARKER, DeploymentState, read_pid
 
 logger = logging.getLogger(__name__)
-
-READY_MARKER = "front door ready at"
-
 
 def prepare_session(config: ServiceConfig) -> Path:
     """Make <sessions>/latest/log, pointing ``latest`` at a new session if there is none."""

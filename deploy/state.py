@@ -7,6 +7,9 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+# The line deploy/serve.py logs when the front door starts; the CLI waits for it.
+READY_MARKER = "front door ready at"
+
 
 @dataclass
 class DeploymentState:
