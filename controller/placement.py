@@ -29,12 +29,15 @@ def instance_plans(config: ServiceConfig) -> list[InstancePlan]:
     ]
 
 
-def plan_engines(config: ServiceConfig, model_path: Path, served_model_name: str, ds_worker_address: str) -> list[EngineSpec]:
+def plan_engines(
+    config: ServiceConfig, model_path: Path, served_model_name: str, ds_worker_addresses: tuple[str, ...]
+) -> list[EngineSpec]:
     """One spec per engine. Data-parallel ranks of an instance are separate engines.
 
     Locally, devices are handed out in order and never shared between engines. In
     cluster mode the scheduler places each engine actor with the devices it asks for,
-    and the engine uses the devices the runtime made visible to it.
+    and the engine uses the devices the runtime made visible to it. Engines attach to
+    the data system workers in turn (several local workers stand in for several nodes).
     """
     specs: list[EngineSpec] = []
     next_device = 0
@@ -57,8 +60,9 @@ def plan_engines(config: ServiceConfig, model_path: Path, served_model_name: str
                         model_path=str(model_path),
                         served_model_name=served_model_name,
                         startup_params=plan.startup_params,
-                        ds_worker_address=ds_worker_address,
+                        ds_worker_address=ds_worker_addresses[len(specs) % len(ds_worker_addresses)],
                         prefix_reuse=config.using_prefix_connector,
+                        connector_options=config.connector.extra_config(),
                         project_root=str(Path(__file__).resolve().parents[1]),
                         cache_root=str(config.model_cache_dir.parent / "vllm"),
                         cpu_kvcache_gb=config.cpu_kvcache_gb,

@@ -131,10 +131,11 @@ def clean(config: ServiceConfig) -> int:
         pid_path.unlink(missing_ok=True)
     ds_started_here = state.ds_started_here if state is not None else (pid is not None and not config.cluster_mode)
     if ds_started_here:
-        address = state.ds_worker_address if state is not None else config.datasystem.address
-        if stop_worker(address):
-            print(f"stopped data system worker {address}", flush=True)
-            stopped_anything = True
+        addresses = state.ds_worker_address.split(",") if state is not None else config.datasystem.addresses
+        for address in addresses:
+            if stop_worker(address):
+                print(f"stopped data system worker {address}", flush=True)
+                stopped_anything = True
     config.state_file.unlink(missing_ok=True)
     config.pid_file.unlink(missing_ok=True)
     if not stopped_anything:
@@ -150,7 +151,7 @@ def status(config: ServiceConfig) -> int:
         return 1
     door = "healthy" if is_healthy(_probe_host(config), config.server_port) else "not answering"
     print(f"front door {state.endpoint}  pid {state.pid}  {door}  (openYuanrong {state.yr_mode} mode)")
-    print(f"model {state.served_model_name}  data system worker {state.ds_worker_address}")
+    print(f"model {state.served_model_name}  data system worker(s) {state.ds_worker_address}")
     header = ("INSTANCE", "ROLE", "DEVICES", "PORT", "PID", "HEALTH", "RESTARTS", "LOG")
     rows = [header]
     for engine in state.engines:

@@ -61,18 +61,39 @@ class Role(str, enum.Enum):
 
 @dataclass(frozen=True)
 class DataSystemConfig:
-    """Where the KV store is and, in local mode, how deploy starts its own worker."""
+    """Where the KV store is and, in local mode, how deploy starts its own workers."""
 
     worker_host: str
     worker_port: int
     metastore_port: int
-    shared_memory_mb: int
-    spill_dir: Path | None
+    shared_memory_mb: int  # DRAM tier, per worker
+    spill_dir: Path | None  # SSD tier, per worker (a sub-folder each)
     spill_size_mb: int
+    local_workers: int = 1  # local mode: workers on consecutive ports, one cluster
 
     @property
     def address(self) -> str:
         return f"{self.worker_host}:{self.worker_port}"
+
+    @property
+    def addresses(self) -> tuple[str, ...]:
+        return tuple(f"{self.worker_host}:{self.worker_port + i}" for i in range(self.local_workers))
+
+
+@dataclass(frozen=True)
+class ConnectorConfig:
+    """Settings of the KV connector every engine gets (its kv_connector_extra_config)."""
+
+    ttl_s: int  # how long a stored block lives in the data system; 0: until the worker stops
+    request_timeout_ms: int  # bound on each data system call; slower means a miss, recompute
+    handoff_wait_ms: int  # how long a decode waits for a prefill's blocks to be published
+
+    def extra_config(self) -> dict[str, object]:
+        return {
+            "ttl_s": self.ttl_s,
+            "request_timeout_ms": self.request_timeout_ms,
+            "handoff_wait_ms": self.handoff_wait_ms,
+        }
 
 
 @dataclass(frozen=True)
@@ -94,6 +115,7 @@ class ServiceConfig:
     cpu_kvcache_gb: int
     engine_start_timeout_s: float
     datasystem: DataSystemConfig
+    connector: ConnectorConfig
     run_dir: Path  # deploy.log, deploy.pid, state.json
     sessions_dir: Path  # /tmp/yr_sessions: engine logs go to <sessions_dir>/latest/log
     model_cache_dir: Path
@@ -176,6 +198,10 @@ SETTINGS: tuple[_Setting, ...] = (
     _Setting("DS_SHARED_MEMORY_MB", "2048", "shared memory (DRAM tier) of a locally started worker"),
     _Setting("DS_SPILL_DIR", None, "SSD spill folder of a locally started worker; unset: no spill"),
     _Setting("DS_SPILL_SIZE_MB", "8192", "SSD spill limit of a locally started worker"),
+    _Setting("DS_WORKERS", "1", "data system workers to start locally (consecutive ports; engines attach in turn)"),
+    _Setting("KV_TTL_S", "1800", "seconds a KV block stays in the data system; 0 = until the worker stops"),
+    _Setting("KV_REQUEST_TIMEOUT_MS", "2000", "bound on each data system call; a slower store is a miss"),
+    _Setting("KV_HANDOFF_WAIT_MS", "2000", "how long a decode waits for a prefill's KV blocks to appear"),
     _Setting("RUN_DIR", None, "where deploy.log, deploy.pid and state.json live; unset: project root"),
     _Setting("YR_SESSIONS_DIR", "/tmp/yr_sessions", "openYuanrong session folder (engine logs in latest/log)"),
     _Setting("MODEL_CACHE_DIR", None, "where the embedded model is built; unset: <project>/.cache/models"),
@@ -225,6 +251,11 @@ def build_config(environ: Mapping[str, str], overrides: argparse.Namespace | Non
         cpu_kvcache_gb=_int(raw, "VLLM_CPU_KVCACHE_SPACE", minimum=1),
         engine_start_timeout_s=float(_int(raw, "ENGINE_START_TIMEOUT", minimum=10)),
         datasystem=_datasystem(raw),
+        connector=ConnectorConfig(
+            ttl_s=_int(raw, "KV_TTL_S", minimum=0),
+            request_timeout_ms=_int(raw, "KV_REQUEST_TIMEOUT_MS", minimum=1),
+            handoff_wait_ms=_int(raw, "KV_HANDOFF_WAIT_MS", minimum=0),
+        ),
         run_dir=Path(raw["RUN_DIR"] or PROJECT_ROOT),
         sessions_dir=sessions_dir,
         model_cache_dir=Path(raw["MODEL_CACHE_DIR"] or PROJECT_ROOT / ".cache" / "models"),
@@ -368,6 +399,7 @@ def _datasystem(raw: Mapping[str, str | None]) -> DataSystemConfig:
         shared_memory_mb=_int(raw, "DS_SHARED_MEMORY_MB", minimum=64),
         spill_dir=Path(spill) if spill else None,
         spill_size_mb=_int(raw, "DS_SPILL_SIZE_MB", minimum=1),
+        local_workers=_int(raw, "DS_WORKERS", minimum=1, maximum=16),
     )
 
 
@@ -391,10 +423,14 @@ def _check_consistency(config: ServiceConfig) -> None:
             f"needs {config.devices_needed} {config.accelerator.value} devices, but only {available} are visible "
             f"({','.join(map(str, config.devices))}); lower the counts or set VISIBLE_DEVICES"
         )
-    if config.datasystem.worker_port == config.server_port:
+    worker_ports = [int(address.rpartition(":")[2]) for address in config.datasystem.addresses]
+    if config.server_port in worker_ports:
         raise ConfigError(
-            f"SERVER_PORT={config.server_port} is invalid: the data system worker uses that port (DS_WORKER_ADDRESS)"
+            f"SERVER_PORT={config.server_port} is invalid: a data system worker uses that port "
+            f"(DS_WORKER_ADDRESS and DS_WORKERS give {', '.join(config.datasystem.addresses)})"
         )
+    if max(worker_ports) > 65535:
+        raise _fail("DS_WORKERS", config.datasystem.local_workers, "too many workers for the port after DS_WORKER_ADDRESS")
 
 
 def describe(config: ServiceConfig) -> Sequence[str]:

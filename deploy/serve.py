@@ -25,7 +25,7 @@ from controller.placement import plan_engines
 from controller.routing import RoutingTable
 from deploy import config as config_module
 from deploy.config import ServiceConfig
-from deploy.datasystem import start_worker, stop_worker
+from deploy.datasystem import start_workers, stop_worker
 from deploy.embedded_model import ensure_embedded_model
 from deploy.errors import DeployError
 from deploy.runtime import finalize_yr, init_yr
@@ -63,18 +63,18 @@ def serve(config: ServiceConfig) -> int:
         endpoint=f"http://{config.server_ip}:{config.server_port}",
         yr_mode=mode,
         served_model_name="",
-        ds_worker_address=config.datasystem.address,
+        ds_worker_address=",".join(config.datasystem.addresses if not config.cluster_mode else (config.datasystem.address,)),
         ds_started_here=not config.cluster_mode,
         log_dir=str(log_dir),
     )
     state.write(config.state_file)
     try:
         if not config.cluster_mode:
-            start_worker(config.datasystem, log_dir.parent / "datasystem")
             ds_started = True
+            start_workers(config.datasystem, log_dir.parent / "datasystem")
         model_path = config.model_path or ensure_embedded_model(config.model_cache_dir)
         state.served_model_name = str(model_path)
-        specs = plan_engines(config, model_path, state.served_model_name, config.datasystem.address)
+        specs = plan_engines(config, model_path, state.served_model_name, tuple(state.ds_worker_address.split(",")))
         logger.info("starting %d engine(s): %s; logs in %s", len(specs), ", ".join(s.name for s in specs), log_dir)
         options = yr.InvokeOptions()
         if config.cluster_mode:
@@ -108,7 +108,8 @@ def serve(config: ServiceConfig) -> int:
             except Exception as exc:
                 logger.error("stopping engines through the Controller failed: %s", exc)
         if ds_started:
-            stop_worker(config.datasystem.address)
+            for address in config.datasystem.addresses:
+                stop_worker(address)
         finalize_yr()
         config.state_file.unlink(missing_ok=True)
         if read_pid(config.pid_file) == os.getpid():

@@ -17,7 +17,7 @@ class DeploymentState:
     endpoint: str
     yr_mode: str
     served_model_name: str
-    ds_worker_address: str
+    ds_worker_address: str  # comma-separated when deploy started several local workers
     ds_started_here: bool
     log_dir: str
     engines: list[dict[str, object]] = field(default_factory=list)

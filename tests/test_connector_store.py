@@ -37,7 +37,8 @@ def test_blocks_saved_by_one_engine_load_bit_exact_in_another(ds_worker: DataSys
     source_caches = _caches(shape, fill_random=True)
     producer = YuanRongWorker(settings, BlockStore(ds_worker.address), tp_rank=0, num_blocks=NUM_BLOCKS)
     producer.register_kv_caches(source_caches)
-    producer.save(YuanRongConnectorMetadata(saves=[BlockTransfer("r1", hashes, (5, 2, 7))]))
+    producer.end_step(YuanRongConnectorMetadata(saves=[BlockTransfer("r1", hashes, (5, 2, 7))]))
+    producer.shutdown()  # waits for the background saver
 
     store = BlockStore(ds_worker.address)
     keys = [block_key(settings.layout.fingerprint(), 0, h) for h in hashes]
@@ -46,7 +47,9 @@ def test_blocks_saved_by_one_engine_load_bit_exact_in_another(ds_worker: DataSys
     target_caches = _caches(shape, fill_random=False)
     consumer = YuanRongWorker(settings, BlockStore(ds_worker.address), tp_rank=0, num_blocks=NUM_BLOCKS)
     consumer.register_kv_caches(target_caches)
-    consumer.load(YuanRongConnectorMetadata(loads=[BlockTransfer("r2", hashes, (0, 1, 3))]))
+    consumer.start_load(YuanRongConnectorMetadata(loads=[BlockTransfer("r2", hashes, (0, 1, 3))]))
+    for name in target_caches:
+        consumer.wait_layer(name)
     assert consumer.take_failed_block_ids() == set()
     axis = 0 if len(shape) == 4 else 1
     for name in source_caches:
@@ -60,19 +63,19 @@ def test_missing_blocks_are_reported_for_recompute(ds_worker: DataSystemConfig) 
     consumer = YuanRongWorker(settings, BlockStore(ds_worker.address), tp_rank=0, num_blocks=NUM_BLOCKS)
     consumer.register_kv_caches(_caches((NUM_BLOCKS, KV_HEADS, BLOCK, 2 * HEAD), fill_random=False))
     never_saved = tuple(chained_block_hashes([9] * (2 * BLOCK), BLOCK))
-    consumer.load(YuanRongConnectorMetadata(loads=[BlockTransfer("r3", never_saved, (4, 6))]))
+    consumer.start_load(YuanRongConnectorMetadata(loads=[BlockTransfer("r3", never_saved, (4, 6))]))
     assert consumer.take_failed_block_ids() == {4, 6}
     assert consumer.take_failed_block_ids() == set()  # reported once
 
 
 def test_present_prefix_stops_at_the_first_gap(ds_worker: DataSystemConfig) -> None:
     store = BlockStore(ds_worker.address)
-    store.put(["gap-a", "gap-c"], 4, lambda i, buffer: buffer.__setitem__(slice(0, 4), b"abcd"))
+    store.put(["gap-a", "gap-c"], 4, lambda first, buffers: [b.__setitem__(slice(0, 4), b"abcd") for b in buffers])
     assert store.count_present_prefix(["gap-a", "gap-b", "gap-c"]) == 1
     assert store.count_present_prefix(["gap-a", "gap-c"], keys_per_block=2) == 1
 
 
 def test_unreachable_store_is_a_miss_not_an_error() -> None:
-    store = BlockStore("127.0.0.1:1", connect_timeout_ms=500)
+    store = BlockStore("127.0.0.1:1", request_timeout_ms=500)
     assert store.count_present_prefix(["k"]) == 0
     assert store.get(["k"]) == [None]

@@ -18,7 +18,7 @@ def _kv_config(argv: list[str]) -> dict[str, object]:
 
 def test_pd_engines_get_disjoint_cores_and_their_kv_roles() -> None:
     config = build_config({"ACCELERATOR": "cpu", "VISIBLE_DEVICES": "0-5", "PTP": "2", "DDP": "2", "DTP": "1"})
-    specs = plan_engines(config, MODEL, "m", "127.0.0.1:31501")
+    specs = plan_engines(config, MODEL, "m", ("127.0.0.1:31501",))
     assert [(s.name, s.role, s.devices) for s in specs] == [
         ("prefill-0", Role.PREFILL, (0, 1)),
         ("decode-0-dp0", Role.DECODE, (2,)),
@@ -32,7 +32,7 @@ def test_pd_engines_get_disjoint_cores_and_their_kv_roles() -> None:
 
 def test_colocated_instances_are_kv_both() -> None:
     config = build_config({"ACCELERATOR": "cpu", "VISIBLE_DEVICES": "0,1", "DECODE_INS_NUM": "0", "PREFILL_INS_NUM": "2"})
-    specs = plan_engines(config, MODEL, "m", "127.0.0.1:31501")
+    specs = plan_engines(config, MODEL, "m", ("127.0.0.1:31501",))
     assert [(s.name, s.devices) for s in specs] == [("colocated-0", (0,)), ("colocated-1", (1,))]
     assert {_kv_config(build_engine_argv(s, 8000))["kv_role"] for s in specs} == {"kv_both"}
 
@@ -40,7 +40,7 @@ def test_colocated_instances_are_kv_both() -> None:
 def test_engine_argv_owns_address_parallelism_and_connector() -> None:
     config = build_config({"ACCELERATOR": "cuda", "VISIBLE_DEVICES": "4-7", "PTP": "2", "DTP": "2",
                            "USING_PREFIX_CONNECTOR": "1", "PREFILL_STARTUP_PARAMS": "--max-model-len 4096"})  # fmt: skip
-    prefill, decode = plan_engines(config, MODEL, "served", "10.0.0.1:31501")
+    prefill, decode = plan_engines(config, MODEL, "served", ("10.0.0.1:31501",))
     argv = build_engine_argv(prefill, 8123, python="python")
     assert argv[:3] == ["python", "-m", "vllm.entrypoints.openai.api_server"]
     assert argv[argv.index("--port") + 1] == "8123"
@@ -50,14 +50,28 @@ def test_engine_argv_owns_address_parallelism_and_connector() -> None:
     assert kv["kv_connector"] == "YuanRongConnector"
     assert kv["kv_connector_module_path"] == "patch.yuanrong_connector.connector"
     assert kv["kv_load_failure_policy"] == "recompute"
-    assert kv["kv_connector_extra_config"] == {"ds_worker_address": "10.0.0.1:31501", "prefix_reuse": True}
+    assert kv["kv_connector_extra_config"] == {
+        "ds_worker_address": "10.0.0.1:31501",
+        "prefix_reuse": True,
+        "ttl_s": 1800,
+        "request_timeout_ms": 2000,
+        "handoff_wait_ms": 2000,
+    }
     assert build_engine_env(prefill, {})["CUDA_VISIBLE_DEVICES"] == "4,5"
     assert build_engine_env(decode, {})["CUDA_VISIBLE_DEVICES"] == "6,7"
 
 
+def test_engines_attach_to_local_data_system_workers_in_turn() -> None:
+    config = build_config({"ACCELERATOR": "cpu", "VISIBLE_DEVICES": "0-3", "PREFILL_INS_NUM": "4",
+                           "DECODE_INS_NUM": "0", "DS_WORKERS": "2"})  # fmt: skip
+    assert config.datasystem.addresses == ("127.0.0.1:31501", "127.0.0.1:31502")
+    specs = plan_engines(config, MODEL, "served", config.datasystem.addresses)
+    assert [s.ds_worker_address for s in specs] == ["127.0.0.1:31501", "127.0.0.1:31502"] * 2
+
+
 def test_ascend_devices_are_made_visible() -> None:
     config = build_config({"ACCELERATOR": "ascend", "VISIBLE_DEVICES": "0-3", "PTP": "2", "DTP": "2"})
-    _, decode = plan_engines(config, MODEL, "m", "127.0.0.1:31501")
+    _, decode = plan_engines(config, MODEL, "m", ("127.0.0.1:31501",))
     assert build_engine_env(decode, {"PYTHONPATH": "/x"})["ASCEND_RT_VISIBLE_DEVICES"] == "2,3"
     assert build_engine_env(decode, {"PYTHONPATH": "/x"})["PYTHONPATH"].endswith(":/x")
 

@@ -44,6 +44,7 @@ class EngineSpec:
     cache_root: str
     cpu_kvcache_gb: int
     bind_host: str = "127.0.0.1"
+    connector_options: Mapping[str, object] = field(default_factory=dict)  # more kv_connector_extra_config
     extra_env: Mapping[str, str] = field(default_factory=dict)
 
 
@@ -56,6 +57,7 @@ def kv_transfer_config(spec: EngineSpec) -> dict[str, object]:
         "kv_connector_extra_config": {
             "ds_worker_address": spec.ds_worker_address,
             "prefix_reuse": spec.prefix_reuse,
+            **spec.connector_options,
         },
     }
 

@@ -15,8 +15,11 @@ Hooks and the process that calls them:
 - worker (model runner): register_kv_caches, start_load_kv, wait_for_layer_load,
   save_kv_layer, wait_for_save, get_block_ids_with_load_errors -> ``worker.YuanRongWorker``
 
-This version moves whole blocks synchronously: loads finish before the forward pass,
-saves before the step returns, so a prefill's response means its blocks are stored.
+Loads run layer by layer alongside the forward pass (loader.py); saves run in the
+background after it (saver.py), and vLLM holds a finished request's blocks until
+they are saved (``request_finished`` -> True, ``get_finished`` reports them). The
+connector's numbers reach the engine's log and /metrics through vLLM's connector
+stats (stats.py).
 """
 
 from __future__ import annotations
@@ -33,11 +36,18 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from patch.yuanrong_connector.metadata import YuanRongConnectorMetadata
 from patch.yuanrong_connector.scheduler import YuanRongScheduler
 from patch.yuanrong_connector.settings import ConnectorSettings
+from patch.yuanrong_connector.stats import YuanRongConnectorStats, YuanRongPromMetrics
 from patch.yuanrong_connector.store import BlockStore
 from patch.yuanrong_connector.worker import YuanRongWorker
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
+    from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (
+        KVConnectorPromMetrics,
+        KVConnectorStats,
+        PromMetric,
+        PromMetricT,
+    )
     from vllm.forward_context import ForwardContext
     from vllm.v1.attention.backend import AttentionMetadata
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
@@ -50,11 +60,17 @@ class YuanRongConnector(KVConnectorBase_V1):
     def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig) -> None:
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         settings = ConnectorSettings.from_vllm_config(vllm_config)
-        store = BlockStore(settings.ds_address)
+        store = BlockStore(
+            settings.ds_address,
+            request_timeout_ms=settings.request_timeout_ms,
+            ttl_s=settings.ttl_s,
+            retry_s=settings.store_retry_s,
+        )
         self._scheduler: YuanRongScheduler | None = None
         self._worker: YuanRongWorker | None = None
         if role == KVConnectorRole.SCHEDULER:
             self._scheduler = YuanRongScheduler(settings, store)
+            store.connect()
         else:
             from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
 
@@ -67,29 +83,60 @@ class YuanRongConnector(KVConnectorBase_V1):
         assert self._worker is not None
         self._worker.register_kv_caches(kv_caches)
 
-    def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
-        assert self._worker is not None
+    def _metadata(self) -> YuanRongConnectorMetadata:
         meta = self._get_connector_metadata()
         assert isinstance(meta, YuanRongConnectorMetadata)
-        self._worker.load(meta)
+        return meta
+
+    def handle_preemptions(self, kv_connector_metadata: KVConnectorMetadata) -> None:
+        assert self._worker is not None and isinstance(kv_connector_metadata, YuanRongConnectorMetadata)
+        self._worker.start_load(YuanRongConnectorMetadata(preempted=kv_connector_metadata.preempted))
+
+    def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
+        assert self._worker is not None
+        self._worker.start_load(self._metadata())
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        return  # loads complete in start_load_kv
+        assert self._worker is not None
+        self._worker.wait_layer(layer_name)
 
     def save_kv_layer(
         self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: AttentionMetadata, **kwargs: Any
     ) -> None:
-        return  # all layers are saved together in wait_for_save
+        return  # every layer of a block is saved together, in the background, after the forward pass
 
     def wait_for_save(self) -> None:
         assert self._worker is not None
-        meta = self._get_connector_metadata()
-        assert isinstance(meta, YuanRongConnectorMetadata)
-        self._worker.save(meta)
+        self._worker.end_step(self._metadata())
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        assert self._worker is not None
+        return self._worker.finished_saving(finished_req_ids) or None, None
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         assert self._worker is not None
         return self._worker.take_failed_block_ids()
+
+    def get_kv_connector_stats(self) -> KVConnectorStats | None:
+        return self._worker.take_stats() if self._worker is not None else None
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KVConnectorStats | None:
+        return YuanRongConnectorStats(data=data or {})
+
+    @classmethod
+    def build_prom_metrics(
+        cls,
+        vllm_config: VllmConfig,
+        metric_types: dict[type[PromMetric], type[PromMetricT]],
+        labelnames: list[str],
+        per_engine_labelvalues: dict[int, list[object]],
+    ) -> KVConnectorPromMetrics | None:
+        return YuanRongPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
+
+    def shutdown(self) -> None:
+        if self._worker is not None:
+            self._worker.shutdown()
 
     # ---- scheduler side ----
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:

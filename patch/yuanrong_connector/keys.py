@@ -3,9 +3,10 @@
 A block's key is ``<layout>_<rank>_<chain>``:
 - ``chain``: SHA-256 over the previous block's chain and this block's token ids, so a
   key names the whole prefix up to the end of its block;
-- ``layout``: a fingerprint of everything that changes the bytes of a block (model,
-  dtype, block size, KV heads, head size, layer count, TP size), so engines whose
-  layouts differ never find each other's blocks;
+- ``layout``: a fingerprint of everything that changes the bytes of a block (model
+  identity, dtype, block size, KV heads, head size, layer count, TP size, and the
+  device family whose paged-cache layout and value format the bytes follow), so
+  engines whose layouts differ never find each other's blocks;
 - ``rank``: the TP rank whose shard of the heads the value holds.
 """
 
@@ -15,34 +16,58 @@ import hashlib
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 _ROOT = b"yuanrong-kv-v1"
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
+_SAMPLE_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
 class KVLayout:
-    model: str
+    model: str  # model_identity(): content-derived, the same on every node
     dtype: str
     block_size: int
     num_kv_heads: int
     head_size: int
     num_layers: int
     tp_size: int
+    device_family: str = "cpu"  # cpu | cuda | npu: paged-cache layout and value format
 
     def fingerprint(self) -> str:
-        text = "|".join(
-            str(part)
-            for part in (
-                self.model,
-                self.dtype,
-                self.block_size,
-                self.num_kv_heads,
-                self.head_size,
-                self.num_layers,
-                self.tp_size,
-            )
+        parts = (
+            self.model,
+            self.dtype,
+            self.block_size,
+            self.num_kv_heads,
+            self.head_size,
+            self.num_layers,
+            self.tp_size,
+            self.device_family,
         )
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
+        return hashlib.sha256("|".join(str(part) for part in parts).encode()).hexdigest()[:16]
+
+
+def model_identity(model: str) -> str:
+    """A name for the model's weights that does not depend on where they are mounted.
+
+    For a local folder: SHA-256 over config.json and, per weight file, its name, size,
+    first and last MiB (cheap, and different for two fine-tunes of one architecture).
+    Anything else (a hub name) is used as given.
+    """
+    folder = Path(model)
+    config = folder / "config.json"
+    if not config.is_file():
+        return model
+    digest = hashlib.sha256(config.read_bytes())
+    for weight in sorted(p for p in folder.iterdir() if p.suffix in _WEIGHT_SUFFIXES and p.is_file()):
+        size = weight.stat().st_size
+        digest.update(f"{weight.name}:{size}".encode())
+        with open(weight, "rb") as handle:
+            digest.update(handle.read(_SAMPLE_BYTES))
+            handle.seek(max(size - _SAMPLE_BYTES, 0))
+            digest.update(handle.read(_SAMPLE_BYTES))
+    return digest.hexdigest()[:24]
 
 
 def chained_block_hashes(token_ids: Sequence[int], block_size: int) -> list[str]:

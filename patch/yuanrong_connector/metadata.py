@@ -20,3 +20,4 @@ class BlockTransfer:
 class YuanRongConnectorMetadata(KVConnectorMetadata):
     loads: list[BlockTransfer] = field(default_factory=list)
     saves: list[BlockTransfer] = field(default_factory=list)
+    preempted: list[str] = field(default_factory=list)  # their blocks are reused this step

@@ -1,12 +1,18 @@
 """Scheduler-side half of YuanRongConnector (runs in the EngineCore process).
 
 It decides, per request, which leading prompt blocks to load from the store (only
-blocks the store confirms it holds) and which computed blocks to save, and hands both
-lists to the worker side in each step's metadata.
+blocks the store confirms it holds, asked in one batched call) and which computed
+blocks to save, and hands both lists to the worker side in each step's metadata.
+
+A prefill's blocks are saved in the background, so a decode request can arrive before
+they are published. The decode then waits (the request stays queued, the engine goes
+on) until the blocks the prefill announced are all present or ``handoff_wait_ms``
+passes, and loads what is there; the rest is computed.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +39,15 @@ class _SaveProgress:
     prompt_len: int
 
 
+_RECHECK_S = 0.005  # while waiting for a handoff, ask the store at most this often
+
+
+@dataclass
+class _HandoffWait:
+    deadline: float
+    next_check: float
+
+
 @dataclass
 class _PlannedLoad:
     first_block: int
@@ -47,6 +62,8 @@ class YuanRongScheduler:
     _ready_loads: list[BlockTransfer] = field(default_factory=list)
     _saving: dict[str, _SaveProgress] = field(default_factory=dict)
     _loaded_blocks: dict[str, int] = field(default_factory=dict)  # leading blocks that came from the store
+    _handoff_waits: dict[str, _HandoffWait] = field(default_factory=dict)
+    _with_saves: set[str] = field(default_factory=set)  # vLLM holds their blocks until saved
 
     @property
     def block_size(self) -> int:
@@ -58,7 +75,7 @@ class YuanRongScheduler:
             return True
         return self.settings.loads_remote_prefill and bool(params.get("do_remote_prefill"))
 
-    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int, bool]:
+    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
         if not self._wants_load(request):
             return 0, False
         prompt = list(request.prompt_token_ids or [])
@@ -66,15 +83,45 @@ class YuanRongScheduler:
         first_block = num_computed_tokens // self.block_size
         if loadable <= first_block:
             return 0, False
+        announced = self._announced_blocks(request, loadable)
+        waiting = self._handoff_waits.get(request.request_id)
+        now = time.monotonic()
+        if waiting is not None and now < waiting.next_check:
+            return None, False
         hashes = chained_block_hashes(prompt[: loadable * self.block_size], self.block_size)[first_block:]
         fingerprint = self.settings.layout.fingerprint()
         ranks = range(self.settings.layout.tp_size)
         keys = [block_key(fingerprint, rank, h) for h in hashes for rank in ranks]
         present = self.store.count_present_prefix(keys, keys_per_block=len(ranks))
+        if first_block + present < announced:
+            if waiting is None:
+                waiting = _HandoffWait(deadline=now + self.settings.handoff_wait_ms / 1000, next_check=now)
+                self._handoff_waits[request.request_id] = waiting
+            if now < waiting.deadline:
+                waiting.next_check = now + _RECHECK_S
+                return None, False
+            logger.warning(
+                "[connector req=%s] %d of %d handed-over blocks present after %d ms; computing the rest",
+                request.request_id,
+                first_block + present,
+                announced,
+                self.settings.handoff_wait_ms,
+            )
+        self._handoff_waits.pop(request.request_id, None)
         if present == 0:
             return 0, False
         self._planned_loads[request.request_id] = _PlannedLoad(first_block, hashes[:present])
         return (first_block + present) * self.block_size - num_computed_tokens, False
+
+    def _announced_blocks(self, request: Request, loadable: int) -> int:
+        """Blocks a prefill engine said it saves for this request (0: no handoff)."""
+        params = request.kv_transfer_params or {}
+        if not (self.settings.loads_remote_prefill and params.get("do_remote_prefill")):
+            return 0
+        try:
+            return min(int(params.get("num_saved_blocks", 0)), loadable)
+        except (TypeError, ValueError):
+            return 0
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
         planned = self._planned_loads.pop(request.request_id, None)
@@ -88,7 +135,9 @@ class YuanRongScheduler:
         )
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> YuanRongConnectorMetadata:
-        meta = YuanRongConnectorMetadata(loads=self._ready_loads)
+        meta = YuanRongConnectorMetadata(
+            loads=self._ready_loads, preempted=sorted(scheduler_output.preempted_req_ids or ())
+        )
         self._ready_loads = []
         if not self.settings.saves:
             return meta
@@ -131,19 +180,24 @@ class YuanRongScheduler:
                 )
             )
             progress.saved_blocks = full_blocks
+            self._with_saves.add(req_id)
         if computed_after_step >= progress.prompt_len:
             del self._saving[req_id]
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
-        self._saving.pop(request.request_id, None)
-        self._planned_loads.pop(request.request_id, None)
-        self._loaded_blocks.pop(request.request_id, None)
+        request_id = request.request_id
+        self._saving.pop(request_id, None)
+        self._planned_loads.pop(request_id, None)
+        self._loaded_blocks.pop(request_id, None)
+        self._handoff_waits.pop(request_id, None)
+        # Saves run in the background: vLLM keeps the blocks until the worker reports them saved.
+        hold_blocks = request_id in self._with_saves
+        self._with_saves.discard(request_id)
         params = request.kv_transfer_params or {}
         if not params.get("do_remote_decode"):
-            return False, None
-        # Blocks were saved synchronously during the step, so the store holds them now.
+            return hold_blocks, None
         num_blocks = len(chained_block_hashes(list(request.prompt_token_ids or []), self.block_size))
-        return False, {
+        return hold_blocks, {
             "do_remote_prefill": True,
             "do_remote_decode": False,
             "ds_worker_address": self.store.address,

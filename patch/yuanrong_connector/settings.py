@@ -1,17 +1,17 @@
-"""What the connector reads from vLLM's config: its role, its store, its KV layout."""
+"""What the connector reads from vLLM's config: its role, its store, its KV layout and
+the limits that keep a slow or absent store from hurting requests."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from patch.yuanrong_connector.keys import KVLayout
+from patch.yuanrong_connector.keys import KVLayout, model_identity
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
 
 DS_ADDRESS_FIELD = "ds_worker_address"
-PREFIX_REUSE_FIELD = "prefix_reuse"
 
 
 @dataclass(frozen=True)
@@ -21,18 +21,24 @@ class ConnectorSettings:
     prefix_reuse: bool  # this engine looks for any prompt's leading blocks in the store
     loads_remote_prefill: bool  # this engine loads blocks a prefill engine handed over
     layout: KVLayout
+    ttl_s: int = 0  # seconds a stored block lives; 0: until deleted or the store restarts
+    request_timeout_ms: int = 2000  # bound on every store call: a slow store is a miss
+    handoff_wait_ms: int = 2000  # how long a decode waits for a prefill's blocks to be published
+    max_pending_save_blocks: int = 4096  # save backlog beyond this is skipped (and counted)
+    store_retry_s: float = 5.0  # after a store failure, calls are skipped (miss) this long
 
     @staticmethod
     def from_vllm_config(vllm_config: VllmConfig) -> ConnectorSettings:
         transfer = vllm_config.kv_transfer_config
         assert transfer is not None
-        address = transfer.get_from_extra_config(DS_ADDRESS_FIELD, None)
+        extra: dict[str, Any] = dict(transfer.kv_connector_extra_config or {})
+        address = extra.get(DS_ADDRESS_FIELD)
         if not address:
             raise ValueError(
                 f"YuanRongConnector needs kv_connector_extra_config.{DS_ADDRESS_FIELD} "
                 "(host:port of a data system worker) in --kv-transfer-config"
             )
-        prefix_reuse = bool(transfer.get_from_extra_config(PREFIX_REUSE_FIELD, False))
+        prefix_reuse = bool(extra.get("prefix_reuse", False))
         role = transfer.kv_role
         return ConnectorSettings(
             ds_address=str(address),
@@ -40,20 +46,39 @@ class ConnectorSettings:
             prefix_reuse=prefix_reuse,
             loads_remote_prefill=role in ("kv_consumer", "kv_both"),
             layout=layout_of(vllm_config),
+            ttl_s=_non_negative(extra, "ttl_s", 0),
+            request_timeout_ms=_non_negative(extra, "request_timeout_ms", 2000),
+            handoff_wait_ms=_non_negative(extra, "handoff_wait_ms", 2000),
+            max_pending_save_blocks=_non_negative(extra, "max_pending_save_blocks", 4096),
+            store_retry_s=float(extra.get("store_retry_s", 5.0)),
         )
 
 
+def _non_negative(extra: dict[str, Any], name: str, default: int) -> int:
+    value = extra.get(name, default)
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        number = -1
+    if number < 0:
+        raise ValueError(f"kv_connector_extra_config.{name}={value!r} is invalid: must be an integer >= 0")
+    return number
+
+
 def layout_of(vllm_config: VllmConfig) -> KVLayout:
+    from vllm.platforms import current_platform
+
     model = vllm_config.model_config
     parallel = vllm_config.parallel_config
     cache = vllm_config.cache_config
     dtype = str(model.dtype) if cache.cache_dtype == "auto" else str(cache.cache_dtype)
     return KVLayout(
-        model=str(model.model),
+        model=model_identity(str(model.model)),
         dtype=dtype,
         block_size=int(cache.block_size),
         num_kv_heads=int(model.get_num_kv_heads(parallel)),
         head_size=int(model.get_head_size()),
         num_layers=int(model.get_num_layers(parallel)),
         tp_size=int(parallel.tensor_parallel_size),
+        device_family=str(current_platform.device_type),
     )

