@@ -18,7 +18,7 @@ from pathlib import Path
 
 from deploy import config as config_module
 from deploy.config import ServiceConfig
-from deploy.datasystem import stop_worker
+from deploy.datasystem import stop_workers
 from deploy.errors import ConfigError, DeployError, StartupError
 from deploy.state import READY_MARKER, DeploymentState, pid_alive, read_pid
 from workers.engine_process import is_healthy
@@ -132,10 +132,9 @@ def clean(config: ServiceConfig) -> int:
     ds_started_here = state.ds_started_here if state is not None else (pid is not None and not config.cluster_mode)
     if ds_started_here:
         addresses = state.ds_worker_address.split(",") if state is not None else config.datasystem.addresses
-        for address in addresses:
-            if stop_worker(address):
-                print(f"stopped data system worker {address}", flush=True)
-                stopped_anything = True
+        for address in stop_workers(addresses):
+            print(f"stopped data system worker {address}", flush=True)
+            stopped_anything = True
     config.state_file.unlink(missing_ok=True)
     config.pid_file.unlink(missing_ok=True)
     if not stopped_anything:

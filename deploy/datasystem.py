@@ -10,6 +10,8 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 from deploy.config import DataSystemConfig
@@ -23,18 +25,38 @@ def dscli_path() -> str:
     return str(beside_python) if beside_python.exists() else (shutil.which("dscli") or "dscli")
 
 
+# The worker puts a unix socket at <home>/datasystem/uds/<8 hex>/client.sock, and Linux
+# refuses socket paths over 107 bytes: the worker then dies after a minute of retries.
+_SOCKET_SUFFIX_LEN = len("/datasystem/uds/01234567/client.sock")
+_MAX_SOCKET_PATH = 107
+
+
+def worker_home(preferred: Path, address: str) -> Path:
+    """``preferred``, or a short folder under /tmp when the worker's socket path would not fit."""
+    if len(str(preferred.resolve())) + _SOCKET_SUFFIX_LEN <= _MAX_SOCKET_PATH:
+        return preferred
+    short = Path(tempfile.gettempdir()) / f"yr-ds-{address.replace(':', '-')}"
+    logger.info("data system home %s is too long for the worker's socket path; using %s", preferred, short)
+    return short
+
+
 def start_workers(settings: DataSystemConfig, home: Path) -> None:
     """Start every local worker; on failure, stop those already started and raise."""
     started: list[str] = []
     try:
         for index, address in enumerate(settings.addresses):
-            folder = home if index == 0 else home / f"worker-{index}"
+            folder = worker_home(home if index == 0 else home / f"worker-{index}", address)
             start_worker(settings, folder, address=address, runs_metastore=index == 0)
             started.append(address)
     except BaseException:
-        for address in started:
-            stop_worker(address)
+        stop_workers(started)
         raise
+
+
+def stop_workers(addresses: Sequence[str]) -> list[str]:
+    """Stop workers in reverse start order (a worker that joins the first one's metastore
+    must go before it: stopping the metastore's worker first hangs); return those stopped."""
+    return [address for address in reversed(list(addresses)) if stop_worker(address)]
 
 
 def start_worker(settings: DataSystemConfig, home: Path, address: str | None = None, runs_metastore: bool = True) -> None:

@@ -51,21 +51,38 @@ MODEL_CONFIG = {
 _CORPUS_MODULES = ("argparse.py", "textwrap.py", "difflib.py", "pydoc.py", "inspect.py", "typing.py")
 
 
-def embedded_model_dir(cache_dir: Path) -> Path:
-    return cache_dir / f"{MODEL_NAME}-v{BUILD_VERSION}"
+# A ~93M-parameter variant for benchmarks where prefill must take seconds on a CPU
+# (12 layers, hidden 768, 4 KV heads of 64: 12 KiB of KV cache per token in bf16).
+BENCH_MODEL_NAME = "bench-qwen2-93m-random"
+BENCH_MODEL_CONFIG = {
+    **MODEL_CONFIG,
+    "hidden_size": 768,
+    "intermediate_size": 2560,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "num_key_value_heads": 4,
+    "head_dim": 64,
+    "initializer_range": 0.02,
+}
 
 
-def ensure_embedded_model(cache_dir: Path) -> Path:
-    """Return the embedded model's folder, building it first if it is not cached."""
-    target = embedded_model_dir(cache_dir)
+def embedded_model_dir(cache_dir: Path, name: str = MODEL_NAME) -> Path:
+    return cache_dir / f"{name}-v{BUILD_VERSION}"
+
+
+def ensure_embedded_model(
+    cache_dir: Path, name: str = MODEL_NAME, config: dict[str, object] | None = None
+) -> Path:
+    """Return the model's folder, building it first if it is not cached."""
+    target = embedded_model_dir(cache_dir, name)
     if (target / "model.safetensors").is_file() and (target / "tokenizer.json").is_file():
         return target
-    logger.info("building the embedded random-weight model into %s (once, ~15 s)", target)
+    logger.info("building the random-weight model %s into %s (once, ~15 s)", name, target)
     cache_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".build-", dir=cache_dir))
     try:
         _write_tokenizer(staging)
-        _write_weights(staging)
+        _write_weights(staging, config or MODEL_CONFIG)
         if target.exists():
             shutil.rmtree(target)
         staging.rename(target)
@@ -104,11 +121,11 @@ def _write_tokenizer(folder: Path) -> None:
     fast.save_pretrained(folder)
 
 
-def _write_weights(folder: Path) -> None:
+def _write_weights(folder: Path, model_config: dict[str, object]) -> None:
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    config = Qwen2Config(**{k: v for k, v in MODEL_CONFIG.items() if k not in ("architectures", "model_type", "torch_dtype")})
+    config = Qwen2Config(**{k: v for k, v in model_config.items() if k not in ("architectures", "model_type", "torch_dtype")})
     torch.manual_seed(0)
     model = Qwen2ForCausalLM(config).to(torch.bfloat16)
     model.save_pretrained(folder, safe_serialization=True)

@@ -25,7 +25,7 @@ from controller.placement import plan_engines
 from controller.routing import RoutingTable
 from deploy import config as config_module
 from deploy.config import ServiceConfig
-from deploy.datasystem import start_workers, stop_worker
+from deploy.datasystem import start_workers, stop_workers
 from deploy.embedded_model import ensure_embedded_model
 from deploy.errors import DeployError
 from deploy.runtime import finalize_yr, init_yr
@@ -108,8 +108,7 @@ def serve(config: ServiceConfig) -> int:
             except Exception as exc:
                 logger.error("stopping engines through the Controller failed: %s", exc)
         if ds_started:
-            for address in config.datasystem.addresses:
-                stop_worker(address)
+            stop_workers(config.datasystem.addresses)
         finalize_yr()
         config.state_file.unlink(missing_ok=True)
         if read_pid(config.pid_file) == os.getpid():

@@ -13,7 +13,9 @@ from deploy.state import DeploymentState
 from tests.helpers import isolated_env, run_cli
 
 BLOCK_SIZE = 128  # vLLM's CPU block size
-PROMPT_LENGTHS = (BLOCK_SIZE // 2, BLOCK_SIZE, 3 * BLOCK_SIZE + 17)  # shorter than, equal to, longer than a block
+# one token, shorter than, exactly, and longer than a block
+PROMPT_LENGTHS = (1, BLOCK_SIZE // 2, BLOCK_SIZE, 3 * BLOCK_SIZE + 17)
+PROMPT_IDS = ["one-token", "short", "one-block", "many-blocks"]
 
 
 @dataclass
@@ -22,15 +24,19 @@ class Deployment:
     url: str
     state: DeploymentState
 
-    def engine_url(self, role: str) -> str:
-        engine = next(e for e in self.state.engines if e["role"] == role)
+    def engine_url(self, role_or_name: str) -> str:
+        engine = next(e for e in self.state.engines if role_or_name in (e["role"], e["name"]))
         return f"http://{engine['host']}:{engine['port']}"
+
+    def engine_complete(self, role_or_name: str, body: dict[str, object]) -> dict[str, object]:
+        return complete(self.engine_url(role_or_name), {**body, "model": self.state.served_model_name})
 
 
 @contextmanager
 def deployed(tmp: Path, **settings: str) -> Iterator[Deployment]:
     """Deploy with ``bash run_vllm_on_yr.sh deploy``; always ``clean`` afterwards."""
-    env = isolated_env(tmp, PREFILL_STARTUP_PARAMS="--enforce-eager", DECODE_STARTUP_PARAMS="--enforce-eager", **settings)
+    settings = {"PREFILL_STARTUP_PARAMS": "--enforce-eager", "DECODE_STARTUP_PARAMS": "--enforce-eager", **settings}
+    env = isolated_env(tmp, **settings)
     try:
         result = run_cli("deploy", env, timeout=900)
         assert result.returncode == 0, result.stdout + result.stderr
@@ -51,3 +57,24 @@ def complete(url: str, body: dict[str, object]) -> dict[str, object]:
     response = httpx.post(f"{url}/v1/completions", json=body, timeout=120)
     assert response.status_code == 200, response.text
     return response.json()
+
+
+def metric(engine_url: str, name: str, **labels: str) -> float:
+    """Sum of the samples of ``name`` on an engine's /metrics whose labels include ``labels``."""
+    total = 0.0
+    for line in httpx.get(f"{engine_url}/metrics", timeout=10).text.splitlines():
+        if not line.startswith(name + "{") and not line.startswith(name + " "):
+            continue
+        if all(f'{key}="{value}"' in line for key, value in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def external_kv_tokens(engine_url: str) -> float:
+    """Prompt tokens whose KV this engine loaded through the connector."""
+    return metric(engine_url, "vllm:prompt_tokens_by_source_total", source="external_kv_transfer")
+
+
+def same_greedy_output(first: dict[str, object], second: dict[str, object]) -> bool:
+    a, b = first["choices"][0], second["choices"][0]  # type: ignore[index]
+    return bool(a["text"] == b["text"] and a["logprobs"]["tokens"] == b["logprobs"]["tokens"])  # type: ignore[index]

@@ -17,7 +17,18 @@ import httpx
 import pytest
 
 from deploy.state import pid_alive
-from tests.e2e import BLOCK_SIZE, PROMPT_LENGTHS, Deployment, complete as _complete, deployed, token_prompt
+from tests.e2e import (
+    BLOCK_SIZE,
+    PROMPT_IDS,
+    PROMPT_LENGTHS,
+    Deployment,
+    complete as _complete,
+    deployed,
+    external_kv_tokens as _external_kv_tokens,
+    metric,
+    same_greedy_output,
+    token_prompt,
+)
 from tests.helpers import pids_matching, port_open, run_cli
 
 pytestmark = pytest.mark.e2e
@@ -27,14 +38,6 @@ pytestmark = pytest.mark.e2e
 def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
     with deployed(tmp_path_factory.mktemp("pd")) as running:
         yield running
-
-
-def _external_kv_tokens(engine_url: str) -> float:
-    metrics = httpx.get(f"{engine_url}/metrics", timeout=10).text
-    for line in metrics.splitlines():
-        if line.startswith("vllm:prompt_tokens_by_source_total{") and 'source="external_kv_transfer"' in line:
-            return float(line.rsplit(" ", 1)[1])
-    raise AssertionError("decode engine exports no prompt_tokens_by_source_total for external_kv_transfer")
 
 
 def test_models_lists_the_served_model(deployment: Deployment) -> None:
@@ -66,7 +69,7 @@ def test_streaming_completion(deployment: Deployment) -> None:
     assert streamed == whole["choices"][0]["text"]  # type: ignore[index]
 
 
-@pytest.mark.parametrize("prompt_tokens", PROMPT_LENGTHS, ids=["short", "one-block", "many-blocks"])
+@pytest.mark.parametrize("prompt_tokens", PROMPT_LENGTHS, ids=PROMPT_IDS)
 def test_pd_output_equals_one_instance_computing_alone(
     deployment: Deployment, prompt_tokens: int, colocated_outputs: dict[int, dict[str, object]]
 ) -> None:
@@ -86,6 +89,34 @@ def test_pd_output_equals_one_instance_computing_alone(
         assert through_pd["text"] == colocated_outputs[prompt_tokens]["text"]
     # every full block but the one holding the last prompt token came from the store
     assert loaded == ((prompt_tokens - 1) // BLOCK_SIZE) * BLOCK_SIZE
+
+
+def test_shared_prefix_with_different_suffixes_loads_the_prefix(deployment: Deployment) -> None:
+    """Two prompts share two blocks and differ after them. For the first, the decode
+    engine loads all three full blocks from the store; for the second, the shared two
+    are already in its own device prefix cache and only the third is loaded. Both
+    outputs equal an engine computing alone."""
+    prefix = token_prompt(2 * BLOCK_SIZE)
+    decode_url = deployment.engine_url("decode")
+    for suffix_seed, loaded_blocks in ((1, 3), (2, 1)):
+        prompt = prefix + [(31 * i + suffix_seed) % 4000 + 10 for i in range(BLOCK_SIZE + 40)]
+        body = {"prompt": prompt, "max_tokens": 8, "temperature": 0, "logprobs": 1}
+        before = _external_kv_tokens(decode_url)
+        through_pd = _complete(deployment.url, body)
+        assert _external_kv_tokens(decode_url) - before == loaded_blocks * BLOCK_SIZE
+        assert same_greedy_output(through_pd, deployment.engine_complete("prefill", body))
+
+
+def test_connector_numbers_are_on_the_engines_metrics(deployment: Deployment) -> None:
+    """Blocks and bytes saved by the prefill and loaded by the decode are exported, and
+    the decode's external prefix-cache hits count what it loaded."""
+    prefill_url, decode_url = deployment.engine_url("prefill"), deployment.engine_url("decode")
+    saved = metric(prefill_url, "vllm:yuanrong_kv_blocks_total", op="save")
+    loaded = metric(decode_url, "vllm:yuanrong_kv_blocks_total", op="load")
+    assert saved >= 3 and loaded >= 3
+    assert metric(decode_url, "vllm:yuanrong_kv_bytes_total", op="load") == loaded * 131072  # 2 layers x 64 KiB
+    assert metric(decode_url, "vllm:yuanrong_kv_op_seconds_count", op="load") >= 1
+    assert metric(decode_url, "vllm:external_prefix_cache_hits_total") >= loaded * BLOCK_SIZE
 
 
 def test_seed_000_curl_example_works_unchanged(deployment: Deployment) -> None:

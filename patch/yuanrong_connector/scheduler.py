@@ -93,7 +93,7 @@ class YuanRongScheduler:
         ranks = range(self.settings.layout.tp_size)
         keys = [block_key(fingerprint, rank, h) for h in hashes for rank in ranks]
         present = self.store.count_present_prefix(keys, keys_per_block=len(ranks))
-        if first_block + present < announced:
+        if first_block + present < announced and self.store.available:
             if waiting is None:
                 waiting = _HandoffWait(deadline=now + self.settings.handoff_wait_ms / 1000, next_check=now)
                 self._handoff_waits[request.request_id] = waiting

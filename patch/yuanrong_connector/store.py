@@ -75,6 +75,11 @@ class BlockStore:
                 logger.info("[store=%s] connected to the data system worker", self.address)
             return self._client
 
+    @property
+    def available(self) -> bool:
+        """False while the store is marked down after a failure."""
+        return time.monotonic() >= self._down_until
+
     def connect(self) -> bool:
         """Connect now (engine start) rather than on a request's path; False if unreachable."""
         return self._connected() is not None

@@ -1,0 +1,74 @@
+"""End to end: PD-colocated instances reuse each other's prompts through the data
+system (USING_PREFIX_CONNECTOR=1), across two data system workers standing in for two
+nodes: instance 0 attaches to worker A, instance 1 to worker B.
+
+One deployment shared by the tests, in file order; the fixture cleans.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.e2e import BLOCK_SIZE, Deployment, deployed, external_kv_tokens, metric, same_greedy_output, token_prompt
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+    with deployed(
+        tmp_path_factory.mktemp("reuse"),
+        PREFILL_INS_NUM="2",
+        DECODE_INS_NUM="0",
+        DS_WORKERS="2",
+        USING_PREFIX_CONNECTOR="1",
+    ) as running:
+        yield running
+
+
+def _body(prompt: list[int]) -> dict[str, object]:
+    return {"prompt": prompt, "max_tokens": 10, "temperature": 0, "logprobs": 1}
+
+
+def test_instances_attach_to_different_workers(deployment: Deployment) -> None:
+    log_dir = Path(deployment.env["YR_SESSIONS_DIR"]) / "latest" / "log"
+    stores = {}
+    for name in ("colocated-0", "colocated-1"):
+        match = re.search(r"\[connector rank=0\] registered .* store (\S+)", (log_dir / f"{name}.log").read_text())
+        assert match, f"{name} logged no connector registration"
+        stores[name] = match.group(1)
+    assert stores["colocated-0"] == deployment.env["DS_WORKER_ADDRESS"]
+    assert stores["colocated-1"] != stores["colocated-0"]
+
+
+def test_prompt_computed_on_one_instance_is_loaded_by_the_other_through_another_worker(deployment: Deployment) -> None:
+    prompt = token_prompt(4 * BLOCK_SIZE + 9)
+    first = deployment.engine_complete("colocated-0", _body(prompt))
+    other_url = deployment.engine_url("colocated-1")
+    before = external_kv_tokens(other_url)
+    second = deployment.engine_complete("colocated-1", _body(prompt))
+    assert external_kv_tokens(other_url) - before == 4 * BLOCK_SIZE
+    assert same_greedy_output(first, second)
+
+
+def test_shared_prefix_is_reused_and_the_rest_computed(deployment: Deployment) -> None:
+    prefix = [(13 * i + 5) % 4000 + 10 for i in range(2 * BLOCK_SIZE)]
+    deployment.engine_complete("colocated-1", _body(prefix + [42] * 30))  # stores the prefix via worker B
+    other_url = deployment.engine_url("colocated-0")
+    before = external_kv_tokens(other_url)
+    with_new_suffix = prefix + [(17 * i) % 4000 + 10 for i in range(70)]
+    reused = deployment.engine_complete("colocated-0", _body(with_new_suffix))
+    assert external_kv_tokens(other_url) - before == 2 * BLOCK_SIZE
+    # the same prompt computed with nothing from the store (other instance's own cache has only the prefix)
+    assert same_greedy_output(reused, deployment.engine_complete("colocated-1", _body(with_new_suffix)))
+
+
+def test_blocks_already_stored_are_not_written_again(deployment: Deployment) -> None:
+    url = deployment.engine_url("colocated-0")
+    present_before = metric(url, "vllm:yuanrong_kv_blocks_total", op="save_present")
+    deployment.engine_complete("colocated-0", _body(token_prompt(4 * BLOCK_SIZE + 9)))  # computed before: a local hit
+    assert metric(url, "vllm:yuanrong_kv_blocks_total", op="save_present") >= present_before
