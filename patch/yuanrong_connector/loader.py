@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from vllm.logger import init_logger
 
+from patch.yuanrong_connector.device_store import DeviceBlockStore
 from patch.yuanrong_connector.staging import HostStaging
 from patch.yuanrong_connector.stats import YuanRongConnectorStats
 from patch.yuanrong_connector.store import BlockStore
@@ -42,10 +43,17 @@ class LayerwiseLoad:
     _pairs: list[tuple[int, torch.Tensor]] = field(default_factory=list)
     _buffers: list[Any] = field(default_factory=list)  # keeps the zero-copy views alive
     _seconds: float = 0.0
+    _device_loaded: int = 0
+    device_store: DeviceBlockStore | None = None  # Ascend: the data system writes device memory itself
 
     def start(self) -> None:
         started = time.perf_counter()
         cache = self.staging.cache
+        if self.device_store is not None:  # all layers at once: the device API has no per-layer form
+            self.failed_block_ids = self.device_store.load(self.keys, cache, self.block_ids)
+            self._device_loaded = len(self.block_ids) - len(self.failed_block_ids)
+            self._seconds += time.perf_counter() - started
+            return
         self._buffers = self.store.get(self.keys)
         sources: list[torch.Tensor] = []
         targets: list[int] = []
@@ -80,7 +88,7 @@ class LayerwiseLoad:
             self.wait_layer(name)
         if self.staging.on_cuda:
             torch.cuda.current_stream().synchronize()
-        loaded = len(self._pairs)
+        loaded = len(self._pairs) + self._device_loaded
         self.stats.add("blocks_load", loaded)
         self.stats.add("bytes_load", loaded * self.staging.cache.block_bytes)
         self.stats.add("blocks_load_failed", len(self.failed_block_ids))

@@ -19,6 +19,7 @@ from typing import Any
 
 from vllm.logger import init_logger
 
+from patch.yuanrong_connector.device_store import DeviceBlockStore
 from patch.yuanrong_connector.staging import HostStaging
 from patch.yuanrong_connector.stats import YuanRongConnectorStats
 from patch.yuanrong_connector.store import BlockStore
@@ -35,9 +36,12 @@ class SaveJob:
 
 
 class BackgroundSaver:
-    def __init__(self, store: BlockStore, staging: HostStaging, max_pending_blocks: int) -> None:
+    def __init__(
+        self, store: BlockStore, staging: HostStaging, max_pending_blocks: int, device_store: DeviceBlockStore | None = None
+    ) -> None:
         self._store = store
         self._staging = staging
+        self._device_store = device_store  # Ascend: device-to-host in the data system
         self._max_pending_blocks = max_pending_blocks
         self._jobs: queue.Queue[SaveJob | None] = queue.Queue()
         self._lock = threading.Condition()
@@ -143,7 +147,9 @@ class BackgroundSaver:
         keys = [job.keys[i] for i in missing]
         block_ids = [job.block_ids[i] for i in missing]
         result = None
-        if keys:
+        if keys and self._device_store is not None:
+            result = self._device_store.save(keys, self._staging.cache, block_ids)
+        elif keys:
             fill = self._staging.block_reader(block_ids, job.marker)
             result = self._store.put(keys, self._staging.cache.block_bytes, fill)
         elapsed = time.perf_counter() - started

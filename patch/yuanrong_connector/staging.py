@@ -27,6 +27,9 @@ class HostStaging:
     # ---- saving ----
     def forward_done_marker(self) -> Any:
         """Something to wait on before reading blocks the forward pass just wrote."""
+        if self.cache.device.type == "npu":
+            torch.npu.current_stream().synchronize()  # type: ignore[attr-defined]  # torch_npu
+            return None
         if not self.on_cuda:
             return None
         event = torch.cuda.Event()

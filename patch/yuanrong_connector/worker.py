@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from vllm.logger import init_logger
 
+from patch.yuanrong_connector.device_store import DeviceBlockStore
 from patch.yuanrong_connector.keys import block_key
 from patch.yuanrong_connector.loader import LayerwiseLoad
 from patch.yuanrong_connector.metadata import BlockTransfer, YuanRongConnectorMetadata
@@ -41,6 +42,7 @@ class YuanRongWorker:
     num_blocks: int
     cache: PagedKVCache | None = None
     _staging: HostStaging | None = None
+    _device_store: DeviceBlockStore | None = None
     _saver: BackgroundSaver | None = None
     _layer_order: list[str] = field(default_factory=list)
     _load: LayerwiseLoad | None = None
@@ -55,8 +57,14 @@ class YuanRongWorker:
         self.cache = PagedKVCache.register(kv_caches, self.num_blocks)
         self._layer_order = list(kv_caches)
         self._staging = HostStaging(self.cache)
+        if self.cache.device.type == "npu":
+            self._device_store = DeviceBlockStore(
+                self.settings.ds_address, self.cache.device.index or 0, self.settings.request_timeout_ms, self.settings.ttl_s
+            )
         if self.settings.saves:
-            self._saver = BackgroundSaver(self.store, self._staging, self.settings.max_pending_save_blocks)
+            self._saver = BackgroundSaver(
+                self.store, self._staging, self.settings.max_pending_save_blocks, self._device_store
+            )
         self.store.connect()
         logger.info(
             "[connector rank=%d] registered %d KV layers (%d pieces per block) on %s, %d bytes per block, store %s",
@@ -85,7 +93,9 @@ class YuanRongWorker:
             return
         keys = [key for transfer in meta.loads for key in self._keys(transfer)]
         block_ids = [block_id for transfer in meta.loads for block_id in transfer.block_ids]
-        self._load = LayerwiseLoad(self.store, self._staging, self._layer_order, keys, block_ids)
+        self._load = LayerwiseLoad(
+            self.store, self._staging, self._layer_order, keys, block_ids, device_store=self._device_store
+        )
         try:
             self._load.start()
         except Exception:
