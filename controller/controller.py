@@ -37,6 +37,7 @@ class Controller:
         self._specs = specs
         self._engines: list[Any] = []
         self._infos: list[dict[str, object]] = []
+        self._version = 0
 
     def initialize(self) -> list[dict[str, object]]:
         """Start all engines in parallel; return their infos, or stop them all and raise."""
@@ -58,6 +59,17 @@ class Controller:
             raise StartupError(f"an engine failed to start: {exc}") from None
         return list(self._infos)
 
+    def snapshot(self) -> tuple[int, list[dict[str, object]]]:
+        """The engines as they are now (state healthy, unhealthy, restarting, failed), with
+        a version that changes whenever any engine's address or state does. The front door
+        polls this off its request path to keep its routing table current."""
+        refs = [handle.info.invoke() for handle in self._engines]
+        infos = [yr.get(ref, timeout=30) for ref in refs]
+        if [_routing_view(i) for i in infos] != [_routing_view(i) for i in self._infos]:
+            self._version += 1
+            self._infos = infos
+        return self._version, list(self._infos)
+
     def shutdown(self) -> None:
         refs = [handle.stop.invoke() for handle in self._engines]
         for ref in refs:
@@ -71,3 +83,7 @@ class Controller:
             except Exception as exc:
                 logger.warning("terminating an engine actor failed: %s", exc)
         self._engines = []
+
+
+def _routing_view(info: dict[str, object]) -> tuple[object, ...]:
+    return info["name"], info["host"], info["port"], info["state"]

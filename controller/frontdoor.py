@@ -1,42 +1,69 @@
 """The OpenAI-compatible front door (FastAPI under Uvicorn).
 
-A completion goes to a prefill engine with ``max_tokens=1`` and
-``kv_transfer_params={"do_remote_decode": true}``; its KV lands in the data system, and
-the original request goes to a decode engine with the ``kv_transfer_params`` the
-prefill returned, whose answer (streamed or not) is the client's. With colocated
-instances the request goes straight to one of them.
+``/v1/completions`` and ``/v1/chat/completions``, streamed (SSE chunks relayed as they
+arrive) or not. In a PD deployment a request first goes to a prefill engine with
+``max_tokens=1`` and ``kv_transfer_params={"do_remote_decode": true}``; its KV lands in
+the data system, and the client's request goes to a decode engine with the
+``kv_transfer_params`` the prefill returned. With colocated instances it goes straight
+to one of them.
+
+Per request the door only reads its routing table (no actor call). Engines are tried
+in the policy's order: an engine that fails before answering (unreachable, 5xx) is
+marked and the leg goes to the next one; when no prefill engine answers, the decode
+engine computes the prompt itself. A client that disconnects cancels its request on
+the engines (the door closes the engine connection; vLLM aborts the request).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
-import httpx
+import aiohttp
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
 
-from controller.routing import Endpoint, RoutingTable
+from controller.door_metrics import DoorMetrics
+from controller.policies import EngineLoad, affinity_key
+from controller.routing import RoutingTable
 
 logger = logging.getLogger(__name__)
 
 REQUEST_ID_HEADER = "X-Request-Id"
+REFRESH_S = 1.0  # how often the routing table is refreshed from the Controller
+KV_SCRAPE_EVERY = 5  # refreshes between scrapes of the engines' KV token counters
+_RETRYABLE_STATUS = (500, 502, 503, 504)
+_TRANSPORT_ERRORS = (aiohttp.ClientConnectionError, asyncio.TimeoutError)
+_JSON = {"Content-Type": "application/json"}
+
+# A callable returning the Controller's engine list (and its version), run off the
+# event loop; None for a fixed table.
+Refresh = Callable[[], tuple[int, Sequence[Mapping[str, object]]]]
 
 
-def openai_error(status: int, message: str, error_type: str, param: str | None = None) -> JSONResponse:
+class ClientGone(Exception):
+    """The client closed its connection before the answer was ready."""
+
+
+def openai_error(status: int, message: str, error_type: str, param: str | None = None, request_id: str = "") -> JSONResponse:
     body = {"error": {"message": message, "type": error_type, "param": param, "code": status}}
-    return JSONResponse(status_code=status, content=body)
+    headers = {REQUEST_ID_HEADER: request_id} if request_id else None
+    return JSONResponse(status_code=status, content=body, headers=headers)
 
 
 def prefill_request(body: dict[str, Any]) -> dict[str, Any]:
     """The prefill leg: the client's request computing only the prompt's KV."""
     leg = {key: value for key, value in body.items() if key not in ("stream_options",)}
-    leg.update(max_tokens=1, stream=False, kv_transfer_params={"do_remote_decode": True})
+    leg.update(max_tokens=1, stream=False, n=1, kv_transfer_params={"do_remote_decode": True})
+    if "max_completion_tokens" in leg:
+        leg["max_completion_tokens"] = 1
     if "min_tokens" in leg:
         leg["min_tokens"] = min(int(leg["min_tokens"] or 0), 1)
     return leg
@@ -50,22 +77,58 @@ def decode_request(body: dict[str, Any], kv_transfer_params: dict[str, Any] | No
     return leg
 
 
-def create_app(table: RoutingTable, served_model_name: str) -> FastAPI:
+def create_app(
+    table: RoutingTable,
+    served_model_name: str,
+    metrics: DoorMetrics | None = None,
+    refresh: Refresh | None = None,
+) -> FastAPI:
+    metrics = metrics or DoorMetrics()
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
-        timeout = httpx.Timeout(connect=10.0, read=None, write=60.0, pool=None)
-        async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
+        # One pooled keep-alive client for every engine (aiohttp: ~0.4 ms a round trip here,
+        # httpx ~0.9 ms).
+        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60)
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=5)
+        async with aiohttp.ClientSession(connector=connector, timeout=timeout) as client:
             app.state.client = client
-            yield
+            refresher = asyncio.create_task(_refresh_loop(client)) if refresh is not None else None
+            try:
+                yield
+            finally:
+                if refresher is not None:
+                    refresher.cancel()
+
+    async def _refresh_loop(client: aiohttp.ClientSession) -> None:
+        assert refresh is not None
+        rounds = 0
+        while True:
+            try:
+                version, engines = await asyncio.to_thread(refresh)
+                if version != table.version:
+                    table.update(engines, version)
+                    logger.info("routing table v%d: %s", version, ", ".join(f"{e['name']}={e['state']}" for e in engines))
+                if rounds % KV_SCRAPE_EVERY == 0:
+                    await _scrape_kv_tokens(client, table, metrics)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the table stays as it was; try again
+                logger.warning("refreshing the routing table failed: %s", exc)
+            rounds += 1
+            await asyncio.sleep(REFRESH_S)
 
     app = FastAPI(title="vLLM on openYuanrong", lifespan=lifespan)
 
     @app.get("/health")
     async def health() -> Response:
         if not table.ready:
-            return openai_error(503, "no healthy prefill/decode path", "service_unavailable")
+            return openai_error(503, "no healthy prefill+decode path or colocated instance", "service_unavailable")
         return JSONResponse({"status": "ok"})
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
     async def models() -> Response:
@@ -74,74 +137,200 @@ def create_app(table: RoutingTable, served_model_name: str) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
+        return await _handle(request, "completions", "prompt")
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await _handle(request, "chat/completions", "messages")
+
+    async def _handle(request: Request, endpoint: str, required: str) -> Response:
+        started = time.perf_counter()
+        request_id = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
+        response = await _validated(request, endpoint, required, request_id)
+        metrics.requests.labels(endpoint, str(response.status_code)).inc()
+        if not isinstance(response, StreamingResponse):
+            elapsed = time.perf_counter() - started
+            metrics.ttft.labels(endpoint).observe(elapsed)
+            metrics.latency.labels(endpoint).observe(elapsed)
+        return response
+
+    async def _validated(request: Request, endpoint: str, required: str, request_id: str) -> Response:
         try:
             body = json.loads(await request.body())
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            return openai_error(400, f"request body is not valid JSON: {exc}", "invalid_request_error")
+            return openai_error(400, f"request body is not valid JSON: {exc}", "invalid_request_error", request_id=request_id)
         if not isinstance(body, dict):
-            return openai_error(400, "request body must be a JSON object", "invalid_request_error")
-        if "prompt" not in body:
-            return openai_error(400, "'prompt' is required", "invalid_request_error", "prompt")
+            return openai_error(400, "request body must be a JSON object", "invalid_request_error", request_id=request_id)
+        if required not in body:
+            return openai_error(400, f"'{required}' is required", "invalid_request_error", required, request_id)
         model = body.get("model")
         if model in (None, ""):
             body["model"] = served_model_name
         elif model != served_model_name:
-            return openai_error(404, f"The model `{model}` does not exist; this service serves `{served_model_name}`", "NotFoundError", "model")
-        request_id = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
-        return await _complete(request.app.state.client, body, request_id)
-
-    async def _complete(client: httpx.AsyncClient, body: dict[str, Any], request_id: str) -> Response:
-        headers = {REQUEST_ID_HEADER: request_id}
+            message = f"The model `{model}` does not exist; this service serves `{served_model_name}`"
+            return openai_error(404, message, "NotFoundError", "model", request_id)
         try:
-            if table.disaggregated and _single_prompt(body):
-                prefill = table.prefill.pick()
-                response = await client.post(f"{prefill.url}/v1/completions", json=prefill_request(body), headers=headers)
-                if response.status_code != 200:
-                    logger.warning("[request=%s engine=%s] prefill answered %d", request_id, prefill.name, response.status_code)
-                    return _passthrough(response, request_id)
-                params = response.json().get("kv_transfer_params")
-                target = table.decode.pick()
-                body = decode_request(body, params)
+            async with _cancel_on_disconnect(request):
+                return await _route(request, endpoint, body, request_id)
+        except ClientGone:
+            metrics.cancelled.inc()
+            logger.info("[request=%s] client disconnected; cancelled on the engines", request_id)
+            return Response(status_code=499)
+
+    async def _route(request: Request, endpoint: str, body: dict[str, Any], request_id: str) -> Response:
+        client: aiohttp.ClientSession = request.app.state.client
+        headers = {REQUEST_ID_HEADER: request_id}
+        key = affinity_key(body)
+        path = f"/v1/{endpoint}"
+        if not table.disaggregated:
+            return await _answer(request, client, table.order("colocated", key), path, body, headers, "colocated")
+        if _single_prompt(body):
+            outcome = await _prefill(request, client, table.order("prefill", key), path, body, headers)
+            if isinstance(outcome, Response):
+                return outcome  # the prefill refused the request itself (4xx): that is the answer
+            if outcome is None:
+                metrics.fallbacks.inc()
+                logger.warning("[request=%s] no prefill engine answered; the decode engine computes the prompt", request_id)
             else:
-                target = table.decode.pick() if table.disaggregated else table.colocated.pick()
-            return await _forward(client, target, body, headers)
-        except httpx.HTTPError as exc:
-            logger.error("[request=%s] engine unreachable: %s", request_id, exc)
-            return openai_error(502, f"engine unreachable: {exc.__class__.__name__}", "upstream_error")
+                body = decode_request(body, outcome)
+        return await _answer(request, client, table.order("decode", key), path, body, headers, "decode")
+
+    async def _prefill(
+        request: Request, client: aiohttp.ClientSession, engines: list[EngineLoad], path: str, body: dict[str, Any], headers: dict[str, str]
+    ) -> dict[str, Any] | Response | None:
+        """The prefill's kv_transfer_params; a client error as a Response; None if no engine answered."""
+        payload = json.dumps(prefill_request(body)).encode()
+        for attempt, engine in enumerate(engines):
+            if attempt:
+                metrics.retries.labels("prefill").inc()
+            try:
+                with table.track(engine):
+                    async with client.post(f"{engine.url}{path}", data=payload, headers={**headers, **_JSON}) as response:
+                        status, content = response.status, await response.read()
+                        content_type = response.headers.get("Content-Type", "application/json")
+            except _TRANSPORT_ERRORS as exc:
+                _failed(engine, headers, exc)
+                continue
+            if status == 200:
+                params = json.loads(content).get("kv_transfer_params")
+                return params if isinstance(params, dict) else {}
+            if status in _RETRYABLE_STATUS:
+                _failed(engine, headers, f"HTTP {status}")
+                continue
+            return Response(content=content, status_code=status, media_type=content_type, headers=headers)
+        return None
+
+    async def _answer(
+        request: Request,
+        client: aiohttp.ClientSession,
+        engines: list[EngineLoad],
+        path: str,
+        body: dict[str, Any],
+        headers: dict[str, str],
+        leg: str,
+    ) -> Response:
+        """Send the request to the first engine that answers; relay its answer."""
+        started = time.perf_counter()
+        last_failure = "no healthy engine"
+        payload = json.dumps(body).encode()
+        for attempt, engine in enumerate(engines):
+            if attempt:
+                metrics.retries.labels(leg).inc()
+            tracking = table.track(engine)
+            tracking.__enter__()
+            try:
+                upstream = await client.post(f"{engine.url}{path}", data=payload, headers={**headers, **_JSON})
+            except _TRANSPORT_ERRORS as exc:
+                tracking.__exit__(None, None, None)
+                _failed(engine, headers, exc)
+                last_failure = f"{engine.name} unreachable"
+                continue
+            except BaseException:
+                tracking.__exit__(None, None, None)
+                raise
+            if upstream.status in _RETRYABLE_STATUS and attempt + 1 < len(engines):
+                upstream.close()
+                tracking.__exit__(None, None, None)
+                _failed(engine, headers, f"HTTP {upstream.status}")
+                continue
+            if not body.get("stream") or upstream.status != 200:
+                try:
+                    content = await upstream.read()
+                finally:
+                    upstream.close()  # on cancellation this drops the connection: vLLM aborts the request
+                    tracking.__exit__(None, None, None)
+                return Response(content=content, status_code=upstream.status,
+                                media_type=upstream.headers.get("Content-Type", "application/json"), headers=headers)  # fmt: skip
+            return StreamingResponse(_relay(upstream, tracking, path, started), media_type="text/event-stream", headers=headers)
+        return openai_error(503, f"no engine could take the request ({last_failure})", "service_unavailable",
+                            request_id=headers[REQUEST_ID_HEADER])  # fmt: skip
+
+    async def _relay(upstream: aiohttp.ClientResponse, tracking: Any, path: str, started: float) -> AsyncIterator[bytes]:
+        endpoint = path.removeprefix("/v1/")
+        first = True
+        try:
+            async for chunk in upstream.content.iter_any():
+                if first:
+                    metrics.ttft.labels(endpoint).observe(time.perf_counter() - started)
+                    first = False
+                yield chunk
+        finally:  # also when the client went away: closing the upstream aborts the request in vLLM
+            upstream.close()
+            tracking.__exit__(None, None, None)
+            metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
+
+    def _failed(engine: EngineLoad, headers: dict[str, str], reason: object) -> None:
+        table.mark_failed(engine)
+        logger.warning("[request=%s engine=%s] failed before answering (%s); trying another engine",
+                       headers[REQUEST_ID_HEADER], engine.name, reason)  # fmt: skip
 
     return app
 
 
+@asynccontextmanager
+async def _cancel_on_disconnect(request: Request) -> AsyncIterator[None]:
+    """Cancel the enclosed work (raising ClientGone) if the client disconnects meanwhile.
+
+    One watcher task per request waits for the ASGI ``http.disconnect`` message; the
+    request's body has been read already, so nothing else is on that channel."""
+    current = asyncio.current_task()
+    assert current is not None
+    gone = asyncio.Event()
+
+    async def watch() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        gone.set()
+        current.cancel()
+
+    watcher = asyncio.create_task(watch())
+    try:
+        yield
+    except asyncio.CancelledError:
+        if gone.is_set():
+            raise ClientGone() from None
+        raise
+    finally:
+        watcher.cancel()
+
+
+async def _scrape_kv_tokens(client: aiohttp.ClientSession, table: RoutingTable, metrics: DoorMetrics) -> None:
+    """Copy each engine's prompt-tokens-by-source counters (KV hits) into the door's metrics."""
+    for engine in table.all_engines():
+        try:
+            async with client.get(f"{engine.url}/metrics", timeout=aiohttp.ClientTimeout(total=2.0)) as response:
+                text = await response.text()
+        except (aiohttp.ClientError, asyncio.TimeoutError):
+            continue
+        for line in text.splitlines():
+            if line.startswith("vllm:prompt_tokens_by_source_total{") and 'source="' in line:
+                source = line.split('source="', 1)[1].split('"', 1)[0]
+                metrics.kv_hit_tokens.labels(engine.name, source).set(float(line.rsplit(" ", 1)[1]))
+
+
 def _single_prompt(body: dict[str, Any]) -> bool:
     """PD handoff carries one prompt; a batch is computed by the decode engine itself."""
+    if "messages" in body:
+        return True
     prompt = body.get("prompt")
     return isinstance(prompt, str) or (isinstance(prompt, list) and (len(prompt) == 1 or all(isinstance(t, int) for t in prompt)))
-
-
-def _passthrough(response: httpx.Response, request_id: str) -> Response:
-    return Response(
-        content=response.content,
-        status_code=response.status_code,
-        media_type=response.headers.get("content-type", "application/json"),
-        headers={REQUEST_ID_HEADER: request_id},
-    )
-
-
-async def _forward(client: httpx.AsyncClient, target: Endpoint, body: dict[str, Any], headers: dict[str, str]) -> Response:
-    if not body.get("stream"):
-        response = await client.post(f"{target.url}/v1/completions", json=body, headers=headers)
-        return _passthrough(response, headers[REQUEST_ID_HEADER])
-    upstream = await client.send(client.build_request("POST", f"{target.url}/v1/completions", json=body, headers=headers), stream=True)
-    if upstream.status_code != 200:
-        await upstream.aread()
-        await upstream.aclose()
-        return _passthrough(upstream, headers[REQUEST_ID_HEADER])
-
-    async def relay() -> AsyncIterator[bytes]:
-        try:
-            async for chunk in upstream.aiter_raw():
-                yield chunk
-        finally:
-            await upstream.aclose()
-
-    return StreamingResponse(relay(), media_type="text/event-stream", headers={REQUEST_ID_HEADER: headers[REQUEST_ID_HEADER]})

@@ -1,51 +1,101 @@
-"""The front door's routing table: which engines serve which role, picked round robin.
+"""The front door's routing table: engines by role, their health and their requests in
+flight, and the policy that orders them for a request.
 
-The table is built from the Controller's engine list, so the per-request path never
-calls an actor.
+The Controller owns the truth about engines (started, restarted, healthy or not); the
+door copies it into this table from a background task (``update``), so the
+per-request path never calls an actor. The door also marks an engine it could not
+reach as failed for a short while (``mark_failed``), before the Controller notices.
 """
 
 from __future__ import annotations
 
-import itertools
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 
+from controller.door_metrics import DoorMetrics
+from controller.policies import EngineLoad, LeastOutstanding, Policy, RoundRobin
 
-@dataclass(frozen=True)
-class Endpoint:
-    name: str
-    role: str
-    url: str
-
-
-class RoundRobin:
-    def __init__(self, endpoints: list[Endpoint]) -> None:
-        self.endpoints = endpoints
-        self._cycle = itertools.cycle(endpoints) if endpoints else None
-
-    def pick(self) -> Endpoint:
-        if self._cycle is None:
-            raise LookupError("no engine of this role")
-        return next(self._cycle)
+SUSPECT_S = 5.0  # an engine the door could not reach is skipped this long
 
 
 class RoutingTable:
-    def __init__(self, engines: Iterable[Mapping[str, object]]) -> None:
-        by_role: dict[str, list[Endpoint]] = {"prefill": [], "decode": [], "colocated": []}
+    def __init__(
+        self, engines: Iterable[Mapping[str, object]], policy: Policy | None = None, metrics: DoorMetrics | None = None
+    ) -> None:
+        self.policy: Policy = policy or RoundRobin()
+        self._decode_policy = LeastOutstanding()  # decode is chosen by load
+        self._metrics = metrics
+        self._engines: dict[str, EngineLoad] = {}
+        self._suspect_until: dict[str, float] = {}
+        self.version = -1
+        self.update(engines)
+
+    def update(self, engines: Iterable[Mapping[str, object]], version: int | None = None) -> None:
+        """Replace the engine list; in-flight counts of engines that stay are kept."""
+        fresh: dict[str, EngineLoad] = {}
         for engine in engines:
-            endpoint = Endpoint(str(engine["name"]), str(engine["role"]), f"http://{engine['host']}:{engine['port']}")
-            by_role[endpoint.role].append(endpoint)
-        self.prefill = RoundRobin(by_role["prefill"])
-        self.decode = RoundRobin(by_role["decode"])
-        self.colocated = RoundRobin(by_role["colocated"])
+            name = str(engine["name"])
+            known = self._engines.get(name)
+            fresh[name] = EngineLoad(
+                name=name,
+                url=f"http://{engine['host']}:{engine['port']}",
+                role=str(engine["role"]),
+                healthy=str(engine.get("state", "healthy")) == "healthy",
+                outstanding=known.outstanding if known is not None else 0,
+            )
+        self._engines = fresh
+        if version is not None:
+            self.version = version
+        if self._metrics is not None:
+            for engine in fresh.values():
+                self._metrics.healthy.labels(engine.name, engine.role).set(1 if self._usable(engine) else 0)
+
+    def _usable(self, engine: EngineLoad) -> bool:
+        return engine.healthy and time.monotonic() >= self._suspect_until.get(engine.name, 0.0)
+
+    def _of_role(self, role: str) -> list[EngineLoad]:
+        return [engine for engine in self._engines.values() if engine.role == role]
+
+    def healthy(self, role: str) -> list[EngineLoad]:
+        return [engine for engine in self._of_role(role) if self._usable(engine)]
 
     @property
     def disaggregated(self) -> bool:
-        return bool(self.prefill.endpoints and self.decode.endpoints)
+        """Whether the deployment has prefill and decode instances (whatever their health)."""
+        return bool(self._of_role("prefill") and self._of_role("decode"))
 
     @property
     def ready(self) -> bool:
-        return self.disaggregated or bool(self.colocated.endpoints)
+        """A request can be served: a healthy decode engine (it can compute the prompt
+        itself when no prefill answers) and a healthy prefill, or a healthy colocated one."""
+        if self.disaggregated:
+            return bool(self.healthy("prefill") and self.healthy("decode"))
+        return bool(self.healthy("colocated"))
 
-    def all_endpoints(self) -> list[Endpoint]:
-        return self.prefill.endpoints + self.decode.endpoints + self.colocated.endpoints
+    def order(self, role: str, affinity_key: bytes) -> list[EngineLoad]:
+        """Healthy engines of ``role``, best first for this request."""
+        policy = self._decode_policy if role == "decode" else self.policy
+        return policy.order(self.healthy(role), affinity_key)
+
+    def mark_failed(self, engine: EngineLoad) -> None:
+        self._suspect_until[engine.name] = time.monotonic() + SUSPECT_S
+        if self._metrics is not None:
+            self._metrics.healthy.labels(engine.name, engine.role).set(0)
+
+    @contextmanager
+    def track(self, engine: EngineLoad) -> Iterator[None]:
+        """Count a request in flight on ``engine`` while the block runs."""
+        engine.outstanding += 1
+        gauge = self._metrics.in_flight.labels(engine.name, engine.role) if self._metrics is not None else None
+        if gauge is not None:
+            gauge.inc()
+        try:
+            yield
+        finally:
+            engine.outstanding -= 1
+            if gauge is not None:
+                gauge.dec()
+
+    def all_engines(self) -> list[EngineLoad]:
+        return list(self._engines.values())

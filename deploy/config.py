@@ -43,6 +43,9 @@ OWNED_ENGINE_FLAGS = (
 )
 
 
+ROUTING_POLICIES = ("round_robin", "least_outstanding", "prefix_affinity")
+
+
 class Accelerator(str, enum.Enum):
     CPU = "cpu"
     CUDA = "cuda"
@@ -116,6 +119,7 @@ class ServiceConfig:
     engine_start_timeout_s: float
     datasystem: DataSystemConfig
     connector: ConnectorConfig
+    routing_policy: str  # round_robin | least_outstanding | prefix_affinity (prefill / colocated)
     run_dir: Path  # deploy.log, deploy.pid, state.json
     sessions_dir: Path  # /tmp/yr_sessions: engine logs go to <sessions_dir>/latest/log
     model_cache_dir: Path
@@ -202,6 +206,7 @@ SETTINGS: tuple[_Setting, ...] = (
     _Setting("KV_TTL_S", "1800", "seconds a KV block stays in the data system; 0 = until the worker stops"),
     _Setting("KV_REQUEST_TIMEOUT_MS", "2000", "bound on each data system call; a slower store is a miss"),
     _Setting("KV_HANDOFF_WAIT_MS", "2000", "how long a decode waits for a prefill's KV blocks to appear"),
+    _Setting("ROUTING_POLICY", "prefix_affinity", "prefill/colocated routing: round_robin, least_outstanding, prefix_affinity"),
     _Setting("RUN_DIR", None, "where deploy.log, deploy.pid and state.json live; unset: project root"),
     _Setting("YR_SESSIONS_DIR", "/tmp/yr_sessions", "openYuanrong session folder (engine logs in latest/log)"),
     _Setting("MODEL_CACHE_DIR", None, "where the embedded model is built; unset: <project>/.cache/models"),
@@ -256,6 +261,7 @@ def build_config(environ: Mapping[str, str], overrides: argparse.Namespace | Non
             request_timeout_ms=_int(raw, "KV_REQUEST_TIMEOUT_MS", minimum=1),
             handoff_wait_ms=_int(raw, "KV_HANDOFF_WAIT_MS", minimum=0),
         ),
+        routing_policy=_choice(raw, "ROUTING_POLICY", ROUTING_POLICIES),
         run_dir=Path(raw["RUN_DIR"] or PROJECT_ROOT),
         sessions_dir=sessions_dir,
         model_cache_dir=Path(raw["MODEL_CACHE_DIR"] or PROJECT_ROOT / ".cache" / "models"),
@@ -279,6 +285,13 @@ def _int(raw: Mapping[str, str | None], name: str, minimum: int, maximum: int | 
     if number < minimum or (maximum is not None and number > maximum):
         raise _fail(name, value, allowed)
     return number
+
+
+def _choice(raw: Mapping[str, str | None], name: str, allowed: Sequence[str]) -> str:
+    value = str(raw[name]).strip().lower()
+    if value not in allowed:
+        raise _fail(name, raw[name], f"must be one of {', '.join(allowed)}")
+    return value
 
 
 def _flag(raw: Mapping[str, str | None], name: str) -> bool:
@@ -443,5 +456,10 @@ def describe(config: ServiceConfig) -> Sequence[str]:
     if config.disaggregated:
         lines.append(f"decode: {config.decode_instances} instance(s) x TP{config.decode_tp} x DP{config.decode_dp}")
     lines.append(f"model: {config.model_path or 'embedded random-weight Qwen2 (gibberish by design)'}")
+    lines.append(f"routing: {config.routing_policy} (decode by least outstanding requests)")
+    lines.append(
+        f"KV store: {len(config.datasystem.addresses)} data system worker(s) at {', '.join(config.datasystem.addresses)}, "
+        f"prefix reuse {'on' if config.using_prefix_connector else 'off'}, TTL {config.connector.ttl_s or 'none'} s"
+    )
     lines.append(f"endpoint: http://{config.server_ip}:{config.server_port}")
     return lines

@@ -20,7 +20,9 @@ import uvicorn
 import yr
 
 from controller.controller import Controller
+from controller.door_metrics import DoorMetrics
 from controller.frontdoor import create_app
+from controller.policies import make_policy
 from controller.placement import plan_engines
 from controller.routing import RoutingTable
 from deploy import config as config_module
@@ -85,7 +87,13 @@ def serve(config: ServiceConfig) -> int:
         engines = yr.get(controller.initialize.invoke(), timeout=int(config.engine_start_timeout_s) * 2 + 120)
         state.engines = engines
         state.write(config.state_file)
-        app = create_app(RoutingTable(engines), state.served_model_name)
+        metrics = DoorMetrics()
+        table = RoutingTable(engines, make_policy(config.routing_policy), metrics)
+
+        def refresh() -> tuple[int, list[dict[str, object]]]:
+            return yr.get(controller.snapshot.invoke(), timeout=60)  # type: ignore[union-attr]
+
+        app = create_app(table, state.served_model_name, metrics, refresh)
         server = uvicorn.Server(
             uvicorn.Config(app, host=config.server_ip, port=config.server_port, log_level="warning", access_log=False)
         )

@@ -58,6 +58,9 @@ def test_decode_zero_means_colocated() -> None:
         ({"ACCELERATOR": "tpu"}, "ACCELERATOR=tpu is invalid: must be one of cpu, cuda, ascend"),
         ({"PTP": "2"}, "needs 3 cpu devices, but only 2 are visible"),
         ({"SERVER_IP": "not-an-ip"}, "SERVER_IP=not-an-ip is invalid"),
+        ({"ROUTING_POLICY": "random"}, "ROUTING_POLICY=random is invalid: must be one of round_robin, least_outstanding, prefix_affinity"),
+        ({"KV_TTL_S": "-5"}, "KV_TTL_S=-5 is invalid: must be an integer >= 0"),
+        ({"DS_WORKERS": "0"}, "DS_WORKERS=0 is invalid: must be an integer >= 1 and <= 16"),
     ],
 )
 def test_invalid_values_name_variable_value_and_allowed(env: dict[str, str], expected: str) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -135,6 +136,46 @@ def test_seed_000_curl_example_works_unchanged(deployment: Deployment) -> None:
     assert answer["model"] == deployment.state.served_model_name
     assert answer["usage"]["completion_tokens"] == 50
     assert answer["choices"][0]["finish_reason"] == "length"
+
+
+def test_openai_client_completions_and_chat_streaming_and_not(deployment: Deployment) -> None:
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{deployment.url}/v1", api_key="unused", max_retries=0)
+    model = deployment.state.served_model_name
+    whole = client.completions.create(model=model, prompt="Hello there", max_tokens=6, temperature=0)
+    assert whole.usage is not None and whole.usage.completion_tokens == 6
+    streamed = client.completions.create(model=model, prompt="Hello there", max_tokens=6, temperature=0, stream=True)
+    assert "".join(chunk.choices[0].text for chunk in streamed) == whole.choices[0].text
+    messages = [{"role": "user", "content": "Say something about the sea."}]
+    chat = client.chat.completions.create(model=model, messages=messages, max_tokens=6, temperature=0)  # type: ignore[arg-type]
+    assert chat.usage is not None and chat.usage.completion_tokens == 6 and chat.choices[0].message.role == "assistant"
+    chat_stream = client.chat.completions.create(model=model, messages=messages, max_tokens=6, temperature=0, stream=True)  # type: ignore[arg-type]
+    assert "".join(c.choices[0].delta.content or "" for c in chat_stream if c.choices) == chat.choices[0].message.content
+
+
+def test_vllm_bench_serve_runs_against_the_door(deployment: Deployment, tmp_path: Path) -> None:
+    model = deployment.state.served_model_name
+    command = [sys.executable, "-m", "vllm.entrypoints.cli.main", "bench", "serve", "--backend", "openai",
+               "--base-url", deployment.url, "--endpoint", "/v1/completions", "--model", model, "--tokenizer", model,
+               "--dataset-name", "random", "--random-input-len", "200", "--random-output-len", "8", "--ignore-eos",
+               "--num-prompts", "8", "--max-concurrency", "4", "--temperature", "0",
+               "--save-result", "--result-dir", str(tmp_path), "--result-filename", "bench.json"]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    summary = json.loads((tmp_path / "bench.json").read_text())
+    assert summary["completed"] == 8 and summary["failed"] == 0
+    assert summary["total_output_tokens"] == 64
+
+
+def test_door_metrics_count_requests_latency_and_kv_tokens(deployment: Deployment) -> None:
+    text = httpx.get(f"{deployment.url}/metrics", timeout=10).text
+    assert 'frontdoor_requests_total{endpoint="completions",status="200"}' in text
+    assert 'frontdoor_requests_total{endpoint="chat/completions",status="200"}' in text
+    assert "frontdoor_time_to_first_byte_seconds_bucket" in text and "frontdoor_request_latency_seconds_count" in text
+    assert 'frontdoor_in_flight_requests{engine="decode-0",role="decode"} 0.0' in text
+    kv = [line for line in text.splitlines() if line.startswith('frontdoor_engine_kv_tokens{engine="decode-0",source="external_kv_transfer"}')]
+    assert kv, "the door exports no KV token counts of the decode engine"
 
 
 def test_bad_requests_get_openai_errors(deployment: Deployment) -> None:

@@ -7,10 +7,13 @@ One deployment shared by the tests, in file order; the fixture cleans.
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tests.e2e import BLOCK_SIZE, Deployment, deployed, external_kv_tokens, metric, same_greedy_output, token_prompt
@@ -72,3 +75,15 @@ def test_blocks_already_stored_are_not_written_again(deployment: Deployment) -> 
     present_before = metric(url, "vllm:yuanrong_kv_blocks_total", op="save_present")
     deployment.engine_complete("colocated-0", _body(token_prompt(4 * BLOCK_SIZE + 9)))  # computed before: a local hit
     assert metric(url, "vllm:yuanrong_kv_blocks_total", op="save_present") >= present_before
+
+
+def test_killed_engine_is_routed_around_without_client_errors(deployment: Deployment) -> None:
+    """Requests that had not started when an engine died are answered by the other one."""
+    victim = next(e for e in deployment.state.engines if e["name"] == "colocated-0")
+    os.killpg(int(victim["pid"]), signal.SIGKILL)  # type: ignore[arg-type]
+    for i in range(6):
+        body = {"prompt": token_prompt(50 + i), "max_tokens": 4, "temperature": 0, "stream": i % 2 == 1}
+        response = httpx.post(f"{deployment.url}/v1/completions", json=body, timeout=60)
+        assert response.status_code == 200, response.text
+    metrics = httpx.get(f"{deployment.url}/metrics", timeout=10).text
+    assert 'frontdoor_engine_healthy{engine="colocated-0",role="colocated"} 0.0' in metrics

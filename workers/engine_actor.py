@@ -21,6 +21,7 @@ from workers.engine_process import (
     EngineSpec,
     build_engine_argv,
     build_engine_env,
+    is_healthy,
     start_process,
     stop_process_group,
     wait_until_healthy,
@@ -29,6 +30,7 @@ from workers.engine_process import (
 logger = logging.getLogger(__name__)
 
 MAX_RESTARTS = 3
+UNHEALTHY_AFTER = 3  # consecutive failed /health probes
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,7 @@ class EngineActor:
         self._process: subprocess.Popen[bytes] | None = None
         self._state = "starting"
         self._restarts = 0
+        self._missed_probes = 0
         self._stopping = threading.Event()
         self._lock = threading.Lock()
         self._supervisor: threading.Thread | None = None
@@ -108,7 +111,10 @@ class EngineActor:
     def _supervise(self) -> None:
         while not self._stopping.wait(1.0):
             process = self._process
-            if process is None or process.poll() is None:
+            if process is None:
+                continue
+            if process.poll() is None:
+                self._check_health()
                 continue
             if self._stopping.is_set():
                 return
@@ -124,6 +130,21 @@ class EngineActor:
                 self._launch()
             except StartupError as exc:
                 logger.error("[engine=%s] restart %d failed: %s", self._spec.name, self._restarts, exc)
+
+    def _check_health(self) -> None:
+        """A running engine that misses UNHEALTHY_AFTER /health probes in a row is
+        unhealthy until it answers again (one slow answer under load is not a failure)."""
+        if self._state not in ("healthy", "unhealthy"):
+            return
+        if is_healthy(self._advertise_host, self._port, timeout_s=5.0):
+            self._missed_probes = 0
+            state = "healthy"
+        else:
+            self._missed_probes += 1
+            state = "unhealthy" if self._missed_probes >= UNHEALTHY_AFTER else self._state
+        if state != self._state:
+            logger.warning("[engine=%s] is %s", self._spec.name, state)
+            self._state = state
 
     def info(self) -> dict[str, object]:
         process = self._process

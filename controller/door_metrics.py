@@ -1,0 +1,56 @@
+"""The front door's Prometheus metrics (its own registry, served at /metrics)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+@dataclass
+class DoorMetrics:
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+
+    def __post_init__(self) -> None:
+        self.requests = Counter(
+            "frontdoor_requests", "Requests answered, by endpoint and HTTP status.", ["endpoint", "status"],
+            registry=self.registry,
+        )  # fmt: skip
+        self.ttft = Histogram(
+            "frontdoor_time_to_first_byte_seconds", "Request arrival to the first response byte (TTFT for streams).",
+            ["endpoint"], buckets=_LATENCY_BUCKETS, registry=self.registry,
+        )  # fmt: skip
+        self.latency = Histogram(
+            "frontdoor_request_latency_seconds", "Request arrival to the last response byte.",
+            ["endpoint"], buckets=_LATENCY_BUCKETS, registry=self.registry,
+        )  # fmt: skip
+        self.in_flight = Gauge(
+            "frontdoor_in_flight_requests", "Requests in flight through the door, per engine.", ["engine", "role"],
+            registry=self.registry,
+        )  # fmt: skip
+        self.retries = Counter(
+            "frontdoor_retries", "Legs sent to another engine after one failed before answering.", ["leg"],
+            registry=self.registry,
+        )  # fmt: skip
+        self.fallbacks = Counter(
+            "frontdoor_prefill_fallbacks",
+            "Requests whose decode engine computed the prompt itself because no prefill engine answered.",
+            registry=self.registry,
+        )
+        self.cancelled = Counter(
+            "frontdoor_client_disconnects", "Requests cancelled on the engines because the client went away.",
+            registry=self.registry,
+        )  # fmt: skip
+        self.kv_hit_tokens = Gauge(
+            "frontdoor_engine_kv_tokens", "Prompt tokens by source as reported by each engine (refreshed every few s).",
+            ["engine", "source"], registry=self.registry,
+        )  # fmt: skip
+        self.healthy = Gauge(
+            "frontdoor_engine_healthy", "1 if the routing table counts the engine healthy.", ["engine", "role"],
+            registry=self.registry,
+        )  # fmt: skip
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,177 @@
+"""The front door against real HTTP servers standing in for engines: routing policies,
+retries, prefill fallback, cancellation on disconnect, /health, metrics, request ids."""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+
+import httpx
+import pytest
+
+from controller.door_metrics import DoorMetrics
+from controller.frontdoor import create_app
+from controller.policies import EngineLoad, LeastOutstanding, PrefixAffinity, RoundRobin, affinity_key, make_policy
+from controller.routing import RoutingTable
+from tests.fake_engines import FakeEngine, serving
+from tests.helpers import free_port
+
+
+@contextmanager
+def door(engines: list[FakeEngine], policy: str = "round_robin") -> Iterator[tuple[str, RoutingTable]]:
+    metrics = DoorMetrics()
+    table = RoutingTable([e.info for e in engines], make_policy(policy), metrics)
+    port = free_port()
+    with ExitStack() as stack:
+        for engine in engines:
+            stack.enter_context(serving(engine.app(), engine.port))
+        stack.enter_context(serving(create_app(table, "m", metrics), port))
+        yield f"http://127.0.0.1:{port}", table
+
+
+def _served_by(engines: list[FakeEngine]) -> dict[str, int]:
+    return {e.name: len(e.received) for e in engines}
+
+
+def _metric(url: str, name: str) -> float:
+    lines = httpx.get(f"{url}/metrics", timeout=5).text.splitlines()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith(name))
+
+
+def test_round_robin_takes_turns() -> None:
+    engines = [FakeEngine(f"c{i}", "colocated") for i in range(3)]
+    with door(engines) as (url, _):
+        for i in range(6):
+            assert httpx.post(f"{url}/v1/completions", json={"prompt": f"p{i}"}, timeout=10).status_code == 200
+    assert _served_by(engines) == {"c0": 2, "c1": 2, "c2": 2}
+
+
+def test_least_outstanding_avoids_the_busy_engine() -> None:
+    slow, fast = FakeEngine("slow", "colocated", delay_s=2.0), FakeEngine("fast", "colocated")
+    with door([slow, fast], "least_outstanding") as (url, _):
+        blocker = threading.Thread(target=httpx.post, args=(f"{url}/v1/completions",), kwargs={"json": {"prompt": "x"}, "timeout": 10})
+        blocker.start()
+        time.sleep(0.3)  # the first request holds one engine
+        busy_before = len(slow.received)
+        for i in range(4):
+            httpx.post(f"{url}/v1/completions", json={"prompt": f"q{i}"}, timeout=10)
+        blocker.join()
+    assert len(slow.received) == busy_before  # nothing more went to the engine with a request in flight
+
+
+def test_prefix_affinity_keeps_a_prefix_on_one_engine_and_spreads_others() -> None:
+    engines = [FakeEngine(f"c{i}", "colocated") for i in range(3)]
+    with door(engines, "prefix_affinity") as (url, _):
+        shared = "You are a helpful assistant. " * 20
+        for i in range(5):
+            httpx.post(f"{url}/v1/completions", json={"prompt": shared + f"question {i}"}, timeout=10)
+        assert sorted(_served_by(engines).values()) == [0, 0, 5]
+        for i in range(30):
+            httpx.post(f"{url}/v1/completions", json={"prompt": f"{i} different system prompt " * 20}, timeout=10)
+    assert all(count > 5 for count in _served_by(engines).values()) or min(_served_by(engines).values()) > 0
+
+
+def test_prefix_affinity_spills_a_hot_prefix_when_its_engine_is_busy() -> None:
+    policy = PrefixAffinity(slack=2)
+    engines = [EngineLoad("a", "u", "colocated"), EngineLoad("b", "u", "colocated")]
+    key = b"hot prefix"
+    preferred = policy.order(engines, key)[0]
+    preferred.outstanding = 3  # more than the least busy (0) plus the slack
+    assert policy.order(engines, key)[0] is not preferred
+    preferred.outstanding = 2
+    assert policy.order(engines, key)[0] is preferred
+
+
+def test_policies_order_every_candidate() -> None:
+    engines = [EngineLoad(n, "u", "prefill", outstanding=o) for n, o in (("a", 2), ("b", 0), ("c", 1))]
+    assert [e.name for e in LeastOutstanding().order(engines, b"")] == ["b", "c", "a"]
+    robin = RoundRobin()
+    assert [robin.order(engines, b"")[0].name for _ in range(4)] == ["a", "b", "c", "a"]
+    assert affinity_key({"prompt": [1, 2, 3]}) == affinity_key({"prompt": [[1, 2, 3]]})
+    assert affinity_key({"messages": [{"role": "user", "content": "hi"}]}) != b""
+
+
+def test_pd_request_goes_prefill_then_decode_with_params_and_request_id() -> None:
+    prefill, decode = FakeEngine("p0", "prefill"), FakeEngine("d0", "decode")
+    with door([prefill, decode]) as (url, _):
+        response = httpx.post(f"{url}/v1/chat/completions", headers={"X-Request-Id": "req-42"},
+                              json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 9}, timeout=10)  # fmt: skip
+    assert response.status_code == 200 and response.headers["X-Request-Id"] == "req-42"
+    assert response.json()["choices"][0]["message"]["content"] == "d0"
+    (first,), (second,) = prefill.received, decode.received
+    assert first["path"] == second["path"] == "/v1/chat/completions"
+    assert first["body"]["max_tokens"] == 1 and first["body"]["kv_transfer_params"] == {"do_remote_decode": True}
+    assert second["body"]["max_tokens"] == 9 and second["body"]["kv_transfer_params"]["from"] == "p0"
+    assert first["request_id"] == second["request_id"] == "req-42"
+
+
+def test_failed_engines_are_retried_before_the_first_byte() -> None:
+    dead = FakeEngine("dead", "colocated")  # never started: connection refused
+    broken = FakeEngine("broken", "colocated", fail_status=503)
+    good = FakeEngine("good", "colocated")
+    metrics_url = ""
+    with door([broken, good]) as (url, table):
+        table.update([dead.info, broken.info, good.info])
+        for i in range(6):
+            body = {"prompt": f"p{i}", "stream": i % 2 == 0}
+            response = httpx.post(f"{url}/v1/completions", json=body, timeout=10)
+            assert response.status_code == 200 and "good" in response.text
+        metrics_url = url
+        assert _metric(metrics_url, "frontdoor_retries_total") >= 1
+
+
+def test_no_prefill_left_means_the_decode_computes_the_prompt() -> None:
+    prefill, decode = FakeEngine("p0", "prefill", fail_status=500), FakeEngine("d0", "decode")
+    with door([prefill, decode]) as (url, _):
+        response = httpx.post(f"{url}/v1/completions", json={"prompt": "hello", "max_tokens": 5}, timeout=10)
+        assert response.status_code == 200 and response.json()["choices"][0]["text"] == "d0"
+        assert "kv_transfer_params" not in decode.received[0]["body"]
+        assert _metric(url, "frontdoor_prefill_fallbacks_total") == 1
+
+
+def test_client_disconnect_cancels_the_engine_request() -> None:
+    slow_stream = FakeEngine("s", "colocated", stream_chunks=50, chunk_delay_s=0.1)
+    slow_answer = FakeEngine("t", "colocated", delay_s=5.0)
+    with door([slow_stream]) as (url, table):
+        with httpx.stream("POST", f"{url}/v1/completions", json={"prompt": "x", "stream": True},
+                          headers={"X-Request-Id": "streamed"}, timeout=10) as response:  # fmt: skip
+            next(response.iter_lines())
+        deadline = time.monotonic() + 5
+        while "streamed" not in slow_stream.cancelled and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert slow_stream.cancelled == ["streamed"] and slow_stream.finished == []
+    with door([slow_answer]) as (url, _):
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{url}/v1/completions", json={"prompt": "x"}, headers={"X-Request-Id": "plain"}, timeout=0.5)
+        deadline = time.monotonic() + 5
+        while "plain" not in slow_answer.cancelled and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert slow_answer.cancelled == ["plain"]
+        assert _metric(url, "frontdoor_client_disconnects_total") == 1
+
+
+def test_health_needs_a_whole_path() -> None:
+    prefill, decode = FakeEngine("p0", "prefill"), FakeEngine("d0", "decode")
+    with door([prefill, decode]) as (url, table):
+        assert httpx.get(f"{url}/health", timeout=5).status_code == 200
+        table.update([prefill.info, {**decode.info, "state": "restarting"}], version=1)
+        unhealthy = httpx.get(f"{url}/health", timeout=5)
+        assert unhealthy.status_code == 503 and unhealthy.json()["error"]["type"] == "service_unavailable"
+
+
+def test_malformed_bodies_get_openai_4xx() -> None:
+    with door([FakeEngine("c0", "colocated")]) as (url, _):
+        cases = [(b"{oops", 400), (b"[1, 2]", 400), (b'{"model": "m"}', 400)]
+        for content, status in cases:
+            response = httpx.post(f"{url}/v1/chat/completions", content=content, timeout=5)
+            assert response.status_code == status and response.json()["error"]["type"] == "invalid_request_error"
+        wrong = httpx.post(f"{url}/v1/completions", json={"model": "other", "prompt": "x"}, timeout=5)
+        assert wrong.status_code == 404
+        counts = collections.Counter(
+            line.split('status="')[1][:3] for line in httpx.get(f"{url}/metrics", timeout=5).text.splitlines()
+            if line.startswith("frontdoor_requests_total{")
+        )
+        assert set(counts) == {"400", "404"}
