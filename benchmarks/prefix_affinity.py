@@ -24,10 +24,10 @@ from pathlib import Path
 
 import httpx
 
+from benchmarks.deployment import deployed
 from benchmarks.ttft_tiers import ttft
 from deploy.embedded_model import BENCH_MODEL_CONFIG, BENCH_MODEL_NAME, ensure_embedded_model
-from deploy.state import DeploymentState
-from tests.helpers import PROJECT_ROOT, isolated_env, run_cli
+from tests.helpers import PROJECT_ROOT, isolated_env
 
 RESULTS = Path(__file__).resolve().parent / "results" / "prefix_affinity.json"
 TAIL = 32
@@ -54,19 +54,12 @@ def run_policy(policy: str, model: Path, prompts: list[list[int]], prefix: int) 
         ROUTING_POLICY=policy,
         PREFILL_STARTUP_PARAMS=f"--enforce-eager --max-model-len {prefix + TAIL + 64}",
     )
-    try:
-        result = run_cli("deploy", env, timeout=1200)
-        if result.returncode != 0:
-            raise SystemExit(result.stdout + result.stderr)
-        state = DeploymentState.read(Path(env["RUN_DIR"]) / "state.json")
-        assert state is not None
+    with deployed(env) as state:
         engines = [f"http://{e['host']}:{e['port']}" for e in state.engines]
         door = f"http://127.0.0.1:{env['SERVER_PORT']}"
         hits_before, queries_before = prefix_cache_counters(engines)
         samples = [ttft(door, state.served_model_name, prompt) for prompt in prompts]
         hits, queries = prefix_cache_counters(engines)
-    finally:
-        run_cli("clean", env, timeout=300)
     return {
         "ttft_ms_mean": round(statistics.mean(samples) * 1000, 1),
         "ttft_ms_p50": round(statistics.median(samples) * 1000, 1),

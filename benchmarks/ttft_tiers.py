@@ -30,9 +30,9 @@ from pathlib import Path
 
 import httpx
 
+from benchmarks.deployment import deployed
 from deploy.embedded_model import BENCH_MODEL_CONFIG, BENCH_MODEL_NAME, ensure_embedded_model
-from deploy.state import DeploymentState
-from tests.helpers import PROJECT_ROOT, free_port, isolated_env, run_cli
+from tests.helpers import PROJECT_ROOT, free_port, isolated_env
 
 RESULTS = Path(__file__).resolve().parent / "results" / "ttft_tiers.json"
 STATES = ("cold", "device prefix cache", "data system, same worker", "data system, other worker")
@@ -77,12 +77,7 @@ def main() -> None:
     )
     samples: dict[str, list[float]] = {state: [] for state in STATES}
     loaded: dict[str, list[float]] = {state: [] for state in STATES}
-    try:
-        result = run_cli("deploy", env, timeout=1200)
-        if result.returncode != 0:
-            raise SystemExit(result.stdout + result.stderr)
-        state = DeploymentState.read(Path(env["RUN_DIR"]) / "state.json")
-        assert state is not None
+    with deployed(env) as state:
         first, second = (f"http://{e['host']}:{e['port']}" for e in state.engines)
         name = state.served_model_name
         rng = random.Random(0)
@@ -103,8 +98,6 @@ def main() -> None:
                 before = external_tokens(url)
                 samples[label].append(ttft(url, name, prompt))
                 loaded[label].append(external_tokens(url) - before)
-    finally:
-        run_cli("clean", env, timeout=300)
     medians = {state: statistics.median(values) for state, values in samples.items()}
     device = medians["device prefix cache"]
     print(f"prompt {args.tokens} tokens, model {BENCH_MODEL_NAME} (~93M parameters), median of {args.rounds}")

@@ -1,0 +1,25 @@
+"""A deployment made by the project's own CLI for a benchmark, always cleaned after."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from deploy.state import DeploymentState
+from tests.helpers import run_cli
+
+
+@contextmanager
+def deployed(env: dict[str, str]) -> Iterator[DeploymentState]:
+    """``run_vllm_on_yr.sh deploy`` with ``env``; ``clean`` when the block ends, whatever happened."""
+    try:
+        result = run_cli("deploy", env, timeout=1200)
+        if result.returncode != 0:
+            raise SystemExit(result.stdout + result.stderr)
+        state = DeploymentState.read(Path(env["RUN_DIR"]) / "state.json")
+        if state is None:
+            raise SystemExit(f"deploy reported ready but wrote no state.json in {env['RUN_DIR']}")
+        yield state
+    finally:
+        run_cli("clean", env, timeout=300)
