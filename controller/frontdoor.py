@@ -183,9 +183,9 @@ def create_app(
         key = affinity_key(body)
         path = f"/v1/{endpoint}"
         if not table.disaggregated:
-            return await _answer(request, client, table.order("colocated", key), path, body, headers, "colocated")
+            return await _answer(client, table.order("colocated", key), path, body, headers, "colocated")
         if _single_prompt(body):
-            outcome = await _prefill(request, client, table.order("prefill", key), path, body, headers)
+            outcome = await _prefill(client, table.order("prefill", key), path, body, headers)
             if isinstance(outcome, Response):
                 return outcome  # the prefill refused the request itself (4xx): that is the answer
             if outcome is None:
@@ -193,10 +193,10 @@ def create_app(
                 logger.warning("[request=%s] no prefill engine answered; the decode engine computes the prompt", request_id)
             else:
                 body = decode_request(body, outcome)
-        return await _answer(request, client, table.order("decode", key), path, body, headers, "decode")
+        return await _answer(client, table.order("decode", key), path, body, headers, "decode")
 
     async def _prefill(
-        request: Request, client: aiohttp.ClientSession, engines: list[EngineLoad], path: str, body: dict[str, Any], headers: dict[str, str]
+        client: aiohttp.ClientSession, engines: list[EngineLoad], path: str, body: dict[str, Any], headers: dict[str, str]
     ) -> dict[str, Any] | Response | None:
         """The prefill's kv_transfer_params; a client error as a Response; None if no engine answered."""
         payload = json.dumps(prefill_request(body)).encode()
@@ -221,7 +221,6 @@ def create_app(
         return None
 
     async def _answer(
-        request: Request,
         client: aiohttp.ClientSession,
         engines: list[EngineLoad],
         path: str,
@@ -256,9 +255,12 @@ def create_app(
             if not body.get("stream") or upstream.status != 200:
                 try:
                     content = await upstream.read()
-                finally:
+                except BaseException:
                     upstream.close()  # on cancellation this drops the connection: vLLM aborts the request
+                    raise
+                finally:
                     tracking.__exit__(None, None, None)
+                upstream.release()  # the connection goes back to the pool
                 return Response(content=content, status_code=upstream.status,
                                 media_type=upstream.headers.get("Content-Type", "application/json"), headers=headers)  # fmt: skip
             return StreamingResponse(_relay(upstream, tracking, path, started), media_type="text/event-stream", headers=headers)
@@ -267,15 +269,18 @@ def create_app(
 
     async def _relay(upstream: aiohttp.ClientResponse, tracking: Any, path: str, started: float) -> AsyncIterator[bytes]:
         endpoint = path.removeprefix("/v1/")
-        first = True
+        first, complete = True, False
         try:
             async for chunk in upstream.content.iter_any():
                 if first:
                     metrics.ttft.labels(endpoint).observe(time.perf_counter() - started)
                     first = False
                 yield chunk
-        finally:  # also when the client went away: closing the upstream aborts the request in vLLM
-            upstream.close()
+            complete = True
+        finally:
+            # Done: the connection goes back to the pool. Client gone: closing it makes
+            # vLLM abort the request.
+            upstream.release() if complete else upstream.close()
             tracking.__exit__(None, None, None)
             metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
 
