@@ -35,7 +35,15 @@ class Deployment:
 @contextmanager
 def deployed(tmp: Path, **settings: str) -> Iterator[Deployment]:
     """Deploy with ``bash run_vllm_on_yr.sh deploy``; always ``clean`` afterwards."""
-    settings = {"PREFILL_STARTUP_PARAMS": "--enforce-eager", "DECODE_STARTUP_PARAMS": "--enforce-eager", **settings}
+    # Tests that count handed-over tokens exactly allow a slow moment of a shared 2-core
+    # machine: a decode waits up to 10 s for a prefill's blocks, a store call up to 5 s.
+    settings = {
+        "PREFILL_STARTUP_PARAMS": "--enforce-eager",
+        "DECODE_STARTUP_PARAMS": "--enforce-eager",
+        "KV_HANDOFF_WAIT_MS": "10000",
+        "KV_REQUEST_TIMEOUT_MS": "5000",
+        **settings,
+    }
     env = isolated_env(tmp, **settings)
     try:
         result = run_cli("deploy", env, timeout=900)

@@ -22,7 +22,9 @@ PROMPT = token_prompt(3 * BLOCK_SIZE + 17)
 
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
-    with deployed(tmp_path_factory.mktemp("kv-safety"), PREFILL_STARTUP_PARAMS="--enforce-eager --dtype float32") as running:
+    # The default store timeout: this module measures how long a request takes without a store.
+    settings = {"PREFILL_STARTUP_PARAMS": "--enforce-eager --dtype float32", "KV_REQUEST_TIMEOUT_MS": "2000"}
+    with deployed(tmp_path_factory.mktemp("kv-safety"), **settings) as running:
         yield running
 
 
@@ -33,7 +35,11 @@ def _body(prompt: list[int]) -> dict[str, object]:
 def test_different_kv_layouts_exchange_nothing_and_output_is_correct(deployment: Deployment) -> None:
     decode_url = deployment.engine_url("decode")
     before = external_kv_tokens(decode_url)
+    started = time.monotonic()
     through_pd = complete(deployment.url, _body(PROMPT))
+    # the decode sees the prefill's layout in kv_transfer_params and does not wait for
+    # blocks that cannot be its own (KV_HANDOFF_WAIT_MS is 10 s here)
+    assert time.monotonic() - started < 5
     assert external_kv_tokens(decode_url) == before  # no float32 bytes reached the bfloat16 engine
     assert same_greedy_output(through_pd, deployment.engine_complete("decode", _body(PROMPT)))
 

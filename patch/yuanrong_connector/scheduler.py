@@ -64,6 +64,7 @@ class YuanRongScheduler:
     _loaded_blocks: dict[str, int] = field(default_factory=dict)  # leading blocks that came from the store
     _handoff_waits: dict[str, _HandoffWait] = field(default_factory=dict)
     _with_saves: set[str] = field(default_factory=set)  # vLLM holds their blocks until saved
+    _warned_layout: bool = False
 
     @property
     def block_size(self) -> int:
@@ -114,9 +115,21 @@ class YuanRongScheduler:
         return (first_block + present) * self.block_size - num_computed_tokens, False
 
     def _announced_blocks(self, request: Request, loadable: int) -> int:
-        """Blocks a prefill engine said it saves for this request (0: no handoff)."""
+        """Blocks a prefill engine said it saves for this request (0: no handoff, or one
+        whose KV layout differs from ours, so nothing it saved can be ours)."""
         params = request.kv_transfer_params or {}
         if not (self.settings.loads_remote_prefill and params.get("do_remote_prefill")):
+            return 0
+        layout = params.get("layout")
+        if layout is not None and layout != self.settings.layout.fingerprint():
+            if not self._warned_layout:
+                logger.warning(
+                    "[connector] the prefill engine's KV layout %s differs from ours %s (model, dtype, block size, "
+                    "heads or TP differ): prompts are computed here, nothing is handed over",
+                    layout,
+                    self.settings.layout.fingerprint(),
+                )
+                self._warned_layout = True
             return 0
         try:
             return min(int(params.get("num_saved_blocks", 0)), loadable)
@@ -202,4 +215,5 @@ class YuanRongScheduler:
             "do_remote_decode": False,
             "ds_worker_address": self.store.address,
             "num_saved_blocks": num_blocks,
+            "layout": self.settings.layout.fingerprint(),
         }
