@@ -22,11 +22,11 @@ import statistics
 import tempfile
 from pathlib import Path
 
-import httpx
 
 from benchmarks.deployment import deployed
 from benchmarks.ttft_tiers import ttft
 from deploy.embedded_model import BENCH_MODEL_CONFIG, BENCH_MODEL_NAME, ensure_embedded_model
+from tests.e2e import metric
 from tests.helpers import PROJECT_ROOT, isolated_env
 
 RESULTS = Path(__file__).resolve().parent / "results" / "prefix_affinity.json"
@@ -34,14 +34,8 @@ TAIL = 32
 
 
 def prefix_cache_counters(urls: list[str]) -> tuple[float, float]:
-    hits = queries = 0.0
-    for url in urls:
-        for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
-            if line.startswith("vllm:prefix_cache_hits_total"):
-                hits += float(line.rsplit(" ", 1)[1])
-            elif line.startswith("vllm:prefix_cache_queries_total"):
-                queries += float(line.rsplit(" ", 1)[1])
-    return hits, queries
+    hits = sum(metric(url, "vllm:prefix_cache_hits_total") for url in urls)
+    return hits, sum(metric(url, "vllm:prefix_cache_queries_total") for url in urls)
 
 
 def run_policy(policy: str, model: Path, prompts: list[list[int]], prefix: int) -> dict[str, float]:

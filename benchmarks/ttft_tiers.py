@@ -32,6 +32,7 @@ import httpx
 
 from benchmarks.deployment import deployed
 from deploy.embedded_model import BENCH_MODEL_CONFIG, BENCH_MODEL_NAME, ensure_embedded_model
+from tests.e2e import external_kv_tokens
 from tests.helpers import PROJECT_ROOT, free_port, isolated_env
 
 RESULTS = Path(__file__).resolve().parent / "results" / "ttft_tiers.json"
@@ -47,13 +48,6 @@ def ttft(url: str, model: str, prompt: list[int]) -> float:
             if line.startswith("data: ") and line != "data: [DONE]":
                 return time.perf_counter() - started
     raise RuntimeError("no token streamed")
-
-
-def external_tokens(url: str) -> float:
-    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
-        if line.startswith("vllm:prompt_tokens_by_source_total{") and 'source="external_kv_transfer"' in line:
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
 
 
 def main() -> None:
@@ -95,9 +89,9 @@ def main() -> None:
                 if reset:
                     time.sleep(1.0)  # let the background save of the cold run finish
                     httpx.post(f"{url}/reset_prefix_cache", timeout=30).raise_for_status()
-                before = external_tokens(url)
+                before = external_kv_tokens(url)
                 samples[label].append(ttft(url, name, prompt))
-                loaded[label].append(external_tokens(url) - before)
+                loaded[label].append(external_kv_tokens(url) - before)
     medians = {state: statistics.median(values) for state, values in samples.items()}
     device = medians["device prefix cache"]
     print(f"prompt {args.tokens} tokens, model {BENCH_MODEL_NAME} (~93M parameters), median of {args.rounds}")

@@ -235,21 +235,20 @@ def create_app(
         for attempt, engine in enumerate(engines):
             if attempt:
                 metrics.retries.labels(leg).inc()
-            tracking = table.track(engine)
-            tracking.__enter__()
+            table.acquire(engine)  # released when the answer is relayed, or here on failure
             try:
                 upstream = await client.post(f"{engine.url}{path}", data=payload, headers={**headers, **_JSON})
             except _TRANSPORT_ERRORS as exc:
-                tracking.__exit__(None, None, None)
+                table.release(engine)
                 _failed(engine, headers, exc)
                 last_failure = f"{engine.name} unreachable"
                 continue
             except BaseException:
-                tracking.__exit__(None, None, None)
+                table.release(engine)
                 raise
             if upstream.status in _RETRYABLE_STATUS and attempt + 1 < len(engines):
                 upstream.close()
-                tracking.__exit__(None, None, None)
+                table.release(engine)
                 _failed(engine, headers, f"HTTP {upstream.status}")
                 continue
             if not body.get("stream") or upstream.status != 200:
@@ -259,15 +258,15 @@ def create_app(
                     upstream.close()  # on cancellation this drops the connection: vLLM aborts the request
                     raise
                 finally:
-                    tracking.__exit__(None, None, None)
+                    table.release(engine)
                 upstream.release()  # the connection goes back to the pool
                 return Response(content=content, status_code=upstream.status,
                                 media_type=upstream.headers.get("Content-Type", "application/json"), headers=headers)  # fmt: skip
-            return StreamingResponse(_relay(upstream, tracking, path, started), media_type="text/event-stream", headers=headers)
+            return StreamingResponse(_relay(upstream, engine, path, started), media_type="text/event-stream", headers=headers)
         return openai_error(503, f"no engine could take the request ({last_failure})", "service_unavailable",
                             request_id=headers[REQUEST_ID_HEADER])  # fmt: skip
 
-    async def _relay(upstream: aiohttp.ClientResponse, tracking: Any, path: str, started: float) -> AsyncIterator[bytes]:
+    async def _relay(upstream: aiohttp.ClientResponse, engine: EngineLoad, path: str, started: float) -> AsyncIterator[bytes]:
         endpoint = path.removeprefix("/v1/")
         first, complete = True, False
         try:
@@ -281,7 +280,7 @@ def create_app(
             # Done: the connection goes back to the pool. Client gone: closing it makes
             # vLLM abort the request.
             upstream.release() if complete else upstream.close()
-            tracking.__exit__(None, None, None)
+            table.release(engine)
             metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
 
     def _failed(engine: EngineLoad, headers: dict[str, str], reason: object) -> None:

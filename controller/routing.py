@@ -83,19 +83,25 @@ class RoutingTable:
         if self._metrics is not None:
             self._metrics.healthy.labels(engine.name, engine.role).set(0)
 
+    def acquire(self, engine: EngineLoad) -> None:
+        """Count one more request in flight on ``engine``; ``release`` when it is answered."""
+        engine.outstanding += 1
+        if self._metrics is not None:
+            self._metrics.in_flight.labels(engine.name, engine.role).inc()
+
+    def release(self, engine: EngineLoad) -> None:
+        engine.outstanding -= 1
+        if self._metrics is not None:
+            self._metrics.in_flight.labels(engine.name, engine.role).dec()
+
     @contextmanager
     def track(self, engine: EngineLoad) -> Iterator[None]:
         """Count a request in flight on ``engine`` while the block runs."""
-        engine.outstanding += 1
-        gauge = self._metrics.in_flight.labels(engine.name, engine.role) if self._metrics is not None else None
-        if gauge is not None:
-            gauge.inc()
+        self.acquire(engine)
         try:
             yield
         finally:
-            engine.outstanding -= 1
-            if gauge is not None:
-                gauge.dec()
+            self.release(engine)
 
     def all_engines(self) -> list[EngineLoad]:
         return list(self._engines.values())

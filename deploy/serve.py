@@ -60,12 +60,14 @@ def serve(config: ServiceConfig) -> int:
     mode = init_yr(config)
     ds_started = False
     controller = None
+    # Locally deploy starts its own workers; in a cluster the given worker is used.
+    ds_addresses = config.datasystem.addresses if not config.cluster_mode else (config.datasystem.address,)
     state = DeploymentState(
         pid=os.getpid(),
         endpoint=f"http://{config.server_ip}:{config.server_port}",
         yr_mode=mode,
         served_model_name="",
-        ds_worker_address=",".join(config.datasystem.addresses if not config.cluster_mode else (config.datasystem.address,)),
+        ds_worker_address=",".join(ds_addresses),
         ds_started_here=not config.cluster_mode,
         log_dir=str(log_dir),
     )
@@ -76,7 +78,7 @@ def serve(config: ServiceConfig) -> int:
             start_workers(config.datasystem, log_dir.parent / "datasystem")
         model_path = config.model_path or ensure_embedded_model(config.model_cache_dir)
         state.served_model_name = str(model_path)
-        specs = plan_engines(config, model_path, state.served_model_name, tuple(state.ds_worker_address.split(",")))
+        specs = plan_engines(config, model_path, state.served_model_name, ds_addresses)
         logger.info("starting %d engine(s): %s; logs in %s", len(specs), ", ".join(s.name for s in specs), log_dir)
         options = yr.InvokeOptions()
         if config.cluster_mode:

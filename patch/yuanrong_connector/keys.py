@@ -12,6 +12,7 @@ A block's key is ``<layout>_<rank>_<chain>``:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import struct
 from collections.abc import Sequence
@@ -34,6 +35,7 @@ class KVLayout:
     tp_size: int
     device_family: str = "cpu"  # cpu | cuda | npu: paged-cache layout and value format
 
+    @functools.cache  # noqa: B019  # frozen and hashable: one entry per layout, computed once
     def fingerprint(self) -> str:
         parts = (
             self.model,

@@ -76,10 +76,6 @@ class YuanRongWorker:
             self.store.address,
         )
 
-    @property
-    def block_bytes(self) -> int:
-        return self.cache.block_bytes if self.cache is not None else 0
-
     def _keys(self, transfer: BlockTransfer) -> list[str]:
         fingerprint = self.settings.layout.fingerprint()
         return [block_key(fingerprint, self.tp_rank, h) for h in transfer.block_hashes]
