@@ -40,6 +40,10 @@ class _SaveProgress:
 
 
 _RECHECK_S = 0.005  # while waiting for a handoff, ask the store at most this often
+# While a request waits, vLLM's engine loop has no work and calls the scheduler again at
+# once: without a pause it spins a core that the engine's API server and the data
+# system worker need (seen: /health timing out, store calls timing out, under load).
+_WAIT_PAUSE_S = 0.001
 
 
 @dataclass
@@ -88,6 +92,7 @@ class YuanRongScheduler:
         waiting = self._handoff_waits.get(request.request_id)
         now = time.monotonic()
         if waiting is not None and now < waiting.next_check:
+            time.sleep(min(waiting.next_check - now, _WAIT_PAUSE_S))
             return None, False
         hashes = chained_block_hashes(prompt[: loadable * self.block_size], self.block_size)[first_block:]
         fingerprint = self.settings.layout.fingerprint()
