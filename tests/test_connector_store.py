@@ -1,7 +1,11 @@
 """The connector's worker half against a real data system worker: bytes saved from one
-paged KV cache arrive bit-exact in another, and missing blocks are reported for recompute."""
+paged KV cache arrive bit-exact in another through the background loader, a handoff
+waits for blocks still being published (bounded), and missing blocks are reported for
+recompute in the same pass that reports the request loaded."""
 
 from __future__ import annotations
+
+import time
 
 import pytest
 import torch
@@ -21,6 +25,25 @@ def _settings(address: str, layout_model: str) -> ConnectorSettings:
     return ConnectorSettings(address, saves=True, prefix_reuse=False, loads_remote_prefill=True, layout=layout)
 
 
+def _wait_loaded(worker: YuanRongWorker, request_id: str, timeout_s: float = 10) -> tuple[float, set[int]]:
+    """Step an idle engine until ``request_id`` is reported loaded: (seconds, failed block ids
+    reported in that same pass)."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout_s:
+        _, loaded = worker.finished(set(), idle_step=True)
+        if request_id in loaded:
+            return time.monotonic() - started, worker.take_failed_block_ids()
+    raise AssertionError(f"{request_id} not reported loaded within {timeout_s} s")
+
+
+def _save(address: str, settings: ConnectorSettings, hashes: tuple[str, ...], caches: dict[str, torch.Tensor],
+          block_ids: tuple[int, ...]) -> None:  # fmt: skip
+    producer = YuanRongWorker(settings, BlockStore(address), tp_rank=0, num_blocks=NUM_BLOCKS)
+    producer.register_kv_caches(caches)
+    producer.end_step(YuanRongConnectorMetadata(saves=[BlockTransfer("saver", hashes, block_ids)]))
+    producer.shutdown()  # waits for the background saver
+
+
 def _caches(shape: tuple[int, ...], fill_random: bool) -> dict[str, torch.Tensor]:
     make = torch.randn if fill_random else torch.zeros
     return {f"model.layers.{i}.self_attn.attn": make(*shape, dtype=torch.bfloat16) for i in range(2)}
@@ -35,10 +58,7 @@ def test_blocks_saved_by_one_engine_load_bit_exact_in_another(ds_worker: DataSys
     settings = _settings(ds_worker.address, f"model-{len(shape)}")
     hashes = tuple(chained_block_hashes(list(range(3 * BLOCK)), BLOCK))
     source_caches = _caches(shape, fill_random=True)
-    producer = YuanRongWorker(settings, BlockStore(ds_worker.address), tp_rank=0, num_blocks=NUM_BLOCKS)
-    producer.register_kv_caches(source_caches)
-    producer.end_step(YuanRongConnectorMetadata(saves=[BlockTransfer("r1", hashes, (5, 2, 7))]))
-    producer.shutdown()  # waits for the background saver
+    _save(ds_worker.address, settings, hashes, source_caches, (5, 2, 7))
 
     store = BlockStore(ds_worker.address)
     keys = [block_key(settings.layout.fingerprint(), 0, h) for h in hashes]
@@ -48,9 +68,9 @@ def test_blocks_saved_by_one_engine_load_bit_exact_in_another(ds_worker: DataSys
     consumer = YuanRongWorker(settings, BlockStore(ds_worker.address), tp_rank=0, num_blocks=NUM_BLOCKS)
     consumer.register_kv_caches(target_caches)
     consumer.start_load(YuanRongConnectorMetadata(loads=[BlockTransfer("r2", hashes, (0, 1, 3))]))
-    for name in target_caches:
-        consumer.wait_layer(name)
-    assert consumer.take_failed_block_ids() == set()
+    _, failed = _wait_loaded(consumer, "r2")
+    consumer.shutdown()
+    assert failed == set()
     axis = 0 if len(shape) == 4 else 1
     for name in source_caches:
         for src, dst in ((5, 0), (2, 1), (7, 3)):
@@ -64,8 +84,71 @@ def test_missing_blocks_are_reported_for_recompute(ds_worker: DataSystemConfig) 
     consumer.register_kv_caches(_caches((NUM_BLOCKS, KV_HEADS, BLOCK, 2 * HEAD), fill_random=False))
     never_saved = tuple(chained_block_hashes([9] * (2 * BLOCK), BLOCK))
     consumer.start_load(YuanRongConnectorMetadata(loads=[BlockTransfer("r3", never_saved, (4, 6))]))
-    assert consumer.take_failed_block_ids() == {4, 6}
+    _, failed = _wait_loaded(consumer, "r3")
+    assert failed == {4, 6}
     assert consumer.take_failed_block_ids() == set()  # reported once
+    consumer.shutdown()
+
+
+def test_handoff_waits_for_blocks_published_after_it_started(ds_worker: DataSystemConfig) -> None:
+    settings = _settings(ds_worker.address, "model-late")
+    shape = (NUM_BLOCKS, KV_HEADS, BLOCK, 2 * HEAD)
+    hashes = tuple(chained_block_hashes(list(range(500, 500 + 2 * BLOCK)), BLOCK))
+    consumer = YuanRongWorker(settings, BlockStore(ds_worker.address), tp_rank=0, num_blocks=NUM_BLOCKS)
+    target = _caches(shape, fill_random=False)
+    consumer.register_kv_caches(target)
+    consumer.start_load(YuanRongConnectorMetadata(loads=[BlockTransfer("late", hashes, (1, 2), wait_s=5.0)]))
+    time.sleep(0.3)
+    assert consumer.finished(set(), idle_step=False) == (set(), set())  # still waiting, nothing blocked
+    source = _caches(shape, fill_random=True)
+    _save(ds_worker.address, settings, hashes, source, (3, 4))
+    seconds, failed = _wait_loaded(consumer, "late")
+    consumer.shutdown()
+    assert failed == set() and seconds < 2
+    for name in source:
+        assert torch.equal(target[name][1], source[name][3]) and torch.equal(target[name][2], source[name][4])
+
+
+def test_handoff_stops_waiting_at_its_bound_and_reports_the_rest(ds_worker: DataSystemConfig) -> None:
+    settings = _settings(ds_worker.address, "model-partial")
+    shape = (NUM_BLOCKS, KV_HEADS, BLOCK, 2 * HEAD)
+    hashes = tuple(chained_block_hashes(list(range(700, 700 + 3 * BLOCK)), BLOCK))
+    _save(ds_worker.address, settings, hashes[:1], _caches(shape, fill_random=True), (0,))
+    consumer = YuanRongWorker(settings, BlockStore(ds_worker.address), tp_rank=0, num_blocks=NUM_BLOCKS)
+    consumer.register_kv_caches(_caches(shape, fill_random=False))
+    started = time.monotonic()
+    consumer.start_load(YuanRongConnectorMetadata(loads=[BlockTransfer("partial", hashes, (5, 6, 7), wait_s=0.3)]))
+    _, failed = _wait_loaded(consumer, "partial")
+    waited = time.monotonic() - started
+    consumer.shutdown()
+    assert failed == {6, 7}  # the first block is loaded, the two never published are computed
+    assert 0.3 <= waited < 1.5
+
+
+def test_a_request_aborted_while_waiting_is_reported_at_once(ds_worker: DataSystemConfig) -> None:
+    settings = _settings(ds_worker.address, "model-abort")
+    hashes = tuple(chained_block_hashes(list(range(900, 900 + 2 * BLOCK)), BLOCK))
+    consumer = YuanRongWorker(settings, BlockStore(ds_worker.address), tp_rank=0, num_blocks=NUM_BLOCKS)
+    consumer.register_kv_caches(_caches((NUM_BLOCKS, KV_HEADS, BLOCK, 2 * HEAD), fill_random=False))
+    consumer.start_load(YuanRongConnectorMetadata(loads=[BlockTransfer("gone", hashes, (1, 2), wait_s=30.0)]))
+    started = time.monotonic()
+    consumer.finished({"gone"}, idle_step=False)  # vLLM finished (aborted) it
+    seconds, failed = _wait_loaded(consumer, "gone")
+    consumer.shutdown()
+    assert failed == {1, 2} and time.monotonic() - started < 2
+
+
+def test_lookups_and_reads_longer_than_one_store_call(ds_worker: DataSystemConfig) -> None:
+    """The data system takes at most 10000 keys per exist/get: a longer prompt (or TP x
+    blocks) is asked in several calls, not refused."""
+    store = BlockStore(ds_worker.address)
+    keys = [f"long-{i}" for i in range(10_050)]
+    result = store.put(keys, 8, lambda first, buffers: [b.__setitem__(slice(0, 8), b"12345678") for b in buffers])
+    assert result.stored == len(keys)
+    assert store.count_present_prefix(keys) == len(keys)
+    buffers = store.get(keys)
+    assert len(buffers) == len(keys) and all(b is not None for b in buffers)
+    assert bytes(buffers[-1].immutable_data()) == b"12345678"
 
 
 def test_present_prefix_stops_at_the_first_gap(ds_worker: DataSystemConfig) -> None:

@@ -11,15 +11,22 @@ Loaded without touching vLLM's files::
 
 Hooks and the process that calls them:
 - scheduler (EngineCore): get_num_new_matched_tokens, update_state_after_alloc,
-  build_connector_meta, request_finished -> ``scheduler.YuanRongScheduler``
-- worker (model runner): register_kv_caches, start_load_kv, wait_for_layer_load,
-  save_kv_layer, wait_for_save, get_block_ids_with_load_errors -> ``worker.YuanRongWorker``
+  build_connector_meta, update_connector_output, request_finished
+  -> ``scheduler.YuanRongScheduler``
+- worker (model runner): register_kv_caches, start_load_kv, wait_for_save,
+  get_finished, get_block_ids_with_load_errors, build_connector_worker_meta
+  -> ``worker.YuanRongWorker``
 
-Loads run layer by layer alongside the forward pass (loader.py); saves run in the
-background after it (saver.py), and vLLM holds a finished request's blocks until
-they are saved (``request_finished`` -> True, ``get_finished`` reports them). The
-connector's numbers reach the engine's log and /metrics through vLLM's connector
-stats (stats.py).
+Loads are vLLM's asynchronous loads: the request is parked with its blocks allocated,
+a loader thread waits for and copies the blocks (loader.py), ``get_finished`` reports
+the request loaded. Saves run in the background after the forward pass (saver.py), and
+vLLM holds a finished request's blocks until they are saved (``request_finished`` ->
+True, ``get_finished`` reports them). The connector's numbers reach the engine's log
+and /metrics through vLLM's connector stats (stats.py).
+
+Only KV layouts with a single KV cache group (every attention layer the same kind)
+are handled; for others (hybrid models: sliding window + full, Mamba) the connector
+says so once and does nothing, and the engine computes every prompt itself.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import torch
+from vllm.logger import init_logger
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
     KVConnectorMetadata,
@@ -36,12 +44,14 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from patch.yuanrong_connector.metadata import YuanRongConnectorMetadata
 from patch.yuanrong_connector.scheduler import YuanRongScheduler
 from patch.yuanrong_connector.settings import ConnectorSettings
+from patch.yuanrong_connector.spin import cap_reader_spin
 from patch.yuanrong_connector.stats import YuanRongConnectorStats, YuanRongPromMetrics
 from patch.yuanrong_connector.store import BlockStore
 from patch.yuanrong_connector.worker import YuanRongWorker
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorWorkerMetadata
     from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (
         KVConnectorPromMetrics,
         KVConnectorStats,
@@ -53,7 +63,10 @@ if TYPE_CHECKING:
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
     from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.outputs import KVConnectorOutput
     from vllm.v1.request import Request
+
+logger = init_logger(f"vllm.{__name__}")
 
 
 class YuanRongConnector(KVConnectorBase_V1):
@@ -68,8 +81,17 @@ class YuanRongConnector(KVConnectorBase_V1):
         )
         self._scheduler: YuanRongScheduler | None = None
         self._worker: YuanRongWorker | None = None
+        if settings.layout.device_family == "cpu":
+            cap_reader_spin(0.0)  # see spin.py: the spin starves the store and the forward pass
+        groups = len(kv_cache_config.kv_cache_groups) if kv_cache_config is not None else 1
         if role == KVConnectorRole.SCHEDULER:
-            self._scheduler = YuanRongScheduler(settings, store)
+            self._scheduler = YuanRongScheduler(settings, store, enabled=groups == 1)
+            if groups != 1:
+                logger.warning(
+                    "[connector] this model's KV cache has %d groups (hybrid attention or state layers); "
+                    "YuanRongConnector handles one: nothing is saved or loaded, every prompt is computed here",
+                    groups,
+                )
             store.connect()
         else:
             from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
@@ -90,15 +112,14 @@ class YuanRongConnector(KVConnectorBase_V1):
 
     def handle_preemptions(self, kv_connector_metadata: KVConnectorMetadata) -> None:
         assert self._worker is not None and isinstance(kv_connector_metadata, YuanRongConnectorMetadata)
-        self._worker.start_load(YuanRongConnectorMetadata(preempted=kv_connector_metadata.preempted))
+        self._worker.release_preempted(kv_connector_metadata.preempted)
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         assert self._worker is not None
         self._worker.start_load(self._metadata())
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        assert self._worker is not None
-        self._worker.wait_layer(layer_name)
+        return  # loads are asynchronous: a request runs only once its blocks are in place
 
     def save_kv_layer(
         self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: AttentionMetadata, **kwargs: Any
@@ -111,7 +132,14 @@ class YuanRongConnector(KVConnectorBase_V1):
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         assert self._worker is not None
-        return self._worker.finished_saving(finished_req_ids) or None, None
+        meta = self._get_connector_metadata() if self.has_connector_metadata() else None
+        idle = isinstance(meta, YuanRongConnectorMetadata) and meta.idle_step
+        saved, loaded = self._worker.finished(finished_req_ids, idle_step=idle)
+        return saved or None, loaded or None
+
+    def build_connector_worker_meta(self) -> KVConnectorWorkerMetadata | None:
+        assert self._worker is not None
+        return self._worker.worker_metadata()
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         assert self._worker is not None
@@ -137,6 +165,8 @@ class YuanRongConnector(KVConnectorBase_V1):
     def shutdown(self) -> None:
         if self._worker is not None:
             self._worker.shutdown()
+        if self._scheduler is not None:
+            self._scheduler.shutdown()
 
     # ---- scheduler side ----
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
@@ -150,6 +180,10 @@ class YuanRongConnector(KVConnectorBase_V1):
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         assert self._scheduler is not None
         return self._scheduler.build_connector_meta(scheduler_output)
+
+    def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
+        assert self._scheduler is not None
+        self._scheduler.update_connector_output(connector_output)
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         assert self._scheduler is not None

@@ -2,7 +2,9 @@
 
 A block's key is ``<layout>_<rank>_<chain>``:
 - ``chain``: SHA-256 over the previous block's chain and this block's token ids, so a
-  key names the whole prefix up to the end of its block;
+  key names the whole prefix up to the end of its block. The chain starts from a root
+  that covers whatever else changes a block's KV for the same tokens (LoRA adapter,
+  ``cache_salt``, multimodal inputs): requests that differ there never share blocks;
 - ``layout``: a fingerprint of everything that changes the bytes of a block (model
   identity, dtype, block size, KV heads, head size, layer count, TP size, and the
   device family whose paged-cache layout and value format the bytes follow), so
@@ -72,10 +74,22 @@ def model_identity(model: str) -> str:
     return digest.hexdigest()[:24]
 
 
-def chained_block_hashes(token_ids: Sequence[int], block_size: int) -> list[str]:
+def chain_root(lora_name: str | None = None, cache_salt: str | None = None, mm_identifiers: Sequence[str] = ()) -> bytes:
+    """Where a request's chain starts: the same for plain prompts, different for every
+    LoRA adapter, cache salt and set of multimodal inputs (whose identifiers are content
+    hashes). Multimodal requests share blocks only with requests of the same inputs:
+    conservative (a text prefix before an image is not shared), never wrong."""
+    if lora_name is None and cache_salt is None and not mm_identifiers:
+        return hashlib.sha256(_ROOT).digest()
+    parts = [_ROOT, b"lora", (lora_name or "").encode(), b"salt", (cache_salt or "").encode(), b"mm"]
+    parts += [identifier.encode() for identifier in mm_identifiers]
+    return hashlib.sha256(b"\0".join(parts)).digest()
+
+
+def chained_block_hashes(token_ids: Sequence[int], block_size: int, root: bytes | None = None) -> list[str]:
     """One hash per *full* block of ``token_ids``; a trailing partial block has none."""
     hashes: list[str] = []
-    previous = hashlib.sha256(_ROOT).digest()
+    previous = chain_root() if root is None else root
     for start in range(0, len(token_ids) - block_size + 1, block_size):
         block = token_ids[start : start + block_size]
         digest = hashlib.sha256(previous + struct.pack(f"<{block_size}q", *block)).digest()

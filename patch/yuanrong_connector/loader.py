@@ -1,22 +1,28 @@
-"""Loading a step's blocks layer by layer.
+"""Loading blocks into vLLM's paged cache in the background (vLLM's asynchronous load).
 
-``start`` makes one batched, zero-copy read of every block the step loads (all
-requests together; bounded by the store's request timeout). The blocks then enter
-the paged cache one layer at a time:
-- CUDA: every layer's host-to-device copy is issued at once on a side stream from
-  pinned memory, with one event per layer; the forward pass waits (``wait_layer``)
-  only for the layer it is about to run, so later layers' copies overlap compute;
-- CPU: the copy of a layer is made in ``wait_layer``, just before that layer runs
-  (the copy and the compute share the same cores, so there is nothing to overlap).
-Blocks missing in the store or of the wrong size are reported for recompute and
-never written.
+The scheduler half parks a request whose blocks are to be loaded (vLLM state
+WAITING_FOR_REMOTE_KVS) with its blocks allocated; ``submit`` hands them to one loader
+thread, and the engine loop goes on. The thread, for all pending loads together:
+1. asks the store (one batched ``exist``) which blocks are published; a handed-over
+   load whose blocks are not all there yet is asked about again every ``_POLL_S``, up
+   to its ``wait_s``;
+2. reads the ready ones (one zero-copy ``get_read_only_buffers`` per batch) and copies
+   every layer of every block into the cache (CPU: straight from shared memory; CUDA:
+   through pinned memory on a side stream, synchronised before reporting; Ascend:
+   the data system's device API);
+3. reports the request done; blocks that did not come (not published in time, store
+   down, wrong size) are reported failed, and vLLM computes them.
+A request aborted while it waits stops waiting and is reported at once (vLLM frees
+its blocks only then). Nothing here blocks the engine loop; ``wait_for_progress`` lets
+an idle step (nothing to compute) sleep until a load ends instead of spinning.
 """
 
 from __future__ import annotations
 
+import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from vllm.logger import init_logger
@@ -28,70 +34,174 @@ from patch.yuanrong_connector.store import BlockStore
 
 logger = init_logger(f"vllm.{__name__}")
 
+_POLL_S = 0.002  # how often a waiting handoff asks the store whether its blocks are published
+
 
 @dataclass
-class LayerwiseLoad:
-    store: BlockStore
-    staging: HostStaging
-    layer_order: list[str]  # layer names in forward order
+class _Load:
+    request_id: str
     keys: list[str]
     block_ids: list[int]
+    deadline: float
+    submitted: float
+    handoff: bool  # blocks announced by a prefill, perhaps still being published
+    cancelled: bool = False
+
+
+@dataclass
+class LoadOutcome:
+    request_id: str
     failed_block_ids: set[int] = field(default_factory=set)
-    stats: YuanRongConnectorStats = field(default_factory=YuanRongConnectorStats)
-    _pending_layers: list[str] = field(default_factory=list)  # CPU: layers not written yet
-    _layer_marker: dict[str, Any] = field(default_factory=dict)  # CUDA: event per layer
-    _pairs: list[tuple[int, torch.Tensor]] = field(default_factory=list)
-    _buffers: list[Any] = field(default_factory=list)  # keeps the zero-copy views alive
-    _seconds: float = 0.0
-    _device_loaded: int = 0
-    device_store: DeviceBlockStore | None = None  # Ascend: the data system writes device memory itself
 
-    def start(self) -> None:
+
+class BackgroundLoader:
+    def __init__(self, store: BlockStore, staging: HostStaging, device_store: DeviceBlockStore | None = None) -> None:
+        self._store = store
+        self._staging = staging
+        self._device_store = device_store
+        self._lock = threading.Condition()
+        self._pending: dict[str, _Load] = {}
+        self._outcomes: list[LoadOutcome] = []
+        self._stats = YuanRongConnectorStats()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="yuanrong-kv-loader", daemon=True)
+        self._thread.start()
+
+    # ---- engine side ----
+    def submit(self, request_id: str, keys: Sequence[str], block_ids: Sequence[int], wait_s: float) -> None:
+        now = time.monotonic()
+        with self._lock:
+            self._pending[request_id] = _Load(request_id, list(keys), list(block_ids), now + wait_s, now, wait_s > 0)
+            self._lock.notify_all()
+
+    def cancel(self, request_ids: set[str]) -> None:
+        """Stop waiting for requests vLLM finished (aborted) while they were loading."""
+        with self._lock:
+            for request_id in request_ids & self._pending.keys():
+                self._pending[request_id].cancelled = True
+            self._lock.notify_all()
+
+    def take_outcomes(self) -> list[LoadOutcome]:
+        with self._lock:
+            outcomes, self._outcomes = self._outcomes, []
+            return outcomes
+
+    def wait_for_progress(self, timeout_s: float) -> None:
+        """Sleep until a load ends or ``timeout_s`` passes (only while loads are pending)."""
+        with self._lock:
+            if self._pending and not self._outcomes:
+                self._lock.wait_for(lambda: bool(self._outcomes) or not self._pending, timeout_s)
+
+    def busy(self) -> bool:
+        with self._lock:
+            return bool(self._pending)
+
+    def take_stats(self) -> YuanRongConnectorStats:
+        with self._lock:
+            stats, self._stats = self._stats, YuanRongConnectorStats()
+            return stats
+
+    def close(self, timeout_s: float) -> None:
+        with self._lock:
+            self._stopping = True
+            self._lock.notify_all()
+        self._thread.join(timeout_s)
+
+    # ---- loader thread ----
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                self._lock.wait_for(lambda: self._stopping or bool(self._pending))
+                if self._stopping:
+                    return
+                loads = list(self._pending.values())
+            try:
+                ready = self._ready(loads)
+                for load, present in ready:
+                    self._finish(load, present)
+            except Exception:
+                logger.exception("[connector] loading failed; vLLM recomputes the blocks")
+                ready = [(load, 0) for load in loads]
+                for load, _ in ready:
+                    self._report(load, LoadOutcome(load.request_id, set(load.block_ids)))
+            if len(ready) < len(loads):
+                with self._lock:
+                    self._lock.wait(_POLL_S)
+
+    def _ready(self, loads: list[_Load]) -> list[tuple[_Load, int]]:
+        """Loads that can go now, each with its count of leading blocks published."""
+        keys = [key for load in loads for key in load.keys]
+        present = self._store.exists(keys)
+        now = time.monotonic()
+        ready: list[tuple[_Load, int]] = []
+        offset = 0
+        for load in loads:
+            flags = present[offset : offset + len(load.keys)]
+            offset += len(load.keys)
+            leading = next((i for i, flag in enumerate(flags) if not flag), len(flags))
+            if leading == len(flags) or load.cancelled or now >= load.deadline or not self._store.available:
+                ready.append((load, leading))
+        return ready
+
+    def _finish(self, load: _Load, present: int) -> None:
+        waited = time.monotonic() - load.submitted
+        if load.cancelled:
+            self._report(load, LoadOutcome(load.request_id, set(load.block_ids)))
+            return
+        if present < len(load.keys) and self._store.available:
+            logger.warning(
+                "[connector req=%s] %d of %d handed-over blocks published after %.0f ms; computing the rest",
+                load.request_id,
+                present,
+                len(load.keys),
+                waited * 1000,
+            )
         started = time.perf_counter()
-        cache = self.staging.cache
-        if self.device_store is not None:  # all layers at once: the device API has no per-layer form
-            self.failed_block_ids = self.device_store.load(self.keys, cache, self.block_ids)
-            self._device_loaded = len(self.block_ids) - len(self.failed_block_ids)
-            self._seconds += time.perf_counter() - started
-            return
-        self._buffers = self.store.get(self.keys)
-        sources: list[torch.Tensor] = []
-        targets: list[int] = []
-        for block_id, buffer in zip(self.block_ids, self._buffers):
+        failed = set(load.block_ids[present:])
+        failed |= self._copy_in(load.keys[:present], load.block_ids[:present])
+        seconds = time.perf_counter() - started
+        loaded = len(load.block_ids) - len(failed)
+        with self._lock:
+            self._stats.add("blocks_load", loaded)
+            self._stats.add("bytes_load", loaded * self._staging.cache.block_bytes)
+            self._stats.add("blocks_load_failed", len(failed))
+            if load.handoff:
+                self._stats.time("handoff_wait", waited)
+            if loaded:
+                self._stats.time("load", seconds)
+        logger.debug(
+            "[connector req=%s] waited %.1f ms for %d blocks, loaded %d in %.1f ms",
+            load.request_id,
+            waited * 1000,
+            len(load.keys),
+            loaded,
+            seconds * 1000,
+        )
+        self._report(load, LoadOutcome(load.request_id, failed))
+
+    def _report(self, load: _Load, outcome: LoadOutcome) -> None:
+        with self._lock:
+            self._pending.pop(load.request_id, None)
+            self._outcomes.append(outcome)
+            self._lock.notify_all()
+
+    def _copy_in(self, keys: list[str], block_ids: list[int]) -> set[int]:
+        """Copy stored blocks into the cache; return the block ids that could not be."""
+        if not keys:
+            return set()
+        cache = self._staging.cache
+        if self._device_store is not None:  # Ascend: the data system writes device memory itself
+            return self._device_store.load(keys, cache, block_ids)
+        buffers = self._store.get(keys)
+        failed: set[int] = set()
+        pairs: list[tuple[int, torch.Tensor]] = []
+        for block_id, buffer in zip(block_ids, buffers):
             view = None if buffer is None else buffer.immutable_data()
-            if view is None or len(view) != cache.block_bytes:
-                self.failed_block_ids.add(block_id)
+            if view is None or len(view) != cache.block_bytes or failed:
+                failed.add(block_id)  # a gap: the blocks after it are computed too
                 continue
-            sources.append(torch.frombuffer(view, dtype=torch.uint8))
-            targets.append(block_id)
-        self._pairs = list(zip(targets, self.staging.stage_in(sources)))
-        if self._pairs and self.staging.on_cuda:
-            for name in self.layer_order:
-                self._layer_marker[name] = self.staging.write_layer(cache.layer_pieces[name], self._pairs)
-        elif self._pairs:
-            self._pending_layers = list(self.layer_order)
-        self._seconds += time.perf_counter() - started
-
-    def wait_layer(self, layer_name: str) -> None:
-        if self.staging.on_cuda:
-            self.staging.wait_layer(self._layer_marker.get(layer_name))
-            return
-        if layer_name in self._pending_layers:
-            started = time.perf_counter()
-            self._pending_layers.remove(layer_name)
-            self.staging.write_layer(self.staging.cache.layer_pieces[layer_name], self._pairs)
-            self._seconds += time.perf_counter() - started
-
-    def finish(self) -> None:
-        """Write layers the forward pass did not ask for; wait for device copies."""
-        for name in list(self._pending_layers):
-            self.wait_layer(name)
-        if self.staging.on_cuda:
-            torch.cuda.current_stream().synchronize()
-        loaded = len(self._pairs) + self._device_loaded
-        self.stats.add("blocks_load", loaded)
-        self.stats.add("bytes_load", loaded * self.staging.cache.block_bytes)
-        self.stats.add("blocks_load_failed", len(self.failed_block_ids))
-        if loaded:
-            self.stats.time("load", self._seconds)
-        self._pairs, self._buffers = [], []
+            pairs.append((block_id, torch.frombuffer(view, dtype=torch.uint8)))
+        if pairs:
+            self._staging.write_blocks(pairs)
+        del buffers  # the zero-copy views were only needed for the copy
+        return failed

@@ -3,9 +3,11 @@ for the store.
 
 The worker hands each step's saves over after the forward pass; one thread writes
 them, in order. vLLM keeps a finished request's blocks until ``finished_requests``
-names it, so a block is never reused while it is being read. The backlog is bounded:
-past ``max_pending_blocks`` new saves are skipped and counted, never queued without
-end, and a full store skips saves instead of blocking them.
+names it, so a block is never reused while it is being read. The scheduler half plans
+saves within ``max_pending_blocks`` (it learns ``done_blocks`` each step); the bound is
+enforced here too, as a safety net: past it new saves are skipped and counted, never
+queued without end, and a full store skips saves instead of blocking them. The time
+from a request's end to its last block being published is recorded (``publish``).
 """
 
 from __future__ import annotations
@@ -50,6 +52,8 @@ class BackgroundSaver:
         self._tracked: set[str] = set()  # requests with saves: vLLM holds their blocks until reported
         self._awaiting_finish: set[str] = set()  # finished in vLLM, saves still running
         self._done: set[str] = set()  # finished and saved: blocks may be freed
+        self._finished_at: dict[str, float] = {}  # finished in vLLM, saves still running: since when
+        self.done_blocks = 0  # blocks whose save ended, since start (read by the scheduler half)
         self._stats = YuanRongConnectorStats()
         self._thread = threading.Thread(target=self._run, name="yuanrong-kv-saver", daemon=True)
         self._thread.start()
@@ -59,6 +63,7 @@ class BackgroundSaver:
             self._tracked.add(request_id)
             if self._pending_blocks + len(keys) > self._max_pending_blocks:
                 self._stats.add("blocks_save_skipped", len(keys))
+                self.done_blocks += len(keys)
                 logger.warning(
                     "[connector req=%s] save backlog full (%d blocks pending): skipping %d blocks",
                     request_id,
@@ -80,8 +85,10 @@ class BackgroundSaver:
                 self._tracked.discard(request_id)
                 if self._pending_by_request.get(request_id, 0):
                     self._awaiting_finish.add(request_id)
+                    self._finished_at[request_id] = time.monotonic()
                 else:
                     self._done.add(request_id)
+                    self._stats.time("publish", 0.0)
             done, self._done = self._done, set()
             return done
 
@@ -130,6 +137,7 @@ class BackgroundSaver:
             finally:
                 with self._lock:
                     self._pending_blocks -= len(job.keys)
+                    self.done_blocks += len(job.keys)
                     left = self._pending_by_request[job.request_id] - 1
                     if left:
                         self._pending_by_request[job.request_id] = left
@@ -138,6 +146,10 @@ class BackgroundSaver:
                         if job.request_id in self._awaiting_finish:
                             self._awaiting_finish.discard(job.request_id)
                             self._done.add(job.request_id)
+                            published = time.monotonic() - self._finished_at.pop(job.request_id)
+                            self._stats.time("publish", published)
+                            logger.debug("[connector req=%s] last block published %.1f ms after the request ended",
+                                         job.request_id, published * 1000)
                     self._lock.notify_all()
 
     def _save(self, job: SaveJob) -> None:

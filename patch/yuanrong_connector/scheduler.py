@@ -1,130 +1,173 @@
 """Scheduler-side half of YuanRongConnector (runs in the EngineCore process).
 
-It decides, per request, which leading prompt blocks to load from the store (only
-blocks the store confirms it holds, asked in one batched call) and which computed
-blocks to save, and hands both lists to the worker side in each step's metadata.
+Per request it decides which leading prompt blocks to load from the store and which
+computed blocks to save, and hands both to the worker side in each step's metadata.
+It never waits for the store on the engine loop:
 
-A prefill's blocks are saved in the background, so a decode request can arrive before
-they are published. The decode then waits (the request stays queued, the engine goes
-on) until the blocks the prefill announced are all present or ``handoff_wait_ms``
-passes, and loads what is there; the rest is computed.
+- **Handoff (decode).** The prefill announced how many leading blocks it saves. The
+  decode claims them at once as an *asynchronous* load (``(n, True)``): vLLM allocates
+  the blocks and parks the request; the worker's loader waits, off the engine loop, up
+  to ``handoff_wait_ms`` for the blocks to be published, copies them in, and reports the
+  request through ``get_finished`` (blocks that never came through
+  ``get_block_ids_with_load_errors``: vLLM computes them).
+- **Prefix reuse.** Which leading blocks the store holds is asked in one batched
+  ``exist`` call run by a lookup thread; the scheduler waits for its answer at most
+  ``_LOOKUP_BUDGET_S`` per pass (the request stays queued while a slow store answers,
+  bounded by the store's request timeout), then loads the blocks asynchronously too.
+- **Saves.** Full prompt blocks are saved after the step that computed them, in the
+  background. Saves are planned only while the store takes them and the backlog has
+  room (the worker reports both each step), and a request's saves stop at its first
+  skipped block, so what a prefill *announces* is exactly what it stored or has in
+  flight: a decode never waits for a block that will not come.
+- **Preemption.** A resumed request gets a new block list from vLLM; its later saves
+  read the new blocks, never the ones it held before.
 """
 
 from __future__ import annotations
 
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from vllm.logger import init_logger
 
-from patch.yuanrong_connector.keys import block_key, chained_block_hashes, loadable_block_count
-from patch.yuanrong_connector.metadata import BlockTransfer, YuanRongConnectorMetadata
+from patch.yuanrong_connector.keys import block_key, chain_root, chained_block_hashes, loadable_block_count
+from patch.yuanrong_connector.metadata import BlockTransfer, YuanRongConnectorMetadata, YuanRongWorkerMetadata
 from patch.yuanrong_connector.settings import ConnectorSettings
 from patch.yuanrong_connector.store import BlockStore
 
 if TYPE_CHECKING:
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
     from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.outputs import KVConnectorOutput
     from vllm.v1.request import Request
 
 logger = init_logger(f"vllm.{__name__}")
+
+# How long one scheduling pass waits for a prefix lookup before moving on (the lookup
+# goes on; the request is asked about again in the next pass).
+_LOOKUP_BUDGET_S = 0.005
 
 
 @dataclass
 class _SaveProgress:
     block_hashes: list[str]
     block_ids: list[int]
-    saved_blocks: int
+    saved_blocks: int  # leading blocks stored, loaded, or planned for save
     prompt_len: int
-
-
-_RECHECK_S = 0.005  # while waiting for a handoff, ask the store at most this often
-# While a request waits, vLLM's engine loop has no work and calls the scheduler again at
-# once: without a pause it spins a core that the engine's API server and the data
-# system worker need (seen: /health timing out, store calls timing out, under load).
-_WAIT_PAUSE_S = 0.001
-
-
-@dataclass
-class _HandoffWait:
-    deadline: float
-    next_check: float
+    stopped: bool = False  # a save was skipped: blocks after the gap would be unreachable, so none are saved
 
 
 @dataclass
 class _PlannedLoad:
     first_block: int
     block_hashes: list[str]
+    wait_s: float
+
+
+def request_chain_root(request: Request) -> bytes:
+    """The start of a request's key chain: covers its LoRA adapter, cache salt and
+    multimodal inputs (see keys.chain_root)."""
+    lora = getattr(request, "lora_request", None)
+    features = getattr(request, "mm_features", None) or ()
+    return chain_root(
+        lora_name=getattr(lora, "lora_name", None) if lora is not None else None,
+        cache_salt=getattr(request, "cache_salt", None),
+        mm_identifiers=[str(feature.identifier) for feature in features],
+    )
 
 
 @dataclass
 class YuanRongScheduler:
     settings: ConnectorSettings
     store: BlockStore
+    enabled: bool = True  # False: a KV layout this connector does not handle; it does nothing
+    _hashes: dict[str, list[str]] = field(default_factory=dict)  # request -> its full blocks' chain hashes
+    _lookups: dict[str, Future[int]] = field(default_factory=dict)
     _planned_loads: dict[str, _PlannedLoad] = field(default_factory=dict)
     _ready_loads: list[BlockTransfer] = field(default_factory=list)
     _saving: dict[str, _SaveProgress] = field(default_factory=dict)
+    _announced: dict[str, int] = field(default_factory=dict)  # leading blocks a prefill may announce
     _loaded_blocks: dict[str, int] = field(default_factory=dict)  # leading blocks that came from the store
-    _handoff_waits: dict[str, _HandoffWait] = field(default_factory=dict)
     _with_saves: set[str] = field(default_factory=set)  # vLLM holds their blocks until saved
+    _arrived: dict[str, float] = field(default_factory=dict)  # for the debug timeline
+    _planned_save_blocks: int = 0
+    _done_save_blocks: int = 0
+    _saves_paused: bool = False
     _warned_layout: bool = False
+    _lookup_pool: ThreadPoolExecutor | None = None
 
     @property
     def block_size(self) -> int:
         return self.settings.layout.block_size
 
-    def _wants_load(self, request: Request) -> bool:
-        params = request.kv_transfer_params or {}
-        if self.settings.prefix_reuse:
-            return True
-        return self.settings.loads_remote_prefill and bool(params.get("do_remote_prefill"))
-
+    # ---- loads ----
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
-        if not self._wants_load(request):
+        if not self.enabled:
             return 0, False
-        prompt = list(request.prompt_token_ids or [])
-        loadable = loadable_block_count(len(prompt), self.block_size)
+        request_id = request.request_id
+        self._arrived.setdefault(request_id, time.monotonic())
+        hashes = self._block_hashes(request)
+        if not (self.settings.prefix_reuse or self._is_handoff(request)):
+            return 0, False
+        loadable = loadable_block_count(len(request.prompt_token_ids or ()), self.block_size)
         first_block = num_computed_tokens // self.block_size
         if loadable <= first_block:
             return 0, False
         announced = self._announced_blocks(request, loadable)
-        waiting = self._handoff_waits.get(request.request_id)
-        now = time.monotonic()
-        if waiting is not None and now < waiting.next_check:
-            time.sleep(min(waiting.next_check - now, _WAIT_PAUSE_S))
-            return None, False
-        hashes = chained_block_hashes(prompt[: loadable * self.block_size], self.block_size)[first_block:]
-        fingerprint = self.settings.layout.fingerprint()
-        ranks = range(self.settings.layout.tp_size)
-        keys = [block_key(fingerprint, rank, h) for h in hashes for rank in ranks]
-        present = self.store.count_present_prefix(keys, keys_per_block=len(ranks))
-        if first_block + present < announced and self.store.available:
-            if waiting is None:
-                waiting = _HandoffWait(deadline=now + self.settings.handoff_wait_ms / 1000, next_check=now)
-                self._handoff_waits[request.request_id] = waiting
-            if now < waiting.deadline:
-                waiting.next_check = now + _RECHECK_S
-                return None, False
-            logger.warning(
-                "[connector req=%s] %d of %d handed-over blocks present after %d ms; computing the rest",
-                request.request_id,
-                first_block + present,
-                announced,
-                self.settings.handoff_wait_ms,
-            )
-        self._handoff_waits.pop(request.request_id, None)
+        if announced > first_block:
+            wait_s = self.settings.handoff_wait_ms / 1000 if self.store.available else 0.0
+            self._planned_loads[request_id] = _PlannedLoad(first_block, hashes[first_block:announced], wait_s)
+            return announced * self.block_size - num_computed_tokens, True
+        if not self.settings.prefix_reuse:
+            return 0, False
+        present = self._present_blocks(request_id, hashes[first_block:loadable])
+        if present is None:
+            return None, False  # the store has not answered yet: ask again next pass
         if present == 0:
             return 0, False
-        self._planned_loads[request.request_id] = _PlannedLoad(first_block, hashes[:present])
-        return (first_block + present) * self.block_size - num_computed_tokens, False
+        self._planned_loads[request_id] = _PlannedLoad(first_block, hashes[first_block : first_block + present], 0.0)
+        return (first_block + present) * self.block_size - num_computed_tokens, True
+
+    def _block_hashes(self, request: Request) -> list[str]:
+        hashes = self._hashes.get(request.request_id)
+        if hashes is None:
+            prompt = list(request.prompt_token_ids or ())
+            hashes = chained_block_hashes(prompt, self.block_size, request_chain_root(request))
+            self._hashes[request.request_id] = hashes
+        return hashes
+
+    def _is_handoff(self, request: Request) -> bool:
+        params = request.kv_transfer_params or {}
+        return self.settings.loads_remote_prefill and bool(params.get("do_remote_prefill"))
+
+    def _present_blocks(self, request_id: str, hashes: list[str]) -> int | None:
+        """Leading blocks of ``hashes`` the store holds (every TP rank's part), or None
+        while the lookup is still running."""
+        lookup = self._lookups.get(request_id)
+        if lookup is None:
+            if self._lookup_pool is None:
+                self._lookup_pool = ThreadPoolExecutor(1, thread_name_prefix="yuanrong-kv-lookup")
+            fingerprint = self.settings.layout.fingerprint()
+            ranks = range(self.settings.layout.tp_size)
+            keys = [block_key(fingerprint, rank, h) for h in hashes for rank in ranks]
+            lookup = self._lookup_pool.submit(self.store.count_present_prefix, keys, len(ranks))
+            self._lookups[request_id] = lookup
+        try:
+            present = lookup.result(timeout=_LOOKUP_BUDGET_S)
+        except FutureTimeout:
+            return None
+        del self._lookups[request_id]
+        return present
 
     def _announced_blocks(self, request: Request, loadable: int) -> int:
-        """Blocks a prefill engine said it saves for this request (0: no handoff, or one
+        """Blocks a prefill engine said it stored for this request (0: no handoff, or one
         whose KV layout differs from ours, so nothing it saved can be ours)."""
-        params = request.kv_transfer_params or {}
-        if not (self.settings.loads_remote_prefill and params.get("do_remote_prefill")):
+        if not self._is_handoff(request):
             return 0
+        params = request.kv_transfer_params or {}
         layout = params.get("layout")
         if layout is not None and layout != self.settings.layout.fingerprint():
             if not self._warned_layout:
@@ -149,34 +192,48 @@ class YuanRongScheduler:
         self._loaded_blocks[request.request_id] = planned.first_block + count
         block_ids = blocks.get_block_ids()[0][planned.first_block : planned.first_block + count]
         self._ready_loads.append(
-            BlockTransfer(request.request_id, tuple(planned.block_hashes[:count]), tuple(block_ids))
+            BlockTransfer(request.request_id, tuple(planned.block_hashes[:count]), tuple(block_ids), planned.wait_s)
         )
+
+    # ---- saves ----
+    def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
+        meta = connector_output.kv_connector_worker_meta
+        if isinstance(meta, YuanRongWorkerMetadata):
+            self._done_save_blocks = max(self._done_save_blocks, meta.save_blocks_done)
+            self._saves_paused = meta.saves_paused
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> YuanRongConnectorMetadata:
         meta = YuanRongConnectorMetadata(
-            loads=self._ready_loads, preempted=sorted(scheduler_output.preempted_req_ids or ())
+            loads=self._ready_loads,
+            preempted=sorted(scheduler_output.preempted_req_ids or ()),
+            idle_step=scheduler_output.total_num_scheduled_tokens == 0,
         )
         self._ready_loads = []
-        if not self.settings.saves:
+        if not self.settings.saves or not self.enabled:
             return meta
         for new in scheduler_output.scheduled_new_reqs:
-            prompt = list(new.prompt_token_ids or [])
-            self._saving[new.req_id] = _SaveProgress(
-                block_hashes=chained_block_hashes(prompt, self.block_size),
-                block_ids=list(new.block_ids[0]),
-                # Blocks from vLLM's own prefix cache may be missing in the store (another
-                # worker, evicted): save them again; blocks loaded from the store are there.
-                saved_blocks=self._loaded_blocks.pop(new.req_id, 0),
-                prompt_len=len(prompt),
-            )
+            hashes = self._hashes.get(new.req_id)
+            if hashes is None:
+                continue
+            # Blocks from vLLM's own prefix cache may be missing in the store (another
+            # worker, evicted): save them again; blocks loaded from the store are there.
+            loaded = min(self._loaded_blocks.pop(new.req_id, 0), new.num_computed_tokens // self.block_size)
+            self._saving[new.req_id] = _SaveProgress(hashes, list(new.block_ids[0]), loaded, len(new.prompt_token_ids or ()))
+            self._announced[new.req_id] = loaded
             self._plan_save(meta, new.req_id, new.num_computed_tokens, scheduler_output)
         cached = scheduler_output.scheduled_cached_reqs
+        resumed = cached.resumed_req_ids
         for index, req_id in enumerate(cached.req_ids):
             progress = self._saving.get(req_id)
             if progress is None:
                 continue
             new_block_ids = cached.new_block_ids[index]
-            if new_block_ids is not None:
+            if req_id in resumed:
+                # vLLM gives a resumed request its whole (new) block list: what it held
+                # before preemption belongs to other requests now.
+                self._loaded_blocks.pop(req_id, None)
+                progress.block_ids = list(new_block_ids[0]) if new_block_ids is not None else []
+            elif new_block_ids is not None:
                 progress.block_ids.extend(new_block_ids[0])
             self._plan_save(meta, req_id, cached.num_computed_tokens[index], scheduler_output)
         return meta
@@ -188,37 +245,52 @@ class YuanRongScheduler:
         computed_after_step = num_computed + scheduler_output.num_scheduled_tokens.get(req_id, 0)
         full_blocks = min(computed_after_step, progress.prompt_len) // self.block_size
         full_blocks = min(full_blocks, len(progress.block_hashes), len(progress.block_ids))
-        if full_blocks > progress.saved_blocks:
-            start = progress.saved_blocks
-            meta.saves.append(
-                BlockTransfer(
+        count = full_blocks - progress.saved_blocks
+        if count > 0 and not progress.stopped:
+            backlog = self._planned_save_blocks - self._done_save_blocks
+            if self._saves_paused or not self.store.available or backlog + count > self.settings.max_pending_save_blocks:
+                progress.stopped = True
+                logger.warning(
+                    "[connector req=%s] not saving blocks %d and later (%s): they are computed, not handed over",
                     req_id,
-                    tuple(progress.block_hashes[start:full_blocks]),
-                    tuple(progress.block_ids[start:full_blocks]),
+                    progress.saved_blocks,
+                    "store full or down" if self._saves_paused or not self.store.available else f"{backlog} blocks pending",
                 )
-            )
-            progress.saved_blocks = full_blocks
-            self._with_saves.add(req_id)
+            else:
+                start = progress.saved_blocks
+                meta.saves.append(
+                    BlockTransfer(req_id, tuple(progress.block_hashes[start:full_blocks]), tuple(progress.block_ids[start:full_blocks]))
+                )
+                progress.saved_blocks = full_blocks
+                self._announced[req_id] = full_blocks
+                self._planned_save_blocks += count
+                self._with_saves.add(req_id)
         if computed_after_step >= progress.prompt_len:
             del self._saving[req_id]
 
+    # ---- end of a request ----
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         request_id = request.request_id
-        self._saving.pop(request_id, None)
-        self._planned_loads.pop(request_id, None)
-        self._loaded_blocks.pop(request_id, None)
-        self._handoff_waits.pop(request_id, None)
+        for state in (self._hashes, self._saving, self._planned_loads, self._loaded_blocks, self._lookups):
+            state.pop(request_id, None)  # type: ignore[attr-defined]
+        arrived = self._arrived.pop(request_id, None)
+        announced = self._announced.pop(request_id, 0)
+        if arrived is not None:
+            logger.debug("[connector req=%s] in engine %.1f ms", request_id, (time.monotonic() - arrived) * 1000)
         # Saves run in the background: vLLM keeps the blocks until the worker reports them saved.
         hold_blocks = request_id in self._with_saves
         self._with_saves.discard(request_id)
         params = request.kv_transfer_params or {}
         if not params.get("do_remote_decode"):
             return hold_blocks, None
-        num_blocks = len(chained_block_hashes(list(request.prompt_token_ids or []), self.block_size))
         return hold_blocks, {
             "do_remote_prefill": True,
             "do_remote_decode": False,
             "ds_worker_address": self.store.address,
-            "num_saved_blocks": num_blocks,
+            "num_saved_blocks": announced,
             "layout": self.settings.layout.fingerprint(),
         }
+
+    def shutdown(self) -> None:
+        if self._lookup_pool is not None:
+            self._lookup_pool.shutdown(wait=False, cancel_futures=True)

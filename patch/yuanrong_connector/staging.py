@@ -2,10 +2,9 @@
 
 - CPU caches: the store's shared-memory buffers are filled from, and read into, the
   cache directly (one copy each way, no staging).
-- CUDA caches: blocks go through pinned host memory on a side stream, so the device
-  copies are asynchronous: saving waits for an event recorded after the forward pass,
-  loading records one event per layer, and the forward pass waits only for the layer
-  it is about to run.
+- CUDA caches: blocks go through pinned host memory on a side stream: saving waits
+  for an event recorded after the forward pass; loading (in the loader thread, for a
+  request vLLM has parked) synchronises the side stream before the request is reported.
 """
 
 from __future__ import annotations
@@ -58,26 +57,16 @@ class HostStaging:
         return fill_from_pinned
 
     # ---- loading ----
-    def stage_in(self, sources: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Host copies the device can read asynchronously (pinned on CUDA; as is on CPU)."""
-        if not self.on_cuda or not sources:
-            return sources
-        pinned = torch.empty((len(sources), self.cache.block_bytes), dtype=torch.uint8, pin_memory=True)
-        for row, source in enumerate(sources):
-            pinned[row].copy_(source)
-        return list(pinned.unbind(0))
-
-    def write_layer(self, piece_indices: Sequence[int], pairs: Sequence[tuple[int, torch.Tensor]]) -> Any:
-        """Write one layer's pieces of each (block id, staged value); return what to wait on."""
+    def write_blocks(self, pairs: Sequence[tuple[int, torch.Tensor]]) -> None:
+        """Copy each (block id, stored value in host memory) into every layer of the cache;
+        on return the blocks are in place (called from the loader thread)."""
+        every_piece = range(len(self.cache.pieces))
         if not self.on_cuda:
-            self.cache.write_pieces(piece_indices, pairs)
-            return None
+            self.cache.write_pieces(every_piece, pairs)
+            return
+        pinned = torch.empty((len(pairs), self.cache.block_bytes), dtype=torch.uint8, pin_memory=True)
+        torch._foreach_copy_(list(pinned.unbind(0)), [value for _, value in pairs])
+        staged = [(block_id, pinned[row]) for row, (block_id, _) in enumerate(pairs)]
         with torch.cuda.stream(self._stream):
-            self.cache.write_pieces(piece_indices, pairs)
-            event = torch.cuda.Event()
-            event.record()
-        return event
-
-    def wait_layer(self, marker: Any) -> None:
-        if marker is not None:
-            torch.cuda.current_stream().wait_event(marker)
+            self.cache.write_pieces(every_piece, staged)
+        self._stream.synchronize()

@@ -4,7 +4,10 @@ loop by vLLM, logged with its periodic stats and exported on the engine's /metri
 Prometheus names (per engine, label ``engine``):
 - ``vllm:yuanrong_kv_blocks_total{op="save"|"load"|"save_skipped"|"save_present"|"load_failed"|"save_failed"}``
 - ``vllm:yuanrong_kv_bytes_total{op="save"|"load"}``
-- ``vllm:yuanrong_kv_op_seconds{op="save"|"load"}`` (histogram, one observation per batch)
+- ``vllm:yuanrong_kv_op_seconds{op=...}`` (histograms): ``save`` and ``load`` (one
+  batched store call and its copies), ``handoff_wait`` (a decode's wait for a
+  prefill's blocks to be published, per request), ``publish`` (on a prefill, from the
+  request's end to its last block stored, per request)
 The hit rate is vLLM's own ``vllm:external_prefix_cache_hits`` / ``..._queries``.
 """
 
@@ -23,7 +26,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (
 
 BLOCK_OPS = ("save", "load", "save_skipped", "save_present", "save_failed", "load_failed")
 BYTE_OPS = ("save", "load")
-TIMED_OPS = ("save", "load")
+TIMED_OPS = ("save", "load", "handoff_wait", "publish")
 
 
 @dataclass
@@ -91,7 +94,7 @@ class YuanRongPromMetrics(KVConnectorPromMetrics):
         )
         seconds = self._histogram_cls(
             name="vllm:yuanrong_kv_op_seconds",
-            documentation="Time of one batched save or load against the openYuanrong data system.",
+            documentation="Time of a save or load batch, a decode's wait for handed-over blocks, a prefill's publication.",
             buckets=[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0],
             labelnames=names,
         )

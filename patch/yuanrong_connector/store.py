@@ -21,8 +21,10 @@ from vllm.logger import init_logger
 
 logger = init_logger(f"vllm.{__name__}")
 
-# The data system refuses more keys than this in one mcreate/mset_buffer call.
-_MAX_KEYS_PER_CALL = 1000
+# The data system refuses more keys than these in one call (openyuanrong-datasystem 0.8.1:
+# mcreate/mset_buffer 1000; exist/get "objectKeys size exceed 10000").
+_MAX_KEYS_PER_WRITE = 1000
+_MAX_KEYS_PER_READ = 10000
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,12 @@ class BlockStore:
         """False while the store is marked down after a failure."""
         return time.monotonic() >= self._down_until
 
+    @property
+    def takes_saves(self) -> bool:
+        """False while saves are skipped: the store is marked down, or was full lately."""
+        now = time.monotonic()
+        return now >= self._down_until and now >= self._full_until
+
     def connect(self) -> bool:
         """Connect now (engine start) rather than on a request's path; False if unreachable."""
         return self._connected() is not None
@@ -99,7 +107,11 @@ class BlockStore:
         if client is None:
             return [False] * len(keys)
         try:
-            return [bool(flag) for flag in client.exist(list(keys))]
+            return [
+                bool(flag)
+                for start in range(0, len(keys), _MAX_KEYS_PER_READ)
+                for flag in client.exist(list(keys[start : start + _MAX_KEYS_PER_READ]))
+            ]
         except Exception as exc:
             self._mark_down(f"exist failed: {exc}")
             return [False] * len(keys)
@@ -121,8 +133,8 @@ class BlockStore:
         A value becomes visible only when published, so readers never see half a block.
         """
         stored = skipped = failed = 0
-        for start in range(0, len(keys), _MAX_KEYS_PER_CALL):
-            chunk = list(keys[start : start + _MAX_KEYS_PER_CALL])
+        for start in range(0, len(keys), _MAX_KEYS_PER_WRITE):
+            chunk = list(keys[start : start + _MAX_KEYS_PER_WRITE])
             if time.monotonic() < self._full_until:
                 skipped += len(chunk)
                 continue
@@ -156,12 +168,17 @@ class BlockStore:
         client = self._connected() if keys else None
         if client is None:
             return [None] * len(keys)
-        try:
-            return list(client.get_read_only_buffers(list(keys)))
-        except Exception as exc:
-            if "Key not found" not in str(exc):  # every key missing is a plain miss
-                self._mark_down(f"loading {len(keys)} blocks failed: {exc}")
-            return [None] * len(keys)
+        buffers: list[Any | None] = []
+        for start in range(0, len(keys), _MAX_KEYS_PER_READ):
+            chunk = list(keys[start : start + _MAX_KEYS_PER_READ])
+            try:
+                buffers.extend(client.get_read_only_buffers(chunk))
+            except Exception as exc:
+                if "Key not found" not in str(exc):  # every key missing is a plain miss
+                    self._mark_down(f"loading {len(chunk)} blocks failed: {exc}")
+                    return buffers + [None] * (len(keys) - len(buffers))
+                buffers.extend([None] * len(chunk))
+        return buffers
 
 
 def _first_line(text: str) -> str:

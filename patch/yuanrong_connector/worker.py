@@ -1,10 +1,12 @@
 """Worker-side half of YuanRongConnector (runs where the model runs).
 
-Per step: ``start_load`` begins the layer-by-layer load of the blocks the scheduler
-planned (see loader.py), ``wait_layer`` is called before each attention layer,
-``end_step`` (after the forward pass) completes the load and hands the step's saves to
-the background saver (see saver.py). Blocks that fail to load are reported to vLLM,
-which recomputes them.
+Per step: ``release_preempted`` (before the forward pass) lets preempted requests'
+saves finish reading their blocks, ``start_load`` hands the step's loads to the background loader (loader.py;
+vLLM parks those requests until ``get_finished`` reports them), ``end_step`` (after the
+forward pass) hands the step's saves to the background saver (saver.py). Blocks that
+fail to load are reported to vLLM, which recomputes them. Each step's
+``worker_metadata`` tells the scheduler half how far the saves got and whether the
+store takes saves, so it plans only saves that will happen.
 """
 
 from __future__ import annotations
@@ -17,8 +19,8 @@ from vllm.logger import init_logger
 
 from patch.yuanrong_connector.device_store import DeviceBlockStore
 from patch.yuanrong_connector.keys import block_key
-from patch.yuanrong_connector.loader import LayerwiseLoad
-from patch.yuanrong_connector.metadata import BlockTransfer, YuanRongConnectorMetadata
+from patch.yuanrong_connector.loader import BackgroundLoader
+from patch.yuanrong_connector.metadata import BlockTransfer, YuanRongConnectorMetadata, YuanRongWorkerMetadata
 from patch.yuanrong_connector.paged_cache import PagedKVCache
 from patch.yuanrong_connector.saver import BackgroundSaver
 from patch.yuanrong_connector.settings import ConnectorSettings
@@ -32,6 +34,9 @@ logger = init_logger(f"vllm.{__name__}")
 warnings.filterwarnings("ignore", message="The given buffer is not writable")
 
 _SLACK_S = 10.0  # copy time allowed on top of the store's own request timeout
+# A step with nothing to compute (requests parked for their loads) sleeps until a load
+# ends, at most this long, instead of returning at once into a busy engine loop.
+_IDLE_STEP_WAIT_S = 0.005
 
 
 @dataclass
@@ -44,10 +49,9 @@ class YuanRongWorker:
     _staging: HostStaging | None = None
     _device_store: DeviceBlockStore | None = None
     _saver: BackgroundSaver | None = None
-    _layer_order: list[str] = field(default_factory=list)
-    _load: LayerwiseLoad | None = None
+    _loader: BackgroundLoader | None = None
     _failed_block_ids: set[int] = field(default_factory=set)
-    _stats: YuanRongConnectorStats = field(default_factory=YuanRongConnectorStats)
+    _loading: set[str] = field(default_factory=set)
 
     @property
     def timeout_s(self) -> float:
@@ -55,7 +59,6 @@ class YuanRongWorker:
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         self.cache = PagedKVCache.register(kv_caches, self.num_blocks)
-        self._layer_order = list(kv_caches)
         self._staging = HostStaging(self.cache)
         if self.cache.device.type == "npu":
             self._device_store = DeviceBlockStore(
@@ -65,11 +68,13 @@ class YuanRongWorker:
             self._saver = BackgroundSaver(
                 self.store, self._staging, self.settings.max_pending_save_blocks, self._device_store
             )
+        if self.settings.prefix_reuse or self.settings.loads_remote_prefill:
+            self._loader = BackgroundLoader(self.store, self._staging, self._device_store)
         self.store.connect()
         logger.info(
             "[connector rank=%d] registered %d KV layers (%d pieces per block) on %s, %d bytes per block, store %s",
             self.tp_rank,
-            len(self._layer_order),
+            len(kv_caches),
             len(self.cache.pieces),
             self.cache.device,
             self.cache.block_bytes,
@@ -81,62 +86,57 @@ class YuanRongWorker:
         return [block_key(fingerprint, self.tp_rank, h) for h in transfer.block_hashes]
 
     # ---- per step ----
-    def start_load(self, meta: YuanRongConnectorMetadata) -> None:
-        if meta.preempted and self._saver is not None:
-            # Preempted requests' blocks are reused in this very step: finish reading them first.
-            self._saver.wait_for(set(meta.preempted), self.timeout_s)
-        if not meta.loads or self._staging is None:
-            return
-        keys = [key for transfer in meta.loads for key in self._keys(transfer)]
-        block_ids = [block_id for transfer in meta.loads for block_id in transfer.block_ids]
-        self._load = LayerwiseLoad(
-            self.store, self._staging, self._layer_order, keys, block_ids, device_store=self._device_store
-        )
-        try:
-            self._load.start()
-        except Exception:
-            logger.exception("[connector] loading %d blocks failed; vLLM recomputes them", len(block_ids))
-            self._load.failed_block_ids.update(block_ids)
+    def release_preempted(self, preempted: list[str]) -> None:
+        """Called before the forward pass: preempted requests' blocks are reused in this
+        very step, so their saves must have finished reading them."""
+        if preempted and self._saver is not None:
+            self._saver.wait_for(set(preempted), self.timeout_s)
 
-    def wait_layer(self, layer_name: str) -> None:
-        if self._load is not None:
-            self._load.wait_layer(layer_name)
+    def start_load(self, meta: YuanRongConnectorMetadata) -> None:
+        if self._loader is None:
+            return
+        for transfer in meta.loads:
+            self._loading.add(transfer.request_id)
+            self._loader.submit(transfer.request_id, self._keys(transfer), transfer.block_ids, transfer.wait_s)
 
     def end_step(self, meta: YuanRongConnectorMetadata) -> None:
-        self._finish_load()
         if self._saver is None or self._staging is None or not meta.saves:
             return
         marker = self._staging.forward_done_marker()
         for transfer in meta.saves:
             self._saver.submit(transfer.request_id, self._keys(transfer), transfer.block_ids, marker)
 
-    def _finish_load(self) -> None:
-        load, self._load = self._load, None
-        if load is None:
-            return
-        load.finish()
-        self._stats.aggregate(load.stats)
-        if load.failed_block_ids:
-            logger.warning(
-                "[connector] %d of %d blocks could not be loaded from the store; vLLM recomputes them",
-                len(load.failed_block_ids),
-                len(load.block_ids),
-            )
-        self._failed_block_ids |= load.failed_block_ids
-
     # ---- reported to vLLM ----
+    def finished(self, finished_req_ids: set[str], idle_step: bool) -> tuple[set[str], set[str]]:
+        """(requests whose saves ended, requests whose loads ended) since the last call."""
+        saved = self._saver.finished_requests(finished_req_ids) if self._saver is not None else set()
+        if self._loader is None:
+            return saved, set()
+        if finished_req_ids & self._loading:
+            self._loader.cancel(finished_req_ids & self._loading)  # aborted while loading
+        if idle_step:
+            self._loader.wait_for_progress(_IDLE_STEP_WAIT_S)
+        loaded: set[str] = set()
+        for outcome in self._loader.take_outcomes():
+            loaded.add(outcome.request_id)
+            self._failed_block_ids |= outcome.failed_block_ids
+        self._loading -= loaded
+        return saved, loaded
+
     def take_failed_block_ids(self) -> set[int]:
-        self._finish_load()
         failed, self._failed_block_ids = self._failed_block_ids, set()
         return failed
 
-    def finished_saving(self, finished_req_ids: set[str]) -> set[str]:
-        return self._saver.finished_requests(finished_req_ids) if self._saver is not None else set()
+    def worker_metadata(self) -> YuanRongWorkerMetadata | None:
+        if self._saver is None:
+            return None
+        return YuanRongWorkerMetadata(save_blocks_done=self._saver.done_blocks, saves_paused=not self.store.takes_saves)
 
     def take_stats(self) -> YuanRongConnectorStats | None:
-        stats, self._stats = self._stats, YuanRongConnectorStats()
-        if self._saver is not None:
-            stats.aggregate(self._saver.take_stats())
+        stats = YuanRongConnectorStats()
+        for part in (self._saver, self._loader):
+            if part is not None:
+                stats.aggregate(part.take_stats())
         return None if stats.is_empty() else stats
 
     def wait_saved(self, timeout_s: float) -> bool:
@@ -144,6 +144,7 @@ class YuanRongWorker:
         return self._saver.wait_idle(timeout_s) if self._saver is not None else True
 
     def shutdown(self) -> None:
-        self._finish_load()
+        if self._loader is not None:
+            self._loader.close(self.timeout_s)
         if self._saver is not None:
             self._saver.close(self.timeout_s)
