@@ -15,6 +15,12 @@ at 0, the same leg took 200-380 ms.
 created before it runs (the cap is applied on each wait). It is applied in the processes
 that load the connector (EngineCore and workers) when the engine runs on CPU; a step's
 wake-up then costs a socket poll (~0.1 ms) instead of a core.
+
+A sleeping reader wakes on a ZeroMQ notification, and upstream re-checks the queue
+only every ``SHM_READER_RECHECK_INTERVAL_MS`` (5 s) in case one is missed. With the spin
+capped at 0 a missed wake-up showed (one decode leg of 5.46 s among 7), so the re-check
+interval is lowered too (``_RECHECK_MS``): a missed wake-up then costs a few ms, and an
+idle reader wakes ~100 times a second, which costs nothing measurable.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from vllm.logger import init_logger
 logger = init_logger(f"vllm.{__name__}")
 
 _applied = False
+_RECHECK_MS = 10
 
 
 def cap_reader_spin(max_spin_s: float) -> bool:
@@ -34,6 +41,7 @@ def cap_reader_spin(max_spin_s: float) -> bool:
     ``max_spin_s``; False when this vLLM has no such reader (nothing to cap)."""
     global _applied
     try:
+        from vllm.distributed.device_communicators import shm_broadcast
         from vllm.distributed.device_communicators.shm_broadcast import SpinCondition
     except ImportError:
         return False
@@ -48,6 +56,9 @@ def cap_reader_spin(max_spin_s: float) -> bool:
         upstream_wait(self, *args, **kwargs)
 
     SpinCondition.wait = wait_with_capped_spin  # type: ignore[method-assign]
+    recheck_ms = getattr(shm_broadcast, "SHM_READER_RECHECK_INTERVAL_MS", None)
+    if isinstance(recheck_ms, int) and recheck_ms > _RECHECK_MS:
+        shm_broadcast.SHM_READER_RECHECK_INTERVAL_MS = _RECHECK_MS  # read at each wait
     _applied = True
     logger.info("[connector] vLLM's shared-memory queue readers spin at most %.3f s between steps (CPU engine)", max_spin_s)
     return True
