@@ -13,7 +13,8 @@ heads x 128 tokens x 2 x 64 x 2 bytes = 1.5 MiB, so the store sees 1.5 MiB value
 - connector save: ``end_step`` (hand-over) until the background saver has stored
   every block (``exist`` check, gather from the paged cache, publish); the time the
   step itself is held (hand-over only) is printed too. Fresh keys each repeat.
-- connector load: ``start_load`` + ``wait_layer`` for every layer + completion.
+- connector load: ``start_load`` until the background loader reports the request
+  loaded (exist, one batched zero-copy get, copies into every layer's cache).
 - ExampleConnector: its real save_kv_layer/wait_for_save and start_load_kv/
   wait_for_layer_load (benchmarks/example_connector_io.py), files under /tmp.
 
@@ -106,11 +107,9 @@ def measure_connector(address: str, caches: dict[str, torch.Tensor], block_ids: 
                 target.zero_()
             started = time.perf_counter()
             consumer.start_load(YuanRongConnectorMetadata(loads=[BlockTransfer(f"l{repeat}", hashes, tuple(block_ids))]))
-            for name in targets:
-                consumer.wait_layer(name)
-            failed = consumer.take_failed_block_ids()
+            failed = consumer.wait_loaded(f"l{repeat}", 60)
             loads.append(time.perf_counter() - started)
-            assert not failed, f"{len(failed)} blocks failed to load"
+            assert failed == set(), f"load failed or timed out: {failed}"
             for name, target in targets.items():
                 assert torch.equal(target[block_ids], caches[name][block_ids])
     finally:

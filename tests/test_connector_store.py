@@ -25,15 +25,12 @@ def _settings(address: str, layout_model: str) -> ConnectorSettings:
     return ConnectorSettings(address, saves=True, prefix_reuse=False, loads_remote_prefill=True, layout=layout)
 
 
-def _wait_loaded(worker: YuanRongWorker, request_id: str, timeout_s: float = 10) -> tuple[float, set[int]]:
-    """Step an idle engine until ``request_id`` is reported loaded: (seconds, failed block ids
-    reported in that same pass)."""
+def _wait_loaded(worker: YuanRongWorker, request_id: str) -> tuple[float, set[int]]:
+    """(seconds until ``request_id`` was reported loaded, failed block ids of that pass)."""
     started = time.monotonic()
-    while time.monotonic() - started < timeout_s:
-        _, loaded = worker.finished(set(), idle_step=True)
-        if request_id in loaded:
-            return time.monotonic() - started, worker.take_failed_block_ids()
-    raise AssertionError(f"{request_id} not reported loaded within {timeout_s} s")
+    failed = worker.wait_loaded(request_id, timeout_s=10)
+    assert failed is not None, f"{request_id} not reported loaded within 10 s"
+    return time.monotonic() - started, failed
 
 
 def _save(address: str, settings: ConnectorSettings, hashes: tuple[str, ...], caches: dict[str, torch.Tensor],

@@ -79,3 +79,10 @@ def test_ascend_devices_are_made_visible() -> None:
 def test_cpu_binding_splits_cores_per_rank() -> None:
     assert cpu_thread_binding((0, 1, 2, 3), 2) == "0,1|2,3"
     assert cpu_thread_binding((5,), 1) == "5"
+
+
+def test_cpu_engines_run_below_the_store_and_door_priority() -> None:
+    config = build_config({"ACCELERATOR": "cpu", "VISIBLE_DEVICES": "0,1"})
+    prefill, decode = plan_engines(config, MODEL, "served", ("127.0.0.1:31501",))
+    argv = build_engine_argv(prefill, 8123, python="python")
+    assert argv[:6] == ["nice", "-n", "5", "python", "-m", "vllm.entrypoints.openai.api_server"]

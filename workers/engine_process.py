@@ -62,8 +62,18 @@ def kv_transfer_config(spec: EngineSpec) -> dict[str, object]:
     }
 
 
+# CPU engines share the cores with the data system worker and the front door, which
+# must answer within milliseconds (a starved data system worker times out store calls:
+# RPC_RECV_TIMEOUT seen with two engines saturating 2 cores). Engines run at a lower
+# priority, so the store and the door get the CPU when they need it and the engines the
+# rest; no privileges are needed to lower a priority.
+CPU_ENGINE_NICENESS = 5
+
+
 def build_engine_argv(spec: EngineSpec, port: int, python: str = sys.executable) -> list[str]:
+    lower_priority = ["nice", "-n", str(CPU_ENGINE_NICENESS)] if spec.accelerator is Accelerator.CPU else []
     return [
+        *lower_priority,
         python,
         "-m",
         "vllm.entrypoints.openai.api_server",

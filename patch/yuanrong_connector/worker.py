@@ -11,6 +11,7 @@ store takes saves, so it plans only saves that will happen.
 
 from __future__ import annotations
 
+import time
 import warnings
 from dataclasses import dataclass, field
 
@@ -138,6 +139,15 @@ class YuanRongWorker:
             if part is not None:
                 stats.aggregate(part.take_stats())
         return None if stats.is_empty() else stats
+
+    def wait_loaded(self, request_id: str, timeout_s: float) -> set[int] | None:
+        """Step as an idle engine would until ``request_id`` is reported loaded; the block
+        ids reported failed in that same pass, or None on timeout (tests, benchmarks)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if request_id in self.finished(set(), idle_step=True)[1]:
+                return self.take_failed_block_ids()
+        return None
 
     def wait_saved(self, timeout_s: float) -> bool:
         """Block until every save handed over so far is done (tests, benchmarks)."""

@@ -1,0 +1,179 @@
+"""The KV handoff of a cold PD request, measured against the parties it is made of:
+
+1. TTFT of the prefill engine alone (a fresh prompt sent to it directly, streamed);
+2. cold PD TTFT through the front door (a fresh prompt; the door runs both legs);
+3. the handoff leg by leg (a fresh prompt; the client sends the prefill leg, then at
+   once the decode leg with the returned kv_transfer_params): prefill leg, the
+   prefill's publication after its end, the decode's wait for the blocks, the load
+   (one batched get + copies into the paged cache), the decode leg;
+4. the same decode leg again 5 s later (the decode's prefix cache reset first), so the
+   blocks are long published: the "later" load;
+5. the raw data system: a second client reading and copying the same number of bytes
+   one client just published (get_read_only_buffers + one copy per block).
+
+    .venv/bin/python -m benchmarks.pd_handoff [--tokens 2048 4096] [--rounds 3]
+
+Deploys 1P1D with the project's CLI: the ~93M random-weight Qwen2 (12 layers, 1.5 MiB
+of KV per 128-token block in bf16), eager mode, one core per engine, the door, the
+data system worker; the client is this process. Medians over ``--rounds`` fresh
+prompts; every sample is kept in benchmarks/results/pd_handoff.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+import torch
+
+from benchmarks.deployment import deployed
+from deploy.embedded_model import BENCH_MODEL_CONFIG, BENCH_MODEL_NAME, ensure_embedded_model
+from tests.e2e import metric
+from tests.helpers import PROJECT_ROOT, free_port, isolated_env
+
+RESULTS = Path(__file__).resolve().parent / "results" / "pd_handoff.json"
+BLOCK_TOKENS = 128
+STATS_FLUSH_S = 11  # engines publish connector stats every 10 s
+
+
+def stream_ttft(url: str, body: dict[str, Any]) -> float:
+    started = time.perf_counter()
+    with httpx.stream("POST", f"{url}/v1/completions", json={**body, "stream": True}, timeout=600) as response:
+        response.raise_for_status()
+        for line in response.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                return time.perf_counter() - started
+    raise RuntimeError("no token streamed")
+
+
+def post(url: str, body: dict[str, Any]) -> tuple[float, dict[str, Any]]:
+    started = time.perf_counter()
+    response = httpx.post(f"{url}/v1/completions", json=body, timeout=600)
+    response.raise_for_status()
+    return time.perf_counter() - started, response.json()
+
+
+def op_seconds(url: str, op: str) -> float:
+    return metric(url, "vllm:yuanrong_kv_op_seconds_sum", op=op)
+
+
+def raw_read(address: str, blocks: int, block_bytes: int, rounds: int) -> list[float]:
+    """Seconds for a second client to get + copy ``blocks`` values one client just published."""
+    from yr.datasystem import KVClient
+
+    host, port = address.rsplit(":", 1)
+    writer, reader = KVClient(host, int(port)), KVClient(host, int(port))
+    writer.init()
+    reader.init()
+    target = torch.empty((blocks, block_bytes), dtype=torch.uint8)
+    samples = []
+    for _ in range(rounds):
+        keys = [f"bench-raw-{uuid.uuid4().hex}" for _ in range(blocks)]
+        buffers = writer.mcreate(keys, [block_bytes] * blocks, ttl_second=60)
+        for buffer in buffers:
+            buffer.MutableData()[:] = b"\x01" * block_bytes
+        writer.mset_buffer(buffers)
+        started = time.perf_counter()
+        views = reader.get_read_only_buffers(keys)
+        sources = [torch.frombuffer(view.immutable_data(), dtype=torch.uint8) for view in views]
+        torch._foreach_copy_(list(target.unbind(0)), sources)
+        samples.append(time.perf_counter() - started)
+        del views, sources
+        writer.delete(keys)
+    return samples
+
+
+def measure(urls: dict[str, str], model: str, tokens: int, rounds: int, rng: random.Random) -> dict[str, list[float]]:
+    samples: dict[str, list[float]] = {name: [] for name in (
+        "prefill_alone_ttft", "pd_door_ttft", "prefill_leg", "publish_after_prefill", "decode_wait",
+        "load_fresh", "decode_leg_fresh", "load_later", "decode_leg_later")}  # fmt: skip
+    prefill, decode = urls["prefill"], urls["decode"]
+    for _ in range(rounds):
+        body = {"model": model, "max_tokens": 1, "temperature": 0}
+        samples["prefill_alone_ttft"].append(stream_ttft(prefill, {**body, "prompt": fresh(rng, tokens)}))
+        samples["pd_door_ttft"].append(stream_ttft(urls["door"], {**body, "max_tokens": 2, "prompt": fresh(rng, tokens)}))
+        prompt = fresh(rng, tokens)
+        before = {op: op_seconds(url, op) for op, url in (("publish", prefill), ("handoff_wait", decode), ("load", decode))}
+        leg, answer = post(prefill, {**body, "prompt": prompt, "kv_transfer_params": {"do_remote_decode": True}})
+        params = answer["kv_transfer_params"]
+        decode_body = {**body, "max_tokens": 2, "prompt": prompt, "kv_transfer_params": params}
+        samples["prefill_leg"].append(leg)
+        samples["decode_leg_fresh"].append(post(decode, decode_body)[0])
+        time.sleep(STATS_FLUSH_S)
+        samples["publish_after_prefill"].append(op_seconds(prefill, "publish") - before["publish"])
+        samples["decode_wait"].append(op_seconds(decode, "handoff_wait") - before["handoff_wait"])
+        samples["load_fresh"].append(op_seconds(decode, "load") - before["load"])
+        httpx.post(f"{decode}/reset_prefix_cache", timeout=30).raise_for_status()
+        before_later = op_seconds(decode, "load")
+        samples["decode_leg_later"].append(post(decode, decode_body)[0])
+        time.sleep(STATS_FLUSH_S)
+        samples["load_later"].append(op_seconds(decode, "load") - before_later)
+    return samples
+
+
+def fresh(rng: random.Random, tokens: int) -> list[int]:
+    return [rng.randrange(10, 4000) for _ in range(tokens)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="cold PD handoff against its parts")
+    parser.add_argument("--tokens", type=int, nargs="+", default=[2048, 4096])
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    model_path = ensure_embedded_model(PROJECT_ROOT / ".cache" / "models", BENCH_MODEL_NAME, BENCH_MODEL_CONFIG)
+    params = f"--enforce-eager --max-model-len {max(args.tokens) + 256}"
+    env = isolated_env(
+        Path(tempfile.mkdtemp(prefix="pd-handoff-", dir="/tmp")),
+        MODEL_PATH=str(model_path),
+        PREFILL_STARTUP_PARAMS=params,
+        DECODE_STARTUP_PARAMS=params,
+        DS_SHARED_MEMORY_MB="2048",
+        VLLM_SERVER_DEV_MODE="1",  # engines expose /reset_prefix_cache
+        SERVER_PORT=str(free_port()),
+    )
+    results: dict[str, Any] = {"model": BENCH_MODEL_NAME, "rounds": args.rounds, "by_prompt_tokens": {}}
+    rng = random.Random(0)
+    with deployed(env) as state:
+        urls = {e["role"]: f"http://{e['host']}:{e['port']}" for e in state.engines}
+        urls["door"] = f"http://127.0.0.1:{env['SERVER_PORT']}"
+        model = state.served_model_name
+        for url in (urls["prefill"], urls["door"]):  # warm-up: a fresh engine's first long prompt is slow
+            stream_ttft(url, {"model": model, "max_tokens": 2, "prompt": fresh(rng, 256)})
+        block_bytes = 12 * 2 * 4 * 64 * BLOCK_TOKENS * 2
+        for tokens in args.tokens:
+            samples = measure(urls, model, tokens, args.rounds, rng)
+            blocks = (tokens - 1) // BLOCK_TOKENS
+            samples["raw_get_copy"] = raw_read(env["DS_WORKER_ADDRESS"], blocks, block_bytes, args.rounds)
+            medians = {name: statistics.median(values) for name, values in samples.items()}
+            results["by_prompt_tokens"][str(tokens)] = {
+                "blocks_handed_over": blocks,
+                "median_ms": {name: round(v * 1000, 1) for name, v in medians.items()},
+                "samples_ms": {name: [round(v * 1000, 1) for v in values] for name, values in samples.items()},
+                "pd_ttft_over_prefill_alone": round(medians["pd_door_ttft"] / medians["prefill_alone_ttft"], 3),
+                "fresh_load_over_later_load": round(medians["load_fresh"] / medians["load_later"], 2),
+                "fresh_load_over_raw": round(medians["load_fresh"] / medians["raw_get_copy"], 2),
+            }
+            report(tokens, results["by_prompt_tokens"][str(tokens)])
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"written {RESULTS}")
+
+
+def report(tokens: int, result: dict[str, Any]) -> None:
+    print(f"\n{tokens}-token prompt, {result['blocks_handed_over']} blocks handed over (medians, ms; samples in the JSON)")
+    for name, value in result["median_ms"].items():
+        print(f"  {name:24}{value:10.1f}   {result['samples_ms'][name]}")
+    for name in ("pd_ttft_over_prefill_alone", "fresh_load_over_later_load", "fresh_load_over_raw"):
+        print(f"  {name:30}{result[name]}")
+
+
+if __name__ == "__main__":
+    main()
