@@ -150,7 +150,7 @@ def main() -> None:
         block_bytes = 12 * 2 * 4 * 64 * BLOCK_TOKENS * 2
         for tokens in args.tokens:
             samples = measure(urls, model, tokens, args.rounds, rng)
-            blocks = (tokens - 1) // BLOCK_TOKENS
+            blocks = tokens // BLOCK_TOKENS
             samples["raw_get_copy"] = raw_read(env["DS_WORKER_ADDRESS"], blocks, block_bytes, args.rounds)
             medians = {name: statistics.median(values) for name, values in samples.items()}
             results["by_prompt_tokens"][str(tokens)] = {

@@ -81,8 +81,8 @@ def test_decode_claims_announced_blocks_at_once_as_an_async_load() -> None:
     assert decode.get_num_new_matched_tokens(FakeRequest("r1", tokens, _handoff(2)), 0) == (2 * BLOCK, True)
     # with one block already computed locally, only the next one is claimed
     assert decode.get_num_new_matched_tokens(FakeRequest("r2", tokens, _handoff(2)), BLOCK) == (BLOCK, True)
-    # the last prompt token is always computed here: a 2-block prompt hands over 1 block
-    assert decode.get_num_new_matched_tokens(FakeRequest("r3", tokens[: 2 * BLOCK], _handoff(2)), 0) == (BLOCK, True)
+    # a prompt of exactly 2 blocks hands over both (vLLM recomputes only its last token)
+    assert decode.get_num_new_matched_tokens(FakeRequest("r3", tokens[: 2 * BLOCK], _handoff(2)), 0) == (2 * BLOCK, True)
 
 
 def test_decode_hands_its_loader_the_blocks_and_the_wait_bound(ds_worker: DataSystemConfig) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from patch.yuanrong_connector.keys import KVLayout, block_key, chained_block_hashes, loadable_block_count
+from patch.yuanrong_connector.keys import KVLayout, block_key, chained_block_hashes
 
 LAYOUT = KVLayout("m", "torch.bfloat16", 128, 2, 64, 2, 1)
 
@@ -26,9 +26,3 @@ def test_layout_changes_change_keys() -> None:
     assert len(fingerprints) == 1 + len(changed)
     assert block_key(LAYOUT.fingerprint(), 0, "ab") != block_key(LAYOUT.fingerprint(), 1, "ab")
 
-
-def test_consumer_always_leaves_the_last_prompt_token_to_compute() -> None:
-    assert loadable_block_count(1, 128) == 0
-    assert loadable_block_count(128, 128) == 0
-    assert loadable_block_count(129, 128) == 1
-    assert loadable_block_count(530, 128) == 4

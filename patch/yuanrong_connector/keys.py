@@ -101,7 +101,3 @@ def chained_block_hashes(token_ids: Sequence[int], block_size: int, root: bytes 
 def block_key(layout_fingerprint: str, tp_rank: int, block_hash: str) -> str:
     return f"{layout_fingerprint}_{tp_rank}_{block_hash}"
 
-
-def loadable_block_count(num_prompt_tokens: int, block_size: int) -> int:
-    """Full blocks a consumer may load: vLLM must compute at least the last prompt token."""
-    return max(num_prompt_tokens - 1, 0) // block_size

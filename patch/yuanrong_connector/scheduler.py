@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from vllm.logger import init_logger
 
-from patch.yuanrong_connector.keys import block_key, chain_root, chained_block_hashes, loadable_block_count
+from patch.yuanrong_connector.keys import block_key, chain_root, chained_block_hashes
 from patch.yuanrong_connector.metadata import BlockTransfer, YuanRongConnectorMetadata, YuanRongWorkerMetadata
 from patch.yuanrong_connector.settings import ConnectorSettings
 from patch.yuanrong_connector.store import BlockStore
@@ -112,7 +112,10 @@ class YuanRongScheduler:
         hashes = self._block_hashes(request)
         if not (self.settings.prefix_reuse or self._is_handoff(request)):
             return 0, False
-        loadable = loadable_block_count(len(request.prompt_token_ids or ()), self.block_size)
+        # Every full prompt block may be loaded: when an asynchronous load covers the whole
+        # prompt, vLLM recomputes just its last token (to sample the next one), not the
+        # whole last block.
+        loadable = len(hashes)
         first_block = num_computed_tokens // self.block_size
         if loadable <= first_block:
             return 0, False
