@@ -92,10 +92,6 @@ class BackgroundLoader:
             if self._pending and not self._outcomes:
                 self._lock.wait_for(lambda: bool(self._outcomes) or not self._pending, timeout_s)
 
-    def busy(self) -> bool:
-        with self._lock:
-            return bool(self._pending)
-
     def take_stats(self) -> YuanRongConnectorStats:
         with self._lock:
             stats, self._stats = self._stats, YuanRongConnectorStats()
