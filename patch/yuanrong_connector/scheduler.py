@@ -9,7 +9,10 @@ It never waits for the store on the engine loop:
   the blocks and parks the request; the worker's loader waits, off the engine loop, up
   to ``handoff_wait_ms`` for the blocks to be published, copies them in, and reports the
   request through ``get_finished`` (blocks that never came through
-  ``get_block_ids_with_load_errors``: vLLM computes them).
+  ``get_block_ids_with_load_errors``: vLLM computes them). A request whose load failed,
+  and every request while the store is marked down, is computed: never claimed as a
+  second asynchronous load (that stalls vLLM 0.32's scheduler, see
+  ``get_num_new_matched_tokens``).
 - **Prefix reuse.** Which leading blocks the store holds is asked in one batched
   ``exist`` call run by a lookup thread; the scheduler waits for its answer at most
   ``_LOOKUP_BUDGET_S`` per pass (the request stays queued while a slow store answers,
@@ -91,6 +94,8 @@ class YuanRongScheduler:
     _saving: dict[str, _SaveProgress] = field(default_factory=dict)
     _announced: dict[str, int] = field(default_factory=dict)  # leading blocks a prefill may announce
     _loaded_blocks: dict[str, int] = field(default_factory=dict)  # leading blocks that came from the store
+    _loading: dict[str, frozenset[int]] = field(default_factory=dict)  # request -> blocks its async load fills
+    _load_failed: set[str] = field(default_factory=set)  # a load of theirs failed: they compute from now on
     _with_saves: set[str] = field(default_factory=set)  # vLLM holds their blocks until saved
     _arrived: dict[str, float] = field(default_factory=dict)  # for the debug timeline
     _planned_save_blocks: int = 0
@@ -112,6 +117,13 @@ class YuanRongScheduler:
         hashes = self._block_hashes(request)
         if not (self.settings.prefix_reuse or self._is_handoff(request)):
             return 0, False
+        if request_id in self._load_failed or not self.store.available:
+            # Compute, never claim a second asynchronous load: vLLM frees a request whose
+            # load failed from its first block but keeps it at the head of the queue of
+            # block-holding requests, and a second async admission counts the request's
+            # own full prompt as reserved against itself; it never fits, the requests
+            # behind it are never promoted, and with nothing running the engine stalls.
+            return 0, False
         # Every full prompt block may be loaded: when an asynchronous load covers the whole
         # prompt, vLLM recomputes just its last token (to sample the next one), not the
         # whole last block.
@@ -121,7 +133,7 @@ class YuanRongScheduler:
             return 0, False
         announced = self._announced_blocks(request, loadable)
         if announced > first_block:
-            wait_s = self.settings.handoff_wait_ms / 1000 if self.store.available else 0.0
+            wait_s = self.settings.handoff_wait_ms / 1000
             self._planned_loads[request_id] = _PlannedLoad(first_block, hashes[first_block:announced], wait_s)
             return announced * self.block_size - num_computed_tokens, True
         if not self.settings.prefix_reuse:
@@ -194,12 +206,18 @@ class YuanRongScheduler:
         count = num_external_tokens // self.block_size
         self._loaded_blocks[request.request_id] = planned.first_block + count
         block_ids = blocks.get_block_ids()[0][planned.first_block : planned.first_block + count]
+        self._loading[request.request_id] = frozenset(block_ids)
         self._ready_loads.append(
             BlockTransfer(request.request_id, tuple(planned.block_hashes[:count]), tuple(block_ids), planned.wait_s)
         )
 
     # ---- saves ----
     def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
+        failed_block_ids = connector_output.invalid_block_ids
+        for request_id in connector_output.finished_recving or ():
+            blocks = self._loading.pop(request_id, frozenset())
+            if blocks & failed_block_ids or request_id in connector_output.failed_recving:
+                self._load_failed.add(request_id)
         meta = connector_output.kv_connector_worker_meta
         if isinstance(meta, YuanRongWorkerMetadata):
             self._done_save_blocks = max(self._done_save_blocks, meta.save_blocks_done)
@@ -274,8 +292,9 @@ class YuanRongScheduler:
     # ---- end of a request ----
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         request_id = request.request_id
-        for state in (self._hashes, self._saving, self._planned_loads, self._loaded_blocks, self._lookups):
+        for state in (self._hashes, self._saving, self._planned_loads, self._loaded_blocks, self._lookups, self._loading):
             state.pop(request_id, None)  # type: ignore[attr-defined]
+        self._load_failed.discard(request_id)
         arrived = self._arrived.pop(request_id, None)
         announced = self._announced.pop(request_id, 0)
         if arrived is not None:
