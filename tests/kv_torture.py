@@ -121,7 +121,7 @@ async def _run_requests(
             if _text(response) != expected[index]:
                 report.mismatches.append(f"request {index} ({len(prompts[index])} prompt tokens)")
 
-    async with httpx.AsyncClient(timeout=300) as client:
+    async with httpx.AsyncClient(timeout=120) as client:  # a stalled engine fails the run, not hangs it
         await asyncio.gather(*(one(i, client) for i in range(len(prompts))))
     if restart is not None:
         restart.join(timeout=180)

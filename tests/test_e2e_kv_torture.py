@@ -10,13 +10,7 @@ import pytest
 from tests.e2e import deployed
 from tests.kv_torture import TORTURE_SETTINGS, run_torture
 
-pytestmark = [
-    pytest.mark.e2e,
-    # Known hang, open (issue 8): in the full suite a decode with a 16-block cache ended with
-    # async loads "completed waiting" but never scheduled after the store restart. It passed
-    # alone once (24 requests, 0 mismatches). Run by hand: pytest tests/test_e2e_kv_torture.py --runxfail
-    pytest.mark.skip(reason="known hang under preemption + store restart; see the module docstring and issue 8"),
-]
+pytestmark = pytest.mark.e2e
 
 
 def test_kv_torture_short(tmp_path_factory: pytest.TempPathFactory) -> None:
