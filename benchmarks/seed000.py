@@ -1,0 +1,114 @@
+"""Seed 000's workload (grouped prefixes, short outputs) through the front door, one
+deployment per arm, side by side in one run:
+
+    .venv/bin/python -m benchmarks.seed000 [--repeats 3] [--groups 6] [--per-group 6]
+        [--prefix 1400] [--suffix 280] [--output 2] [--concurrency 4] [--arms a,b,...]
+
+Arms (each deployed by the project's CLI on this machine's cores, then cleaned):
+- ``colocated``: 2 PD-colocated instances, no connector (vLLM's own prefix cache only);
+- ``colocated+reuse``: the same with ``USING_PREFIX_CONNECTOR=1`` (prefixes through the
+  data system, across instances);
+- ``1p1d+reuse``: 1 prefill + 1 decode instance, KV handed over and prefixes reused
+  through the data system;
+- ``1p1d``: the same without prefix reuse (handoff only).
+
+The client is ``vllm bench serve`` (its own process) on a custom JSONL of
+``groups x per-group`` prompts (benchmarks/datasets.py); each repeat uses fresh
+prompts (another seed), so no arm starts with a warm cache. Store calls that failed
+or timed out are counted from the engines' logs. Results:
+benchmarks/results/seed000.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import tempfile
+from pathlib import Path
+
+from transformers import AutoTokenizer
+
+from benchmarks.datasets import GroupedPrefixWorkload, grouped_prefix_prompts, write_custom_jsonl
+from benchmarks.deployment import deployed
+from benchmarks.serve_bench import ServeResult, serve_bench
+from deploy.embedded_model import BENCH_MODEL_CONFIG, BENCH_MODEL_NAME, ensure_embedded_model
+from tests.helpers import PROJECT_ROOT, isolated_env
+
+RESULTS = Path(__file__).resolve().parent / "results" / "seed000.json"
+ARMS: dict[str, dict[str, str]] = {
+    "colocated": {"PREFILL_INS_NUM": "2", "DECODE_INS_NUM": "0", "USING_PREFIX_CONNECTOR": "0"},
+    "colocated+reuse": {"PREFILL_INS_NUM": "2", "DECODE_INS_NUM": "0", "USING_PREFIX_CONNECTOR": "1"},
+    "1p1d+reuse": {"PREFILL_INS_NUM": "1", "DECODE_INS_NUM": "1", "USING_PREFIX_CONNECTOR": "1"},
+    "1p1d": {"PREFILL_INS_NUM": "1", "DECODE_INS_NUM": "1", "USING_PREFIX_CONNECTOR": "0"},
+}
+# A store call that failed: the connector logs these at WARNING with the store's address.
+STORE_FAILURE = re.compile(r"\[store=[^\]]+\] \w+ failed")
+REPORTED = ("request_throughput", "mean_ttft_ms", "median_ttft_ms", "p99_ttft_ms", "mean_tpot_ms", "total_token_throughput")
+
+
+def store_failures(sessions_dir: Path) -> int:
+    return sum(len(STORE_FAILURE.findall(log.read_text(errors="replace"))) for log in sessions_dir.glob("*/log/*.log"))
+
+
+def run_arm(arm: str, model: Path, workload: GroupedPrefixWorkload, repeats: int, concurrency: int) -> dict[str, object]:
+    tmp = Path(tempfile.mkdtemp(prefix=f"seed000-{arm.replace('+', '-')}-", dir="/tmp"))
+    max_len = workload.prefix_tokens + workload.suffix_tokens + workload.output_tokens + 64
+    params = f"--enforce-eager --max-model-len {max_len}"
+    env = isolated_env(tmp, MODEL_PATH=str(model), PREFILL_STARTUP_PARAMS=params, DECODE_STARTUP_PARAMS=params, **ARMS[arm])
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    runs: list[ServeResult] = []
+    with deployed(env) as state:
+        door = f"http://127.0.0.1:{env['SERVER_PORT']}"
+        for repeat in range(repeats):
+            fresh = GroupedPrefixWorkload(**{**workload.__dict__, "seed": workload.seed + repeat})
+            prompts = [prompt for _, prompt in grouped_prefix_prompts(tokenizer, fresh)]
+            dataset = write_custom_jsonl(tmp / f"prompts-{repeat}.jsonl", prompts, workload.output_tokens)
+            result = serve_bench(door, state.served_model_name, model, dataset, len(prompts), concurrency, workload.output_tokens)
+            print(f"  {arm} run {repeat + 1}: {result.request_throughput:.2f} req/s, mean TTFT {result.mean_ttft_ms:.0f} ms, "
+                  f"P99 TTFT {result.p99_ttft_ms:.0f} ms, {result.failed} failed", flush=True)  # fmt: skip
+            runs.append(result)
+        failures = store_failures(Path(env["YR_SESSIONS_DIR"]))
+    return {
+        "runs": [run.as_dict() for run in runs],
+        "median": {key: round(statistics.median(getattr(run, key) for run in runs), 2) for key in REPORTED},
+        "spread": {key: [round(min(getattr(r, key) for r in runs), 2), round(max(getattr(r, key) for r in runs), 2)] for key in REPORTED},
+        "failed_requests": sum(run.failed for run in runs),
+        "store_call_failures": failures,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Seed 000's grouped-prefix workload, one deployment per arm")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--groups", type=int, default=6)
+    parser.add_argument("--per-group", type=int, default=6)
+    parser.add_argument("--prefix", type=int, default=1400)
+    parser.add_argument("--suffix", type=int, default=280)
+    parser.add_argument("--output", type=int, default=2)
+    parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, from: {', '.join(ARMS)}")
+    args = parser.parse_args()
+    arms = [arm.strip() for arm in args.arms.split(",") if arm.strip()]
+    unknown = [arm for arm in arms if arm not in ARMS]
+    if unknown:
+        raise SystemExit(f"unknown arm(s) {', '.join(unknown)}; choose from {', '.join(ARMS)}")
+    workload = GroupedPrefixWorkload(args.groups, args.per_group, args.prefix, args.suffix, args.output)
+    model = ensure_embedded_model(PROJECT_ROOT / ".cache" / "models", BENCH_MODEL_NAME, BENCH_MODEL_CONFIG)
+    results: dict[str, object] = {"workload": workload.__dict__, "concurrency": args.concurrency, "repeats": args.repeats, "arms": {}}
+    for arm in arms:
+        print(f"arm {arm}: deploying", flush=True)
+        results["arms"][arm] = run_arm(arm, model, workload, args.repeats, args.concurrency)  # type: ignore[index]
+    print(f"\n{'arm':<18}{'req/s':>8}{'mean TTFT ms':>14}{'P99 TTFT ms':>13}{'store failures':>16}")
+    for arm, figures in results["arms"].items():  # type: ignore[union-attr]
+        median = figures["median"]
+        print(f"{arm:<18}{median['request_throughput']:>8.2f}{median['mean_ttft_ms']:>14.0f}{median['p99_ttft_ms']:>13.0f}"
+              f"{figures['store_call_failures']:>16}")  # fmt: skip
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"written {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()

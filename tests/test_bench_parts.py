@@ -1,0 +1,72 @@
+"""The benchmark's own parts (not benchmarks): the grouped-prefix dataset generator, in
+the served model's tokenizer, and the parsing of ``vllm bench serve`` results."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from transformers import AutoTokenizer
+
+from benchmarks.datasets import GroupedPrefixWorkload, grouped_prefix_prompts, token_count, write_custom_jsonl
+from benchmarks.serve_bench import parse_result
+from deploy.embedded_model import ensure_embedded_model
+from tests.helpers import PROJECT_ROOT
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> object:
+    return AutoTokenizer.from_pretrained(ensure_embedded_model(PROJECT_ROOT / ".cache" / "models"))
+
+
+def _shared_head(tokenizer: object, a: str, b: str) -> int:
+    ids_a, ids_b = tokenizer.encode(a, add_special_tokens=False), tokenizer.encode(b, add_special_tokens=False)  # type: ignore[attr-defined]
+    return next((i for i, (x, y) in enumerate(zip(ids_a, ids_b)) if x != y), min(len(ids_a), len(ids_b)))
+
+
+def test_grouped_prompts_have_exact_token_counts_and_share_exactly_their_group_prefix(tokenizer: object) -> None:
+    workload = GroupedPrefixWorkload(groups=3, per_group=4, prefix_tokens=300, suffix_tokens=50, output_tokens=2, seed=7)
+    prompts = grouped_prefix_prompts(tokenizer, workload)  # type: ignore[arg-type]
+    assert sorted(group for group, _ in prompts) == [0] * 4 + [1] * 4 + [2] * 4
+    assert {token_count(tokenizer, prompt) for _, prompt in prompts} == {350}  # type: ignore[arg-type]
+    by_group = {g: [p for group, p in prompts if group == g] for g in range(3)}
+    for members in by_group.values():  # the suffixes are random words: the first one differs
+        assert {_shared_head(tokenizer, members[0], other) for other in members[1:]} <= {300, 301}
+    assert _shared_head(tokenizer, by_group[0][0], by_group[1][0]) < 5
+
+
+def test_the_same_seed_gives_the_same_prompts_in_the_same_order(tokenizer: object) -> None:
+    workload = GroupedPrefixWorkload(groups=2, per_group=3, prefix_tokens=40, suffix_tokens=10, output_tokens=2, seed=1)
+    first = grouped_prefix_prompts(tokenizer, workload)  # type: ignore[arg-type]
+    assert grouped_prefix_prompts(tokenizer, workload) == first  # type: ignore[arg-type]
+    other = GroupedPrefixWorkload(**{**workload.__dict__, "seed": 2})
+    assert grouped_prefix_prompts(tokenizer, other) != first  # type: ignore[arg-type]
+    assert [group for group, _ in first] != [0, 0, 0, 1, 1, 1]  # shuffled, not group by group
+
+
+def test_a_workload_without_prompts_is_refused() -> None:
+    with pytest.raises(ValueError, match="per_group must be at least 1, got 0"):
+        GroupedPrefixWorkload(groups=2, per_group=0, prefix_tokens=40, suffix_tokens=10, output_tokens=2)
+
+
+def test_custom_jsonl_is_what_vllm_bench_serve_reads(tmp_path: Path) -> None:
+    path = write_custom_jsonl(tmp_path / "d" / "prompts.jsonl", ["a b", "c"], output_tokens=3)
+    assert [json.loads(line) for line in path.read_text().splitlines()] == [
+        {"prompt": "a b", "output_tokens": 3},
+        {"prompt": "c", "output_tokens": 3},
+    ]
+
+
+def test_a_saved_vllm_bench_serve_result_is_parsed() -> None:
+    saved = {
+        "duration": 30.5, "completed": 35, "failed": 1, "num_prompts": 36, "request_throughput": 1.15,
+        "output_throughput": 2.3, "total_token_throughput": 1934.0, "mean_ttft_ms": 2450.0, "median_ttft_ms": 2100.0,
+        "p99_ttft_ms": 6200.0, "mean_tpot_ms": 40.0, "median_tpot_ms": 38.0, "p99_tpot_ms": 90.0,
+        "mean_itl_ms": 40.0, "median_itl_ms": 38.0, "p99_itl_ms": 91.0, "mean_e2el_ms": 2500.0,
+        "median_e2el_ms": 2150.0, "p99_e2el_ms": 6300.0, "std_ttft_ms": 1.0,
+    }  # fmt: skip
+    result = parse_result(saved)
+    assert (result.completed, result.failed, result.duration_s) == (35, 1, 30.5)
+    assert (result.request_throughput, result.mean_ttft_ms, result.p99_ttft_ms, result.p99_e2el_ms) == (1.15, 2450.0, 6200.0, 6300.0)
+    assert parse_result({"completed": 2, "num_prompts": 3}).failed == 1  # older results have no "failed"
