@@ -14,7 +14,8 @@ Arms (each deployed by the project's CLI on this machine's cores, then cleaned):
 
 The client is ``vllm bench serve`` (its own process) on a custom JSONL of
 ``groups x per-group`` prompts (benchmarks/datasets.py); each repeat uses fresh
-prompts (another seed), so no arm starts with a warm cache. Store calls that failed
+prompts (another seed), so no run starts with a warm cache, after a warm-up of 4
+prompts that is not counted. Store calls that failed
 or timed out are counted from the engines' logs. Results:
 benchmarks/results/seed000.json.
 """
@@ -43,13 +44,16 @@ ARMS: dict[str, dict[str, str]] = {
     "1p1d+reuse": {"PREFILL_INS_NUM": "1", "DECODE_INS_NUM": "1", "USING_PREFIX_CONNECTOR": "1"},
     "1p1d": {"PREFILL_INS_NUM": "1", "DECODE_INS_NUM": "1", "USING_PREFIX_CONNECTOR": "0"},
 }
-# A store call that failed: the connector logs these at WARNING with the store's address.
-STORE_FAILURE = re.compile(r"\[store=[^\]]+\] \w+ failed")
+# A store call that failed or was not answered in time (the connector logs these at
+# WARNING with the store's address; a late answer is logged at most every few seconds).
+STORE_FAILURE = re.compile(r"\[store=[^\]]+\] [^:]* (?:failed|no answer within)")
+WARMUP_SEED = 10_000
 REPORTED = ("request_throughput", "mean_ttft_ms", "median_ttft_ms", "p99_ttft_ms", "mean_tpot_ms", "total_token_throughput")
 
 
 def store_failures(sessions_dir: Path) -> int:
-    return sum(len(STORE_FAILURE.findall(log.read_text(errors="replace"))) for log in sessions_dir.glob("*/log/*.log"))
+    logs = {log.resolve() for log in sessions_dir.glob("*/log/*.log")}  # "latest" links to a session
+    return sum(len(STORE_FAILURE.findall(log.read_text(errors="replace"))) for log in logs)
 
 
 def run_arm(arm: str, model: Path, workload: GroupedPrefixWorkload, repeats: int, concurrency: int) -> dict[str, object]:
@@ -61,6 +65,12 @@ def run_arm(arm: str, model: Path, workload: GroupedPrefixWorkload, repeats: int
     runs: list[ServeResult] = []
     with deployed(env) as state:
         door = f"http://127.0.0.1:{env['SERVER_PORT']}"
+        # Warm-up, not counted: the first requests of a fresh engine are slower; its
+        # prompts (another seed) share nothing with the measured ones.
+        warmup = GroupedPrefixWorkload(**{**workload.__dict__, "groups": 2, "per_group": 2, "seed": WARMUP_SEED})
+        prompts = [prompt for _, prompt in grouped_prefix_prompts(tokenizer, warmup)]
+        serve_bench(door, state.served_model_name, model, write_custom_jsonl(tmp / "warmup.jsonl", prompts, workload.output_tokens),
+                    len(prompts), concurrency, workload.output_tokens)  # fmt: skip
         for repeat in range(repeats):
             fresh = GroupedPrefixWorkload(**{**workload.__dict__, "seed": workload.seed + repeat})
             prompts = [prompt for _, prompt in grouped_prefix_prompts(tokenizer, fresh)]

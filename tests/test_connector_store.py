@@ -5,17 +5,21 @@ recompute in the same pass that reports the request loaded."""
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 
 import pytest
 import torch
 
 from deploy.config import DataSystemConfig
+from deploy.datasystem import start_worker, stop_worker
 from patch.yuanrong_connector.keys import KVLayout, block_key, chained_block_hashes
 from patch.yuanrong_connector.metadata import BlockTransfer, YuanRongConnectorMetadata
 from patch.yuanrong_connector.settings import ConnectorSettings
 from patch.yuanrong_connector.store import BlockStore
 from patch.yuanrong_connector.worker import YuanRongWorker
+from tests.helpers import free_port, pids_matching
 
 NUM_BLOCKS, KV_HEADS, BLOCK, HEAD = 8, 2, 16, 64
 
@@ -159,3 +163,33 @@ def test_unreachable_store_is_a_miss_not_an_error() -> None:
     store = BlockStore("127.0.0.1:1", request_timeout_ms=500)
     assert store.count_present_prefix(["k"]) == 0
     assert store.get(["k"]) == [None]
+
+
+def test_a_worker_that_answers_late_is_slow_not_down(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """A frozen worker (SIGSTOP: alive, connected, not answering) costs each call its
+    timeout and that call is a miss, but the store is not marked down: once the worker
+    answers again, so does the store, at once. A stopped worker is marked down."""
+    settings = DataSystemConfig(worker_host="127.0.0.1", worker_port=free_port(), metastore_port=free_port(),
+                                shared_memory_mb=64, spill_dir=None, spill_size_mb=0)  # fmt: skip
+    start_worker(settings, tmp_path_factory.mktemp("slow-datasystem"))
+    try:
+        store = BlockStore(settings.address, request_timeout_ms=600)
+        store.put(["late"], 8, lambda first, buffers: buffers[0].__setitem__(slice(0, 8), b"12345678"))
+        assert store.exists(["late"]) == [True]
+        (pid,) = pids_matching(f"--worker_address={settings.address}")
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            assert store.exists(["late"]) == [False]  # a miss...
+            assert 0.5 < time.monotonic() - started < 3.0  # ...after the request timeout
+            assert store.available  # not marked down
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        deadline = time.monotonic() + 10
+        while store.exists(["late"]) != [True] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert store.exists(["late"]) == [True]
+    finally:
+        stop_worker(settings.address)
+    assert store.exists(["late"]) == [False]
+    assert not store.available  # stopped: marked down

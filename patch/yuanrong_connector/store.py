@@ -6,7 +6,9 @@ call, never one per block. Every call is bounded by the request timeout, and sto
 failures reach the caller as misses, so vLLM recomputes instead of failing or hanging.
 After a failure the store is left alone for ``retry_s`` (each call is then an instant
 miss) instead of making every request wait out the timeout again; after an out-of-memory
-refusal, saves are skipped for the same time while reads go on.
+refusal, saves are skipped for the same time while reads go on. A call the worker
+answered too late is only that call's miss: one late answer (a busy machine) must not
+turn into seconds of recomputed prompts for every request.
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ logger = init_logger(f"vllm.{__name__}")
 # mcreate/mset_buffer 1000; exist/get "objectKeys size exceed 10000").
 _MAX_KEYS_PER_WRITE = 1000
 _MAX_KEYS_PER_READ = 10000
+# How the SDK says a worker did not answer within the request timeout (it is alive: a
+# stopped worker gives "SOCK_CONN_WAIT_TIMEOUT" or a refused connection instead).
+_SLOW_ANSWER = "RPC_RECV_TIMEOUT"
 
 
 @dataclass(frozen=True)
@@ -52,6 +57,7 @@ class BlockStore:
         self._lock = threading.Lock()
         self._down_until = 0.0
         self._full_until = 0.0
+        self._slow_logged_until = 0.0
 
     @property
     def address(self) -> str:
@@ -92,6 +98,25 @@ class BlockStore:
         """Connect now (engine start) rather than on a request's path; False if unreachable."""
         return self._connected() is not None
 
+    def _failed(self, what: str, exc: Exception) -> None:
+        """A call failed. A worker that answered too late is slow, not down: that call is a
+        miss (bounded by the request timeout) and the next one is tried; anything else
+        (unreachable, refused) marks the store down for a while."""
+        if _SLOW_ANSWER in str(exc):
+            now = time.monotonic()
+            if now >= self._slow_logged_until:
+                self._slow_logged_until = now + self._retry_s
+                logger.warning(
+                    "[store=%s] %s: no answer within %d ms (KV_REQUEST_TIMEOUT_MS); that call is a miss, the next is tried "
+                    "(this message at most every %.0f s)",
+                    self.address,
+                    what,
+                    self._timeout_ms,
+                    self._retry_s,
+                )
+            return
+        self._mark_down(f"{what} failed: {exc}")
+
     def _mark_down(self, reason: str) -> None:
         self._down_until = time.monotonic() + self._retry_s
         logger.warning(
@@ -113,7 +138,7 @@ class BlockStore:
                 for flag in client.exist(list(keys[start : start + _MAX_KEYS_PER_READ]))
             ]
         except Exception as exc:
-            self._mark_down(f"exist failed: {exc}")
+            self._failed("exist", exc)
             return [False] * len(keys)
 
     def count_present_prefix(self, keys: Sequence[str], keys_per_block: int = 1) -> int:
@@ -158,7 +183,7 @@ class BlockStore:
                     )
                 else:
                     failed += len(chunk)
-                    self._mark_down(f"saving {len(chunk)} blocks failed: {exc}")
+                    self._failed(f"saving {len(chunk)} blocks", exc)
         return PutResult(stored, skipped, failed)
 
     def get(self, keys: Sequence[str]) -> list[Any | None]:
@@ -175,7 +200,7 @@ class BlockStore:
                 buffers.extend(client.get_read_only_buffers(chunk))
             except Exception as exc:
                 if "Key not found" not in str(exc):  # every key missing is a plain miss
-                    self._mark_down(f"loading {len(chunk)} blocks failed: {exc}")
+                    self._failed(f"loading {len(chunk)} blocks", exc)
                     return buffers + [None] * (len(keys) - len(buffers))
                 buffers.extend([None] * len(chunk))
         return buffers
