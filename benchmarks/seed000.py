@@ -46,7 +46,7 @@ ARMS: dict[str, dict[str, str]] = {
 }
 # A store call that failed or was not answered in time (the connector logs these at
 # WARNING with the store's address; a late answer is logged at most every few seconds).
-STORE_FAILURE = re.compile(r"\[store=[^\]]+\] [^:]* (?:failed|no answer within)")
+STORE_FAILURE = re.compile(r"\[store=[^\]]+\] [^:]*(?: failed|: no answer within)")
 WARMUP_SEED = 10_000
 REPORTED = ("request_throughput", "mean_ttft_ms", "median_ttft_ms", "p99_ttft_ms", "mean_tpot_ms", "total_token_throughput")
 
