@@ -48,6 +48,7 @@ ARMS: dict[str, dict[str, str]] = {
 # WARNING with the store's address; a late answer is logged at most every few seconds).
 STORE_FAILURE = re.compile(r"\[store=[^\]]+\] [^:]*(?: failed|: no answer within)")
 WARMUP_SEED = 10_000
+STORE_MB = 4096
 REPORTED = ("request_throughput", "mean_ttft_ms", "median_ttft_ms", "p99_ttft_ms", "mean_tpot_ms", "total_token_throughput")
 
 
@@ -60,7 +61,10 @@ def run_arm(arm: str, model: Path, workload: GroupedPrefixWorkload, repeats: int
     tmp = Path(tempfile.mkdtemp(prefix=f"seed000-{arm.replace('+', '-')}-", dir="/tmp"))
     max_len = workload.prefix_tokens + workload.suffix_tokens + workload.output_tokens + 64
     params = f"--enforce-eager --max-model-len {max_len}"
-    env = isolated_env(tmp, MODEL_PATH=str(model), PREFILL_STARTUP_PARAMS=params, DECODE_STARTUP_PARAMS=params, **ARMS[arm])
+    # Shared memory for every block of every run (~20 MiB per 1.7K-token prompt of this
+    # model): a full store refuses saves, and prefix reuse would then measure nothing.
+    env = isolated_env(tmp, MODEL_PATH=str(model), PREFILL_STARTUP_PARAMS=params, DECODE_STARTUP_PARAMS=params,
+                       DS_SHARED_MEMORY_MB=str(STORE_MB), **ARMS[arm])  # fmt: skip
     tokenizer = AutoTokenizer.from_pretrained(model)
     runs: list[ServeResult] = []
     with deployed(env) as state:

@@ -4,8 +4,8 @@ The scheduler half parks a request whose blocks are to be loaded (vLLM state
 WAITING_FOR_REMOTE_KVS) with its blocks allocated; ``submit`` hands them to one loader
 thread, and the engine loop goes on. The thread, for all pending loads together:
 1. asks the store (one batched ``exist``) which blocks are published; a handed-over
-   load whose blocks are not all there yet is asked about again every ``_POLL_S``, up
-   to its ``wait_s``;
+   load whose blocks are not all there yet is asked about again (every 2 ms at first,
+   backing off to 32 ms), up to its ``wait_s``;
 2. reads the ready ones (one zero-copy ``get_read_only_buffers`` per batch) and copies
    every layer of every block into the cache (CPU: straight from shared memory; CUDA:
    through pinned memory on a side stream, synchronised before reporting; Ascend:
@@ -34,7 +34,11 @@ from patch.yuanrong_connector.store import BlockStore
 
 logger = init_logger(f"vllm.{__name__}")
 
-_POLL_S = 0.002  # how often a waiting handoff asks the store whether its blocks are published
+# How often waiting handoffs ask the store whether their blocks are published: at first
+# every 2 ms, then less often (doubling up to 32 ms) while nothing new comes, so a long
+# wait does not flood the data system worker with calls it must answer.
+_POLL_MIN_S = 0.002
+_POLL_MAX_S = 0.032
 
 
 @dataclass
@@ -64,6 +68,7 @@ class BackgroundLoader:
         self._outcomes: list[LoadOutcome] = []
         self._stats = YuanRongConnectorStats()
         self._stopping = False
+        self._submitted = False  # a load came since the last poll: poll at the fast rate again
         self._thread = threading.Thread(target=self._run, name="yuanrong-kv-loader", daemon=True)
         self._thread.start()
 
@@ -72,6 +77,7 @@ class BackgroundLoader:
         now = time.monotonic()
         with self._lock:
             self._pending[request_id] = _Load(request_id, list(keys), list(block_ids), now + wait_s, now, wait_s > 0)
+            self._submitted = True
             self._lock.notify_all()
 
     def cancel(self, request_ids: set[str]) -> None:
@@ -105,11 +111,14 @@ class BackgroundLoader:
 
     # ---- loader thread ----
     def _run(self) -> None:
+        poll_s = _POLL_MIN_S
         while True:
             with self._lock:
                 self._lock.wait_for(lambda: self._stopping or bool(self._pending))
                 if self._stopping:
                     return
+                if self._submitted:
+                    poll_s, self._submitted = _POLL_MIN_S, False
                 loads = list(self._pending.values())
             try:
                 ready = self._ready(loads)
@@ -122,7 +131,8 @@ class BackgroundLoader:
                     self._report(load, LoadOutcome(load.request_id, set(load.block_ids)))
             if len(ready) < len(loads):
                 with self._lock:
-                    self._lock.wait(_POLL_S)
+                    self._lock.wait(poll_s)  # a new load or a cancellation wakes it early
+                poll_s = min(poll_s * 2, _POLL_MAX_S) if not ready else _POLL_MIN_S
 
     def _ready(self, loads: list[_Load]) -> list[tuple[_Load, int]]:
         """Loads that can go now, each with its count of leading blocks published."""
