@@ -128,7 +128,7 @@ async def _run_requests(
         report.restarted_store = not restart.is_alive()
 
 
-def run_torture(deployment: Deployment, requests: int, concurrency: int, seed: int = 0) -> TortureReport:
+def run_torture(deployment: Deployment, requests: int, concurrency: int, seed: int = 0, restart_store: bool = True) -> TortureReport:
     prompts = make_prompts(requests, seed)
     lengths = [random.Random(seed + i).randrange(4, 48) for i in range(requests)]
     model = deployment.state.served_model_name
@@ -143,7 +143,7 @@ def run_torture(deployment: Deployment, requests: int, concurrency: int, seed: i
     }
     report = TortureReport()
     started = time.monotonic()
-    asyncio.run(_run_requests(deployment, prompts, lengths, expected, concurrency, seed, report, restart_at=requests // 3))
+    asyncio.run(_run_requests(deployment, prompts, lengths, expected, concurrency, seed, report, restart_at=requests // 3 if restart_store else -1))
     report.seconds = time.monotonic() - started
     time.sleep(11)  # engines publish connector stats every 10 s
     waits = metric(decode, "vllm:yuanrong_kv_op_seconds_count", op="handoff_wait") - before["waits"]

@@ -2,7 +2,7 @@
 model output is built by hand, as the worker half would report it), with a real data
 system worker behind the connector. These are the interactions a user meets as a stalled
 or wrong engine: a decode whose handed-over KV fails to load must still serve every
-request, and a decode whose store is down computes prompts instead of waiting."""
+request."""
 
 from __future__ import annotations
 
@@ -24,7 +24,6 @@ from vllm.v1.structured_output import StructuredOutputManager
 
 from deploy.config import DataSystemConfig
 from deploy.embedded_model import ensure_embedded_model
-from tests.helpers import free_port
 
 BLOCK = 16
 NUM_BLOCKS = 17  # 16 usable: two 6-block requests fit, a third waits
@@ -104,12 +103,3 @@ def test_a_handoff_whose_load_failed_is_computed_and_never_stalls_the_engine(dec
     assert [r.status for r in requests[:2]] == [RequestStatus.FINISHED_LENGTH_CAPPED] * 2
     assert requests[2].status == RequestStatus.WAITING_FOR_REMOTE_KVS  # admitted once the others freed their blocks
 
-
-def test_a_decode_whose_store_is_down_computes_instead_of_waiting() -> None:
-    decode = _decode_scheduler(f"127.0.0.1:{free_port()}")  # no data system worker there
-    request = _handoff_request(decode, 0)
-    decode.add_request(request)
-    step = decode.schedule()
-    assert request.status == RequestStatus.RUNNING
-    assert dict(step.num_scheduled_tokens) == {"req-0": PROMPT_BLOCKS * BLOCK + 8}
-    decode.shutdown()

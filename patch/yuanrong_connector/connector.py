@@ -92,7 +92,8 @@ class YuanRongConnector(KVConnectorBase_V1):
                     "YuanRongConnector handles one: nothing is saved or loaded, every prompt is computed here",
                     groups,
                 )
-            store.connect()
+            if settings.prefix_reuse:
+                store.connect()  # lookups; a handoff alone makes no store call in this process
         else:
             from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
 
