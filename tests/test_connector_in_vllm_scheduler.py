@@ -7,7 +7,6 @@ request."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import torch
@@ -24,11 +23,11 @@ from vllm.v1.structured_output import StructuredOutputManager
 
 from deploy.config import DataSystemConfig
 from deploy.embedded_model import ensure_embedded_model
+from tests.helpers import PROJECT_ROOT
 
 BLOCK = 16
 NUM_BLOCKS = 17  # 16 usable: two 6-block requests fit, a third waits
 PROMPT_BLOCKS = 5
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
 def _decode_scheduler(ds_address: str) -> Scheduler:
