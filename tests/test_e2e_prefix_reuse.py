@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -48,9 +49,24 @@ def test_instances_attach_to_different_workers(deployment: Deployment) -> None:
     assert stores["colocated-1"] != stores["colocated-0"]
 
 
+def _stored_blocks(url: str) -> float:
+    """Blocks an engine saved or found already stored (its stats reach /metrics every 10 s)."""
+    return metric(url, "vllm:yuanrong_kv_blocks_total", op="save") + metric(url, "vllm:yuanrong_kv_blocks_total", op="save_present")
+
+
+def _wait_for_stored_blocks(url: str, count: float, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while _stored_blocks(url) < count:
+        assert time.monotonic() < deadline, f"{url} reported {_stored_blocks(url):.0f} blocks stored, waited for {count:.0f}"
+        time.sleep(0.5)
+
+
 def test_prompt_computed_on_one_instance_is_loaded_by_the_other_through_another_worker(deployment: Deployment) -> None:
     prompt = token_prompt(4 * BLOCK_SIZE + 9)
+    first_url = deployment.engine_url("colocated-0")
+    stored_before = _stored_blocks(first_url)
     first = deployment.engine_complete("colocated-0", _body(prompt))
+    _wait_for_stored_blocks(first_url, stored_before + 4)  # saves are published after the response
     other_url = deployment.engine_url("colocated-1")
     before = external_kv_tokens(other_url)
     second = deployment.engine_complete("colocated-1", _body(prompt))
