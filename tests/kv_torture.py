@@ -32,7 +32,7 @@ from deploy.config import build_config
 from deploy.datasystem import start_worker, stop_worker, worker_home
 from tests.e2e import BLOCK_SIZE, Deployment, deployed, metric
 
-HANDOFF_WAIT_MS = 2000
+HANDOFF_WAIT_MS = 1500
 # 16 blocks of 128 tokens on the decode: a few concurrent requests fill it, vLLM preempts.
 TORTURE_SETTINGS = {
     "PREFILL_STARTUP_PARAMS": "--enforce-eager --dtype float32 --max-model-len 1024",
@@ -41,7 +41,8 @@ TORTURE_SETTINGS = {
     "KV_REQUEST_TIMEOUT_MS": "500",
 }
 # A handoff waits at most KV_HANDOFF_WAIT_MS, plus the store call under way when that
-# runs out (bounded by KV_REQUEST_TIMEOUT_MS): 2.5 s, a bucket of the wait histogram.
+# runs out (bounded by KV_REQUEST_TIMEOUT_MS): 2.0 s; the bound checked is the next bucket
+# of the wait histogram, 2.5 s, which leaves 0.5 s for a thread starved on a busy 2-core host.
 WAIT_BOUND_BUCKET = "2.5"
 
 

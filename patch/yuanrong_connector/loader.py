@@ -121,21 +121,25 @@ class BackgroundLoader:
                     poll_s, self._submitted = _POLL_MIN_S, False
                 loads = list(self._pending.values())
             try:
-                ready = self._ready(loads)
+                ready, decided = self._ready(loads)
                 for load, present in ready:
-                    self._finish(load, present)
+                    self._finish(load, present, waited=decided - load.submitted)
             except Exception:
                 logger.exception("[connector] loading failed; vLLM recomputes the blocks")
                 ready = [(load, 0) for load in loads]
                 for load, _ in ready:
                     self._report(load, LoadOutcome(load.request_id, set(load.block_ids)))
             if len(ready) < len(loads):
+                decided_ids = {load.request_id for load, _ in ready}
+                nearest_deadline = min(load.deadline for load in loads if load.request_id not in decided_ids)
+                # Wake at the nearest deadline, not up to a poll period after it.
+                until_deadline = max(0.0, nearest_deadline - time.monotonic())
                 with self._lock:
-                    self._lock.wait(poll_s)  # a new load or a cancellation wakes it early
+                    self._lock.wait(min(poll_s, until_deadline))  # a new load or a cancellation wakes it early
                 poll_s = min(poll_s * 2, _POLL_MAX_S) if not ready else _POLL_MIN_S
 
-    def _ready(self, loads: list[_Load]) -> list[tuple[_Load, int]]:
-        """Loads that can go now, each with its count of leading blocks published."""
+    def _ready(self, loads: list[_Load]) -> tuple[list[tuple[_Load, int]], float]:
+        """Loads that can go now, each with its count of leading blocks published, and when that was known."""
         keys = [key for load in loads for key in load.keys]
         present = self._store.exists(keys)
         now = time.monotonic()
@@ -147,10 +151,10 @@ class BackgroundLoader:
             leading = next((i for i, flag in enumerate(flags) if not flag), len(flags))
             if leading == len(flags) or load.cancelled or now >= load.deadline or not self._store.available:
                 ready.append((load, leading))
-        return ready
+        return ready, now
 
-    def _finish(self, load: _Load, present: int) -> None:
-        waited = time.monotonic() - load.submitted
+    def _finish(self, load: _Load, present: int, waited: float) -> None:
+        """Copy a decided load in; ``waited`` is its wait for publication (not the copies of loads before it)."""
         if load.cancelled:
             self._report(load, LoadOutcome(load.request_id, set(load.block_ids)))
             return
