@@ -94,3 +94,21 @@ def test_stats_aggregate_and_reduce() -> None:
     second.time("load", 0.001)
     reduced = first.aggregate(second).reduce()
     assert reduced["blocks_load"] == 4 and reduced["load_gbps"] == 2.0
+
+
+def test_gather_and_scatter_move_whole_blocks_by_index() -> None:
+    caches = {f"model.layers.{i}.self_attn.attn": torch.randn(2, 6, 4, 2, 8).to(torch.bfloat16) for i in range(3)}
+    cache = PagedKVCache.register(caches, num_blocks=6)
+    expected = [torch.empty(cache.block_bytes, dtype=torch.uint8) for _ in range(2)]
+    cache.read_blocks([4, 1], expected)
+    gathered = torch.empty((2, cache.block_bytes), dtype=torch.uint8)
+
+    cache.gather(torch.tensor([4, 1]), gathered)
+    assert torch.equal(gathered, torch.stack(expected))
+
+    originals = {name: tensor.clone() for name, tensor in caches.items()}
+    cache.scatter(torch.tensor([0, 5]), gathered)
+    for name, tensor in caches.items():
+        assert torch.equal(tensor[:, [0, 5]], originals[name][:, [4, 1]])
+        assert torch.equal(tensor[:, 1:5], originals[name][:, 1:5])
+

@@ -24,7 +24,6 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import torch
 from vllm.logger import init_logger
 
 from patch.yuanrong_connector.device_store import DeviceBlockStore
@@ -197,21 +196,6 @@ class BackgroundLoader:
 
     def _copy_in(self, keys: list[str], block_ids: list[int]) -> set[int]:
         """Copy stored blocks into the cache; return the block ids that could not be."""
-        if not keys:
-            return set()
-        cache = self._staging.cache
-        if self._device_store is not None:  # Ascend: the data system writes device memory itself
-            return self._device_store.load(keys, cache, block_ids)
-        buffers = self._store.get(keys)
-        failed: set[int] = set()
-        pairs: list[tuple[int, torch.Tensor]] = []
-        for block_id, buffer in zip(block_ids, buffers):
-            view = None if buffer is None else buffer.immutable_data()
-            if view is None or len(view) != cache.block_bytes or failed:
-                failed.add(block_id)  # a gap: the blocks after it are computed too
-                continue
-            pairs.append((block_id, torch.frombuffer(view, dtype=torch.uint8)))
-        if pairs:
-            self._staging.write_blocks(pairs)
-        del buffers  # the zero-copy views were only needed for the copy
-        return failed
+        if self._device_store is not None and keys:  # Ascend: the data system writes device memory itself
+            return self._device_store.load(keys, self._staging.cache, block_ids)
+        return self._staging.load(self._store, keys, block_ids)

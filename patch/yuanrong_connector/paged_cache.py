@@ -104,6 +104,19 @@ class PagedKVCache:
         if destinations:
             torch._foreach_copy_(destinations, sources, non_blocking=True)
 
+    def gather(self, block_index: torch.Tensor, out: torch.Tensor) -> None:
+        """Write blocks ``block_index`` (a tensor of block ids on the cache's device) into
+        the rows of ``out`` (uint8 [len(block_index), block_bytes]): one indexed copy per
+        piece, however many blocks (the per-block copies of ``read_blocks`` cost Python time
+        per block and piece, too much for the dozens of pieces of a GPU model's block)."""
+        for piece in self.pieces:
+            out[:, piece.offset : piece.offset + piece.nbytes] = piece.rows.index_select(0, block_index)
+
+    def scatter(self, block_index: torch.Tensor, values: torch.Tensor) -> None:
+        """The reverse of ``gather``: row i of ``values`` becomes block ``block_index[i]``."""
+        for piece in self.pieces:
+            piece.rows.index_copy_(0, block_index, values[:, piece.offset : piece.offset + piece.nbytes])
+
     def device_blobs(self, block_id: int) -> list[tuple[int, int]]:
         """(address, size) of each piece of block ``block_id``, in stored-value order: what a
         device-side store API (the data system's HeteroClient on Ascend) reads or writes

@@ -162,8 +162,7 @@ class BackgroundSaver:
         if keys and self._device_store is not None:
             result = self._device_store.save(keys, self._staging.cache, block_ids)
         elif keys:
-            fill = self._staging.block_reader(block_ids, job.marker)
-            result = self._store.put(keys, self._staging.cache.block_bytes, fill)
+            result = self._staging.save(self._store, keys, block_ids, job.marker)
         elapsed = time.perf_counter() - started
         with self._lock:
             self._stats.add("blocks_save_present", len(job.keys) - len(keys))

@@ -2,9 +2,21 @@
 
 - CPU caches: the store's shared-memory buffers are filled from, and read into, the
   cache directly (one copy each way, no staging).
-- CUDA caches: blocks go through pinned host memory on a side stream: saving waits
-  for an event recorded after the forward pass; loading (in the loader thread, for a
-  request vLLM has parked) synchronises the side stream before the request is reported.
+- CUDA caches: blocks go through pinned host memory on a side stream. Saving waits for
+  an event recorded after the forward pass; loading (in the loader thread, for a request
+  vLLM has parked) synchronises the side stream before the request is reported.
+  A block's pieces (K and V of every layer, e.g. 64 pieces of 32 KiB for Llama-3-8B)
+  are gathered into (scattered from) a device buffer of whole blocks, one indexed copy
+  per piece, so the bus sees one copy per chunk of blocks and Python does not loop over
+  blocks x pieces; the device buffer is bounded (``DEVICE_CHUNK_BYTES``), not the size
+  of the request. The host copy between pinned memory and the store's shared memory is
+  what limits the rate (measured on an H100 host: ``benchmarks.cuda_staging``); chunks
+  overlapping that copy with the device's were measured and gave nothing, and DMA
+  straight into the store's memory needs it registered with CUDA, which the SDK's
+  many ~2 GiB mappings of it make unsafe (see the README).
+
+``save`` and ``load`` are the whole move between the cache and the store that the
+background saver and loader run (and that ``benchmarks.cuda_staging`` times).
 """
 
 from __future__ import annotations
@@ -15,6 +27,11 @@ from typing import Any
 import torch
 
 from patch.yuanrong_connector.paged_cache import PagedKVCache
+from patch.yuanrong_connector.store import BlockStore, PutResult
+
+# The most device memory one save or load borrows for gathering blocks (whole blocks,
+# at least one): the engine sized its cache to the memory it was given.
+DEVICE_CHUNK_BYTES = 64 * 1024 * 1024
 
 
 class HostStaging:
@@ -44,17 +61,25 @@ class HostStaging:
                 self.cache.read_blocks(block_ids[first : first + len(buffers)], targets)
 
             return fill_from_cache
+
+        def fill_from_device(first: int, buffers: list[memoryview]) -> None:
+            targets = [torch.frombuffer(buffer, dtype=torch.uint8) for buffer in buffers]
+            self._device_to_store(block_ids[first : first + len(buffers)], targets, marker)
+
+        return fill_from_device
+
+    def _device_to_store(self, block_ids: Sequence[int], targets: list[torch.Tensor], marker: Any) -> None:
         staged = torch.empty((len(block_ids), self.cache.block_bytes), dtype=torch.uint8, pin_memory=True)
+        block_index = self._index(block_ids)
         with torch.cuda.stream(self._stream):
             self._stream.wait_event(marker)
-            self.cache.read_blocks(block_ids, list(staged.unbind(0)))
+            gathered = self._device_rows(len(block_ids))
+            for first in range(0, len(block_ids), len(gathered)):
+                count = min(len(gathered), len(block_ids) - first)
+                self.cache.gather(block_index[first : first + count], gathered[:count])
+                staged[first : first + count].copy_(gathered[:count], non_blocking=True)
         self._stream.synchronize()
-
-        def fill_from_pinned(first: int, buffers: list[memoryview]) -> None:
-            targets = [torch.frombuffer(buffer, dtype=torch.uint8) for buffer in buffers]
-            torch._foreach_copy_(targets, list(staged[first : first + len(buffers)].unbind(0)))
-
-        return fill_from_pinned
+        torch._foreach_copy_(targets, list(staged.unbind(0)))
 
     # ---- loading ----
     def write_blocks(self, pairs: Sequence[tuple[int, torch.Tensor]]) -> None:
@@ -66,7 +91,46 @@ class HostStaging:
             return
         pinned = torch.empty((len(pairs), self.cache.block_bytes), dtype=torch.uint8, pin_memory=True)
         torch._foreach_copy_(list(pinned.unbind(0)), [value for _, value in pairs])
-        staged = [(block_id, pinned[row]) for row, (block_id, _) in enumerate(pairs)]
+        block_index = self._index([block_id for block_id, _ in pairs])
         with torch.cuda.stream(self._stream):
-            self.cache.write_pieces(every_piece, staged)
+            gathered = self._device_rows(len(pairs))
+            for first in range(0, len(pairs), len(gathered)):
+                count = min(len(gathered), len(pairs) - first)
+                gathered[:count].copy_(pinned[first : first + count], non_blocking=True)
+                self.cache.scatter(block_index[first : first + count], gathered[:count])
         self._stream.synchronize()
+
+    def _index(self, block_ids: Sequence[int]) -> torch.Tensor:
+        with torch.cuda.stream(self._stream):
+            return torch.tensor(list(block_ids), dtype=torch.long).to(self.cache.device, non_blocking=True)
+
+    def _device_rows(self, num_blocks: int) -> torch.Tensor:
+        """A device buffer of up to ``num_blocks`` whole blocks, within DEVICE_CHUNK_BYTES
+        (allocated on the side stream, where the caching allocator reuses it)."""
+        rows = max(1, min(num_blocks, DEVICE_CHUNK_BYTES // self.cache.block_bytes))
+        with torch.cuda.stream(self._stream):
+            return torch.empty((rows, self.cache.block_bytes), dtype=torch.uint8, device=self.cache.device)
+
+    # ---- the store ----
+    def save(self, store: BlockStore, keys: Sequence[str], block_ids: Sequence[int], marker: Any) -> PutResult:
+        """Store blocks ``block_ids`` under ``keys``, published once written."""
+        return store.put(keys, self.cache.block_bytes, self.block_reader(block_ids, marker))
+
+    def load(self, store: BlockStore, keys: Sequence[str], block_ids: Sequence[int]) -> set[int]:
+        """Copy stored blocks into the cache; return the block ids that could not be (from
+        the first gap on: a missing or wrong-sized value, the blocks after it are computed)."""
+        if not keys:
+            return set()
+        buffers = store.get(keys)
+        failed: set[int] = set()
+        pairs: list[tuple[int, torch.Tensor]] = []
+        for block_id, buffer in zip(block_ids, buffers):
+            view = None if buffer is None else buffer.immutable_data()
+            if view is None or len(view) != self.cache.block_bytes or failed:
+                failed.add(block_id)
+                continue
+            pairs.append((block_id, torch.frombuffer(view, dtype=torch.uint8)))
+        if pairs:
+            self.write_blocks(pairs)
+        del buffers  # the zero-copy views were only needed for the copy
+        return failed

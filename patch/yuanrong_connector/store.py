@@ -13,15 +13,16 @@ turn into seconds of recomputed prompts for every request.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from vllm.logger import init_logger
-
-logger = init_logger(f"vllm.{__name__}")
+# A child of vLLM's logger (its handlers and level apply); plain logging, so the module
+# also runs where vLLM is not installed (the CUDA staging benchmark on a bare GPU host).
+logger = logging.getLogger(f"vllm.{__name__}")
 
 # The data system refuses more keys than these in one call (openyuanrong-datasystem 0.8.1:
 # mcreate/mset_buffer 1000; exist/get "objectKeys size exceed 10000").
