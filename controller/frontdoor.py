@@ -32,14 +32,18 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from controller.door_metrics import DoorMetrics
 from controller.policies import EngineLoad, affinity_key
-from controller.routing import RoutingTable
+from controller.routing import SUSPECT_S, RoutingTable
 
 logger = logging.getLogger(__name__)
 
 REQUEST_ID_HEADER = "X-Request-Id"
 REFRESH_S = 1.0  # how often the routing table is refreshed from the Controller
 KV_SCRAPE_EVERY = 5  # refreshes between scrapes of the engines' KV token counters
+# Answers that send the request to the next engine. Only "unavailable" ones (and
+# transport errors) also take the engine out of rotation for a while: a 500 may be this
+# request's own failure, and one bad request must not empty the table.
 _RETRYABLE_STATUS = (500, 502, 503, 504)
+_UNAVAILABLE_STATUS = (502, 503, 504)
 _TRANSPORT_ERRORS = (aiohttp.ClientConnectionError, asyncio.TimeoutError)
 _JSON = {"Content-Type": "application/json"}
 
@@ -215,7 +219,7 @@ def create_app(
                 params = json.loads(content).get("kv_transfer_params")
                 return params if isinstance(params, dict) else {}
             if status in _RETRYABLE_STATUS:
-                _failed(engine, headers, f"HTTP {status}")
+                _failed(engine, headers, f"HTTP {status}", unavailable=status in _UNAVAILABLE_STATUS)
                 continue
             return Response(content=content, status_code=status, media_type=content_type, headers=headers)
         return None
@@ -249,7 +253,7 @@ def create_app(
             if upstream.status in _RETRYABLE_STATUS and attempt + 1 < len(engines):
                 upstream.close()
                 table.release(engine)
-                _failed(engine, headers, f"HTTP {upstream.status}")
+                _failed(engine, headers, f"HTTP {upstream.status}", unavailable=upstream.status in _UNAVAILABLE_STATUS)
                 continue
             if not body.get("stream") or upstream.status != 200:
                 try:
@@ -283,10 +287,12 @@ def create_app(
             table.release(engine)
             metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
 
-    def _failed(engine: EngineLoad, headers: dict[str, str], reason: object) -> None:
-        table.mark_failed(engine)
-        logger.warning("[request=%s engine=%s] failed before answering (%s); trying another engine",
-                       headers[REQUEST_ID_HEADER], engine.name, reason)  # fmt: skip
+    def _failed(engine: EngineLoad, headers: dict[str, str], reason: object, unavailable: bool = True) -> None:
+        if unavailable:
+            table.mark_failed(engine)
+        logger.warning("[request=%s engine=%s] failed before answering (%s); trying another engine%s",
+                       headers[REQUEST_ID_HEADER], engine.name, reason,
+                       f" (engine skipped for {SUSPECT_S:.0f} s)" if unavailable else "")  # fmt: skip
 
     return app
 

@@ -32,18 +32,16 @@ class RoutingTable:
         self.update(engines)
 
     def update(self, engines: Iterable[Mapping[str, object]], version: int | None = None) -> None:
-        """Replace the engine list; in-flight counts of engines that stay are kept."""
+        """Replace the engine list. An engine that stays keeps its object, so requests in
+        flight release the count they acquired (new objects would leak those counts)."""
         fresh: dict[str, EngineLoad] = {}
         for engine in engines:
             name = str(engine["name"])
-            known = self._engines.get(name)
-            fresh[name] = EngineLoad(
-                name=name,
-                url=f"http://{engine['host']}:{engine['port']}",
-                role=str(engine["role"]),
-                healthy=str(engine.get("state", "healthy")) == "healthy",
-                outstanding=known.outstanding if known is not None else 0,
-            )
+            known = self._engines.get(name) or EngineLoad(name=name, url="", role="")
+            known.url = f"http://{engine['host']}:{engine['port']}"
+            known.role = str(engine["role"])
+            known.healthy = str(engine.get("state", "healthy")) == "healthy"
+            fresh[name] = known
         self._engines = fresh
         if version is not None:
             self.version = version

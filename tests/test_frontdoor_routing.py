@@ -175,3 +175,30 @@ def test_malformed_bodies_get_openai_4xx() -> None:
             if line.startswith("frontdoor_requests_total{")
         )
         assert set(counts) == {"400", "404"}
+
+
+def test_an_engine_error_on_one_request_keeps_the_engine_in_rotation() -> None:
+    erring = FakeEngine("erring", "colocated", fail_status=500)  # this request's own failure
+    unavailable = FakeEngine("unavailable", "colocated", fail_status=503)
+    good = FakeEngine("good", "colocated")
+    with door([erring, unavailable, good]) as (url, table):
+        for i in range(3):  # round robin: each engine comes first once
+            response = httpx.post(f"{url}/v1/completions", json={"prompt": f"p{i}"}, timeout=10)
+            assert response.status_code == 200 and "good" in response.text
+        assert sorted(engine.name for engine in table.healthy("colocated")) == ["erring", "good"]
+
+
+def test_in_flight_counts_survive_routing_table_updates() -> None:
+    engines = [FakeEngine("p0", "prefill").info, FakeEngine("d0", "decode").info]
+    table = RoutingTable(engines)
+    prefill = table.healthy("prefill")[0]
+    table.acquire(prefill)
+    table.update(engines, version=1)  # the Controller's periodic copy, a request in flight
+    assert table.healthy("prefill")[0].outstanding == 1
+    table.release(prefill)
+    restarted = [{**engines[0], "port": engines[0]["port"] + 1}, engines[1]]  # p0 restarted on a new port
+    table.update(restarted, version=2)
+    assert [(e.name, e.outstanding, e.url.rsplit(":", 1)[1]) for e in table.all_engines()] == [
+        ("p0", 0, str(restarted[0]["port"])),
+        ("d0", 0, str(engines[1]["port"])),
+    ]
