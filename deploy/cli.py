@@ -28,7 +28,10 @@ STOP_GRACE_S = 90.0
 
 
 def check_port_free(host: str, port: int) -> None:
+    """Refuse a port something listens on. Connections of a door just stopped (TIME_WAIT)
+    do not count: Uvicorn binds with SO_REUSEADDR, and so does this probe."""
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((host, port))
         except OSError as exc:

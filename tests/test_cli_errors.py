@@ -53,3 +53,19 @@ def test_status_and_clean_without_a_deployment(tmp_path: Path) -> None:
     assert status.returncode == 1 and "no deployment is running" in status.stdout
     clean = run_cli("clean", env, timeout=120)
     assert clean.returncode == 0 and "nothing was running" in clean.stdout
+
+
+def test_a_port_left_in_time_wait_by_a_stopped_door_is_free() -> None:
+    from deploy.cli import check_port_free
+
+    with socket.socket() as listener:  # a door's listener, as Uvicorn opens it
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        client = socket.create_connection(("127.0.0.1", port))
+        accepted, _ = listener.accept()
+        accepted.close()  # the server side closes first: its end stays in TIME_WAIT
+        assert client.recv(1) == b""  # its FIN arrived
+        client.close()
+    check_port_free("127.0.0.1", port)  # as `deploy` right after `clean` does: no error
