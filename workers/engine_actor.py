@@ -12,7 +12,6 @@ import os
 import socket
 import subprocess
 import threading
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -92,21 +91,23 @@ class EngineActor:
     def _launch(self) -> None:
         argv = build_engine_argv(self._spec, self._port)
         env = build_engine_env(self._spec, os.environ)
-        logger.info("[engine=%s role=%s] starting on port %d, log %s", self._spec.name, self._spec.role.value, self._port, self._log_path)
-        with self._lock:
-            self._process = start_process(argv, env, self._log_path)
+        with self._lock:  # stop() sets _stopping, then takes the lock: either it sees this process or none starts
+            if self._stopping.is_set():
+                raise StartupError(f"engine {self._spec.name} is being stopped; not starting it")
+            logger.info("[engine=%s role=%s] starting on port %d, log %s",
+                        self._spec.name, self._spec.role.value, self._port, self._log_path)  # fmt: skip
+            process = self._process = start_process(argv, env, self._log_path)
         # clean reads this to stop the engine even if the deploy process is gone.
-        self._log_path.with_suffix(".pid").write_text(str(self._process.pid))
+        self._log_path.with_suffix(".pid").write_text(str(process.pid))
         try:
-            wait_until_healthy(
-                self._process, self._advertise_host, self._port, self._start_timeout_s, self._log_path, self._spec.name
-            )
+            wait_until_healthy(process, self._advertise_host, self._port, self._start_timeout_s, self._log_path, self._spec.name)
         except StartupError:
-            self._state = "failed"
-            stop_process_group(self._process)
+            if not self._stopping.is_set():
+                self._state = "failed"
+            stop_process_group(process)
             raise
         self._state = "healthy"
-        logger.info("[engine=%s] healthy (pid %d)", self._spec.name, self._process.pid)
+        logger.info("[engine=%s] healthy (pid %d)", self._spec.name, process.pid)
 
     def _supervise(self) -> None:
         while not self._stopping.wait(1.0):
@@ -119,13 +120,16 @@ class EngineActor:
             if self._stopping.is_set():
                 return
             logger.error("[engine=%s] exited unexpectedly with code %s", self._spec.name, process.returncode)
+            # Its children (vLLM's EngineCore, workers) outlive it, holding memory and cores.
+            stop_process_group(process, grace_s=0)
             if self._restarts >= MAX_RESTARTS:
                 self._state = "failed"
                 logger.error("[engine=%s] gave up after %d restarts; see %s", self._spec.name, self._restarts, self._log_path)
                 return
             self._restarts += 1
             self._state = "restarting"
-            time.sleep(min(2**self._restarts, 10))
+            if self._stopping.wait(min(2**self._restarts, 10)):  # back-off, cut short by stop()
+                return
             try:
                 self._launch()
             except StartupError as exc:

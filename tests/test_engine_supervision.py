@@ -1,0 +1,80 @@
+"""The engine actor's supervision against a stand-in engine process (a real HTTP server
+with a child that outlives it, as vLLM's EngineCore does): an engine that dies takes its
+children with it before it is restarted, and a stop during the restart back-off leaves
+nothing running."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import workers.engine_actor as engine_actor
+from deploy.config import Accelerator, Role
+from workers.engine_actor import EngineActor
+from workers.engine_process import EngineSpec
+from tests.helpers import pids_matching
+
+
+def _wait_for(condition: object, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():  # type: ignore[operator]
+        assert time.monotonic() < deadline, f"not within {timeout_s} s: {what}"
+        time.sleep(0.1)
+
+
+@pytest.fixture
+def actor(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[EngineActor, str]]:
+    marker = f"stand-in-{uuid.uuid4().hex}"
+    monkeypatch.setattr(
+        engine_actor,
+        "build_engine_argv",
+        lambda spec, port: [sys.executable, "-m", "tests.stand_in_engine", "--port", str(port), "--marker", marker],
+    )
+    spec = EngineSpec(
+        name="decode-0-dp0", instance="decode-0", role=Role.DECODE, accelerator=Accelerator.CPU, tensor_parallel=1,
+        devices=(0,), model_path="unused", served_model_name="unused", startup_params=(), ds_worker_address="",
+        prefix_reuse=False, project_root=str(Path(__file__).resolve().parents[1]), cache_root=str(tmp_path),
+        cpu_kvcache_gb=1,
+    )  # fmt: skip
+    supervised = EngineActor(spec, str(tmp_path), start_timeout_s=30, advertise_host="127.0.0.1")
+    try:
+        yield supervised, marker
+    finally:
+        supervised.stop()
+        for pid in pids_matching(marker):  # whatever a failing test left behind
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_a_killed_engine_takes_its_children_with_it_before_the_restart(actor: tuple[EngineActor, str]) -> None:
+    supervised, marker = actor
+    first = supervised.start()
+    assert first["state"] == "healthy"
+    children = [pid for pid in pids_matching(f"engine-core-of-{marker}")]
+    assert len(children) == 1
+
+    os.kill(int(first["pid"]), signal.SIGKILL)  # the API server dies; its EngineCore stand-in lives on
+    _wait_for(lambda: supervised.info()["state"] == "healthy" and supervised.info()["pid"] != first["pid"], 20, "restart")
+
+    assert supervised.info()["restarts"] == 1
+    assert not Path(f"/proc/{children[0]}").exists()  # the old child was stopped, not orphaned
+    assert len(pids_matching(f"engine-core-of-{marker}")) == 1  # only the new engine's
+
+
+def test_a_stop_during_the_restart_back_off_starts_nothing(actor: tuple[EngineActor, str]) -> None:
+    supervised, marker = actor
+    first = supervised.start()
+    os.kill(int(first["pid"]), signal.SIGKILL)
+    _wait_for(lambda: supervised.info()["state"] == "restarting", 10, "the supervisor noticing the exit")
+
+    supervised.stop()  # inside the 2 s back-off
+    time.sleep(3.0)  # past the back-off: a relaunch would have happened by now
+
+    assert pids_matching(marker) == []
+    assert supervised.info()["state"] == "stopped"
