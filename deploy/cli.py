@@ -20,7 +20,7 @@ from deploy import config as config_module
 from deploy.config import ServiceConfig
 from deploy.datasystem import stop_workers
 from deploy.errors import ConfigError, DeployError, StartupError
-from deploy.state import READY_MARKER, DeploymentState, pid_alive, read_pid
+from deploy.state import READY_MARKER, DeploymentState, pid_alive, read_pid, write_pid
 from workers.engine_process import is_healthy
 
 FRONT_DOOR_GRACE_S = 30.0
@@ -65,7 +65,7 @@ def deploy(config: ServiceConfig, flags: list[str]) -> int:
             stdin=subprocess.DEVNULL,
             start_new_session=True,
         )
-    config.pid_file.write_text(str(process.pid))
+    write_pid(config.pid_file, process.pid)
     print(f"deploying (pid {process.pid}); progress below and in {config.deploy_log}", flush=True)
     try:
         _follow_until_ready(config, process, log_offset)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -69,3 +70,25 @@ def test_a_port_left_in_time_wait_by_a_stopped_door_is_free() -> None:
         assert client.recv(1) == b""  # its FIN arrived
         client.close()
     check_port_free("127.0.0.1", port)  # as `deploy` right after `clean` does: no error
+
+
+def test_clean_spares_a_process_that_reused_a_recorded_engine_pid(tmp_path: Path) -> None:
+    from deploy.state import process_start_ticks
+
+    bystander = subprocess.Popen(["sleep", "120"], start_new_session=True)  # not ours: its own process group
+    try:
+        log_dir = tmp_path / "yr_sessions" / "latest" / "log"
+        log_dir.mkdir(parents=True)
+        start = process_start_ticks(bystander.pid)
+        assert start is not None
+        # A leftover pid file whose engine is long gone; the pid now belongs to the bystander.
+        (log_dir / "decode-0-dp0.pid").write_text(f"{bystander.pid} {start - 1}\n")
+
+        result = run_cli("clean", isolated_env(tmp_path), timeout=60)
+
+        assert result.returncode == 0 and "stopping engine" not in result.stdout
+        assert bystander.poll() is None  # still running
+        assert not (log_dir / "decode-0-dp0.pid").exists()  # the stale file is gone
+    finally:
+        bystander.kill()
+        bystander.wait()

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from deploy.errors import StartupError
+from deploy.state import write_pid
 from workers.engine_process import (
     EngineSpec,
     build_engine_argv,
@@ -98,7 +99,7 @@ class EngineActor:
                         self._spec.name, self._spec.role.value, self._port, self._log_path)  # fmt: skip
             process = self._process = start_process(argv, env, self._log_path)
         # clean reads this to stop the engine even if the deploy process is gone.
-        self._log_path.with_suffix(".pid").write_text(str(process.pid))
+        write_pid(self._log_path.with_suffix(".pid"), process.pid)
         try:
             wait_until_healthy(process, self._advertise_host, self._port, self._start_timeout_s, self._log_path, self._spec.name)
         except StartupError:
