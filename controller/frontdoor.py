@@ -132,6 +132,7 @@ def create_app(
 
     @app.get("/metrics")
     async def prometheus() -> Response:
+        table.publish_health()  # an engine's suspect time may have run out since
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")

@@ -45,8 +45,12 @@ class RoutingTable:
         self._engines = fresh
         if version is not None:
             self.version = version
+        self.publish_health()
+
+    def publish_health(self) -> None:
+        """Set each engine's health gauge to what routing uses now."""
         if self._metrics is not None:
-            for engine in fresh.values():
+            for engine in self._engines.values():
                 self._metrics.healthy.labels(engine.name, engine.role).set(1 if self._usable(engine) else 0)
 
     def _usable(self, engine: EngineLoad) -> bool:

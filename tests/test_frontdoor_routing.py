@@ -202,3 +202,16 @@ def test_in_flight_counts_survive_routing_table_updates() -> None:
         ("p0", 0, str(restarted[0]["port"])),
         ("d0", 0, str(engines[1]["port"])),
     ]
+
+
+def test_health_gauge_returns_to_1_when_an_engine_is_no_longer_suspect(monkeypatch: pytest.MonkeyPatch) -> None:
+    import controller.routing
+
+    monkeypatch.setattr(controller.routing, "SUSPECT_S", 0.5)
+    unavailable, good = FakeEngine("unavailable", "colocated", fail_status=503), FakeEngine("good", "colocated")
+    with door([unavailable, good]) as (url, _):
+        assert httpx.post(f"{url}/v1/completions", json={"prompt": "p"}, timeout=10).status_code == 200
+        gauge = 'frontdoor_engine_healthy{engine="unavailable",role="colocated"}'
+        assert _metric(url, gauge) == 0
+        time.sleep(0.6)
+        assert _metric(url, gauge) == 1  # routable again, and the gauge says so
