@@ -92,8 +92,18 @@ def serve(config: ServiceConfig) -> int:
         metrics = DoorMetrics()
         table = RoutingTable(engines, make_policy(config.routing_policy), metrics)
 
+        written_version = -1
+
         def refresh() -> tuple[int, list[dict[str, object]]]:
-            return yr.get(controller.snapshot.invoke(), timeout=60)  # type: ignore[union-attr]
+            """The Controller's engine list for the door; state.json follows it (restarts,
+            new pids, health), so `status` and `clean` see what runs now."""
+            nonlocal written_version
+            version, engines = yr.get(controller.snapshot.invoke(), timeout=60)  # type: ignore[union-attr]
+            if version != written_version:
+                state.engines = engines
+                state.write(config.state_file)
+                written_version = version
+            return version, engines
 
         app = create_app(table, state.served_model_name, metrics, refresh)
         server = uvicorn.Server(
