@@ -39,6 +39,11 @@ class DoorMetrics:
             "Requests whose decode engine computed the prompt itself because no prefill engine answered.",
             registry=self.registry,
         )
+        self.whole_on_prefill = Counter(
+            "frontdoor_decode_fallbacks",
+            "Requests a prefill engine served whole because no decode engine was healthy.",
+            registry=self.registry,
+        )
         self.cancelled = Counter(
             "frontdoor_client_disconnects", "Requests cancelled on the engines because the client went away.",
             registry=self.registry,

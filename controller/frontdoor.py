@@ -127,7 +127,7 @@ def create_app(
     @app.get("/health")
     async def health() -> Response:
         if not table.ready:
-            return openai_error(503, "no healthy prefill+decode path or colocated instance", "service_unavailable")
+            return openai_error(503, "no healthy engine can serve a request", "service_unavailable")
         return JSONResponse({"status": "ok"})
 
     @app.get("/metrics")
@@ -189,6 +189,11 @@ def create_app(
         path = f"/v1/{endpoint}"
         if not table.disaggregated:
             return await _answer(client, table.order("colocated", key), path, body, headers, "colocated")
+        if not table.healthy("decode") and table.healthy("prefill"):
+            # One dead role is not an outage: a prefill engine can compute the whole request.
+            metrics.whole_on_prefill.inc()
+            logger.warning("[request=%s] no healthy decode engine; a prefill engine serves the whole request", request_id)
+            return await _answer(client, table.order("prefill", key), path, body, headers, "prefill")
         if _single_prompt(body):
             outcome = await _prefill(client, table.order("prefill", key), path, body, headers)
             if isinstance(outcome, Response):

@@ -69,11 +69,10 @@ class RoutingTable:
 
     @property
     def ready(self) -> bool:
-        """A request can be served: a healthy decode engine (it can compute the prompt
-        itself when no prefill answers) and a healthy prefill, or a healthy colocated one."""
-        if self.disaggregated:
-            return bool(self.healthy("prefill") and self.healthy("decode"))
-        return bool(self.healthy("colocated"))
+        """A request can be served: by any healthy engine (a decode computes the prompt
+        itself when no prefill answers; a prefill serves whole requests when no decode is
+        healthy; a colocated engine does both)."""
+        return any(self._usable(engine) for engine in self._engines.values())
 
     def order(self, role: str, affinity_key: bytes) -> list[EngineLoad]:
         """Healthy engines of ``role``, best first for this request."""

@@ -157,13 +157,31 @@ def test_client_disconnect_cancels_the_engine_request() -> None:
         assert _metric(url, "frontdoor_client_disconnects_total") == 1
 
 
-def test_health_needs_a_whole_path() -> None:
+def test_health_needs_one_engine_that_can_answer() -> None:
     prefill, decode = FakeEngine("p0", "prefill"), FakeEngine("d0", "decode")
     with door([prefill, decode]) as (url, table):
         assert httpx.get(f"{url}/health", timeout=5).status_code == 200
         table.update([prefill.info, {**decode.info, "state": "restarting"}], version=1)
+        assert httpx.get(f"{url}/health", timeout=5).status_code == 200  # the prefill serves whole requests
+        table.update([{**prefill.info, "state": "restarting"}, {**decode.info, "state": "restarting"}], version=2)
         unhealthy = httpx.get(f"{url}/health", timeout=5)
         assert unhealthy.status_code == 503 and unhealthy.json()["error"]["type"] == "service_unavailable"
+
+
+def test_no_decode_left_means_a_prefill_serves_the_whole_request() -> None:
+    prefill, decode = FakeEngine("p0", "prefill"), FakeEngine("d0", "decode")
+    with door([prefill, decode]) as (url, table):
+        table.update([prefill.info, {**decode.info, "state": "restarting"}], version=1)
+        for stream in (False, True):
+            body = {"prompt": "hello", "max_tokens": 9, "stream": stream}
+            response = httpx.post(f"{url}/v1/completions", json=body, timeout=10)
+            assert response.status_code == 200 and "p0" in response.text
+        assert [r["body"] for r in prefill.received] == [
+            {"prompt": "hello", "max_tokens": 9, "stream": False, "model": "m"},
+            {"prompt": "hello", "max_tokens": 9, "stream": True, "model": "m"},
+        ]  # the client's own request: no prefill-only max_tokens, no kv_transfer_params
+        assert decode.received == []
+        assert _metric(url, "frontdoor_decode_fallbacks_total") == 2
 
 
 def test_malformed_bodies_get_openai_4xx() -> None:
