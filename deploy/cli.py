@@ -121,10 +121,8 @@ def clean(config: ServiceConfig) -> int:
         print("stopped" if graceful else f"pid {pid} did not stop in {STOP_GRACE_S:.0f} s; killed", flush=True)
         stopped_anything = True
     # Whatever the deploy process could not stop, stop here by the PIDs it recorded.
-    log_dir = Path(state.log_dir) if state is not None else config.log_dir
-    for pid_path in sorted(log_dir.glob("*.pid")) if log_dir.is_dir() else []:
-        engine_pid = read_pid(pid_path)
-        if engine_pid is not None and pid_alive(engine_pid):
+    for pid_path, engine_pid in _engine_pid_files(state, config):
+        if engine_pid is not None:
             print(f"stopping engine {pid_path.stem} (pid {engine_pid})", flush=True)
             try:
                 os.killpg(engine_pid, signal.SIGKILL)
@@ -132,7 +130,7 @@ def clean(config: ServiceConfig) -> int:
                 pass
             stopped_anything = True
         pid_path.unlink(missing_ok=True)
-    ds_started_here = state.ds_started_here if state is not None else (pid is not None and not config.cluster_mode)
+    ds_started_here = state.ds_started_here if state is not None else (config.pid_file.exists() and not config.cluster_mode)
     if ds_started_here:
         addresses = state.ds_worker_address.split(",") if state is not None else config.datasystem.addresses
         for address in stop_workers(addresses):
@@ -145,10 +143,22 @@ def clean(config: ServiceConfig) -> int:
     return 0
 
 
+def _engine_pid_files(state: DeploymentState | None, config: ServiceConfig) -> list[tuple[Path, int | None]]:
+    """Each engine pid file the deployment left, with the pid of its engine while that runs."""
+    log_dir = Path(state.log_dir) if state is not None else config.log_dir
+    pid_files = sorted(log_dir.glob("*.pid")) if log_dir.is_dir() else []
+    return [(path, pid if (pid := read_pid(path)) is not None and pid_alive(pid) else None) for path in pid_files]
+
+
 def status(config: ServiceConfig) -> int:
     state = DeploymentState.read(config.state_file)
     pid = read_pid(config.pid_file)
     if state is None or pid is None or not pid_alive(pid):
+        orphans = [f"{path.stem} (pid {pid})" for path, pid in _engine_pid_files(state, config) if pid is not None]
+        if orphans:
+            print(f"the deploy process is gone (front door and Controller down), but engines still run: {', '.join(orphans)}; "
+                  "stop them with: bash run_vllm_on_yr.sh clean")  # fmt: skip
+            return 1
         print("no deployment is running (deploy with: bash run_vllm_on_yr.sh deploy)")
         return 1
     door = "healthy" if is_healthy(_probe_host(config), config.server_port) else "not answering"

@@ -92,3 +92,26 @@ def test_clean_spares_a_process_that_reused_a_recorded_engine_pid(tmp_path: Path
     finally:
         bystander.kill()
         bystander.wait()
+
+
+def test_status_tells_of_engines_left_running_by_a_dead_deploy_process(tmp_path: Path) -> None:
+    from deploy.state import write_pid
+
+    engine = subprocess.Popen(["sleep", "120"], start_new_session=True)  # stands for an engine left running
+    try:
+        log_dir = tmp_path / "yr_sessions" / "latest" / "log"
+        log_dir.mkdir(parents=True)
+        write_pid(log_dir / "decode-0-dp0.pid", engine.pid)
+        (tmp_path / "run").mkdir()
+        (tmp_path / "run" / "deploy.pid").write_text("999999999 1\n")  # the deploy process, killed
+
+        result = run_cli("status", isolated_env(tmp_path), timeout=60)
+
+        assert result.returncode == 1
+        assert result.stdout.strip() == (
+            f"the deploy process is gone (front door and Controller down), but engines still run: decode-0-dp0 "
+            f"(pid {engine.pid}); stop them with: bash run_vllm_on_yr.sh clean"
+        )
+    finally:
+        engine.kill()
+        engine.wait()
