@@ -44,6 +44,10 @@ class DoorMetrics:
             "Requests a prefill engine served whole because no decode engine was healthy.",
             registry=self.registry,
         )
+        self.refused = Counter(
+            "frontdoor_refused", "Requests refused with 429: the queue was full, or a slot did not free in time.",
+            ["reason"], registry=self.registry,
+        )  # fmt: skip
         self.cancelled = Counter(
             "frontdoor_client_disconnects", "Requests cancelled on the engines because the client went away.",
             registry=self.registry,

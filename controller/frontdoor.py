@@ -30,6 +30,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from controller.admission import Admission
 from controller.door_metrics import DoorMetrics
 from controller.policies import EngineLoad, affinity_key
 from controller.routing import SUSPECT_S, RoutingTable
@@ -56,10 +57,11 @@ class ClientGone(Exception):
     """The client closed its connection before the answer was ready."""
 
 
-def openai_error(status: int, message: str, error_type: str, param: str | None = None, request_id: str = "") -> JSONResponse:
+def openai_error(status: int, message: str, error_type: str, param: str | None = None, request_id: str = "",
+                 headers: Mapping[str, str] | None = None) -> JSONResponse:  # fmt: skip
     body = {"error": {"message": message, "type": error_type, "param": param, "code": status}}
-    headers = {REQUEST_ID_HEADER: request_id} if request_id else None
-    return JSONResponse(status_code=status, content=body, headers=headers)
+    all_headers = {**({REQUEST_ID_HEADER: request_id} if request_id else {}), **(headers or {})}
+    return JSONResponse(status_code=status, content=body, headers=all_headers or None)
 
 
 def prefill_request(body: dict[str, Any]) -> dict[str, Any]:
@@ -86,7 +88,9 @@ def create_app(
     served_model_name: str,
     metrics: DoorMetrics | None = None,
     refresh: Refresh | None = None,
+    admission: Admission | None = None,
 ) -> FastAPI:
+    """``admission``: overload control (None: no limit on requests in flight)."""
     metrics = metrics or DoorMetrics()
 
     @asynccontextmanager
@@ -174,13 +178,31 @@ def create_app(
         elif model != served_model_name:
             message = f"The model `{model}` does not exist; this service serves `{served_model_name}`"
             return openai_error(404, message, "NotFoundError", "model", request_id)
+        refusal = await admission.enter(table.serving_engines()) if admission is not None else None
+        if refusal is not None:
+            assert admission is not None
+            metrics.refused.labels(refusal.value).inc()
+            message = (f"the service is at capacity ({admission.in_flight} requests in flight, "
+                       f"{admission.waiting} waiting; {refusal.value.replace('_', ' ')}); retry later")  # fmt: skip
+            return openai_error(429, message, "rate_limit_exceeded", request_id=request_id,
+                                headers={"Retry-After": str(admission.retry_after_s)})  # fmt: skip
         try:
             async with _cancel_on_disconnect(request):
-                return await _route(request, endpoint, body, request_id)
+                response = await _route(request, endpoint, body, request_id)
         except ClientGone:
             metrics.cancelled.inc()
             logger.info("[request=%s] client disconnected; cancelled on the engines", request_id)
-            return Response(status_code=499)
+            response = Response(status_code=499)
+        except BaseException:
+            if admission is not None:
+                await admission.leave()
+            raise
+        if admission is not None:
+            if isinstance(response, StreamingResponse):  # the slot is held until the stream ends
+                response.body_iterator = _leaving_after(response.body_iterator, admission)
+            else:
+                await admission.leave()
+        return response
 
     async def _route(request: Request, endpoint: str, body: dict[str, Any], request_id: str) -> Response:
         client: aiohttp.ClientSession = request.app.state.client
@@ -301,6 +323,14 @@ def create_app(
                        f" (engine skipped for {SUSPECT_S:.0f} s)" if unavailable else "")  # fmt: skip
 
     return app
+
+
+async def _leaving_after(chunks: AsyncIterator[Any], admission: Admission) -> AsyncIterator[Any]:
+    try:
+        async for chunk in chunks:
+            yield chunk
+    finally:
+        await admission.leave()
 
 
 @asynccontextmanager

@@ -74,6 +74,13 @@ class RoutingTable:
         healthy; a colocated engine does both)."""
         return any(self._usable(engine) for engine in self._engines.values())
 
+    def serving_engines(self) -> int:
+        """Healthy engines that serve answers: decode engines (prefill ones while no decode
+        is healthy), or colocated ones."""
+        if not self.disaggregated:
+            return len(self.healthy("colocated"))
+        return len(self.healthy("decode")) or len(self.healthy("prefill"))
+
     def order(self, role: str, affinity_key: bytes) -> list[EngineLoad]:
         """Healthy engines of ``role``, best first for this request."""
         policy = self._decode_policy if role == "decode" else self.policy

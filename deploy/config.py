@@ -21,6 +21,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from controller.admission import AdmissionConfig
 from deploy.errors import ConfigError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -120,6 +121,7 @@ class ServiceConfig:
     datasystem: DataSystemConfig
     connector: ConnectorConfig
     routing_policy: str  # round_robin | least_outstanding | prefix_affinity (prefill / colocated)
+    admission: AdmissionConfig  # the door's overload control
     run_dir: Path  # deploy.log, deploy.pid, state.json
     sessions_dir: Path  # /tmp/yr_sessions: engine logs go to <sessions_dir>/latest/log
     model_cache_dir: Path
@@ -207,6 +209,9 @@ SETTINGS: tuple[_Setting, ...] = (
     _Setting("KV_REQUEST_TIMEOUT_MS", "2000", "bound on each data system call; a slower store is a miss"),
     _Setting("KV_HANDOFF_WAIT_MS", "2000", "how long a decode waits for a prefill's KV blocks to appear"),
     _Setting("ROUTING_POLICY", "prefix_affinity", "prefill/colocated routing: round_robin, least_outstanding, prefix_affinity"),
+    _Setting("MAX_IN_FLIGHT_PER_ENGINE", "128", "requests the door lets each serving (decode or colocated) engine have at once"),
+    _Setting("DOOR_QUEUE_SIZE", "256", "requests that may wait at the door for a slot; beyond: 429 at once"),
+    _Setting("DOOR_QUEUE_TIMEOUT_S", "30", "seconds a request may wait at the door for a slot; then 429"),
     _Setting("RUN_DIR", None, "where deploy.log, deploy.pid and state.json live; unset: project root"),
     _Setting("YR_SESSIONS_DIR", "/tmp/yr_sessions", "openYuanrong session folder (engine logs in latest/log)"),
     _Setting("MODEL_CACHE_DIR", None, "where the embedded model is built; unset: <project>/.cache/models"),
@@ -262,6 +267,11 @@ def build_config(environ: Mapping[str, str], overrides: argparse.Namespace | Non
             handoff_wait_ms=_int(raw, "KV_HANDOFF_WAIT_MS", minimum=0),
         ),
         routing_policy=_choice(raw, "ROUTING_POLICY", ROUTING_POLICIES),
+        admission=AdmissionConfig(
+            max_in_flight_per_engine=_int(raw, "MAX_IN_FLIGHT_PER_ENGINE", minimum=1),
+            queue_size=_int(raw, "DOOR_QUEUE_SIZE", minimum=0),
+            queue_timeout_s=float(_int(raw, "DOOR_QUEUE_TIMEOUT_S", minimum=0)),
+        ),
         run_dir=Path(raw["RUN_DIR"] or PROJECT_ROOT),
         sessions_dir=sessions_dir,
         model_cache_dir=Path(raw["MODEL_CACHE_DIR"] or PROJECT_ROOT / ".cache" / "models"),
@@ -457,6 +467,10 @@ def describe(config: ServiceConfig) -> Sequence[str]:
         lines.append(f"decode: {config.decode_instances} instance(s) x TP{config.decode_tp} x DP{config.decode_dp}")
     lines.append(f"model: {config.model_path or 'embedded random-weight Qwen2 (gibberish by design)'}")
     lines.append(f"routing: {config.routing_policy} (decode by least outstanding requests)")
+    lines.append(
+        f"overload: {config.admission.max_in_flight_per_engine} requests in flight per serving engine, "
+        f"{config.admission.queue_size} waiting at most {config.admission.queue_timeout_s:.0f} s, then 429"
+    )
     lines.append(
         f"KV store: {len(config.datasystem.addresses)} data system worker(s) at {', '.join(config.datasystem.addresses)}, "
         f"prefix reuse {'on' if config.using_prefix_connector else 'off'}, TTL {config.connector.ttl_s or 'none'} s"

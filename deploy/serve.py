@@ -19,6 +19,7 @@ from types import FrameType
 import uvicorn
 import yr
 
+from controller.admission import Admission
 from controller.controller import Controller
 from controller.door_metrics import DoorMetrics
 from controller.frontdoor import create_app
@@ -105,7 +106,7 @@ def serve(config: ServiceConfig) -> int:
                 written_version = version
             return version, engines
 
-        app = create_app(table, state.served_model_name, metrics, refresh)
+        app = create_app(table, state.served_model_name, metrics, refresh, Admission(config.admission))
         server = uvicorn.Server(
             uvicorn.Config(app, host=config.server_ip, port=config.server_port, log_level="warning", access_log=False)
         )

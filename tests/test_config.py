@@ -59,6 +59,8 @@ def test_decode_zero_means_colocated() -> None:
         ({"PTP": "2"}, "needs 3 cpu devices, but only 2 are visible"),
         ({"SERVER_IP": "not-an-ip"}, "SERVER_IP=not-an-ip is invalid"),
         ({"ROUTING_POLICY": "random"}, "ROUTING_POLICY=random is invalid: must be one of round_robin, least_outstanding, prefix_affinity"),
+        ({"MAX_IN_FLIGHT_PER_ENGINE": "0"}, "MAX_IN_FLIGHT_PER_ENGINE=0 is invalid: must be an integer >= 1"),
+        ({"DOOR_QUEUE_TIMEOUT_S": "-5"}, "DOOR_QUEUE_TIMEOUT_S=-5 is invalid: must be an integer >= 0"),
         ({"KV_TTL_S": "-5"}, "KV_TTL_S=-5 is invalid: must be an integer >= 0"),
         ({"DS_WORKERS": "0"}, "DS_WORKERS=0 is invalid: must be an integer >= 1 and <= 16"),
     ],

@@ -7,6 +7,7 @@ The tests share one deployment and run in file order; the last one cleans.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -31,6 +32,7 @@ from tests.e2e import (
     token_prompt,
 )
 from tests.helpers import pids_matching, port_open, run_cli
+from tests.malformed import malformed_requests, run_battery
 
 pytestmark = pytest.mark.e2e
 
@@ -185,6 +187,19 @@ def test_bad_requests_get_openai_errors(deployment: Deployment) -> None:
     assert wrong_model.status_code == 404 and "gpt-9" in wrong_model.json()["error"]["message"]
     too_long = httpx.post(f"{deployment.url}/v1/completions", json={"prompt": "x", "max_tokens": 10**7}, timeout=30)
     assert too_long.status_code == 400 and "error" in too_long.json()
+
+
+def test_malformed_battery_gets_4xx_and_leaves_the_service_serving(deployment: Deployment) -> None:
+    """100 malformed requests (every kind of tests/malformed.py 4 times): no 5xx, every
+    error in OpenAI's form, and the same greedy answer afterwards as before."""
+    body = {"prompt": token_prompt(40), "max_tokens": 6, "temperature": 0}
+    before = _complete(deployment.url, body)["choices"][0]["text"]  # type: ignore[index]
+    cases = malformed_requests(100, seed=0, model=deployment.state.served_model_name, vocab_size=4096, max_model_len=8192)
+    report = asyncio.run(run_battery(deployment.url, cases, concurrency=4))
+    assert report.server_errors == [] and report.transport_errors == [], report.summary()
+    assert report.not_openai_form == [], report.summary()
+    assert httpx.get(f"{deployment.url}/health", timeout=10).status_code == 200
+    assert _complete(deployment.url, body)["choices"][0]["text"] == before  # type: ignore[index]
 
 
 def test_status_shows_each_engine_healthy(deployment: Deployment) -> None:

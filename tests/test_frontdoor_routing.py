@@ -12,6 +12,7 @@ from contextlib import ExitStack, contextmanager
 import httpx
 import pytest
 
+from controller.admission import Admission, AdmissionConfig
 from controller.door_metrics import DoorMetrics
 from controller.frontdoor import create_app
 from controller.policies import EngineLoad, LeastOutstanding, PrefixAffinity, RoundRobin, affinity_key, make_policy
@@ -21,14 +22,17 @@ from tests.helpers import free_port
 
 
 @contextmanager
-def door(engines: list[FakeEngine], policy: str = "round_robin") -> Iterator[tuple[str, RoutingTable]]:
+def door(
+    engines: list[FakeEngine], policy: str = "round_robin", admission: AdmissionConfig | None = None
+) -> Iterator[tuple[str, RoutingTable]]:
     metrics = DoorMetrics()
     table = RoutingTable([e.info for e in engines], make_policy(policy), metrics)
     port = free_port()
     with ExitStack() as stack:
         for engine in engines:
             stack.enter_context(serving(engine.app(), engine.port))
-        stack.enter_context(serving(create_app(table, "m", metrics), port))
+        app = create_app(table, "m", metrics, admission=Admission(admission) if admission is not None else None)
+        stack.enter_context(serving(app, port))
         yield f"http://127.0.0.1:{port}", table
 
 
@@ -237,3 +241,47 @@ def test_health_gauge_returns_to_1_when_an_engine_is_no_longer_suspect(monkeypat
         assert _metric(url, gauge) == 0
         time.sleep(0.6)
         assert _metric(url, gauge) == 1  # routable again, and the gauge says so
+
+
+def _concurrent_posts(url: str, bodies: list[dict[str, object]]) -> list[tuple[httpx.Response, float]]:
+    """Send ``bodies`` at once; each answer with the seconds it took."""
+    results: list[tuple[httpx.Response, float]] = [None] * len(bodies)  # type: ignore[list-item]
+
+    def post(index: int) -> None:
+        started = time.monotonic()
+        response = httpx.post(f"{url}/v1/completions", json=bodies[index], timeout=30)
+        results[index] = (response, time.monotonic() - started)
+
+    threads = [threading.Thread(target=post, args=(i,)) for i in range(len(bodies))]
+    for thread in threads:
+        thread.start()
+        time.sleep(0.05)  # in this order
+    for thread in threads:
+        thread.join()
+    return results
+
+
+def test_overload_gets_429_with_retry_after_and_no_request_waits_past_the_queue_timeout() -> None:
+    slow = FakeEngine("c0", "colocated", delay_s=3.0)
+    limits = AdmissionConfig(max_in_flight_per_engine=2, queue_size=2, queue_timeout_s=0.5)
+    with door([slow], admission=limits) as (url, _):
+        results = _concurrent_posts(url, [{"prompt": f"p{i}"} for i in range(8)])
+        refused = [(response, seconds) for response, seconds in results if response.status_code == 429]
+        assert [response.status_code for response, _ in results] == [200, 200] + [429] * 6
+        assert all(r.headers["Retry-After"] == "1" and r.json()["error"]["type"] == "rate_limit_exceeded" for r, _ in refused)
+        assert all(seconds < 2.0 for _, seconds in refused)  # the queue timeout (0.5 s), not the engine's 3 s
+        assert len(slow.received) == 2  # refused requests never reached the engine
+        assert _metric(url, 'frontdoor_refused_total{reason="queue_timeout"}') == 2
+        assert _metric(url, 'frontdoor_refused_total{reason="queue_full"}') == 4
+
+
+def test_queued_requests_are_served_as_slots_free() -> None:
+    engine = FakeEngine("c0", "colocated", delay_s=0.5, stream_chunks=2, chunk_delay_s=0.25)
+    limits = AdmissionConfig(max_in_flight_per_engine=1, queue_size=4, queue_timeout_s=10)
+    with door([engine], admission=limits) as (url, _):
+        started = time.monotonic()
+        results = _concurrent_posts(url, [{"prompt": f"p{i}", "stream": i == 0} for i in range(3)])
+        assert [response.status_code for response, _ in results] == [200, 200, 200]
+        # One at a time: the stream (0.5 s + 2 x 0.25 s) holds its slot to its end, then 2 x 0.5 s.
+        assert time.monotonic() - started >= 1.95
+        assert len(engine.finished) == 3
