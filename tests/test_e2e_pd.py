@@ -43,6 +43,20 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
         yield running
 
 
+@pytest.fixture(scope="module")
+def colocated_reference(
+    tmp_path_factory: pytest.TempPathFactory, colocated_outputs: dict[int, dict[str, object]]
+) -> dict[int, dict[str, object]]:
+    """A colocated deployment's greedy outputs: recorded by test_e2e_colocated in a whole
+    run, computed here on a deployment of its own when this module runs alone."""
+    if not all(length in colocated_outputs for length in PROMPT_LENGTHS):
+        with deployed(tmp_path_factory.mktemp("colocated-reference"), DECODE_INS_NUM="0", PREFILL_INS_NUM="1") as running:
+            for length in PROMPT_LENGTHS:
+                body = {"prompt": token_prompt(length), "max_tokens": 12, "temperature": 0}
+                colocated_outputs[length] = _complete(running.url, body)["choices"][0]  # type: ignore[index]
+    return colocated_outputs
+
+
 def test_models_lists_the_served_model(deployment: Deployment) -> None:
     models = httpx.get(f"{deployment.url}/v1/models", timeout=10).json()
     assert [m["id"] for m in models["data"]] == [deployment.state.served_model_name]
@@ -74,11 +88,11 @@ def test_streaming_completion(deployment: Deployment) -> None:
 
 @pytest.mark.parametrize("prompt_tokens", PROMPT_LENGTHS, ids=PROMPT_IDS)
 def test_pd_output_equals_one_instance_computing_alone(
-    deployment: Deployment, prompt_tokens: int, colocated_outputs: dict[int, dict[str, object]]
+    deployment: Deployment, prompt_tokens: int, colocated_reference: dict[int, dict[str, object]]
 ) -> None:
     """Greedy tokens and their log-probabilities through PD (KV loaded from the data
     system) equal those of one engine that computes the whole prompt itself, and those
-    of a colocated deployment (recorded by test_e2e_colocated when it ran first)."""
+    of a colocated deployment."""
     body = {"prompt": token_prompt(prompt_tokens), "max_tokens": 12, "temperature": 0, "logprobs": 2}
     decode_url = deployment.engine_url("decode")
     loaded_before = _external_kv_tokens(decode_url)
@@ -88,8 +102,7 @@ def test_pd_output_equals_one_instance_computing_alone(
     assert through_pd["text"] == alone["text"]
     assert through_pd["logprobs"]["tokens"] == alone["logprobs"]["tokens"]
     assert through_pd["logprobs"]["token_logprobs"] == pytest.approx(alone["logprobs"]["token_logprobs"], abs=0.05)
-    if prompt_tokens in colocated_outputs:
-        assert through_pd["text"] == colocated_outputs[prompt_tokens]["text"]
+    assert through_pd["text"] == colocated_reference[prompt_tokens]["text"]
     # every full prompt block came from the store (vLLM recomputes only the last token)
     assert loaded == (prompt_tokens // BLOCK_SIZE) * BLOCK_SIZE
 
