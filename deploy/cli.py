@@ -24,7 +24,7 @@ from deploy.state import READY_MARKER, DeploymentState, pid_alive, read_pid, wri
 from workers.engine_process import is_healthy
 
 FRONT_DOOR_GRACE_S = 30.0
-STOP_GRACE_S = 90.0
+STOP_GRACE_S = 90.0  # for the engines and the worker to stop, after the door drained
 
 
 def check_port_free(host: str, port: int) -> None:
@@ -70,7 +70,7 @@ def deploy(config: ServiceConfig, flags: list[str]) -> int:
     try:
         _follow_until_ready(config, process, log_offset)
     except BaseException:
-        _stop_serve_process(process.pid, STOP_GRACE_S)
+        _stop_serve_process(process.pid, config.drain_timeout_s + STOP_GRACE_S)
         raise
     print(f"ready: http://{config.server_ip}:{config.server_port}  (status: bash run_vllm_on_yr.sh status)", flush=True)
     return 0
@@ -117,8 +117,9 @@ def clean(config: ServiceConfig) -> int:
     stopped_anything = False
     if pid is not None and pid_alive(pid):
         print(f"stopping deployment (pid {pid}) ...", flush=True)
-        graceful = _stop_serve_process(pid, STOP_GRACE_S)
-        print("stopped" if graceful else f"pid {pid} did not stop in {STOP_GRACE_S:.0f} s; killed", flush=True)
+        grace_s = config.drain_timeout_s + STOP_GRACE_S
+        graceful = _stop_serve_process(pid, grace_s)
+        print("stopped" if graceful else f"pid {pid} did not stop in {grace_s:.0f} s; killed", flush=True)
         stopped_anything = True
     # Whatever the deploy process could not stop, stop here by the PIDs it recorded.
     for pid_path, engine_pid in _engine_pid_files(state, config):

@@ -122,6 +122,7 @@ class ServiceConfig:
     connector: ConnectorConfig
     routing_policy: str  # round_robin | least_outstanding | prefix_affinity (prefill / colocated)
     admission: AdmissionConfig  # the door's overload control
+    drain_timeout_s: float  # on clean / SIGTERM / Ctrl-C: how long requests in flight may finish
     run_dir: Path  # deploy.log, deploy.pid, state.json
     sessions_dir: Path  # /tmp/yr_sessions: engine logs go to <sessions_dir>/latest/log
     model_cache_dir: Path
@@ -212,6 +213,7 @@ SETTINGS: tuple[_Setting, ...] = (
     _Setting("MAX_IN_FLIGHT_PER_ENGINE", "128", "requests the door lets each serving (decode or colocated) engine have at once"),
     _Setting("DOOR_QUEUE_SIZE", "256", "requests that may wait at the door for a slot; beyond: 429 at once"),
     _Setting("DOOR_QUEUE_TIMEOUT_S", "30", "seconds a request may wait at the door for a slot; then 429"),
+    _Setting("DRAIN_TIMEOUT_S", "30", "on clean, SIGTERM or Ctrl-C: seconds requests in flight may take to finish"),
     _Setting("RUN_DIR", None, "where deploy.log, deploy.pid and state.json live; unset: project root"),
     _Setting("YR_SESSIONS_DIR", "/tmp/yr_sessions", "openYuanrong session folder (engine logs in latest/log)"),
     _Setting("MODEL_CACHE_DIR", None, "where the embedded model is built; unset: <project>/.cache/models"),
@@ -272,6 +274,7 @@ def build_config(environ: Mapping[str, str], overrides: argparse.Namespace | Non
             queue_size=_int(raw, "DOOR_QUEUE_SIZE", minimum=0),
             queue_timeout_s=float(_int(raw, "DOOR_QUEUE_TIMEOUT_S", minimum=0)),
         ),
+        drain_timeout_s=float(_int(raw, "DRAIN_TIMEOUT_S", minimum=0, maximum=600)),
         run_dir=Path(raw["RUN_DIR"] or PROJECT_ROOT),
         sessions_dir=sessions_dir,
         model_cache_dir=Path(raw["MODEL_CACHE_DIR"] or PROJECT_ROOT / ".cache" / "models"),

@@ -107,8 +107,11 @@ def serve(config: ServiceConfig) -> int:
             return version, engines
 
         app = create_app(table, state.served_model_name, metrics, refresh, Admission(config.admission))
+        # On SIGTERM / Ctrl-C Uvicorn stops accepting, lets requests in flight finish (at most
+        # DRAIN_TIMEOUT_S), then returns; the engines are stopped after that, below.
         server = uvicorn.Server(
-            uvicorn.Config(app, host=config.server_ip, port=config.server_port, log_level="warning", access_log=False)
+            uvicorn.Config(app, host=config.server_ip, port=config.server_port, log_level="warning", access_log=False,
+                           timeout_graceful_shutdown=int(config.drain_timeout_s))  # fmt: skip
         )
         logger.info("%s %s", READY_MARKER, state.endpoint)
         server.run()

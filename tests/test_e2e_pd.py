@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -234,8 +235,26 @@ def test_clean_leaves_no_process_port_or_worker(deployment: Deployment) -> None:
     pids = [deployment.state.pid] + [int(e["pid"]) for e in deployment.state.engines]  # type: ignore[arg-type]
     ports = [int(deployment.env["SERVER_PORT"])] + [int(e["port"]) for e in deployment.state.engines]  # type: ignore[arg-type]
     ds_address = deployment.env["DS_WORKER_ADDRESS"]
+    # A stream in flight when clean starts is drained: it ends with all its tokens.
+    started, chunks = threading.Event(), []
+    body = {"prompt": token_prompt(20), "max_tokens": 200, "temperature": 0, "stream": True, "ignore_eos": True,
+            "stream_options": {"include_usage": True}}  # fmt: skip
+
+    def stream() -> None:
+        with httpx.stream("POST", f"{deployment.url}/v1/completions", json=body, timeout=300) as response:
+            for line in response.iter_lines():
+                if line.startswith("data: {"):
+                    chunks.append(json.loads(line.removeprefix("data: ")))
+                    started.set()
+
+    reader = threading.Thread(target=stream)
+    reader.start()
+    assert started.wait(120), "the stream did not start"
     result = run_cli("clean", deployment.env, timeout=300)
+    reader.join(60)
     assert result.returncode == 0, result.stderr
+    assert [chunk["usage"]["completion_tokens"] for chunk in chunks if chunk.get("usage")] == [200]
+    assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]] == ["length"]
     assert [pid for pid in pids if pid_alive(pid)] == []
     assert [port for port in ports if port_open(port)] == []
     assert pids_matching(f"--worker_address={ds_address}") == []
