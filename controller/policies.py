@@ -33,6 +33,7 @@ class EngineLoad:
     role: str
     healthy: bool = True
     outstanding: int = 0
+    state: str = "healthy"  # the Controller's word: healthy, unhealthy (alive, missed probes), restarting, ...
 
 
 class Policy(Protocol):

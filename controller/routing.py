@@ -40,7 +40,8 @@ class RoutingTable:
             known = self._engines.get(name) or EngineLoad(name=name, url="", role="")
             known.url = f"http://{engine['host']}:{engine['port']}"
             known.role = str(engine["role"])
-            known.healthy = str(engine.get("state", "healthy")) == "healthy"
+            known.state = str(engine.get("state", "healthy"))
+            known.healthy = known.state == "healthy"
             fresh[name] = known
         self._engines = fresh
         if version is not None:
@@ -82,9 +83,14 @@ class RoutingTable:
         return len(self.healthy("decode")) or len(self.healthy("prefill"))
 
     def order(self, role: str, affinity_key: bytes) -> list[EngineLoad]:
-        """Healthy engines of ``role``, best first for this request."""
+        """Engines of ``role`` to try, best first for this request: the healthy ones in the
+        policy's order, then, as a last resort, those that are running but in doubt
+        (missed health probes, or failed a request lately): on a machine too busy to
+        answer probes in time, a slow answer is better than a 503."""
         policy = self._decode_policy if role == "decode" else self.policy
-        return policy.order(self.healthy(role), affinity_key)
+        healthy = self.healthy(role)
+        doubtful = [e for e in self._of_role(role) if e not in healthy and e.state in ("healthy", "unhealthy")]
+        return policy.order(healthy, affinity_key) + sorted(doubtful, key=lambda engine: engine.outstanding)
 
     def mark_failed(self, engine: EngineLoad) -> None:
         self._suspect_until[engine.name] = time.monotonic() + SUSPECT_S

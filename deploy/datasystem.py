@@ -48,6 +48,19 @@ def worker_home(preferred: Path, address: str) -> Path:
 IO_THREAD_NICE = 0
 
 
+def worker_answers(address: str, timeout_ms: int = 2000) -> bool:
+    """Whether a data system worker answers at ``address`` (a client can connect)."""
+    host, _, port = address.rpartition(":")
+    try:
+        from yr.datasystem import KVClient
+
+        client = KVClient(host, int(port), connect_timeout_ms=timeout_ms, req_timeout_ms=timeout_ms)
+        client.init()
+    except Exception:
+        return False
+    return True
+
+
 def start_workers(settings: DataSystemConfig, home: Path) -> None:
     """Start every local worker; on failure, stop those already started and raise."""
     started: list[str] = []

@@ -28,9 +28,9 @@ from controller.placement import plan_engines
 from controller.routing import RoutingTable
 from deploy import config as config_module
 from deploy.config import ServiceConfig
-from deploy.datasystem import start_workers, stop_workers
+from deploy.datasystem import start_workers, stop_workers, worker_answers
 from deploy.embedded_model import ensure_embedded_model
-from deploy.errors import DeployError
+from deploy.errors import ConfigError, DeployError
 from deploy.runtime import finalize_yr, init_yr
 from deploy.state import READY_MARKER, DeploymentState, read_pid
 
@@ -69,14 +69,24 @@ def serve(config: ServiceConfig) -> int:
         yr_mode=mode,
         served_model_name="",
         ds_worker_address=",".join(ds_addresses),
-        ds_started_here=not config.cluster_mode,
+        ds_started_here=False,
         log_dir=str(log_dir),
     )
     state.write(config.state_file)
     try:
         if not config.cluster_mode:
-            ds_started = True
-            start_workers(config.datasystem, log_dir.parent / "datasystem")
+            running = [address for address in config.datasystem.addresses if worker_answers(address)]
+            if running and len(running) < len(config.datasystem.addresses):
+                raise ConfigError(
+                    f"DS_WORKER_ADDRESS={config.datasystem.address} is invalid: workers answer at {', '.join(running)} "
+                    f"but not at the rest of {', '.join(config.datasystem.addresses)}; start all of them or none"
+                )
+            if running:  # workers someone else started: used as they are, and left running by clean
+                logger.info("using the data system worker(s) already running at %s", ", ".join(running))
+            else:
+                ds_started = state.ds_started_here = True
+                state.write(config.state_file)
+                start_workers(config.datasystem, log_dir.parent / "datasystem")
         model_path = config.model_path or ensure_embedded_model(config.model_cache_dir)
         state.served_model_name = str(model_path)
         specs = plan_engines(config, model_path, state.served_model_name, ds_addresses)

@@ -285,3 +285,16 @@ def test_queued_requests_are_served_as_slots_free() -> None:
         # One at a time: the stream (0.5 s + 2 x 0.25 s) holds its slot to its end, then 2 x 0.5 s.
         assert time.monotonic() - started >= 1.95
         assert len(engine.finished) == 3
+
+
+def test_engines_in_doubt_are_tried_last_rather_than_answering_503() -> None:
+    slow_to_probe, good = FakeEngine("slow-to-probe", "colocated"), FakeEngine("good", "colocated")
+    with door([slow_to_probe, good]) as (url, table):
+        table.update([{**slow_to_probe.info, "state": "unhealthy"}, good.info], version=1)  # missed health probes
+        for i in range(3):
+            assert httpx.post(f"{url}/v1/completions", json={"prompt": f"p{i}"}, timeout=10).status_code == 200
+        assert (len(slow_to_probe.received), len(good.received)) == (0, 3)  # healthy ones first
+        table.update([{**slow_to_probe.info, "state": "unhealthy"}, {**good.info, "state": "restarting"}], version=2)
+        response = httpx.post(f"{url}/v1/completions", json={"prompt": "last resort"}, timeout=10)
+        assert response.status_code == 200 and "slow-to-probe" in response.text  # alive, so asked, not a 503
+        assert len(good.received) == 3  # a restarting engine is not asked
