@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import socket
 import subprocess
 from pathlib import Path
@@ -11,10 +12,27 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = PROJECT_ROOT / "run_vllm_on_yr.sh"
 
 
+# Ports for test servers come from below Linux's ephemeral range (32768-60999), which
+# outgoing connections draw from: a port picked there can be taken by a client's socket
+# before the server binds it (seen: "address already in use" under a busy suite).
+_TEST_PORTS = range(20000, 32768)
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+    """A loopback port nothing listens on now, not handed out before by this process."""
+    for _ in range(1000):
+        port = random.choice(_TEST_PORTS)
+        if port in _handed_out:
+            continue
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError(f"no free loopback port in {_TEST_PORTS.start}-{_TEST_PORTS.stop - 1}")
 
 
 def isolated_env(tmp: Path, **settings: str) -> dict[str, str]:
