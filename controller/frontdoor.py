@@ -17,6 +17,7 @@ the engines (the door closes the engine connection; vLLM aborts the request).
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import time
@@ -89,9 +90,21 @@ def create_app(
     metrics: DoorMetrics | None = None,
     refresh: Refresh | None = None,
     admission: Admission | None = None,
+    api_key: str | None = None,
 ) -> FastAPI:
-    """``admission``: overload control (None: no limit on requests in flight)."""
+    """``admission``: overload control (None: no limit on requests in flight).
+    ``api_key``: when set, every /v1 request must carry ``Authorization: Bearer <key>``
+    (as ``vllm serve --api-key``); /health and /metrics stay open for probes and scrapers."""
     metrics = metrics or DoorMetrics()
+
+    def _unauthorized(request: Request) -> Response | None:
+        if api_key is None:
+            return None
+        given = request.headers.get("Authorization", "")
+        if hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+            return None
+        return openai_error(401, "Incorrect or missing API key: send 'Authorization: Bearer <API_KEY>'",
+                            "invalid_request_error", request_id=request.headers.get(REQUEST_ID_HEADER, ""))  # fmt: skip
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -140,7 +153,9 @@ def create_app(
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
-    async def models() -> Response:
+    async def models(request: Request) -> Response:
+        if (refused := _unauthorized(request)) is not None:
+            return refused
         model = {"id": served_model_name, "object": "model", "created": int(time.time()), "owned_by": "vllm-on-yr"}
         return JSONResponse({"object": "list", "data": [model]})
 
@@ -155,7 +170,7 @@ def create_app(
     async def _handle(request: Request, endpoint: str, required: str) -> Response:
         started = time.perf_counter()
         request_id = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
-        response = await _validated(request, endpoint, required, request_id)
+        response = _unauthorized(request) or await _validated(request, endpoint, required, request_id)
         metrics.requests.labels(endpoint, str(response.status_code)).inc()
         if not isinstance(response, StreamingResponse):
             elapsed = time.perf_counter() - started

@@ -123,6 +123,7 @@ class ServiceConfig:
     routing_policy: str  # round_robin | least_outstanding | prefix_affinity (prefill / colocated)
     admission: AdmissionConfig  # the door's overload control
     drain_timeout_s: float  # on clean / SIGTERM / Ctrl-C: how long requests in flight may finish
+    api_key: str | None  # set: /v1 requests must carry "Authorization: Bearer <key>"
     run_dir: Path  # deploy.log, deploy.pid, state.json
     sessions_dir: Path  # /tmp/yr_sessions: engine logs go to <sessions_dir>/latest/log
     model_cache_dir: Path
@@ -214,6 +215,7 @@ SETTINGS: tuple[_Setting, ...] = (
     _Setting("DOOR_QUEUE_SIZE", "256", "requests that may wait at the door for a slot; beyond: 429 at once"),
     _Setting("DOOR_QUEUE_TIMEOUT_S", "30", "seconds a request may wait at the door for a slot; then 429"),
     _Setting("DRAIN_TIMEOUT_S", "30", "on clean, SIGTERM or Ctrl-C: seconds requests in flight may take to finish"),
+    _Setting("API_KEY", None, "when set, /v1 requests must carry 'Authorization: Bearer <API_KEY>'; unset: open"),
     _Setting("RUN_DIR", None, "where deploy.log, deploy.pid and state.json live; unset: project root"),
     _Setting("YR_SESSIONS_DIR", "/tmp/yr_sessions", "openYuanrong session folder (engine logs in latest/log)"),
     _Setting("MODEL_CACHE_DIR", None, "where the embedded model is built; unset: <project>/.cache/models"),
@@ -275,6 +277,7 @@ def build_config(environ: Mapping[str, str], overrides: argparse.Namespace | Non
             queue_timeout_s=float(_int(raw, "DOOR_QUEUE_TIMEOUT_S", minimum=0)),
         ),
         drain_timeout_s=float(_int(raw, "DRAIN_TIMEOUT_S", minimum=0, maximum=600)),
+        api_key=raw["API_KEY"] or None,
         run_dir=Path(raw["RUN_DIR"] or PROJECT_ROOT),
         sessions_dir=sessions_dir,
         model_cache_dir=Path(raw["MODEL_CACHE_DIR"] or PROJECT_ROOT / ".cache" / "models"),
@@ -470,6 +473,7 @@ def describe(config: ServiceConfig) -> Sequence[str]:
         lines.append(f"decode: {config.decode_instances} instance(s) x TP{config.decode_tp} x DP{config.decode_dp}")
     lines.append(f"model: {config.model_path or 'embedded random-weight Qwen2 (gibberish by design)'}")
     lines.append(f"routing: {config.routing_policy} (decode by least outstanding requests)")
+    lines.append(f"API key: {'required on /v1 (Authorization: Bearer)' if config.api_key else 'off (open door)'}")
     lines.append(
         f"overload: {config.admission.max_in_flight_per_engine} requests in flight per serving engine, "
         f"{config.admission.queue_size} waiting at most {config.admission.queue_timeout_s:.0f} s, then 429"

@@ -116,7 +116,7 @@ def serve(config: ServiceConfig) -> int:
                 written_version = version
             return version, engines
 
-        app = create_app(table, state.served_model_name, metrics, refresh, Admission(config.admission))
+        app = create_app(table, state.served_model_name, metrics, refresh, Admission(config.admission), config.api_key)
         # On SIGTERM / Ctrl-C Uvicorn stops accepting, lets requests in flight finish (at most
         # DRAIN_TIMEOUT_S), then returns; the engines are stopped after that, below.
         server = uvicorn.Server(

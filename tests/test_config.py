@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from deploy.config import Accelerator, add_arguments, build_config, parse_device_list
+from deploy.config import Accelerator, add_arguments, build_config, describe, parse_device_list
 from deploy.errors import ConfigError
 
 CPU_2 = {"ACCELERATOR": "cpu", "VISIBLE_DEVICES": "0,1"}
@@ -89,3 +89,11 @@ def test_device_lists() -> None:
     for bad in ("", "1,1", "3-1", "a"):
         with pytest.raises(ValueError):
             parse_device_list(bad)
+
+
+def test_api_key_is_read_and_never_described() -> None:
+    config = build_config({**CPU_2, "API_KEY": "s3cret-value"})
+    assert config.api_key == "s3cret-value"
+    assert build_config(CPU_2).api_key is None
+    described = "\n".join(describe(config))
+    assert "s3cret-value" not in described and "API key: required" in described

@@ -23,15 +23,16 @@ from tests.helpers import free_port
 
 @contextmanager
 def door(
-    engines: list[FakeEngine], policy: str = "round_robin", admission: AdmissionConfig | None = None
-) -> Iterator[tuple[str, RoutingTable]]:
+    engines: list[FakeEngine], policy: str = "round_robin", admission: AdmissionConfig | None = None,
+    api_key: str | None = None,
+) -> Iterator[tuple[str, RoutingTable]]:  # fmt: skip
     metrics = DoorMetrics()
     table = RoutingTable([e.info for e in engines], make_policy(policy), metrics)
     port = free_port()
     with ExitStack() as stack:
         for engine in engines:
             stack.enter_context(serving(engine.app(), engine.port))
-        app = create_app(table, "m", metrics, admission=Admission(admission) if admission is not None else None)
+        app = create_app(table, "m", metrics, admission=Admission(admission) if admission is not None else None, api_key=api_key)
         stack.enter_context(serving(app, port))
         yield f"http://127.0.0.1:{port}", table
 
@@ -298,3 +299,19 @@ def test_engines_in_doubt_are_tried_last_rather_than_answering_503() -> None:
         response = httpx.post(f"{url}/v1/completions", json={"prompt": "last resort"}, timeout=10)
         assert response.status_code == 200 and "slow-to-probe" in response.text  # alive, so asked, not a 503
         assert len(good.received) == 3  # a restarting engine is not asked
+
+
+def test_api_key_guards_v1_and_leaves_probes_open() -> None:
+    engine = FakeEngine("c0", "colocated")
+    with door([engine], api_key="s3cret") as (url, _):
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+            refused = httpx.post(f"{url}/v1/completions", json={"prompt": "p"}, headers=headers, timeout=10)
+            assert refused.status_code == 401 and refused.json()["error"]["type"] == "invalid_request_error"
+            assert httpx.get(f"{url}/v1/models", headers=headers, timeout=10).status_code == 401
+        assert engine.received == []  # refused requests never reach an engine
+        key = {"Authorization": "Bearer s3cret"}
+        assert httpx.post(f"{url}/v1/completions", json={"prompt": "p"}, headers=key, timeout=10).status_code == 200
+        assert httpx.post(f"{url}/v1/chat/completions", json={"messages": []}, headers=key, timeout=10).status_code == 200
+        assert httpx.get(f"{url}/v1/models", headers=key, timeout=10).status_code == 200
+        assert httpx.get(f"{url}/health", timeout=10).status_code == 200
+        assert httpx.get(f"{url}/metrics", timeout=10).status_code == 200
