@@ -88,8 +88,12 @@ class RoutingTable:
         (missed health probes, or failed a request lately): on a machine too busy to
         answer probes in time, a slow answer is better than a 503."""
         policy = self._decode_policy if role == "decode" else self.policy
-        healthy = self.healthy(role)
-        doubtful = [e for e in self._of_role(role) if e not in healthy and e.state in ("healthy", "unhealthy")]
+        healthy, doubtful = [], []
+        for engine in self._of_role(role):
+            if self._usable(engine):
+                healthy.append(engine)
+            elif engine.state in ("healthy", "unhealthy"):  # running: suspect, or missed probes
+                doubtful.append(engine)
         return policy.order(healthy, affinity_key) + sorted(doubtful, key=lambda engine: engine.outstanding)
 
     def mark_failed(self, engine: EngineLoad) -> None:
