@@ -17,11 +17,13 @@ from deploy.datasystem import start_worker, stop_worker
 from patch.yuanrong_connector.keys import KVLayout, block_key, chained_block_hashes
 from patch.yuanrong_connector.metadata import BlockTransfer, YuanRongConnectorMetadata
 from patch.yuanrong_connector.settings import ConnectorSettings
+from patch.yuanrong_connector.remote_store import ARENA_BYTES, RemoteBlockStore
 from patch.yuanrong_connector.store import BlockStore
 from patch.yuanrong_connector.worker import YuanRongWorker
 from tests.helpers import free_port, pids_matching
 
 NUM_BLOCKS, KV_HEADS, BLOCK, HEAD = 8, 2, 16, 64
+BLOCK_BYTES = 2 * KV_HEADS * BLOCK * 2 * HEAD * 2  # 2 layers, K and V, bfloat16
 
 
 def _settings(address: str, layout_model: str) -> ConnectorSettings:
@@ -38,8 +40,8 @@ def _wait_loaded(worker: YuanRongWorker, request_id: str) -> tuple[float, set[in
 
 
 def _save(address: str, settings: ConnectorSettings, hashes: tuple[str, ...], caches: dict[str, torch.Tensor],
-          block_ids: tuple[int, ...]) -> None:  # fmt: skip
-    producer = YuanRongWorker(settings, BlockStore(address), tp_rank=0, num_blocks=NUM_BLOCKS)
+          block_ids: tuple[int, ...], arena_bytes: int = ARENA_BYTES) -> None:  # fmt: skip
+    producer = YuanRongWorker(settings, RemoteBlockStore(address, arena_bytes=arena_bytes), tp_rank=0, num_blocks=NUM_BLOCKS)
     producer.register_kv_caches(caches)
     producer.end_step(YuanRongConnectorMetadata(saves=[BlockTransfer("saver", hashes, block_ids)]))
     producer.shutdown()  # waits for the background saver
@@ -51,22 +53,29 @@ def _caches(shape: tuple[int, ...], fill_random: bool) -> dict[str, torch.Tensor
 
 
 @pytest.mark.parametrize(
-    "shape",
-    [(NUM_BLOCKS, KV_HEADS, BLOCK, 2 * HEAD), (2, NUM_BLOCKS, BLOCK, KV_HEADS, HEAD)],
-    ids=["cpu-layout", "kv-split-layout"],
+    ("shape", "arena_bytes"),
+    [
+        ((NUM_BLOCKS, KV_HEADS, BLOCK, 2 * HEAD), ARENA_BYTES),
+        ((2, NUM_BLOCKS, BLOCK, KV_HEADS, HEAD), ARENA_BYTES),
+        ((NUM_BLOCKS, KV_HEADS, BLOCK, 2 * HEAD), 2 * BLOCK_BYTES),  # 3 blocks: 2 moves each way
+    ],
+    ids=["cpu-layout", "kv-split-layout", "two-blocks-per-move"],
 )
-def test_blocks_saved_by_one_engine_load_bit_exact_in_another(ds_worker: DataSystemConfig, shape: tuple[int, ...]) -> None:
-    settings = _settings(ds_worker.address, f"model-{len(shape)}")
+def test_blocks_saved_by_one_engine_load_bit_exact_in_another(
+    ds_worker: DataSystemConfig, shape: tuple[int, ...], arena_bytes: int
+) -> None:
+    settings = _settings(ds_worker.address, f"model-{len(shape)}-{arena_bytes}")
     hashes = tuple(chained_block_hashes(list(range(3 * BLOCK)), BLOCK))
     source_caches = _caches(shape, fill_random=True)
-    _save(ds_worker.address, settings, hashes, source_caches, (5, 2, 7))
+    _save(ds_worker.address, settings, hashes, source_caches, (5, 2, 7), arena_bytes)
 
     store = BlockStore(ds_worker.address)
     keys = [block_key(settings.layout.fingerprint(), 0, h) for h in hashes]
     assert store.count_present_prefix(keys) == 3
 
     target_caches = _caches(shape, fill_random=False)
-    consumer = YuanRongWorker(settings, BlockStore(ds_worker.address), tp_rank=0, num_blocks=NUM_BLOCKS)
+    consumer_store = RemoteBlockStore(ds_worker.address, arena_bytes=arena_bytes)
+    consumer = YuanRongWorker(settings, consumer_store, tp_rank=0, num_blocks=NUM_BLOCKS)
     consumer.register_kv_caches(target_caches)
     consumer.start_load(YuanRongConnectorMetadata(loads=[BlockTransfer("r2", hashes, (0, 1, 3))]))
     _, failed = _wait_loaded(consumer, "r2")
@@ -81,7 +90,7 @@ def test_blocks_saved_by_one_engine_load_bit_exact_in_another(ds_worker: DataSys
 
 def test_missing_blocks_are_reported_for_recompute(ds_worker: DataSystemConfig) -> None:
     settings = _settings(ds_worker.address, "model-missing")
-    consumer = YuanRongWorker(settings, BlockStore(ds_worker.address), tp_rank=0, num_blocks=NUM_BLOCKS)
+    consumer = YuanRongWorker(settings, RemoteBlockStore(ds_worker.address), tp_rank=0, num_blocks=NUM_BLOCKS)
     consumer.register_kv_caches(_caches((NUM_BLOCKS, KV_HEADS, BLOCK, 2 * HEAD), fill_random=False))
     never_saved = tuple(chained_block_hashes([9] * (2 * BLOCK), BLOCK))
     consumer.start_load(YuanRongConnectorMetadata(loads=[BlockTransfer("r3", never_saved, (4, 6))]))
@@ -95,7 +104,7 @@ def test_handoff_waits_for_blocks_published_after_it_started(ds_worker: DataSyst
     settings = _settings(ds_worker.address, "model-late")
     shape = (NUM_BLOCKS, KV_HEADS, BLOCK, 2 * HEAD)
     hashes = tuple(chained_block_hashes(list(range(500, 500 + 2 * BLOCK)), BLOCK))
-    consumer = YuanRongWorker(settings, BlockStore(ds_worker.address), tp_rank=0, num_blocks=NUM_BLOCKS)
+    consumer = YuanRongWorker(settings, RemoteBlockStore(ds_worker.address), tp_rank=0, num_blocks=NUM_BLOCKS)
     target = _caches(shape, fill_random=False)
     consumer.register_kv_caches(target)
     consumer.start_load(YuanRongConnectorMetadata(loads=[BlockTransfer("late", hashes, (1, 2), wait_s=5.0)]))
@@ -115,7 +124,7 @@ def test_handoff_stops_waiting_at_its_bound_and_reports_the_rest(ds_worker: Data
     shape = (NUM_BLOCKS, KV_HEADS, BLOCK, 2 * HEAD)
     hashes = tuple(chained_block_hashes(list(range(700, 700 + 3 * BLOCK)), BLOCK))
     _save(ds_worker.address, settings, hashes[:1], _caches(shape, fill_random=True), (0,))
-    consumer = YuanRongWorker(settings, BlockStore(ds_worker.address), tp_rank=0, num_blocks=NUM_BLOCKS)
+    consumer = YuanRongWorker(settings, RemoteBlockStore(ds_worker.address), tp_rank=0, num_blocks=NUM_BLOCKS)
     consumer.register_kv_caches(_caches(shape, fill_random=False))
     started = time.monotonic()
     consumer.start_load(YuanRongConnectorMetadata(loads=[BlockTransfer("partial", hashes, (5, 6, 7), wait_s=0.3)]))
@@ -129,7 +138,7 @@ def test_handoff_stops_waiting_at_its_bound_and_reports_the_rest(ds_worker: Data
 def test_a_request_aborted_while_waiting_is_reported_at_once(ds_worker: DataSystemConfig) -> None:
     settings = _settings(ds_worker.address, "model-abort")
     hashes = tuple(chained_block_hashes(list(range(900, 900 + 2 * BLOCK)), BLOCK))
-    consumer = YuanRongWorker(settings, BlockStore(ds_worker.address), tp_rank=0, num_blocks=NUM_BLOCKS)
+    consumer = YuanRongWorker(settings, RemoteBlockStore(ds_worker.address), tp_rank=0, num_blocks=NUM_BLOCKS)
     consumer.register_kv_caches(_caches((NUM_BLOCKS, KV_HEADS, BLOCK, 2 * HEAD), fill_random=False))
     consumer.start_load(YuanRongConnectorMetadata(loads=[BlockTransfer("gone", hashes, (1, 2), wait_s=30.0)]))
     started = time.monotonic()

@@ -46,7 +46,7 @@ from patch.yuanrong_connector.scheduler import YuanRongScheduler
 from patch.yuanrong_connector.settings import ConnectorSettings
 from patch.yuanrong_connector.spin import cap_reader_spin
 from patch.yuanrong_connector.stats import YuanRongConnectorStats, YuanRongPromMetrics
-from patch.yuanrong_connector.store import BlockStore
+from patch.yuanrong_connector.remote_store import RemoteBlockStore
 from patch.yuanrong_connector.worker import YuanRongWorker
 
 if TYPE_CHECKING:
@@ -73,7 +73,7 @@ class YuanRongConnector(KVConnectorBase_V1):
     def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig) -> None:
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         settings = ConnectorSettings.from_vllm_config(vllm_config)
-        store = BlockStore(
+        store = RemoteBlockStore(
             settings.ds_address,
             request_timeout_ms=settings.request_timeout_ms,
             ttl_s=settings.ttl_s,

@@ -29,7 +29,7 @@ from vllm.logger import init_logger
 from patch.yuanrong_connector.device_store import DeviceBlockStore
 from patch.yuanrong_connector.staging import HostStaging
 from patch.yuanrong_connector.stats import YuanRongConnectorStats
-from patch.yuanrong_connector.store import BlockStore
+from patch.yuanrong_connector.remote_store import Store
 
 logger = init_logger(f"vllm.{__name__}")
 
@@ -58,7 +58,7 @@ class LoadOutcome:
 
 
 class BackgroundLoader:
-    def __init__(self, store: BlockStore, staging: HostStaging, device_store: DeviceBlockStore | None = None) -> None:
+    def __init__(self, store: Store, staging: HostStaging, device_store: DeviceBlockStore | None = None) -> None:
         self._store = store
         self._staging = staging
         self._device_store = device_store

@@ -24,7 +24,7 @@ from vllm.logger import init_logger
 from patch.yuanrong_connector.device_store import DeviceBlockStore
 from patch.yuanrong_connector.staging import HostStaging
 from patch.yuanrong_connector.stats import YuanRongConnectorStats
-from patch.yuanrong_connector.store import BlockStore
+from patch.yuanrong_connector.remote_store import Store
 
 logger = init_logger(f"vllm.{__name__}")
 
@@ -39,7 +39,7 @@ class SaveJob:
 
 class BackgroundSaver:
     def __init__(
-        self, store: BlockStore, staging: HostStaging, max_pending_blocks: int, device_store: DeviceBlockStore | None = None
+        self, store: Store, staging: HostStaging, max_pending_blocks: int, device_store: DeviceBlockStore | None = None
     ) -> None:
         self._store = store
         self._staging = staging

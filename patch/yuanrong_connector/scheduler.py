@@ -39,7 +39,7 @@ from vllm.logger import init_logger
 from patch.yuanrong_connector.keys import block_key, chain_root, chained_block_hashes
 from patch.yuanrong_connector.metadata import BlockTransfer, YuanRongConnectorMetadata, YuanRongWorkerMetadata
 from patch.yuanrong_connector.settings import ConnectorSettings
-from patch.yuanrong_connector.store import BlockStore
+from patch.yuanrong_connector.remote_store import Store
 
 if TYPE_CHECKING:
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
@@ -85,7 +85,7 @@ def request_chain_root(request: Request) -> bytes:
 @dataclass
 class YuanRongScheduler:
     settings: ConnectorSettings
-    store: BlockStore
+    store: Store
     enabled: bool = True  # False: a KV layout this connector does not handle; it does nothing
     _hashes: dict[str, list[str]] = field(default_factory=dict)  # request -> its full blocks' chain hashes
     _lookups: dict[str, Future[int]] = field(default_factory=dict)
@@ -316,3 +316,4 @@ class YuanRongScheduler:
     def shutdown(self) -> None:
         if self._lookup_pool is not None:
             self._lookup_pool.shutdown(wait=False, cancel_futures=True)
+        self.store.close()

@@ -27,7 +27,8 @@ from typing import Any
 import torch
 
 from patch.yuanrong_connector.paged_cache import PagedKVCache
-from patch.yuanrong_connector.store import BlockStore, PutResult
+from patch.yuanrong_connector.remote_store import Store
+from patch.yuanrong_connector.store import PutResult
 
 # The most device memory one save or load borrows for gathering blocks (whole blocks,
 # at least one): the engine sized its cache to the memory it was given.
@@ -112,25 +113,27 @@ class HostStaging:
             return torch.empty((rows, self.cache.block_bytes), dtype=torch.uint8, device=self.cache.device)
 
     # ---- the store ----
-    def save(self, store: BlockStore, keys: Sequence[str], block_ids: Sequence[int], marker: Any) -> PutResult:
+    def save(self, store: Store, keys: Sequence[str], block_ids: Sequence[int], marker: Any) -> PutResult:
         """Store blocks ``block_ids`` under ``keys``, published once written."""
         return store.put(keys, self.cache.block_bytes, self.block_reader(block_ids, marker))
 
-    def load(self, store: BlockStore, keys: Sequence[str], block_ids: Sequence[int]) -> set[int]:
+    def load(self, store: Store, keys: Sequence[str], block_ids: Sequence[int]) -> set[int]:
         """Copy stored blocks into the cache; return the block ids that could not be (from
         the first gap on: a missing or wrong-sized value, the blocks after it are computed)."""
-        if not keys:
-            return set()
-        buffers = store.get(keys)
-        failed: set[int] = set()
-        pairs: list[tuple[int, torch.Tensor]] = []
-        for block_id, buffer in zip(block_ids, buffers):
-            view = None if buffer is None else buffer.immutable_data()
-            if view is None or len(view) != self.cache.block_bytes or failed:
-                failed.add(block_id)
-                continue
-            pairs.append((block_id, torch.frombuffer(view, dtype=torch.uint8)))
-        if pairs:
-            self.write_blocks(pairs)
-        del buffers  # the zero-copy views were only needed for the copy
-        return failed
+        size = self.cache.block_bytes
+        per_move = store.max_blocks_per_move(size)
+        for first in range(0, len(keys), per_move):
+            chunk = keys[first : first + per_move]
+            buffers = store.get(chunk, size)
+            pairs: list[tuple[int, torch.Tensor]] = []
+            for block_id, buffer in zip(block_ids[first : first + len(chunk)], buffers):
+                view = None if buffer is None else buffer.immutable_data()
+                if view is None or len(view) != size:
+                    break
+                pairs.append((block_id, torch.frombuffer(view, dtype=torch.uint8)))
+            if pairs:
+                self.write_blocks(pairs)
+            del buffers  # the views were only needed for the copy
+            if len(pairs) < len(chunk):
+                return set(block_ids[first + len(pairs) :])
+        return set()

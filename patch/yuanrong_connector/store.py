@@ -99,6 +99,22 @@ class BlockStore:
         """Connect now (engine start) rather than on a request's path; False if unreachable."""
         return self._connected() is not None
 
+    def backoff_s(self) -> tuple[float, float]:
+        """(seconds the store stays marked down, seconds saves stay skipped); 0 when not."""
+        now = time.monotonic()
+        return max(0.0, self._down_until - now), max(0.0, self._full_until - now)
+
+    def sibling(self) -> BlockStore:
+        """A store for another thread of this process: this one (calls are made here)."""
+        return self
+
+    def max_blocks_per_move(self, value_size: int) -> int:
+        """How many values one ``get`` may return at once: any number (zero-copy views)."""
+        return 1 << 30
+
+    def close(self) -> None:
+        """Nothing to stop: the SDK client goes with the process."""
+
     def _failed(self, what: str, exc: Exception) -> None:
         """A call failed. A worker that answered too late is slow, not down: that call is a
         miss (bounded by the request timeout) and the next one is tried; anything else
@@ -187,9 +203,10 @@ class BlockStore:
                     self._failed(f"saving {len(chunk)} blocks", exc)
         return PutResult(stored, skipped, failed)
 
-    def get(self, keys: Sequence[str]) -> list[Any | None]:
+    def get(self, keys: Sequence[str], value_size: int = 0) -> list[Any | None]:
         """Zero-copy read buffers (``.immutable_data()`` gives a memoryview); ``None`` where a
         key is missing or the store failed. Keep the list referenced while reading the views.
+        (``value_size`` is what the caller expects; the caller checks it.)
         """
         client = self._connected() if keys else None
         if client is None:

@@ -27,7 +27,7 @@ from patch.yuanrong_connector.saver import BackgroundSaver
 from patch.yuanrong_connector.settings import ConnectorSettings
 from patch.yuanrong_connector.staging import HostStaging
 from patch.yuanrong_connector.stats import YuanRongConnectorStats
-from patch.yuanrong_connector.store import BlockStore
+from patch.yuanrong_connector.remote_store import Store
 
 logger = init_logger(f"vllm.{__name__}")
 
@@ -43,7 +43,7 @@ _IDLE_STEP_WAIT_S = 0.005
 @dataclass
 class YuanRongWorker:
     settings: ConnectorSettings
-    store: BlockStore
+    store: Store  # the saver's; the loader gets a sibling (its own helper)
     tp_rank: int
     num_blocks: int
     cache: PagedKVCache | None = None
@@ -51,6 +51,7 @@ class YuanRongWorker:
     _device_store: DeviceBlockStore | None = None
     _saver: BackgroundSaver | None = None
     _loader: BackgroundLoader | None = None
+    _load_store: Store | None = None  # the loader's: its own helper, so a save never delays a load
     _failed_block_ids: set[int] = field(default_factory=set)
     _loading: set[str] = field(default_factory=set)
 
@@ -70,8 +71,11 @@ class YuanRongWorker:
                 self.store, self._staging, self.settings.max_pending_save_blocks, self._device_store
             )
         if self.settings.prefix_reuse or self.settings.loads_remote_prefill:
-            self._loader = BackgroundLoader(self.store, self._staging, self._device_store)
-        self.store.connect()
+            self._load_store = self.store.sibling()
+            self._load_store.connect()
+            self._loader = BackgroundLoader(self._load_store, self._staging, self._device_store)
+        if self._saver is not None:
+            self.store.connect()
         logger.info(
             "[connector rank=%d] registered %d KV layers (%d pieces per block) on %s, %d bytes per block, store %s",
             self.tp_rank,
@@ -158,3 +162,6 @@ class YuanRongWorker:
             self._loader.close(self.timeout_s)
         if self._saver is not None:
             self._saver.close(self.timeout_s)
+        for store in (self.store, self._load_store):
+            if store is not None:
+                store.close()

@@ -1,0 +1,329 @@
+"""The data system as a block store whose calls run in a helper process, so that no
+store call can stop an engine.
+
+openyuanrong-datasystem 0.8.1's SDK holds Python's GIL for the whole of a call, its wait
+for the worker included (``benchmarks.sdk_gil``). Called from an engine's saver or
+loader thread, a call that waits 2 s stops the model runner for 2 s; in torture runs on
+a busy host, calls stuck for 60-80 s froze both engines. Here each engine thread that
+uses the store (the saver, the loader, the scheduler's lookups) talks to its own helper
+process (``store_process``), which makes the SDK calls. The engine thread waits for the
+answer on a socket, with the GIL released, and for a bounded time: an answer later than
+the request timeout (per SDK call) plus ``_SLACK_S`` makes that call a miss, and the
+calls after it are misses until the late answer has come (the helper serves one request
+at a time). Block bytes cross through a shared memory arena (a memfd both processes
+map): one more host copy per block each way than a zero-copy SDK call, in exchange for
+an engine that never waits on the store longer than that bound.
+
+A helper that dies is replaced on the first call ``retry_s`` later; meanwhile every call
+is a miss (vLLM computes). A helper exits when the engine's end of its socket closes.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+from patch.yuanrong_connector.store import _MAX_KEYS_PER_READ, _MAX_KEYS_PER_WRITE, BlockStore, PutResult
+
+logger = logging.getLogger(f"vllm.{__name__}")
+
+# The arena one helper moves block bytes through: at least this much, at least one block.
+ARENA_BYTES = 64 * 1024 * 1024
+# Beyond the SDK's own request timeouts, how long an answer may take to come back (the
+# helper is scheduled like any process of a busy host; this host has 2 cores).
+_SLACK_S = 1.0
+# How long a new helper may take to import the SDK and connect (a loaded host).
+_START_TIMEOUT_S = 60.0
+_PROJECT_ROOT = str(Path(__file__).resolve().parents[2])
+_MISS = object()
+
+
+class _ArenaValue:
+    """One value ``get`` copied into the arena; valid until the next call on that store."""
+
+    __slots__ = ("_view",)
+
+    def __init__(self, view: memoryview) -> None:
+        self._view = view
+
+    def immutable_data(self) -> memoryview:
+        return self._view
+
+
+class RemoteBlockStore:
+    """``BlockStore``'s interface, for one engine thread; ``sibling()`` gives another
+    thread its own helper."""
+
+    def __init__(
+        self,
+        address: str,
+        request_timeout_ms: int = 2000,
+        ttl_s: int = 0,
+        retry_s: float = 5.0,
+        arena_bytes: int = ARENA_BYTES,
+    ) -> None:
+        self._address = address
+        self._timeout_ms = request_timeout_ms
+        self._ttl_s = ttl_s
+        self._retry_s = retry_s
+        self._arena_bytes = arena_bytes
+        self._lock = threading.Lock()
+        self._helper: subprocess.Popen[bytes] | None = None
+        self._conn: Connection | None = None
+        self._arena: memoryview | None = None
+        self._owed = 0  # answers the helper still owes (calls that ran past their bound)
+        self._down_until = 0.0
+        self._full_until = 0.0
+        self._late_logged_until = 0.0
+        self._closed = False
+
+    @property
+    def address(self) -> str:
+        return self._address
+
+    @property
+    def available(self) -> bool:
+        """False while the store is marked down, or an answer is still owed."""
+        return time.monotonic() >= self._down_until and not self._still_owed()
+
+    @property
+    def takes_saves(self) -> bool:
+        return self.available and time.monotonic() >= self._full_until
+
+    @property
+    def helper_pid(self) -> int | None:
+        """The helper process's pid, while one runs."""
+        return None if self._helper is None else self._helper.pid
+
+    def sibling(self) -> RemoteBlockStore:
+        """The same store for another thread: its own helper, arena and back-off state."""
+        return RemoteBlockStore(self._address, self._timeout_ms, self._ttl_s, self._retry_s, self._arena_bytes)
+
+    def max_blocks_per_move(self, value_size: int) -> int:
+        """How many values of ``value_size`` bytes one ``get`` may return (the arena's room)."""
+        return max(1, self._arena_bytes // max(1, value_size))
+
+    # ---- calls ----
+    def connect(self) -> bool:
+        """Start the helper and connect it now (engine start); False if the store is unreachable."""
+        with self._lock:
+            return self._call(("connect",), 1) is True
+
+    def exists(self, keys: Sequence[str]) -> list[bool]:
+        """Which keys are stored; all False if the store cannot say in time."""
+        if not keys:
+            return []
+        with self._lock:
+            result = self._call(("exists", list(keys)), -(-len(keys) // _MAX_KEYS_PER_READ))
+        return [False] * len(keys) if result is _MISS else list(result)
+
+    def count_present_prefix(self, keys: Sequence[str], keys_per_block: int = 1) -> int:
+        """How many leading blocks are stored; a block is ``keys_per_block`` consecutive keys."""
+        present = self.exists(keys)
+        blocks = 0
+        for start in range(0, len(present), keys_per_block):
+            if not all(present[start : start + keys_per_block]):
+                break
+            blocks += 1
+        return blocks
+
+    def put(self, keys: Sequence[str], value_size: int, fill: Callable[[int, list[memoryview]], None]) -> PutResult:
+        """Like ``BlockStore.put``: ``fill(first, buffers)`` writes the values of
+        ``keys[first : first + len(buffers)]`` (here into the arena, an arena's worth at a
+        time); the helper stores and publishes them."""
+        stored = skipped = failed = 0
+        per_move = self.max_blocks_per_move(value_size)
+        with self._lock:
+            for first in range(0, len(keys), per_move):
+                chunk = list(keys[first : first + per_move])
+                if time.monotonic() < self._full_until:
+                    skipped += len(chunk)
+                    continue
+                arena = self._arena_for(value_size)
+                if arena is None:
+                    failed += len(chunk)
+                    continue
+                fill(first, [arena[i * value_size : (i + 1) * value_size] for i in range(len(chunk))])
+                result = self._call(("put", chunk, value_size), 2 * -(-len(chunk) // _MAX_KEYS_PER_WRITE))
+                if result is _MISS:
+                    failed += len(chunk)
+                    continue
+                stored, skipped, failed = stored + result[0], skipped + result[1], failed + result[2]
+        return PutResult(stored, skipped, failed)
+
+    def get(self, keys: Sequence[str], value_size: int = 0) -> list[Any | None]:
+        """Values copied into the arena (``.immutable_data()`` gives a memoryview), ``None``
+        where a key is missing, not ``value_size`` bytes, or the store failed. At most
+        ``max_blocks_per_move(value_size)`` keys; the views last until the next call."""
+        if len(keys) > self.max_blocks_per_move(value_size):
+            raise ValueError(f"{len(keys)} values of {value_size} bytes do not fit the {self._arena_bytes}-byte arena")
+        if not keys:
+            return []
+        with self._lock:
+            arena = self._arena_for(value_size)
+            result = _MISS if arena is None else self._call(("get", list(keys), value_size), -(-len(keys) // _MAX_KEYS_PER_READ))
+            if result is _MISS or arena is None:
+                return [None] * len(keys)
+            return [
+                _ArenaValue(arena[i * value_size : (i + 1) * value_size]) if copied else None
+                for i, copied in enumerate(result)
+            ]
+
+    def close(self) -> None:
+        """Stop the helper (a call under way in another thread ends as a miss)."""
+        acquired = self._lock.acquire(timeout=self._timeout_ms / 1000 + _SLACK_S)
+        try:
+            self._closed = True
+            self._stop_helper()
+        finally:
+            if acquired:
+                self._lock.release()
+
+    # ---- the helper (all below with self._lock held) ----
+    def _call(self, request: tuple[Any, ...], sdk_calls: int) -> Any:
+        """The helper's result, or _MISS (down, no helper, a late or lost answer)."""
+        if not self._usable():
+            return _MISS
+        assert self._conn is not None
+        bound_s = _START_TIMEOUT_S if request[0] == "connect" else sdk_calls * self._timeout_ms / 1000 + _SLACK_S
+        try:
+            self._conn.send(request)
+            if not self._conn.poll(bound_s):
+                self._owed += 1
+                self._log_late(request[0], bound_s)
+                return _MISS
+            answer = self._conn.recv()
+        except (EOFError, OSError) as exc:
+            self._lost(f"{request[0]}: {exc!r}")
+            return _MISS
+        result = self._absorb(answer)
+        return _MISS if isinstance(result, Exception) else result
+
+    def _usable(self) -> bool:
+        """A helper is running (started if need be) and owes no answer."""
+        if self._closed or time.monotonic() < self._down_until:
+            return False
+        if self._conn is None and not self._start():
+            return False
+        return self._collect_owed()
+
+    def _arena_for(self, value_size: int) -> memoryview | None:
+        """The arena, once the helper is usable and the arena holds a value of this size."""
+        if value_size > self._arena_bytes:
+            logger.info("[store=%s] values of %d bytes: moving to a larger arena", self._address, value_size)
+            self._stop_helper()
+            self._arena_bytes = value_size
+        return self._arena if self._usable() else None
+
+    def _start(self) -> bool:
+        parent_end, child_end = socket.socketpair()
+        arena_fd = os.memfd_create("yuanrong-kv-arena")
+        try:
+            os.ftruncate(arena_fd, self._arena_bytes)
+            env = dict(os.environ)
+            env["PYTHONPATH"] = os.pathsep.join(p for p in (_PROJECT_ROOT, env.get("PYTHONPATH", "")) if p)
+            command = [
+                sys.executable, "-m", "patch.yuanrong_connector.store_process",
+                "--conn-fd", str(child_end.fileno()), "--arena-fd", str(arena_fd),
+                "--arena-bytes", str(self._arena_bytes), "--address", self._address,
+                "--request-timeout-ms", str(self._timeout_ms), "--ttl-s", str(self._ttl_s),
+                "--retry-s", str(self._retry_s),
+            ]  # fmt: skip
+            self._helper = subprocess.Popen(
+                command, pass_fds=(child_end.fileno(), arena_fd), env=env, stdin=subprocess.DEVNULL
+            )
+            self._arena = memoryview(mmap.mmap(arena_fd, self._arena_bytes))
+        except OSError as exc:
+            parent_end.close()
+            self._lost(f"could not start the store helper: {exc}")
+            return False
+        finally:
+            child_end.close()
+            os.close(arena_fd)
+        self._conn = Connection(parent_end.detach())
+        self._owed = 0
+        logger.info("[store=%s] store helper pid %d started (arena %d MiB)", self._address, self._helper.pid,
+                    self._arena_bytes >> 20)  # fmt: skip
+        return True
+
+    def _collect_owed(self) -> bool:
+        """Take late answers that have come; True when none is owed any more."""
+        while self._owed:
+            assert self._conn is not None
+            try:
+                if not self._conn.poll(0):
+                    return False
+                self._absorb(self._conn.recv())
+            except (EOFError, OSError) as exc:
+                self._lost(f"late answer: {exc!r}")
+                return False
+            self._owed -= 1
+        return True
+
+    def _still_owed(self) -> bool:
+        """True while a late answer is owed (checked without waiting for a call under way)."""
+        if not self._owed:
+            return False
+        if not self._lock.acquire(blocking=False):
+            return True
+        try:
+            return self._conn is not None and not self._collect_owed()
+        finally:
+            self._lock.release()
+
+    def _absorb(self, answer: tuple[float, float, Any]) -> Any:
+        down_s, full_s, result = answer
+        now = time.monotonic()
+        self._down_until = max(self._down_until, now + down_s) if down_s else self._down_until
+        self._full_until = now + full_s
+        return result
+
+    def _log_late(self, op: str, bound_s: float) -> None:
+        now = time.monotonic()
+        if now < self._late_logged_until:
+            return
+        self._late_logged_until = now + self._retry_s
+        logger.warning(
+            "[store=%s] %s: no answer within %.1f s; that call is a miss, and calls are misses until the answer "
+            "comes (this message at most every %.0f s)",
+            self._address,
+            op,
+            bound_s,
+            self._retry_s,
+        )
+
+    def _lost(self, reason: str) -> None:
+        self._stop_helper()
+        self._down_until = time.monotonic() + self._retry_s
+        logger.warning("[store=%s] store helper lost (%s); treating the store as empty for %.0f s (requests recompute)",
+                       self._address, reason, self._retry_s)  # fmt: skip
+
+    def _stop_helper(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+        self._arena = None  # views handed out keep the mapping alive until dropped
+        self._owed = 0
+        helper, self._helper = self._helper, None
+        if helper is None:
+            return
+        try:
+            helper.wait(timeout=2)  # it exits when its socket closes (after a call under way)
+        except subprocess.TimeoutExpired:
+            helper.kill()
+            helper.wait()
+
+
+# What the saver, the loader and the scheduler's lookups call: the engine's stores are
+# remote; tests and benchmarks also call a ``BlockStore`` in their own process.
+Store = BlockStore | RemoteBlockStore

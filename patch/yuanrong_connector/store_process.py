@@ -1,0 +1,101 @@
+"""The helper process that makes an engine's data system calls (see ``remote_store``).
+
+The data system SDK holds Python's GIL for the whole of a call, waits included, so a
+call made in an engine's process stops every thread of it (the model runner too) until
+the worker answers. This process makes the calls instead. It owns one ``BlockStore``
+and serves one engine thread over a socket: one request at a time, one answer each.
+Block bytes travel through a shared memory arena the engine maps too; the helper copies
+them between the arena and the store's own shared memory. It exits when the engine's
+end of the socket closes (the engine stopped or died).
+
+    python -m patch.yuanrong_connector.store_process --conn-fd N --arena-fd M ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import mmap
+import os
+from multiprocessing.connection import Connection
+from typing import Any
+
+from patch.yuanrong_connector.store import BlockStore
+
+logger = logging.getLogger(f"vllm.{__name__}")
+
+
+def answer(store: BlockStore, arena: memoryview, request: tuple[Any, ...]) -> Any:
+    """What one request gives. Requests: ("connect",), ("exists", keys),
+    ("put", keys, value_size): values at arena[i * value_size] for keys[i];
+    ("get", keys, value_size): copies the values there, gives one flag per key."""
+    op = request[0]
+    if op == "connect":
+        return store.connect()
+    if op == "exists":
+        return store.exists(request[1])
+    if op == "put":
+        keys, size = request[1], request[2]
+
+        def fill_from_arena(first: int, buffers: list[memoryview]) -> None:
+            for index, buffer in enumerate(buffers, start=first):
+                buffer[:size] = arena[index * size : (index + 1) * size]
+
+        result = store.put(keys, size, fill_from_arena)
+        return (result.stored, result.skipped_full, result.failed)
+    if op == "get":
+        keys, size = request[1], request[2]
+        buffers = store.get(keys)
+        copied: list[bool] = []
+        for index, buffer in enumerate(buffers):
+            view = None if buffer is None else buffer.immutable_data()
+            if view is None or len(view) != size:
+                copied.append(False)
+                continue
+            arena[index * size : (index + 1) * size] = view
+            copied.append(True)
+        del buffers
+        return copied
+    raise ValueError(f"unknown request {op!r}")
+
+
+def serve(conn: Connection, store: BlockStore, arena: memoryview) -> None:
+    """Answer requests until the engine closes its end; each answer carries the store's
+    back-off state: (seconds left marked down, seconds left skipping saves, result)."""
+    while True:
+        try:
+            request = conn.recv()
+        except (EOFError, OSError):
+            return
+        try:
+            result = answer(store, arena, request)
+        except Exception as exc:  # a bug here must not leave the engine waiting for an answer
+            logger.exception("[store helper] %s failed", request[0])
+            result = exc
+        down_s, full_s = store.backoff_s()
+        try:
+            conn.send((down_s, full_s, result))
+        except (EOFError, OSError):
+            return
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="data system calls on behalf of one engine thread")
+    parser.add_argument("--conn-fd", type=int, required=True)
+    parser.add_argument("--arena-fd", type=int, required=True)
+    parser.add_argument("--arena-bytes", type=int, required=True)
+    parser.add_argument("--address", required=True)
+    parser.add_argument("--request-timeout-ms", type=int, required=True)
+    parser.add_argument("--ttl-s", type=int, required=True)
+    parser.add_argument("--retry-s", type=float, required=True)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(asctime)s [store helper %(process)d] %(message)s")
+    arena = mmap.mmap(args.arena_fd, args.arena_bytes)
+    os.close(args.arena_fd)
+    store = BlockStore(args.address, args.request_timeout_ms, args.ttl_s, args.retry_s)
+    with memoryview(arena) as view:
+        serve(Connection(args.conn_fd), store, view)
+
+
+if __name__ == "__main__":
+    main()
