@@ -14,7 +14,10 @@ heads x 128 tokens x 2 x 64 x 2 bytes = 1.5 MiB, so the store sees 1.5 MiB value
   every block (``exist`` check, gather from the paged cache, publish); the time the
   step itself is held (hand-over only) is printed too. Fresh keys each repeat.
 - connector load: ``start_load`` until the background loader reports the request
-  loaded (exist, one batched zero-copy get, copies into every layer's cache).
+  loaded (exist, get, copies into every layer's cache).
+  Both as engines run them (store calls in a helper process, block bytes through its
+  shared arena: one more copy each way) and with the SDK called in-process (zero-copy,
+  but every call holds the GIL while it waits: what engines did before the helper).
 - ExampleConnector: its real save_kv_layer/wait_for_save and start_load_kv/
   wait_for_layer_load (benchmarks/example_connector_io.py), files under /tmp.
 
@@ -33,6 +36,7 @@ import shutil
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -43,6 +47,7 @@ from deploy.datasystem import start_worker, stop_worker
 from patch.yuanrong_connector.keys import KVLayout, chained_block_hashes
 from patch.yuanrong_connector.metadata import BlockTransfer, YuanRongConnectorMetadata
 from patch.yuanrong_connector.settings import ConnectorSettings
+from patch.yuanrong_connector.remote_store import RemoteBlockStore, Store
 from patch.yuanrong_connector.store import BlockStore
 from patch.yuanrong_connector.worker import YuanRongWorker
 from tests.helpers import free_port
@@ -84,14 +89,16 @@ def measure_raw(client: object, values: torch.Tensor, repeats: int) -> tuple[flo
     return _best(puts), _best(gets)
 
 
-def measure_connector(address: str, caches: dict[str, torch.Tensor], block_ids: list[int], repeats: int) -> dict[str, float]:
+def measure_connector(
+    address: str, caches: dict[str, torch.Tensor], block_ids: list[int], repeats: int, open_store: Callable[[str], Store]
+) -> dict[str, float]:
     num_blocks = next(iter(caches.values())).shape[0]
     layout = KVLayout("bench", "torch.bfloat16", BLOCK_SIZE, KV_HEADS, HEAD, len(caches), 1)
     settings = ConnectorSettings(address, saves=True, prefix_reuse=False, loads_remote_prefill=True, layout=layout)
-    producer = YuanRongWorker(settings, BlockStore(address), tp_rank=0, num_blocks=num_blocks)
+    producer = YuanRongWorker(settings, open_store(address), tp_rank=0, num_blocks=num_blocks)
     producer.register_kv_caches(caches)
     targets = {name: torch.zeros_like(t) for name, t in caches.items()}
-    consumer = YuanRongWorker(settings, BlockStore(address), tp_rank=0, num_blocks=num_blocks)
+    consumer = YuanRongWorker(settings, open_store(address), tp_rank=0, num_blocks=num_blocks)
     consumer.register_kv_caches(targets)
     saves, handovers, loads = [], [], []
     try:
@@ -145,7 +152,8 @@ def main() -> None:
             [torch.cat([t[b].reshape(-1).view(torch.uint8) for t in caches.values()]) for b in block_ids]
         )
         raw_put, raw_get = measure_raw(client, values, args.repeats)
-        ours = measure_connector(ds.address, caches, block_ids, args.repeats)
+        ours = measure_connector(ds.address, caches, block_ids, args.repeats, RemoteBlockStore)
+        in_process = measure_connector(ds.address, caches, block_ids, args.repeats, BlockStore)
     finally:
         stop_worker(ds.address)
         shutil.rmtree(home, ignore_errors=True)
@@ -155,6 +163,7 @@ def main() -> None:
     rows = {
         "data system raw put/get": (gbps(raw_put), gbps(raw_get)),
         "YuanRongConnector save/load": (gbps(ours["save_s"]), gbps(ours["load_s"])),
+        "  same, SDK calls in-process": (gbps(in_process["save_s"]), gbps(in_process["load_s"])),
         "ExampleConnector save/load": (example["save_gbps"], example["load_gbps"]),
     }
     result = {

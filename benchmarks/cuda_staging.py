@@ -12,8 +12,12 @@ Per run, fresh keys, blocks scattered over the cache as block tables are:
 - baseline: one contiguous pinned host tensor <-> one contiguous device tensor of the
   same bytes (``copy_``, synchronised): what the bus gives;
 - connector save: event after "the forward pass" -> blocks published in the store;
-- connector load: zero-copy get of the published blocks -> blocks in a zeroed cache,
-  checked bit-exact against the source blocks;
+- connector load: get of the published blocks -> blocks in a zeroed cache, checked
+  bit-exact against the source blocks;
+  both as engines run them (``RemoteBlockStore``: store calls in a helper process, the
+  device copying straight into the helper's CUDA-registered arena, the helper copying
+  between the arena and the store) and with the SDK called in-process (``BlockStore``:
+  through a pinned staging buffer, zero-copy store buffers; what engines did before);
 - data system raw put/get: the same bytes between a pinned host tensor and the store's
   shared memory (mcreate, memcpy, mset_buffer / get, memcpy): the least the store costs.
 Keys are deleted after each run, as a full store recycles memory (fresh shared memory
@@ -41,6 +45,7 @@ from deploy.config import DataSystemConfig
 from deploy.datasystem import start_worker, stop_worker
 from patch.yuanrong_connector.paged_cache import PagedKVCache
 from patch.yuanrong_connector.staging import HostStaging
+from patch.yuanrong_connector.remote_store import CUDA_ARENA_BYTES, RemoteBlockStore, Store
 from patch.yuanrong_connector.store import BlockStore
 from tests.helpers import free_port
 
@@ -119,7 +124,7 @@ def measure_raw(client: object, total_blocks: int, block_bytes: int, repeats: in
     return best
 
 
-def measure_connector(store: BlockStore, client: object, shape: ModelShape, block_ids: list[int], num_blocks: int,
+def measure_connector(store: Store, client: object, shape: ModelShape, block_ids: list[int], num_blocks: int,
                       repeats: int, device: torch.device) -> dict[str, float]:  # fmt: skip
     source = cuda_caches(shape, num_blocks, device, fill_random=True)
     target = cuda_caches(shape, num_blocks, device, fill_random=False)
@@ -153,6 +158,7 @@ def main() -> None:
     parser.add_argument("--model", choices=sorted(MODELS), default="llama3-8b")
     parser.add_argument("--tokens", type=int, default=4096, help="prompt tokens whose KV is moved per run")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--arena-mib", type=int, default=CUDA_ARENA_BYTES >> 20, help="the store helper's arena")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if not torch.cuda.is_available():
@@ -178,7 +184,14 @@ def main() -> None:
         store = BlockStore(ds.address, request_timeout_ms=10000)
         assert store.connect(), f"no data system worker at {ds.address}"
         raw = measure_raw(client, blocks, block_bytes, args.repeats)
-        ours = measure_connector(store, client, shape, block_ids, num_blocks, args.repeats, device)
+        in_process = measure_connector(store, client, shape, block_ids, num_blocks, args.repeats, device)
+        remote = RemoteBlockStore(ds.address, request_timeout_ms=10000, arena_bytes=args.arena_mib << 20)
+        remote.arena_pinner = HostStaging.pin
+        try:
+            assert remote.connect(), f"the store helper could not reach {ds.address}"
+            ours = measure_connector(remote, client, shape, block_ids, num_blocks, args.repeats, device)
+        finally:
+            remote.close()
     finally:
         stop_worker(ds.address)
         shutil.rmtree(home, ignore_errors=True)
@@ -195,6 +208,7 @@ def main() -> None:
         "pieces_per_block": 2 * shape.layers,
         "total_bytes": total,
         "repeats": args.repeats,
+        "arena_mib": args.arena_mib,
         "gbps": {
             "pinned copy device->host": gbps(d2h),
             "pinned copy host->device": gbps(h2d),
@@ -202,10 +216,13 @@ def main() -> None:
             "data system raw get (store->pinned)": gbps(raw["raw_get_s"]),
             "connector save (device->store)": gbps(ours["save_s"]),
             "connector load (store->device)": gbps(ours["load_s"]),
+            "  same, SDK calls in-process: save": gbps(in_process["save_s"]),
+            "  same, SDK calls in-process: load": gbps(in_process["load_s"]),
         },
         "connector_vs_pinned_copy": {"save": round(d2h / ours["save_s"], 2), "load": round(h2d / ours["load_s"], 2)},
         "connector_vs_raw_store": {"save": round(raw["raw_put_s"] / ours["save_s"], 2), "load": round(raw["raw_get_s"] / ours["load_s"], 2)},
         "phases_ms": {name: round(seconds * 1000, 2) for name, seconds in {**raw, **ours}.items()},
+        "in_process_vs_pinned_copy": {"save": round(d2h / in_process["save_s"], 2), "load": round(h2d / in_process["load_s"], 2)},
     }
     print(f"{result['gpu']}, {args.model}: {result['tokens']} tokens = {blocks} blocks x {block_bytes / 2**20:.2f} MiB "
           f"({2 * shape.layers} pieces each) = {total / 2**20:.0f} MiB per run, best of {args.repeats}")  # fmt: skip

@@ -1,6 +1,7 @@
 """CUDA KV caches through pinned staging and a real data system worker: blocks saved
 from one cache (vLLM's FlashAttention layout, K and V apart) arrive bit-exact in another,
-in one device chunk or in several. Skipped without a GPU; run
+in one device chunk or in several, through the store helper's CUDA-registered arena
+or with the SDK called in-process. Skipped without a GPU; run
 on one with ``python -m pytest tests/test_cuda_staging.py`` (no vLLM needed)."""
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from deploy.config import DataSystemConfig
 from patch.yuanrong_connector import staging
 from patch.yuanrong_connector.paged_cache import PagedKVCache
 from patch.yuanrong_connector.staging import HostStaging
+from patch.yuanrong_connector.remote_store import RemoteBlockStore, Store
 from patch.yuanrong_connector.store import BlockStore
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -27,22 +29,32 @@ def _caches(fill_random: bool) -> dict[str, torch.Tensor]:
     return {f"model.layers.{i}.self_attn.attn": make(*shape, dtype=torch.bfloat16, device="cuda") for i in range(LAYERS)}
 
 
+def _store(kind: str, address: str, block_bytes: int) -> Store:
+    if kind == "in-process":
+        return BlockStore(address)
+    store = RemoteBlockStore(address, arena_bytes=3 * block_bytes)  # 8 blocks: 3 moves each way
+    store.arena_pinner = HostStaging.pin
+    return store
+
+
+@pytest.mark.parametrize("store_kind", ["helper", "in-process"])
 @pytest.mark.parametrize("chunk_blocks", [None, 3], ids=["one-chunk", "chunks-of-3"])
 def test_cuda_blocks_round_trip_bit_exact(ds_worker: DataSystemConfig, monkeypatch: pytest.MonkeyPatch,
-                                          chunk_blocks: int | None) -> None:  # fmt: skip
+                                          chunk_blocks: int | None, store_kind: str) -> None:  # fmt: skip
     source, target = _caches(fill_random=True), _caches(fill_random=False)
     saving = HostStaging(PagedKVCache.register(source, NUM_BLOCKS))
     loading = HostStaging(PagedKVCache.register(target, NUM_BLOCKS))
     assert saving.on_cuda and saving.cache.block_bytes == LAYERS * 2 * BLOCK * KV_HEADS * HEAD * 2
     if chunk_blocks is not None:
         monkeypatch.setattr(staging, "DEVICE_CHUNK_BYTES", chunk_blocks * saving.cache.block_bytes)
-    store = BlockStore(ds_worker.address)
+    store = _store(store_kind, ds_worker.address, saving.cache.block_bytes)
     keys = [f"cuda-{uuid.uuid4().hex}" for _ in range(8)]
     saved_from, loaded_into = [1, 3, 4, 6, 7, 9, 10, 11], [0, 2, 5, 8, 11, 1, 3, 4]
 
     result = saving.save(store, keys, saved_from, saving.forward_done_marker())
     assert result.stored == 8
     failed = loading.load(store, keys, loaded_into)
+    store.close()
 
     assert failed == set()
     for name in source:

@@ -1,7 +1,7 @@
 """End to end, short variant of the KV torture (tests/kv_torture.py; the long one is
 ``python -m tests.kv_torture``): concurrent PD requests sharing prefixes, a decode KV
 cache small enough to force preemption, clients giving up mid-flight. Zero wrong
-outputs, no errors (the handoff waits and how many passed their bound are printed).
+outputs, no errors, no handoff waiting past its bound.
 
 The store restart stays in the long variant only: restarting the data system worker
 under load has crashed an engine inside the data system SDK (a segfault in
@@ -41,7 +41,7 @@ def test_kv_torture_short(tmp_path_factory: pytest.TempPathFactory) -> None:
     assert report.completed + report.cancelled == 24 and report.completed >= 12
     assert report.preemptions > 0  # the small decode cache did force preemption
     assert report.loaded_tokens > 0  # KV was handed over
-    # The wait bound is a timing figure: on this shared 2-core machine both engines have
-    # stalled for a minute at once (no /health answer; the data system worker ran on), and
-    # no bound holds through that. The suite prints it; the long command fails on it, and
-    # tests/test_connector_store.py checks the loader stops waiting at its bound.
+    # No handoff waits past its bound: store calls run in helper processes, so a store
+    # that stops answering no longer freezes the engines (the SDK holds the GIL while it
+    # waits; in-process, two runs of about six froze both engines for 60-80 s).
+    assert report.handoff_waits_over_bound == 0

@@ -38,10 +38,14 @@ from patch.yuanrong_connector.store import _MAX_KEYS_PER_READ, _MAX_KEYS_PER_WRI
 logger = logging.getLogger(f"vllm.{__name__}")
 
 # The arena one helper moves block bytes through: at least this much, at least one block.
+# CUDA engines take a larger one, page-locked: each arena's worth is one round trip, and
+# on an H200 host (Llama-3-8B blocks, 512 MiB per save) 64 / 256 / 512 MiB arenas gave
+# 7.0 / 9.9 / 11.7 GB/s saves against 12.1-12.9 GB/s for in-process SDK calls.
 ARENA_BYTES = 64 * 1024 * 1024
+CUDA_ARENA_BYTES = 256 * 1024 * 1024
 # Beyond the SDK's own request timeouts, how long an answer may take to come back (the
 # helper is scheduled like any process of a busy host; this host has 2 cores).
-_SLACK_S = 1.0
+_SLACK_S = 0.5
 # How long a new helper may take to import the SDK and connect (a loaded host).
 _START_TIMEOUT_S = 60.0
 _PROJECT_ROOT = str(Path(__file__).resolve().parents[2])
@@ -76,7 +80,7 @@ class RemoteBlockStore:
         self._timeout_ms = request_timeout_ms
         self._ttl_s = ttl_s
         self._retry_s = retry_s
-        self._arena_bytes = arena_bytes
+        self.arena_bytes = arena_bytes  # may be changed before the first call
         self._lock = threading.Lock()
         self._helper: subprocess.Popen[bytes] | None = None
         self._conn: Connection | None = None
@@ -86,6 +90,10 @@ class RemoteBlockStore:
         self._full_until = 0.0
         self._late_logged_until = 0.0
         self._closed = False
+        # CUDA engines page-lock each arena (``HostStaging.pin``), so the device copies
+        # straight into it; the callable it returns undoes that before the arena goes.
+        self.arena_pinner: Callable[[memoryview], Callable[[], None]] | None = None
+        self._unpin: Callable[[], None] | None = None
 
     @property
     def address(self) -> str:
@@ -107,11 +115,13 @@ class RemoteBlockStore:
 
     def sibling(self) -> RemoteBlockStore:
         """The same store for another thread: its own helper, arena and back-off state."""
-        return RemoteBlockStore(self._address, self._timeout_ms, self._ttl_s, self._retry_s, self._arena_bytes)
+        twin = RemoteBlockStore(self._address, self._timeout_ms, self._ttl_s, self._retry_s, self.arena_bytes)
+        twin.arena_pinner = self.arena_pinner
+        return twin
 
     def max_blocks_per_move(self, value_size: int) -> int:
         """How many values of ``value_size`` bytes one ``get`` may return (the arena's room)."""
-        return max(1, self._arena_bytes // max(1, value_size))
+        return max(1, self.arena_bytes // max(1, value_size))
 
     # ---- calls ----
     def connect(self) -> bool:
@@ -166,7 +176,7 @@ class RemoteBlockStore:
         where a key is missing, not ``value_size`` bytes, or the store failed. At most
         ``max_blocks_per_move(value_size)`` keys; the views last until the next call."""
         if len(keys) > self.max_blocks_per_move(value_size):
-            raise ValueError(f"{len(keys)} values of {value_size} bytes do not fit the {self._arena_bytes}-byte arena")
+            raise ValueError(f"{len(keys)} values of {value_size} bytes do not fit the {self.arena_bytes}-byte arena")
         if not keys:
             return []
         with self._lock:
@@ -219,31 +229,33 @@ class RemoteBlockStore:
 
     def _arena_for(self, value_size: int) -> memoryview | None:
         """The arena, once the helper is usable and the arena holds a value of this size."""
-        if value_size > self._arena_bytes:
+        if value_size > self.arena_bytes:
             logger.info("[store=%s] values of %d bytes: moving to a larger arena", self._address, value_size)
             self._stop_helper()
-            self._arena_bytes = value_size
+            self.arena_bytes = value_size
         return self._arena if self._usable() else None
 
     def _start(self) -> bool:
         parent_end, child_end = socket.socketpair()
         arena_fd = os.memfd_create("yuanrong-kv-arena")
         try:
-            os.ftruncate(arena_fd, self._arena_bytes)
+            os.ftruncate(arena_fd, self.arena_bytes)
             env = dict(os.environ)
             env["PYTHONPATH"] = os.pathsep.join(p for p in (_PROJECT_ROOT, env.get("PYTHONPATH", "")) if p)
             command = [
                 sys.executable, "-m", "patch.yuanrong_connector.store_process",
                 "--conn-fd", str(child_end.fileno()), "--arena-fd", str(arena_fd),
-                "--arena-bytes", str(self._arena_bytes), "--address", self._address,
+                "--arena-bytes", str(self.arena_bytes), "--address", self._address,
                 "--request-timeout-ms", str(self._timeout_ms), "--ttl-s", str(self._ttl_s),
                 "--retry-s", str(self._retry_s),
             ]  # fmt: skip
             self._helper = subprocess.Popen(
                 command, pass_fds=(child_end.fileno(), arena_fd), env=env, stdin=subprocess.DEVNULL
             )
-            self._arena = memoryview(mmap.mmap(arena_fd, self._arena_bytes))
-        except OSError as exc:
+            self._arena = memoryview(mmap.mmap(arena_fd, self.arena_bytes))
+            if self.arena_pinner is not None:
+                self._unpin = self.arena_pinner(self._arena)
+        except (OSError, RuntimeError) as exc:
             parent_end.close()
             self._lost(f"could not start the store helper: {exc}")
             return False
@@ -253,7 +265,7 @@ class RemoteBlockStore:
         self._conn = Connection(parent_end.detach())
         self._owed = 0
         logger.info("[store=%s] store helper pid %d started (arena %d MiB)", self._address, self._helper.pid,
-                    self._arena_bytes >> 20)  # fmt: skip
+                    self.arena_bytes >> 20)  # fmt: skip
         return True
 
     def _collect_owed(self) -> bool:
@@ -312,6 +324,9 @@ class RemoteBlockStore:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+        if self._unpin is not None:
+            self._unpin()
+            self._unpin = None
         self._arena = None  # views handed out keep the mapping alive until dropped
         self._owed = 0
         helper, self._helper = self._helper, None

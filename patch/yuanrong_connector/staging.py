@@ -21,6 +21,7 @@ background saver and loader run (and that ``benchmarks.cuda_staging`` times).
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -40,6 +41,26 @@ class HostStaging:
         self.cache = cache
         self.on_cuda = cache.device.type == "cuda"
         self._stream: Any = torch.cuda.Stream(device=cache.device) if self.on_cuda else None
+
+    @staticmethod
+    def pin(view: memoryview) -> Callable[[], None]:
+        """Page-lock host memory for CUDA (``cudaHostRegister``), so that copies between it
+        and the device are direct DMA; gives the call that undoes it. For the store
+        helper's arena (tens of MiB), not the data system's own shared memory (the SDK maps
+        it as many ~2 GiB regions: registering them would lock all of it)."""
+        anchor = (ctypes.c_char * len(view)).from_buffer(view)
+        address = ctypes.addressof(anchor)
+        cudart = torch.cuda.cudart()
+        error = cudart.cudaHostRegister(address, len(view), 0)
+        if int(error) != 0:
+            raise RuntimeError(f"cudaHostRegister of {len(view)} bytes failed: {error}")
+
+        def unpin() -> None:
+            cudart.cudaHostUnregister(address)
+            anchor_alive.clear()  # the mapping may go now
+
+        anchor_alive = [anchor]
+        return unpin
 
     # ---- saving ----
     def forward_done_marker(self) -> Any:
@@ -70,6 +91,9 @@ class HostStaging:
         return fill_from_device
 
     def _device_to_store(self, block_ids: Sequence[int], targets: list[torch.Tensor], marker: Any) -> None:
+        if all(target.is_pinned() for target in targets):  # an arena registered with CUDA: no staging hop
+            self._device_to_pinned(block_ids, targets, marker)
+            return
         staged = torch.empty((len(block_ids), self.cache.block_bytes), dtype=torch.uint8, pin_memory=True)
         block_index = self._index(block_ids)
         with torch.cuda.stream(self._stream):
@@ -82,6 +106,18 @@ class HostStaging:
         self._stream.synchronize()
         torch._foreach_copy_(targets, list(staged.unbind(0)))
 
+    def _device_to_pinned(self, block_ids: Sequence[int], targets: list[torch.Tensor], marker: Any) -> None:
+        block_index = self._index(block_ids)
+        with torch.cuda.stream(self._stream):
+            self._stream.wait_event(marker)
+            gathered = self._device_rows(len(block_ids))
+            for first in range(0, len(block_ids), len(gathered)):
+                count = min(len(gathered), len(block_ids) - first)
+                self.cache.gather(block_index[first : first + count], gathered[:count])
+                for row in range(count):  # stream order: the next gather waits for these copies
+                    targets[first + row].copy_(gathered[row], non_blocking=True)
+        self._stream.synchronize()
+
     # ---- loading ----
     def write_blocks(self, pairs: Sequence[tuple[int, torch.Tensor]]) -> None:
         """Copy each (block id, stored value in host memory) into every layer of the cache;
@@ -90,14 +126,21 @@ class HostStaging:
         if not self.on_cuda:
             self.cache.write_pieces(every_piece, pairs)
             return
-        pinned = torch.empty((len(pairs), self.cache.block_bytes), dtype=torch.uint8, pin_memory=True)
-        torch._foreach_copy_(list(pinned.unbind(0)), [value for _, value in pairs])
+        values = [value for _, value in pairs]
+        pinned: torch.Tensor | None = None
+        if not all(value.is_pinned() for value in values):  # else an arena registered with CUDA: no staging hop
+            pinned = torch.empty((len(pairs), self.cache.block_bytes), dtype=torch.uint8, pin_memory=True)
+            torch._foreach_copy_(list(pinned.unbind(0)), values)
         block_index = self._index([block_id for block_id, _ in pairs])
         with torch.cuda.stream(self._stream):
             gathered = self._device_rows(len(pairs))
             for first in range(0, len(pairs), len(gathered)):
                 count = min(len(gathered), len(pairs) - first)
-                gathered[:count].copy_(pinned[first : first + count], non_blocking=True)
+                if pinned is not None:
+                    gathered[:count].copy_(pinned[first : first + count], non_blocking=True)
+                else:
+                    for row in range(count):
+                        gathered[row].copy_(values[first + row], non_blocking=True)
                 self.cache.scatter(block_index[first : first + count], gathered[:count])
         self._stream.synchronize()
 

@@ -27,7 +27,7 @@ from patch.yuanrong_connector.saver import BackgroundSaver
 from patch.yuanrong_connector.settings import ConnectorSettings
 from patch.yuanrong_connector.staging import HostStaging
 from patch.yuanrong_connector.stats import YuanRongConnectorStats
-from patch.yuanrong_connector.remote_store import Store
+from patch.yuanrong_connector.remote_store import CUDA_ARENA_BYTES, RemoteBlockStore, Store
 
 logger = init_logger(f"vllm.{__name__}")
 
@@ -62,6 +62,9 @@ class YuanRongWorker:
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         self.cache = PagedKVCache.register(kv_caches, self.num_blocks)
         self._staging = HostStaging(self.cache)
+        if self._staging.on_cuda and isinstance(self.store, RemoteBlockStore):  # before the loader's sibling is made
+            self.store.arena_pinner = HostStaging.pin
+            self.store.arena_bytes = max(self.store.arena_bytes, CUDA_ARENA_BYTES)
         if self.cache.device.type == "npu":
             self._device_store = DeviceBlockStore(
                 self.settings.ds_address, self.cache.device.index or 0, self.settings.request_timeout_ms, self.settings.ttl_s
