@@ -2,6 +2,7 @@
 # Prefill/decode-disaggregated vLLM on openYuanrong.
 #   bash run_vllm_on_yr.sh deploy|status|logs|clean [--flags]   operate the service
 #   bash run_vllm_on_yr.sh test [pytest args]                   set up and run the tests
+#   bash run_vllm_on_yr.sh bench <experiment> [options]         run a benchmark (bench --help lists them)
 #   bash run_vllm_on_yr.sh install                              only set up the environment
 # The environment (.venv) is created on first use with the pinned dependencies for
 # ACCELERATOR (cpu | cuda | ascend; detected when unset).
@@ -88,12 +89,18 @@ case "$verb" in
     cd "$ROOT"
     PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" exec "$VENV/bin/python" -m pytest tests "$@"
     ;;
+  bench)
+    shift
+    ensure_env
+    cd "$ROOT"
+    PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" exec "$VENV/bin/python" -m benchmarks.cli "$@"
+    ;;
   install)
     ensure_env
     ;;
   *)
-    echo "usage: bash run_vllm_on_yr.sh deploy|status|logs|clean|test|install [options]" >&2
-    echo "error: unknown verb '${verb}': must be one of deploy, status, logs, clean, test, install" >&2
+    echo "usage: bash run_vllm_on_yr.sh deploy|status|logs|clean|test|bench|install [options]" >&2
+    echo "error: unknown verb '${verb}': must be one of deploy, status, logs, clean, test, bench, install" >&2
     exit 2
     ;;
 esac

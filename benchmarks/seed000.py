@@ -17,7 +17,8 @@ The client is ``vllm bench serve`` (its own process) on a custom JSONL of
 prompts (another seed), so no run starts with a warm cache, after a warm-up of 4
 prompts that is not counted. Store calls that failed
 or timed out are counted from the engines' logs. Results:
-benchmarks/results/seed000.json.
+benchmarks/results/seed000.json, a Markdown table (seed000.md) and plots
+(seed000_req_s.png, seed000_ttft.png): medians of the repeats with their min-max.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from transformers import AutoTokenizer
 
 from benchmarks.datasets import GroupedPrefixWorkload, grouped_prefix_prompts, write_custom_jsonl
 from benchmarks.deployment import deployed
+from benchmarks.report import Spread, bar_plot, markdown_table
 from benchmarks.serve_bench import ServeResult, serve_bench
 from deploy.embedded_model import BENCH_MODEL_CONFIG, BENCH_MODEL_NAME, ensure_embedded_model
 from tests.helpers import PROJECT_ROOT, isolated_env
@@ -46,7 +48,7 @@ ARMS: dict[str, dict[str, str]] = {
 }
 # A store call that failed or was not answered in time (the connector logs these at
 # WARNING with the store's address; a late answer is logged at most every few seconds).
-STORE_FAILURE = re.compile(r"\[store=[^\]]+\] [^:]*(?: failed|: no answer within)")
+STORE_FAILURE = re.compile(r"\[store=[^\]]+\] [^:]*(?: failed|: no answer within|helper lost)")
 WARMUP_SEED = 10_000
 STORE_MB = 4096
 REPORTED = ("request_throughput", "mean_ttft_ms", "median_ttft_ms", "p99_ttft_ms", "mean_tpot_ms", "total_token_throughput")
@@ -121,7 +123,42 @@ def main() -> None:
               f"{figures['store_call_failures']:>16}")  # fmt: skip
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    for written in write_report(results["arms"], RESULTS.with_suffix("")):  # type: ignore[arg-type]
+        print(f"written {written}")
     print(f"written {RESULTS}")
+
+
+# (figure in ServeResult, column title, digits)
+TABLE_COLUMNS = (
+    ("request_throughput", "req/s", 2),
+    ("mean_ttft_ms", "mean TTFT ms", 0),
+    ("median_ttft_ms", "median TTFT ms", 0),
+    ("p99_ttft_ms", "P99 TTFT ms", 0),
+    ("mean_tpot_ms", "mean TPOT ms", 1),
+    ("output_throughput", "output tok/s", 1),
+    ("total_token_throughput", "total tok/s", 0),
+)
+
+
+def write_report(arms: dict[str, dict[str, object]], stem: Path) -> list[Path]:
+    """``<stem>.md``: one row per arm, each figure the median of its runs (min-max);
+    ``<stem>_req_s.png`` and ``<stem>_ttft.png``: the same as bars with ranges."""
+    spreads = {
+        arm: {key: Spread.of([run[key] for run in figures["runs"]]) for key, _, _ in TABLE_COLUMNS}  # type: ignore[index,union-attr]
+        for arm, figures in arms.items()
+    }
+    rows = [[arm] + [spreads[arm][key].cell(digits) for key, _, digits in TABLE_COLUMNS]
+            + [str(arms[arm]["failed_requests"]), str(arms[arm]["store_call_failures"])] for arm in arms]  # fmt: skip
+    header = ["arm"] + [title for _, title, _ in TABLE_COLUMNS] + ["failed requests", "store calls failed or late"]
+    table = stem.with_suffix(".md")
+    table.write_text(markdown_table(header, rows))
+    return [
+        table,
+        bar_plot(stem.with_name(f"{stem.name}_req_s.png"), "Seed 000 workload: throughput", "req/s",
+                 {arm: spreads[arm]["request_throughput"] for arm in arms}),
+        bar_plot(stem.with_name(f"{stem.name}_ttft.png"), "Seed 000 workload: mean TTFT", "ms",
+                 {arm: spreads[arm]["mean_ttft_ms"] for arm in arms}),
+    ]  # fmt: skip
 
 
 if __name__ == "__main__":

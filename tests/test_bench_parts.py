@@ -1,5 +1,6 @@
 """The benchmark's own parts (not benchmarks): the grouped-prefix dataset generator, in
-the served model's tokenizer, and the parsing of ``vllm bench serve`` results."""
+the served model's tokenizer, the parsing of ``vllm bench serve`` results, and the
+table and plot writers."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import pytest
 from transformers import AutoTokenizer
 
 from benchmarks.datasets import GroupedPrefixWorkload, grouped_prefix_prompts, token_count, write_custom_jsonl
+from benchmarks.report import Spread, markdown_table
+from benchmarks.seed000 import TABLE_COLUMNS, write_report
 from benchmarks.serve_bench import parse_result
 from deploy.embedded_model import ensure_embedded_model
 from tests.helpers import PROJECT_ROOT
@@ -70,3 +73,33 @@ def test_a_saved_vllm_bench_serve_result_is_parsed() -> None:
     assert (result.completed, result.failed, result.duration_s) == (35, 1, 30.5)
     assert (result.request_throughput, result.mean_ttft_ms, result.p99_ttft_ms, result.p99_e2el_ms) == (1.15, 2450.0, 6200.0, 6300.0)
     assert parse_result({"completed": 2, "num_prompts": 3}).failed == 1  # older results have no "failed"
+
+
+def test_spread_cells_and_markdown_table() -> None:
+    assert Spread.of([0.41, 0.26, 0.39]) == Spread(0.39, 0.26, 0.41)
+    assert Spread.of([0.41, 0.26, 0.39]).cell(2) == "0.39 (0.26-0.41)"
+    assert Spread.of([8123.4]).cell(0) == "8123"
+    assert markdown_table(["arm", "req/s"], [["a", "1.0"], ["b", "2.0"]]) == (
+        "| arm | req/s |\n|---|---|\n| a | 1.0 |\n| b | 2.0 |\n"
+    )
+    with pytest.raises(ValueError, match="has 1 cells, the header 2"):
+        markdown_table(["arm", "req/s"], [["a"]])
+
+
+def test_seed000_report_writes_the_table_and_two_plots(tmp_path: Path) -> None:
+    def run(req_s: float, ttft: float) -> dict[str, float]:
+        figures = {key: 0.0 for key, _, _ in TABLE_COLUMNS}
+        return {**figures, "request_throughput": req_s, "mean_ttft_ms": ttft}
+
+    arms = {
+        "colocated": {"runs": [run(0.5, 800), run(0.3, 900), run(0.4, 1000)], "failed_requests": 0, "store_call_failures": 0},
+        "1p1d+reuse": {"runs": [run(0.6, 700)], "failed_requests": 1, "store_call_failures": 2},
+    }
+    written = write_report(arms, tmp_path / "seed000")  # type: ignore[arg-type]
+    assert [path.name for path in written] == ["seed000.md", "seed000_req_s.png", "seed000_ttft.png"]
+    lines = (tmp_path / "seed000.md").read_text().splitlines()
+    assert lines[0].startswith("| arm | req/s | mean TTFT ms |") and lines[0].endswith("| failed requests | store calls failed or late |")
+    assert lines[2].startswith("| colocated | 0.40 (0.30-0.50) | 900 (800-1000) |")
+    assert lines[3].startswith("| 1p1d+reuse | 0.60 | 700 |") and lines[3].endswith("| 1 | 2 |")
+    for plot in written[1:]:
+        assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 5000

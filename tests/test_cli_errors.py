@@ -48,6 +48,15 @@ def test_unknown_verb_is_refused(tmp_path: Path) -> None:
     assert result.returncode == 2 and "unknown verb 'launch'" in result.stderr
 
 
+def test_unknown_benchmark_is_refused(tmp_path: Path) -> None:
+    result = run_cli("bench", isolated_env(tmp_path), "seed001", timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: unknown experiment 'seed001': must be one of seed000, seed003, pd-handoff, connector-io, cuda-staging, "
+        "door-overhead, prefix-affinity, soak, sdk-gil"
+    ]
+
+
 def test_status_and_clean_without_a_deployment(tmp_path: Path) -> None:
     env = isolated_env(tmp_path)
     status = run_cli("status", env, timeout=120)

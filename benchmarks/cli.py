@@ -1,0 +1,48 @@
+"""``bash run_vllm_on_yr.sh bench <experiment> [options]``: one command per experiment.
+
+Each experiment is a module of this folder with its own options (``--help``); it deploys
+what its arms need with the project's CLI, cleans up, and writes its results (JSON, and
+for the serving experiments a Markdown table and PNG plots) to benchmarks/results/.
+"""
+
+from __future__ import annotations
+
+import runpy
+import sys
+
+# name -> (module, what it measures)
+EXPERIMENTS: dict[str, tuple[str, str]] = {
+    "seed000": ("benchmarks.seed000", "seed 000: grouped-prefix prompts through the door, PD and colocated arms"),
+    "seed003": ("benchmarks.ttft_tiers", "seed 003: TTFT cold / device-cache hit / data system hit, same and other worker"),
+    "pd-handoff": ("benchmarks.pd_handoff", "a cold PD request leg by leg against the prefill engine alone"),
+    "connector-io": ("benchmarks.connector_io", "connector save/load GB/s against the raw data system and ExampleConnector"),
+    "cuda-staging": ("benchmarks.cuda_staging", "CUDA save/load GB/s against a pinned copy (needs a GPU)"),
+    "door-overhead": ("benchmarks.frontdoor_overhead", "latency the front door adds, on stand-in engines"),
+    "prefix-affinity": ("benchmarks.prefix_affinity", "prefix-affinity routing against round robin"),
+    "soak": ("benchmarks.soak", "concurrent streaming clients for a set time: errors, latency, memory"),
+    "sdk-gil": ("benchmarks.sdk_gil", "whether a data system SDK call holds the GIL while it waits"),
+}
+
+
+def usage() -> str:
+    width = max(map(len, EXPERIMENTS))
+    lines = [f"  {name:<{width}}  {what}" for name, (_, what) in EXPERIMENTS.items()]
+    return "usage: bash run_vllm_on_yr.sh bench <experiment> [options]\nexperiments:\n" + "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0 if argv else 2
+    name, options = argv[0], argv[1:]
+    if name not in EXPERIMENTS:
+        print(f"error: unknown experiment '{name}': must be one of {', '.join(EXPERIMENTS)}", file=sys.stderr)
+        return 2
+    module = EXPERIMENTS[name][0]
+    sys.argv = [f"bench {name}", *options]
+    runpy.run_module(module, run_name="__main__", alter_sys=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
