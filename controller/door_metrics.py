@@ -48,6 +48,10 @@ class DoorMetrics:
             "frontdoor_refused", "Requests refused with 429: the queue was full, or a slot did not free in time.",
             ["reason"], registry=self.registry,
         )  # fmt: skip
+        self.migrations = Counter(
+            "frontdoor_stream_migrations", "Streams continued on another engine after theirs broke mid-way, by outcome.",
+            ["outcome"], registry=self.registry,
+        )  # fmt: skip
         self.cancelled = Counter(
             "frontdoor_client_disconnects", "Requests cancelled on the engines because the client went away.",
             registry=self.registry,

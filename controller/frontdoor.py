@@ -33,6 +33,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from controller.admission import Admission
 from controller.door_metrics import DoorMetrics
+from controller.migration import StreamFollower, migratable, with_token_ids
 from controller.policies import EngineLoad, affinity_key
 from controller.routing import SUSPECT_S, RoutingTable
 
@@ -47,6 +48,7 @@ KV_SCRAPE_EVERY = 5  # refreshes between scrapes of the engines' KV token counte
 _RETRYABLE_STATUS = (500, 502, 503, 504)
 _UNAVAILABLE_STATUS = (502, 503, 504)
 _TRANSPORT_ERRORS = (aiohttp.ClientConnectionError, asyncio.TimeoutError)
+_STREAM_BROKEN = (aiohttp.ClientPayloadError, *_TRANSPORT_ERRORS)  # an engine's stream cut short
 _JSON = {"Content-Type": "application/json"}
 
 # A callable returning the Controller's engine list (and its version), run off the
@@ -91,8 +93,11 @@ def create_app(
     refresh: Refresh | None = None,
     admission: Admission | None = None,
     api_key: str | None = None,
+    stream_migrations: int = 1,
 ) -> FastAPI:
     """``admission``: overload control (None: no limit on requests in flight).
+    ``stream_migrations``: how many times one completions stream may be continued on
+    another engine when its engine's stream breaks (controller/migration.py); 0: never.
     ``api_key``: when set, every /v1 request must carry ``Authorization: Bearer <key>``
     (as ``vllm serve --api-key``); /health and /metrics stay open for probes and scrapers."""
     metrics = metrics or DoorMetrics()
@@ -225,12 +230,12 @@ def create_app(
         key = affinity_key(body)
         path = f"/v1/{endpoint}"
         if not table.disaggregated:
-            return await _answer(client, table.order("colocated", key), path, body, headers, "colocated")
+            return await _answer(client, table.order("colocated", key), path, body, headers, "colocated", key)
         if not table.healthy("decode") and table.healthy("prefill"):
             # One dead role is not an outage: a prefill engine can compute the whole request.
             metrics.whole_on_prefill.inc()
             logger.warning("[request=%s] no healthy decode engine; a prefill engine serves the whole request", request_id)
-            return await _answer(client, table.order("prefill", key), path, body, headers, "prefill")
+            return await _answer(client, table.order("prefill", key), path, body, headers, "prefill", key)
         if _single_prompt(body):
             outcome = await _prefill(client, table.order("prefill", key), path, body, headers)
             if isinstance(outcome, Response):
@@ -240,7 +245,7 @@ def create_app(
                 logger.warning("[request=%s] no prefill engine answered; the decode engine computes the prompt", request_id)
             else:
                 body = decode_request(body, outcome)
-        return await _answer(client, table.order("decode", key), path, body, headers, "decode")
+        return await _answer(client, table.order("decode", key), path, body, headers, "decode", key)
 
     async def _prefill(
         client: aiohttp.ClientSession, engines: list[EngineLoad], path: str, body: dict[str, Any], headers: dict[str, str]
@@ -274,11 +279,13 @@ def create_app(
         body: dict[str, Any],
         headers: dict[str, str],
         leg: str,
+        key: bytes,
     ) -> Response:
         """Send the request to the first engine that answers; relay its answer."""
         started = time.perf_counter()
         last_failure = "no healthy engine"
-        payload = json.dumps(body).encode()
+        follow = stream_migrations > 0 and migratable(path.removeprefix("/v1/"), body)
+        payload = json.dumps(with_token_ids(body) if follow else body).encode()
         for attempt, engine in enumerate(engines):
             if attempt:
                 metrics.retries.labels(leg).inc()
@@ -309,7 +316,11 @@ def create_app(
                 upstream.release()  # the connection goes back to the pool
                 return Response(content=content, status_code=upstream.status,
                                 media_type=upstream.headers.get("Content-Type", "application/json"), headers=headers)  # fmt: skip
-            return StreamingResponse(_relay(upstream, engine, path, started), media_type="text/event-stream", headers=headers)
+            if follow:
+                chunks = _follow(client, upstream, engine, path, started, body, headers, key)
+            else:
+                chunks = _relay(upstream, engine, path, started)
+            return StreamingResponse(chunks, media_type="text/event-stream", headers=headers)
         return openai_error(503, f"no engine could take the request ({last_failure})", "service_unavailable",
                             request_id=headers[REQUEST_ID_HEADER])  # fmt: skip
 
@@ -329,6 +340,87 @@ def create_app(
             upstream.release() if complete else upstream.close()
             table.release(engine)
             metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
+
+    async def _follow(
+        client: aiohttp.ClientSession,
+        upstream: aiohttp.ClientResponse,
+        engine: EngineLoad,
+        path: str,
+        started: float,
+        body: dict[str, Any],
+        headers: dict[str, str],
+        key: bytes,
+    ) -> AsyncIterator[bytes]:
+        """``_relay``, for a stream that is continued on another engine if it breaks."""
+        endpoint = path.removeprefix("/v1/")
+        follower = StreamFollower(body)
+        first, migrations_left = True, stream_migrations
+        try:
+            while True:
+                complete, broken = False, None
+                try:
+                    async for chunk in upstream.content.iter_any():
+                        relayed = follower.feed(chunk)
+                        if relayed and first:
+                            metrics.ttft.labels(endpoint).observe(time.perf_counter() - started)
+                            first = False
+                        if relayed:
+                            yield relayed
+                    complete = follower.finished
+                    broken = None if complete else aiohttp.ClientPayloadError("the stream ended before its last event")
+                except _STREAM_BROKEN as exc:
+                    broken = exc
+                finally:
+                    upstream.release() if complete else upstream.close()
+                    table.release(engine)
+                if broken is None:
+                    return
+                if follower.finished:  # cut after its last token: end the client's stream
+                    if not follower.done_sent:
+                        yield b"data: [DONE]\n\n"
+                    return
+                table.mark_failed(engine)
+                continuation = follower.continuation() if migrations_left else None
+                opened = None if continuation is None else await _open_stream(client, engine, path, continuation, headers, key)
+                if opened is None:
+                    metrics.migrations.labels("failed").inc()
+                    logger.warning("[request=%s engine=%s] stream broke after %d tokens (%s); not continued",
+                                   headers[REQUEST_ID_HEADER], engine.name, len(follower.generated), broken)  # fmt: skip
+                    raise broken
+                logger.warning("[request=%s engine=%s] stream broke after %d tokens (%s); continued on %s",
+                               headers[REQUEST_ID_HEADER], engine.name, len(follower.generated), broken, opened[1].name)  # fmt: skip
+                metrics.migrations.labels("continued").inc()
+                migrations_left -= 1
+                upstream, engine = opened
+        finally:
+            metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
+
+    async def _open_stream(
+        client: aiohttp.ClientSession,
+        broken: EngineLoad,
+        path: str,
+        body: dict[str, Any],
+        headers: dict[str, str],
+        key: bytes,
+    ) -> tuple[aiohttp.ClientResponse, EngineLoad] | None:
+        """A continuation's stream from the first other engine that takes it (any engine
+        can compute a whole request: decode engines first, then prefill engines)."""
+        roles = ("decode", "prefill") if table.disaggregated else ("colocated",)
+        payload = json.dumps(body).encode()
+        for engine in (engine for role in roles for engine in table.order(role, key) if engine is not broken):
+            table.acquire(engine)
+            try:
+                upstream = await client.post(f"{engine.url}{path}", data=payload, headers={**headers, **_JSON})
+            except _TRANSPORT_ERRORS as exc:
+                table.release(engine)
+                _failed(engine, headers, exc)
+                continue
+            if upstream.status == 200:
+                return upstream, engine
+            upstream.close()
+            table.release(engine)
+            _failed(engine, headers, f"HTTP {upstream.status}", unavailable=upstream.status in _UNAVAILABLE_STATUS)
+        return None
 
     def _failed(engine: EngineLoad, headers: dict[str, str], reason: object, unavailable: bool = True) -> None:
         if unavailable:

@@ -122,6 +122,7 @@ class ServiceConfig:
     connector: ConnectorConfig
     routing_policy: str  # round_robin | least_outstanding | prefix_affinity (prefill / colocated)
     admission: AdmissionConfig  # the door's overload control
+    stream_migrations: int  # times one completions stream may be continued on another engine
     drain_timeout_s: float  # on clean / SIGTERM / Ctrl-C: how long requests in flight may finish
     api_key: str | None  # set: /v1 requests must carry "Authorization: Bearer <key>"
     run_dir: Path  # deploy.log, deploy.pid, state.json
@@ -214,6 +215,7 @@ SETTINGS: tuple[_Setting, ...] = (
     _Setting("MAX_IN_FLIGHT_PER_ENGINE", "128", "requests the door lets each serving (decode or colocated) engine have at once"),
     _Setting("DOOR_QUEUE_SIZE", "256", "requests that may wait at the door for a slot; beyond: 429 at once"),
     _Setting("DOOR_QUEUE_TIMEOUT_S", "30", "seconds a request may wait at the door for a slot; then 429"),
+    _Setting("STREAM_MIGRATIONS", "1", "times a /v1/completions stream whose engine dies is continued on another engine; 0: never"),
     _Setting("DRAIN_TIMEOUT_S", "30", "on clean, SIGTERM or Ctrl-C: seconds requests in flight may take to finish"),
     _Setting("API_KEY", None, "when set, /v1 requests must carry 'Authorization: Bearer <API_KEY>'; unset: open"),
     _Setting("RUN_DIR", None, "where deploy.log, deploy.pid and state.json live; unset: project root"),
@@ -276,6 +278,7 @@ def build_config(environ: Mapping[str, str], overrides: argparse.Namespace | Non
             queue_size=_int(raw, "DOOR_QUEUE_SIZE", minimum=0),
             queue_timeout_s=float(_int(raw, "DOOR_QUEUE_TIMEOUT_S", minimum=0)),
         ),
+        stream_migrations=_int(raw, "STREAM_MIGRATIONS", minimum=0, maximum=10),
         drain_timeout_s=float(_int(raw, "DRAIN_TIMEOUT_S", minimum=0, maximum=600)),
         api_key=raw["API_KEY"] or None,
         run_dir=Path(raw["RUN_DIR"] or PROJECT_ROOT),

@@ -116,7 +116,8 @@ def serve(config: ServiceConfig) -> int:
                 written_version = version
             return version, engines
 
-        app = create_app(table, state.served_model_name, metrics, refresh, Admission(config.admission), config.api_key)
+        app = create_app(table, state.served_model_name, metrics, refresh, Admission(config.admission), config.api_key,
+                         config.stream_migrations)  # fmt: skip
         # On SIGTERM / Ctrl-C Uvicorn stops accepting, lets requests in flight finish (at most
         # DRAIN_TIMEOUT_S), then returns; the engines are stopped after that, below.
         server = uvicorn.Server(

@@ -1,0 +1,65 @@
+"""End to end, request migration: the only decode engine is killed (SIGKILL to its
+process group) in the middle of a greedy completions stream. The front door continues
+the stream on another engine (here the prefill engine, the only one left) with the
+prompt's and the generated tokens' ids; the client reads the same text as an
+uninterrupted run, under one completion id, without the token id fields it did not ask
+for; requests after it succeed. A float32 model, so that recomputing the same tokens'
+KV on another engine gives the same greedy choices."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from collections.abc import Callable
+
+import httpx
+import pytest
+
+from tests.e2e import deployed, metric, token_prompt
+
+pytestmark = pytest.mark.e2e
+
+ENGINE_PARAMS = "--enforce-eager --dtype float32 --max-model-len 1024"
+
+
+def _stream(url: str, body: dict[str, object], on_event: Callable[[int], None] | None = None) -> tuple[list[dict], str]:
+    events, text = [], ""
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=300) as response:
+        assert response.status_code == 200, response.read()
+        for line in response.iter_lines():
+            if not line.startswith("data: {"):
+                continue
+            event = json.loads(line[6:])
+            events.append(event)
+            text += event["choices"][0]["text"]
+            if on_event is not None:
+                on_event(len(events))
+    return events, text
+
+
+def test_a_stream_whose_decode_engine_dies_goes_on_with_the_same_text(tmp_path_factory: pytest.TempPathFactory) -> None:
+    settings = {"PREFILL_STARTUP_PARAMS": ENGINE_PARAMS, "DECODE_STARTUP_PARAMS": ENGINE_PARAMS}
+    with deployed(tmp_path_factory.mktemp("migration"), **settings) as deployment:
+        body = {"model": deployment.state.served_model_name, "prompt": token_prompt(200), "max_tokens": 300,
+                "temperature": 0, "ignore_eos": True, "stream": True}  # fmt: skip
+        _, reference = _stream(deployment.url, body)
+        decode = next(engine for engine in deployment.state.engines if engine["role"] == "decode")
+        killed_at: list[int] = []
+
+        def kill_decode_at_event_20(count: int) -> None:
+            if count == 20 and not killed_at:
+                os.killpg(int(decode["pid"]), signal.SIGKILL)  # type: ignore[arg-type]
+                killed_at.append(count)
+
+        events, text = _stream(deployment.url, body, kill_decode_at_event_20)
+        assert killed_at == [20]
+        assert text == reference  # the same greedy text, 300 tokens
+        assert len({event["id"] for event in events}) == 1  # one completion id throughout
+        assert all("token_ids" not in event["choices"][0] for event in events)  # not asked for: removed
+        assert events[-1]["choices"][0]["finish_reason"] == "length"
+        assert metric(deployment.url, "frontdoor_stream_migrations_total", outcome="continued") == 1.0
+        assert metric(deployment.url, "frontdoor_stream_migrations_total", outcome="failed") == 0.0
+        after = httpx.post(f"{deployment.url}/v1/completions", timeout=120,
+                           json={**body, "stream": False, "max_tokens": 8})  # fmt: skip
+        assert after.status_code == 200, after.text
