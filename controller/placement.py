@@ -62,6 +62,7 @@ def plan_engines(
                         startup_params=plan.startup_params,
                         ds_worker_address=ds_worker_addresses[len(specs) % len(ds_worker_addresses)],
                         prefix_reuse=config.using_prefix_connector,
+                        connector=config.connector.kind,
                         connector_options=config.connector.extra_config(),
                         project_root=str(Path(__file__).resolve().parents[1]),
                         cache_root=str(config.model_cache_dir.parent / "vllm"),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import errno
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -17,7 +18,7 @@ import time
 from pathlib import Path
 
 from deploy import config as config_module
-from deploy.config import ServiceConfig
+from deploy.config import EXAMPLE_KV_DIR, ServiceConfig
 from deploy.datasystem import stop_workers
 from deploy.errors import ConfigError, DeployError, StartupError
 from deploy.state import READY_MARKER, DeploymentState, pid_alive, read_pid, write_pid
@@ -139,6 +140,10 @@ def clean(config: ServiceConfig) -> int:
             stopped_anything = True
     config.state_file.unlink(missing_ok=True)
     config.pid_file.unlink(missing_ok=True)
+    example_kv = config.run_dir / EXAMPLE_KV_DIR  # ExampleConnector's default folder: KV files, not logs
+    if example_kv.is_dir():
+        shutil.rmtree(example_kv, ignore_errors=True)
+        print(f"removed ExampleConnector's KV files in {example_kv}", flush=True)
     if not stopped_anything:
         print("nothing was running", flush=True)
     return 0

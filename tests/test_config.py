@@ -63,6 +63,11 @@ def test_decode_zero_means_colocated() -> None:
         ({"DOOR_QUEUE_TIMEOUT_S": "-5"}, "DOOR_QUEUE_TIMEOUT_S=-5 is invalid: must be an integer >= 0"),
         ({"KV_TTL_S": "-5"}, "KV_TTL_S=-5 is invalid: must be an integer >= 0"),
         ({"DS_WORKERS": "0"}, "DS_WORKERS=0 is invalid: must be an integer >= 1 and <= 16"),
+        ({"KV_CONNECTOR": "P2pNcclConnector"}, "KV_CONNECTOR=P2pNcclConnector is invalid: must be one of yuanrong, none, ExampleConnector"),
+        ({"KV_CONNECTOR": "ExampleConnector", "KV_CONNECTOR_EXTRA_CONFIG": "[1]"}, "KV_CONNECTOR_EXTRA_CONFIG=[1] is invalid: must be a JSON object"),
+        ({"KV_CONNECTOR": "none"}, "KV_CONNECTOR=none is invalid with DECODE_INS_NUM=1"),
+        ({"KV_CONNECTOR": "ExampleConnector", "USING_PREFIX_CONNECTOR": "1"}, "USING_PREFIX_CONNECTOR=1 is invalid with KV_CONNECTOR=ExampleConnector"),
+        ({"STREAM_MIGRATIONS": "-1"}, "STREAM_MIGRATIONS=-1 is invalid: must be an integer >= 0 and <= 10"),
     ],
 )
 def test_invalid_values_name_variable_value_and_allowed(env: dict[str, str], expected: str) -> None:

@@ -37,6 +37,23 @@ def test_colocated_instances_are_kv_both() -> None:
     assert {_kv_config(build_engine_argv(s, 8000))["kv_role"] for s in specs} == {"kv_both"}
 
 
+def test_kv_connector_selects_vanilla_vllm_or_one_of_vllms_connectors(tmp_path: Path) -> None:
+    vanilla = build_config({"ACCELERATOR": "cpu", "VISIBLE_DEVICES": "0", "DECODE_INS_NUM": "0", "KV_CONNECTOR": "none"})
+    (spec,) = plan_engines(vanilla, MODEL, "m", ("127.0.0.1:31501",))
+    assert "--kv-transfer-config" not in build_engine_argv(spec, 8000)
+    example = build_config({"ACCELERATOR": "cpu", "VISIBLE_DEVICES": "0,1", "KV_CONNECTOR": "ExampleConnector",
+                            "RUN_DIR": str(tmp_path)})  # fmt: skip
+    kv_configs = [_kv_config(build_engine_argv(s, 8000)) for s in plan_engines(example, MODEL, "m", ("127.0.0.1:31501",))]
+    assert kv_configs == [
+        {"kv_connector": "ExampleConnector", "kv_role": role, "kv_connector_extra_config": {"shared_storage_path": str(tmp_path / "example_kv")}}
+        for role in ("kv_producer", "kv_consumer")
+    ]  # fmt: skip
+    nixl = build_config({"ACCELERATOR": "cpu", "VISIBLE_DEVICES": "0,1", "KV_CONNECTOR": "NixlConnector",
+                         "KV_CONNECTOR_EXTRA_CONFIG": '{"backends": ["UCX"]}'})  # fmt: skip
+    kv_config = _kv_config(build_engine_argv(plan_engines(nixl, MODEL, "m", ("127.0.0.1:31501",))[0], 8000))
+    assert kv_config == {"kv_connector": "NixlConnector", "kv_role": "kv_producer", "kv_connector_extra_config": {"backends": ["UCX"]}}
+
+
 def test_engine_argv_owns_address_parallelism_and_connector() -> None:
     config = build_config({"ACCELERATOR": "cuda", "VISIBLE_DEVICES": "4-7", "PTP": "2", "DTP": "2",
                            "USING_PREFIX_CONNECTOR": "1", "PREFILL_STARTUP_PARAMS": "--max-model-len 4096"})  # fmt: skip

@@ -44,11 +44,18 @@ class EngineSpec:
     cache_root: str
     cpu_kvcache_gb: int
     bind_host: str = "127.0.0.1"
+    connector: str = "yuanrong"  # or "none", or a vLLM connector's name (deploy.config.KV_CONNECTORS)
     connector_options: Mapping[str, object] = field(default_factory=dict)  # more kv_connector_extra_config
     extra_env: Mapping[str, str] = field(default_factory=dict)
 
 
-def kv_transfer_config(spec: EngineSpec) -> dict[str, object]:
+def kv_transfer_config(spec: EngineSpec) -> dict[str, object] | None:
+    """vLLM's --kv-transfer-config for this engine; None: no connector (vanilla vLLM)."""
+    if spec.connector == "none":
+        return None
+    if spec.connector != "yuanrong":
+        return {"kv_connector": spec.connector, "kv_role": spec.role.kv_role,
+                "kv_connector_extra_config": dict(spec.connector_options)}  # fmt: skip
     return {
         "kv_connector": CONNECTOR_CLASS,
         "kv_connector_module_path": CONNECTOR_MODULE,
@@ -87,10 +94,14 @@ def build_engine_argv(spec: EngineSpec, port: int, python: str = sys.executable)
         str(port),
         "--tensor-parallel-size",
         str(spec.tensor_parallel),
-        "--kv-transfer-config",
-        json.dumps(kv_transfer_config(spec), separators=(",", ":")),
+        *_kv_transfer_args(spec),
         *spec.startup_params,
     ]
+
+
+def _kv_transfer_args(spec: EngineSpec) -> list[str]:
+    config = kv_transfer_config(spec)
+    return [] if config is None else ["--kv-transfer-config", json.dumps(config, separators=(",", ":"))]
 
 
 def cpu_thread_binding(cores: tuple[int, ...], tensor_parallel: int) -> str:
