@@ -5,12 +5,16 @@ deployment per arm, side by side in one run:
         [--prefix 1400] [--suffix 280] [--output 2] [--concurrency 4] [--arms a,b,...]
 
 Arms (each deployed by the project's CLI on this machine's cores, then cleaned):
-- ``colocated``: 2 PD-colocated instances, no connector (vLLM's own prefix cache only);
+- ``vanilla``: 2 vLLM instances with no KV connector at all (``KV_CONNECTOR=none``);
+- ``colocated``: 2 PD-colocated instances, our connector loaded but no prefix reuse
+  (vLLM's own prefix cache only);
 - ``colocated+reuse``: the same with ``USING_PREFIX_CONNECTOR=1`` (prefixes through the
   data system, across instances);
 - ``1p1d+reuse``: 1 prefill + 1 decode instance, KV handed over and prefixes reused
   through the data system;
-- ``1p1d``: the same without prefix reuse (handoff only).
+- ``1p1d``: the same without prefix reuse (handoff only);
+- ``1p1d-example``: 1P1D with vLLM's own ExampleConnector (KV through files) instead of
+  ours, behind the same front door.
 
 The client is ``vllm bench serve`` (its own process) on a custom JSONL of
 ``groups x per-group`` prompts (benchmarks/datasets.py); each repeat uses fresh
@@ -41,10 +45,13 @@ from tests.helpers import PROJECT_ROOT, isolated_env
 
 RESULTS = Path(__file__).resolve().parent / "results" / "seed000.json"
 ARMS: dict[str, dict[str, str]] = {
+    "vanilla": {"PREFILL_INS_NUM": "2", "DECODE_INS_NUM": "0", "USING_PREFIX_CONNECTOR": "0", "KV_CONNECTOR": "none"},
     "colocated": {"PREFILL_INS_NUM": "2", "DECODE_INS_NUM": "0", "USING_PREFIX_CONNECTOR": "0"},
     "colocated+reuse": {"PREFILL_INS_NUM": "2", "DECODE_INS_NUM": "0", "USING_PREFIX_CONNECTOR": "1"},
     "1p1d+reuse": {"PREFILL_INS_NUM": "1", "DECODE_INS_NUM": "1", "USING_PREFIX_CONNECTOR": "1"},
     "1p1d": {"PREFILL_INS_NUM": "1", "DECODE_INS_NUM": "1", "USING_PREFIX_CONNECTOR": "0"},
+    "1p1d-example": {"PREFILL_INS_NUM": "1", "DECODE_INS_NUM": "1", "USING_PREFIX_CONNECTOR": "0",
+                     "KV_CONNECTOR": "ExampleConnector"},
 }
 # A store call that failed or was not answered in time (the connector logs these at
 # WARNING with the store's address; a late answer is logged at most every few seconds).

@@ -32,9 +32,12 @@ def engine_invoke_options(config: ServiceConfig, spec: EngineSpec) -> yr.InvokeO
 
 
 class Controller:
-    def __init__(self, config: ServiceConfig, specs: list[EngineSpec]) -> None:
+    def __init__(self, config: ServiceConfig, specs: list[EngineSpec], adopt_ports: dict[str, int] | None = None) -> None:
+        """``adopt_ports``: by engine name, the ports of engines an earlier deploy process
+        started; those still running and answering are taken over instead of started."""
         self._config = config
         self._specs = specs
+        self._adopt_ports = adopt_ports or {}
         self._engines: list[Any] = []
         self._infos: list[dict[str, object]] = []
         self._version = 0
@@ -45,7 +48,8 @@ class Controller:
         advertise = "" if self._config.cluster_mode else "127.0.0.1"  # "": the engine's node address
         for spec in self._specs:
             handle = remote_engine.options(engine_invoke_options(self._config, spec)).invoke(
-                spec, str(self._config.log_dir), self._config.engine_start_timeout_s, advertise
+                spec, str(self._config.log_dir), self._config.engine_start_timeout_s, advertise,
+                self._adopt_ports.get(spec.name, 0),
             )
             self._engines.append(handle)
         pending = [(spec, handle.start.invoke()) for spec, handle in zip(self._specs, self._engines)]

@@ -60,7 +60,7 @@ def deploy(config: ServiceConfig, flags: list[str]) -> int:
     log_offset = config.deploy_log.stat().st_size if config.deploy_log.exists() else 0
     with open(config.deploy_log, "ab") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "deploy.serve", *flags],
+            [sys.executable, "-m", "deploy.keeper", *flags],  # it runs deploy.serve, restarting it if killed
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -121,6 +121,11 @@ def clean(config: ServiceConfig) -> int:
         grace_s = config.drain_timeout_s + STOP_GRACE_S
         graceful = _stop_serve_process(pid, grace_s)
         print("stopped" if graceful else f"pid {pid} did not stop in {grace_s:.0f} s; killed", flush=True)
+        stopped_anything = True
+    serve_pid = state.pid if state is not None else None  # the keeper's child: front door and Controller
+    if serve_pid is not None and serve_pid != pid and pid_alive(serve_pid):
+        print(f"stopping the deploy process left running (pid {serve_pid})", flush=True)
+        _stop_serve_process(serve_pid, config.drain_timeout_s + STOP_GRACE_S)
         stopped_anything = True
     # Whatever the deploy process could not stop, stop here by the PIDs it recorded.
     for pid_path, engine_pid in _engine_pid_files(state, config):

@@ -3,6 +3,10 @@
 Order: session folders -> yr.init -> data system worker (local mode) -> model ->
 Controller actor -> engines healthy -> state.json -> front door until SIGTERM ->
 engines, worker and runtime stopped in ``finally``, whatever happened before.
+
+``--adopt`` (the keeper, deploy/keeper.py, restarting a deploy process that was killed):
+engines and data system workers the killed process started and that still run and
+answer are taken over as they are (no model reload, their KV kept) instead of started.
 """
 
 from __future__ import annotations
@@ -53,8 +57,9 @@ def _raise_on_sigterm(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(128 + signum)
 
 
-def serve(config: ServiceConfig) -> int:
+def serve(config: ServiceConfig, adopt: bool = False) -> int:
     signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    previous = DeploymentState.read(config.state_file) if adopt else None
     log_dir = prepare_session(config)
     for line in config_module.describe(config):
         logger.info("%s", line)
@@ -81,7 +86,11 @@ def serve(config: ServiceConfig) -> int:
                     f"DS_WORKER_ADDRESS={config.datasystem.address} is invalid: workers answer at {', '.join(running)} "
                     f"but not at the rest of {', '.join(config.datasystem.addresses)}; start all of them or none"
                 )
-            if running:  # workers someone else started: used as they are, and left running by clean
+            if running and previous is not None and previous.ds_started_here:  # the killed deploy process's
+                ds_started = state.ds_started_here = True
+                state.write(config.state_file)
+                logger.info("adopted the data system worker(s) at %s (their KV kept)", ", ".join(running))
+            elif running:  # workers someone else started: used as they are, and left running by clean
                 logger.info("using the data system worker(s) already running at %s", ", ".join(running))
             else:
                 ds_started = state.ds_started_here = True
@@ -96,7 +105,8 @@ def serve(config: ServiceConfig) -> int:
             options.name = "Controller"
             options.namespace = "vllm"
             options.custom_extensions = {"lifecycle": "detached"}
-        controller = yr.instance(Controller).options(options).invoke(config, specs)
+        adopt_ports = {str(e["name"]): int(e["port"]) for e in previous.engines} if previous is not None else {}  # type: ignore[call-overload]
+        controller = yr.instance(Controller).options(options).invoke(config, specs, adopt_ports)
         engines = yr.get(controller.initialize.invoke(), timeout=int(config.engine_start_timeout_s) * 2 + 120)
         state.engines = engines
         state.write(config.state_file)
@@ -154,6 +164,7 @@ def serve(config: ServiceConfig) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="deploy.serve")
     config_module.add_arguments(parser)
+    parser.add_argument("--adopt", action="store_true", help="take over what a killed deploy process left running")
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, stream=sys.stdout, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -163,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     except DeployError as exc:
         logger.error("%s", exc)
         return exc.exit_code
-    return serve(config)
+    return serve(config, adopt=args.adopt)
 
 
 if __name__ == "__main__":

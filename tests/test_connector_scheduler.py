@@ -6,6 +6,8 @@ with just the fields the connector reads."""
 
 from __future__ import annotations
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
@@ -123,6 +125,26 @@ def test_prefix_reuse_claims_only_the_stored_leading_blocks(ds_worker: DataSyste
     while outcome[0] is None:  # the lookup runs beside the engine loop
         outcome = colocated.get_num_new_matched_tokens(request, 0)
     assert outcome == (2 * BLOCK, True)  # block 2 is missing, so block 3 cannot be used
+
+
+def test_a_lookup_answered_late_never_claims_past_the_prompt(ds_worker: DataSystemConfig) -> None:
+    """The lookup is asked with nothing computed; by the pass it is answered, vLLM's own
+    prefix cache holds 2 blocks (another request computed them). The claim counts from
+    there: with the count taken from block 0, it went 2 blocks past the prompt's end
+    and vLLM's scheduler asserted (the engine died, seen under seed 000's workload)."""
+    colocated = _scheduler(ds_worker.address, "late-lookup", role="colocated", prefix_reuse=True)
+    gate = threading.Event()
+    colocated._lookup_pool = ThreadPoolExecutor(1)
+    colocated._lookup_pool.submit(gate.wait, 10)  # the lookup thread is busy: the lookup waits behind this
+    tokens = list(range(900, 900 + 4 * BLOCK + 1))
+    fingerprint = colocated.settings.layout.fingerprint()
+    keys = [block_key(fingerprint, 0, h) for h in chained_block_hashes(tokens, BLOCK)]
+    colocated.store.put(keys, 8, lambda first, buffers: [b.__setitem__(slice(0, 8), b"12345678") for b in buffers])
+    request = FakeRequest("late", tokens)
+    assert colocated.get_num_new_matched_tokens(request, 0) == (None, False)  # asked; not answered yet
+    gate.set()
+    colocated._lookup_pool.submit(lambda: None).result(timeout=10)  # the lookup ran: all 4 blocks stored
+    assert colocated.get_num_new_matched_tokens(request, 2 * BLOCK) == (2 * BLOCK, True)  # blocks 2-3, not 4 more
 
 
 # ---- prefill: what is saved and announced ----

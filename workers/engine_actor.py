@@ -10,14 +10,15 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import subprocess
 import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from deploy.errors import StartupError
-from deploy.state import write_pid
+from deploy.state import read_pid, write_pid
 from workers.engine_process import (
+    AdoptedProcess,
+    EngineProcess,
     EngineSpec,
     build_engine_argv,
     build_engine_env,
@@ -68,13 +69,19 @@ def node_address() -> str:
 
 
 class EngineActor:
-    def __init__(self, spec: EngineSpec, log_dir: str, start_timeout_s: float, advertise_host: str) -> None:
+    def __init__(
+        self, spec: EngineSpec, log_dir: str, start_timeout_s: float, advertise_host: str, adopt_port: int = 0
+    ) -> None:
+        """``adopt_port``: the port an engine started by an earlier deploy process serves on
+        (its pid is in the engine's pid file): ``start`` takes that engine over if it still
+        runs and answers, instead of starting another."""
         self._spec = spec
         self._log_path = Path(log_dir) / f"{spec.name}.log"
         self._start_timeout_s = start_timeout_s
         self._advertise_host = advertise_host or node_address()
-        self._port = free_port(spec.bind_host)
-        self._process: subprocess.Popen[bytes] | None = None
+        self._adopt_port = adopt_port
+        self._port = adopt_port or free_port(spec.bind_host)
+        self._process: EngineProcess | None = None
         self._state = "starting"
         self._restarts = 0
         self._missed_probes = 0
@@ -83,11 +90,37 @@ class EngineActor:
         self._supervisor: threading.Thread | None = None
 
     def start(self) -> dict[str, object]:
-        """Start the engine and return its info once /health answers; raise StartupError if it cannot."""
-        self._launch()
+        """Start the engine (or adopt the one running) and return its info once /health
+        answers; raise StartupError if it cannot."""
+        if not self._adopt():
+            self._launch()
         self._supervisor = threading.Thread(target=self._supervise, name=f"supervise-{self._spec.name}", daemon=True)
         self._supervisor.start()
         return self.info()
+
+    def _adopt(self) -> bool:
+        """Take over the engine an earlier deploy process started, if it runs and answers;
+        one that runs but does not answer is stopped (a fresh one is started instead)."""
+        pid = read_pid(self._log_path.with_suffix(".pid"))  # None unless that very process still runs
+        if pid is None:
+            if self._adopt_port:
+                self._port = free_port(self._spec.bind_host)
+            return False
+        process = AdoptedProcess(pid)
+        if self._adopt_port and is_healthy(self._advertise_host, self._adopt_port, timeout_s=5.0):
+            with self._lock:
+                if self._stopping.is_set():
+                    raise StartupError(f"engine {self._spec.name} is being stopped; not adopting it")
+                self._process = process
+            self._state = "healthy"
+            logger.info("[engine=%s] adopted the running engine (pid %d, port %d): no restart, its KV cache kept",
+                        self._spec.name, pid, self._port)  # fmt: skip
+            return True
+        logger.warning("[engine=%s] an engine left by an earlier deploy process (pid %d) does not answer; "
+                       "stopping it and starting a new one", self._spec.name, pid)  # fmt: skip
+        stop_process_group(process, grace_s=5)
+        self._port = free_port(self._spec.bind_host)
+        return False
 
     def _launch(self) -> None:
         argv = build_engine_argv(self._spec, self._port)

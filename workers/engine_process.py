@@ -18,6 +18,7 @@ from pathlib import Path
 
 from deploy.config import Accelerator, Role
 from deploy.errors import StartupError
+from deploy.state import pid_alive
 
 logger = logging.getLogger(__name__)
 
@@ -140,7 +141,33 @@ def start_process(argv: list[str], env: Mapping[str, str], log_path: Path) -> su
         )
 
 
-def stop_process_group(process: subprocess.Popen[bytes], grace_s: float = 20.0) -> int | None:
+class AdoptedProcess:
+    """An engine server started by an earlier deploy process (not this process's child):
+    what the supervisor needs of a ``Popen`` (pid, poll, wait), from /proc."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None and not pid_alive(self.pid):
+            self.returncode = -1  # its exit status went to the process that started it
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise subprocess.TimeoutExpired(str(self.pid), timeout or 0.0)
+            time.sleep(0.1)
+        assert self.returncode is not None
+        return self.returncode
+
+
+EngineProcess = subprocess.Popen[bytes] | AdoptedProcess
+
+
+def stop_process_group(process: EngineProcess, grace_s: float = 20.0) -> int | None:
     """SIGTERM the whole group, wait up to ``grace_s``, then SIGKILL what is left."""
     pgid = process.pid  # start_new_session made the child its group's leader
     _signal_group(pgid, signal.SIGTERM)
@@ -172,7 +199,7 @@ def is_healthy(host: str, port: int, timeout_s: float = 2.0) -> bool:
 
 
 def wait_until_healthy(
-    process: subprocess.Popen[bytes], host: str, port: int, timeout_s: float, log_path: Path, name: str
+    process: EngineProcess, host: str, port: int, timeout_s: float, log_path: Path, name: str
 ) -> None:
     """Block until /health answers 200; raise StartupError if the process dies or time runs out."""
     deadline = time.monotonic() + timeout_s

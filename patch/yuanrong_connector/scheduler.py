@@ -88,7 +88,7 @@ class YuanRongScheduler:
     store: Store
     enabled: bool = True  # False: a KV layout this connector does not handle; it does nothing
     _hashes: dict[str, list[str]] = field(default_factory=dict)  # request -> its full blocks' chain hashes
-    _lookups: dict[str, Future[int]] = field(default_factory=dict)
+    _lookups: dict[str, tuple[int, Future[int]]] = field(default_factory=dict)  # block asked from, count
     _planned_loads: dict[str, _PlannedLoad] = field(default_factory=dict)
     _ready_loads: list[BlockTransfer] = field(default_factory=list)
     _saving: dict[str, _SaveProgress] = field(default_factory=dict)
@@ -138,7 +138,7 @@ class YuanRongScheduler:
             return announced * self.block_size - num_computed_tokens, True
         if not self.settings.prefix_reuse:
             return 0, False
-        present = self._present_blocks(request_id, hashes[first_block:loadable])
+        present = self._present_blocks(request_id, hashes, first_block, loadable)
         if present is None:
             return None, False  # the store has not answered yet: ask again next pass
         if present == 0:
@@ -158,24 +158,33 @@ class YuanRongScheduler:
         params = request.kv_transfer_params or {}
         return self.settings.loads_remote_prefill and bool(params.get("do_remote_prefill"))
 
-    def _present_blocks(self, request_id: str, hashes: list[str]) -> int | None:
-        """Leading blocks of ``hashes`` the store holds (every TP rank's part), or None
-        while the lookup is still running."""
-        lookup = self._lookups.get(request_id)
-        if lookup is None:
+    def _present_blocks(self, request_id: str, hashes: list[str], first_block: int, loadable: int) -> int | None:
+        """Blocks from ``first_block`` on that the store holds (every TP rank's part), or
+        None while the lookup is still running.
+
+        A lookup may finish passes after it was asked, when vLLM's own prefix cache has
+        grown (another request computed the same prefix): its count runs from the block
+        it was asked from, not from this pass's ``first_block``. Counted from the wrong
+        block, the claim would pass the end of the prompt (vLLM asserts
+        ``num_computed_tokens <= request.num_tokens`` and the engine dies)."""
+        entry = self._lookups.get(request_id)
+        if entry is None:
             if self._lookup_pool is None:
                 self._lookup_pool = ThreadPoolExecutor(1, thread_name_prefix="yuanrong-kv-lookup")
             fingerprint = self.settings.layout.fingerprint()
             ranks = range(self.settings.layout.tp_size)
-            keys = [block_key(fingerprint, rank, h) for h in hashes for rank in ranks]
-            lookup = self._lookup_pool.submit(self.store.count_present_prefix, keys, len(ranks))
-            self._lookups[request_id] = lookup
+            keys = [block_key(fingerprint, rank, h) for h in hashes[first_block:loadable] for rank in ranks]
+            entry = (first_block, self._lookup_pool.submit(self.store.count_present_prefix, keys, len(ranks)))
+            self._lookups[request_id] = entry
+        asked_from, lookup = entry
         try:
             present = lookup.result(timeout=_LOOKUP_BUDGET_S)
         except FutureTimeout:
             return None
         del self._lookups[request_id]
-        return present
+        if asked_from > first_block:
+            return 0  # the blocks between are unknown: compute them
+        return max(0, min(asked_from + present, loadable) - first_block)
 
     def _announced_blocks(self, request: Request, loadable: int) -> int:
         """Blocks a prefill engine said it stored for this request (0: no handoff, or one
