@@ -16,6 +16,7 @@ from pathlib import Path
 
 from deploy.config import DataSystemConfig
 from deploy.errors import StartupError
+from patch.yuanrong_connector.sdk_threads import calm_sdk_threads
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +59,8 @@ def worker_answers(address: str, timeout_ms: int = 2000) -> bool:
         client.init()
     except Exception:
         return False
+    finally:
+        calm_sdk_threads()  # the SDK's IO threads of this process (the door's) run at nice -15
     return True
 
 

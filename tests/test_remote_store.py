@@ -17,6 +17,7 @@ import pytest
 from deploy.config import DataSystemConfig
 from deploy.datasystem import start_worker, stop_worker
 from patch.yuanrong_connector.remote_store import RemoteBlockStore, Store
+from patch.yuanrong_connector.sdk_threads import thread_niceness
 from patch.yuanrong_connector.store import BlockStore
 from tests.helpers import free_port, pids_matching
 
@@ -167,3 +168,21 @@ def test_values_wider_than_the_arena_move_through_a_larger_one(ds_worker: DataSy
         assert store.get(["wide-3"], 299) == [None]  # not the size asked for
     finally:
         store.close()
+
+
+def test_the_sdks_io_threads_run_no_higher_than_the_process_using_them(ds_worker: DataSystemConfig) -> None:
+    """The SDK starts 10 ZeroMQ IO threads per client process at nice -15; busy-polling
+    there, they starved a 2-core host (kernel workqueue lockups, engines frozen for
+    minutes). In a helper and in a process calling the SDK itself, none stays above the
+    process's own priority."""
+    remote = RemoteBlockStore(ds_worker.address)
+    try:
+        assert remote.connect() and remote.helper_pid is not None
+        helper_threads = thread_niceness(remote.helper_pid)
+        assert len(helper_threads) >= 10  # the SDK's threads are there
+        assert min(helper_threads.values()) == helper_threads[remote.helper_pid], helper_threads
+    finally:
+        remote.close()
+    assert BlockStore(ds_worker.address).connect()
+    own = thread_niceness()
+    assert min(own.values()) == own[os.getpid()], own

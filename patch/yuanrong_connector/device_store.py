@@ -21,6 +21,7 @@ from typing import Any
 from vllm.logger import init_logger
 
 from patch.yuanrong_connector.paged_cache import PagedKVCache
+from patch.yuanrong_connector.sdk_threads import calm_sdk_threads
 from patch.yuanrong_connector.store import PutResult
 
 logger = init_logger(f"vllm.{__name__}")
@@ -47,6 +48,7 @@ class DeviceBlockStore:
         host, _, port = address.rpartition(":")
         self._client = HeteroClient(host, int(port), connect_timeout_ms=request_timeout_ms, req_timeout_ms=request_timeout_ms)
         self._client.init()
+        calm_sdk_threads()
         self._device_index = device_index
         self._timeout_ms = request_timeout_ms
         self._set_param = SetParam()

@@ -20,6 +20,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from patch.yuanrong_connector.sdk_threads import calm_sdk_threads
+
 # A child of vLLM's logger (its handlers and level apply); plain logging, so the module
 # also runs where vLLM is not installed (the CUDA staging benchmark on a bare GPU host).
 logger = logging.getLogger(f"vllm.{__name__}")
@@ -80,6 +82,7 @@ class BlockStore:
                 except Exception as exc:
                     self._mark_down(f"connect failed: {exc}")
                     return None
+                calm_sdk_threads()
                 self._client = client
                 logger.info("[store=%s] connected to the data system worker", self.address)
             return self._client
