@@ -19,7 +19,7 @@ pytestmark = pytest.mark.e2e
 
 
 def _engine_pid_files(tmp: Path) -> list[Path]:
-    return sorted((tmp / "yr_sessions").glob("*/log/*.pid"))
+    return sorted((tmp / "yr_sessions" / "latest" / "log").glob("*.pid"))
 
 
 def test_ctrl_c_while_engines_start_stops_everything_and_deploy_works_after(tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ from tests.e2e import complete, deployed, external_kv_tokens, same_greedy_output
 pytestmark = pytest.mark.e2e
 
 ENGINE_PARAMS = "--enforce-eager --dtype float32 --max-model-len 1024"
+LOADED_TOKENS = 256  # the 300-token prompt's full 128-token blocks
 
 
 def test_pd_through_vllms_example_connector(tmp_path_factory: pytest.TempPathFactory) -> None:
@@ -32,5 +33,3 @@ def test_pd_through_vllms_example_connector(tmp_path_factory: pytest.TempPathFac
         assert any((tmp / "run" / "example_kv").iterdir())  # the prefill's KV files
     assert not (tmp / "run" / "example_kv").exists()  # clean removed them
 
-
-LOADED_TOKENS = 299
