@@ -33,7 +33,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from patch.yuanrong_connector.store import _MAX_KEYS_PER_READ, _MAX_KEYS_PER_WRITE, BlockStore, PutResult
+from patch.yuanrong_connector.store import _MAX_KEYS_PER_READ, _MAX_KEYS_PER_WRITE, BlockStore, PutResult, leading_blocks
 
 logger = logging.getLogger(f"vllm.{__name__}")
 
@@ -139,13 +139,7 @@ class RemoteBlockStore:
 
     def count_present_prefix(self, keys: Sequence[str], keys_per_block: int = 1) -> int:
         """How many leading blocks are stored; a block is ``keys_per_block`` consecutive keys."""
-        present = self.exists(keys)
-        blocks = 0
-        for start in range(0, len(present), keys_per_block):
-            if not all(present[start : start + keys_per_block]):
-                break
-            blocks += 1
-        return blocks
+        return leading_blocks(self.exists(keys), keys_per_block)
 
     def put(self, keys: Sequence[str], value_size: int, fill: Callable[[int, list[memoryview]], None]) -> PutResult:
         """Like ``BlockStore.put``: ``fill(first, buffers)`` writes the values of

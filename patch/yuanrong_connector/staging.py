@@ -91,10 +91,9 @@ class HostStaging:
         return fill_from_device
 
     def _device_to_store(self, block_ids: Sequence[int], targets: list[torch.Tensor], marker: Any) -> None:
-        if all(target.is_pinned() for target in targets):  # an arena registered with CUDA: no staging hop
-            self._device_to_pinned(block_ids, targets, marker)
-            return
-        staged = torch.empty((len(block_ids), self.cache.block_bytes), dtype=torch.uint8, pin_memory=True)
+        staged: torch.Tensor | None = None
+        if not all(target.is_pinned() for target in targets):  # else an arena registered with CUDA: no staging hop
+            staged = torch.empty((len(block_ids), self.cache.block_bytes), dtype=torch.uint8, pin_memory=True)
         block_index = self._index(block_ids)
         with torch.cuda.stream(self._stream):
             self._stream.wait_event(marker)
@@ -102,21 +101,14 @@ class HostStaging:
             for first in range(0, len(block_ids), len(gathered)):
                 count = min(len(gathered), len(block_ids) - first)
                 self.cache.gather(block_index[first : first + count], gathered[:count])
-                staged[first : first + count].copy_(gathered[:count], non_blocking=True)
-        self._stream.synchronize()
-        torch._foreach_copy_(targets, list(staged.unbind(0)))
-
-    def _device_to_pinned(self, block_ids: Sequence[int], targets: list[torch.Tensor], marker: Any) -> None:
-        block_index = self._index(block_ids)
-        with torch.cuda.stream(self._stream):
-            self._stream.wait_event(marker)
-            gathered = self._device_rows(len(block_ids))
-            for first in range(0, len(block_ids), len(gathered)):
-                count = min(len(gathered), len(block_ids) - first)
-                self.cache.gather(block_index[first : first + count], gathered[:count])
+                if staged is not None:
+                    staged[first : first + count].copy_(gathered[:count], non_blocking=True)
+                    continue
                 for row in range(count):  # stream order: the next gather waits for these copies
                     targets[first + row].copy_(gathered[row], non_blocking=True)
         self._stream.synchronize()
+        if staged is not None:
+            torch._foreach_copy_(targets, list(staged.unbind(0)))
 
     # ---- loading ----
     def write_blocks(self, pairs: Sequence[tuple[int, torch.Tensor]]) -> None:

@@ -163,13 +163,7 @@ class BlockStore:
 
     def count_present_prefix(self, keys: Sequence[str], keys_per_block: int = 1) -> int:
         """How many leading blocks are stored; a block is ``keys_per_block`` consecutive keys."""
-        present = self.exists(keys)
-        blocks = 0
-        for start in range(0, len(present), keys_per_block):
-            if not all(present[start : start + keys_per_block]):
-                break
-            blocks += 1
-        return blocks
+        return leading_blocks(self.exists(keys), keys_per_block)
 
     def put(self, keys: Sequence[str], value_size: int, fill: Callable[[int, list[memoryview]], None]) -> PutResult:
         """Create ``keys`` in shared memory, let ``fill(first, buffers)`` write the values of
@@ -225,6 +219,16 @@ class BlockStore:
                     return buffers + [None] * (len(keys) - len(buffers))
                 buffers.extend([None] * len(chunk))
         return buffers
+
+
+def leading_blocks(present: Sequence[bool], keys_per_block: int) -> int:
+    """How many leading blocks have all their ``keys_per_block`` consecutive keys present."""
+    blocks = 0
+    for start in range(0, len(present), keys_per_block):
+        if not all(present[start : start + keys_per_block]):
+            break
+        blocks += 1
+    return blocks
 
 
 def _first_line(text: str) -> str:
