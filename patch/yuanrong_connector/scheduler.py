@@ -14,10 +14,9 @@ It never waits for the store on the engine loop:
   second asynchronous load (that stalls vLLM 0.32's scheduler, see
   ``get_num_new_matched_tokens``).
 - **Prefix reuse.** Which leading blocks the store holds is asked in one batched
-  ``exist`` call run by a lookup thread; one scheduling pass waits for the answers of
-  its new requests' lookups at most ``_LOOKUP_BUDGET_S`` in all (a request whose answer
-  is later stays queued for the next pass, bounded by the store's request timeout),
-  then loads the blocks asynchronously too.
+  ``exist`` call run by a lookup thread; the scheduler waits for its answer at most
+  ``_LOOKUP_BUDGET_S`` per pass (the request stays queued while a slow store answers,
+  bounded by the store's request timeout), then loads the blocks asynchronously too.
 - **Saves.** Full prompt blocks are saved after the step that computed them, in the
   background. Saves are planned only while the store takes them and the backlog has
   room (the worker reports both each step), and a request's saves stop at its first
@@ -50,13 +49,9 @@ if TYPE_CHECKING:
 
 logger = init_logger(f"vllm.{__name__}")
 
-# How long one scheduling pass waits for its prefix lookups, all together, before moving
-# on (a lookup not answered goes on; its request is asked about again in the next pass).
-# A lookup goes through the store helper and the data system worker: 2-5 ms on an idle
-# host, tens of ms on a busy 2-core one. A request left for the next pass waits a whole
-# step (a prefill step of ~1.7K tokens on one core: ~1 s), far more than this wait: with
-# 5 ms per lookup, prefix reuse cost seed 000's workload 0.8 s of mean TTFT.
-_LOOKUP_BUDGET_S = 0.05
+# How long one scheduling pass waits for a prefix lookup before moving on (the lookup
+# goes on; the request is asked about again in the next pass).
+_LOOKUP_BUDGET_S = 0.005
 
 
 @dataclass
@@ -94,7 +89,6 @@ class YuanRongScheduler:
     enabled: bool = True  # False: a KV layout this connector does not handle; it does nothing
     _hashes: dict[str, list[str]] = field(default_factory=dict)  # request -> its full blocks' chain hashes
     _lookups: dict[str, tuple[int, Future[int]]] = field(default_factory=dict)  # block asked from, count
-    _pass_lookup_budget_s: float = _LOOKUP_BUDGET_S  # what this scheduling pass may still wait for lookups
     _planned_loads: dict[str, _PlannedLoad] = field(default_factory=dict)
     _ready_loads: list[BlockTransfer] = field(default_factory=list)
     _saving: dict[str, _SaveProgress] = field(default_factory=dict)
@@ -184,13 +178,9 @@ class YuanRongScheduler:
             self._lookups[request_id] = entry
         asked_from, lookup = entry
         try:
-            waited_from = time.monotonic()
-            present = lookup.result(timeout=max(0.0, self._pass_lookup_budget_s))
+            present = lookup.result(timeout=_LOOKUP_BUDGET_S)
         except FutureTimeout:
-            self._pass_lookup_budget_s = 0.0
             return None
-        finally:
-            self._pass_lookup_budget_s -= time.monotonic() - waited_from
         del self._lookups[request_id]
         if asked_from > first_block:
             return 0  # the blocks between are unknown: compute them
@@ -243,7 +233,6 @@ class YuanRongScheduler:
             self._saves_paused = meta.saves_paused
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> YuanRongConnectorMetadata:
-        self._pass_lookup_budget_s = _LOOKUP_BUDGET_S  # the pass ends here; the next one waits afresh
         meta = YuanRongConnectorMetadata(
             loads=self._ready_loads,
             preempted=sorted(scheduler_output.preempted_req_ids or ()),
