@@ -183,8 +183,9 @@ def test_no_decode_left_means_a_prefill_serves_the_whole_request() -> None:
             assert response.status_code == 200 and "p0" in response.text
         assert [r["body"] for r in prefill.received] == [
             {"prompt": "hello", "max_tokens": 9, "stream": False, "model": "m"},
-            {"prompt": "hello", "max_tokens": 9, "stream": True, "model": "m"},
-        ]  # the client's own request: no prefill-only max_tokens, no kv_transfer_params
+            {"prompt": "hello", "max_tokens": 9, "stream": True, "model": "m", "return_token_ids": True},
+        ]  # the client's own request: no prefill-only max_tokens, no kv_transfer_params (a stream
+        # is asked for its token ids, so that it can go on elsewhere if its engine dies)
         assert decode.received == []
         assert _metric(url, "frontdoor_decode_fallbacks_total") == 2
 
