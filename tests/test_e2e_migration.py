@@ -3,19 +3,24 @@ process group) in the middle of a greedy completions stream. The front door cont
 the stream on another engine (here the prefill engine, the only one left) with the
 prompt's and the generated tokens' ids; the client reads the same text as an
 uninterrupted run, under one completion id, without the token id fields it did not ask
-for; requests after it succeed. A float32 model, so that recomputing the same tokens'
-KV on another engine gives the same greedy choices."""
+for; requests after it succeed. The decode engine comes back; then the prefill engine is
+killed, and a request still gets the same text (the decode computes the prompt). A
+float32 model, so that recomputing the same tokens' KV on another engine gives the same
+greedy choices."""
 
 from __future__ import annotations
 
 import json
 import os
 import signal
+import time
 from collections.abc import Callable
+from pathlib import Path
 
 import httpx
 import pytest
 
+from deploy.state import DeploymentState
 from tests.e2e import deployed, metric, token_prompt
 
 pytestmark = pytest.mark.e2e
@@ -63,3 +68,19 @@ def test_a_stream_whose_decode_engine_dies_goes_on_with_the_same_text(tmp_path_f
         after = httpx.post(f"{deployment.url}/v1/completions", timeout=120,
                            json={**body, "stream": False, "max_tokens": 8})  # fmt: skip
         assert after.status_code == 200, after.text
+
+        # The killed decode engine comes back (restarted by its supervisor) ...
+        state_file = Path(deployment.env["RUN_DIR"]) / "state.json"
+        deadline = time.monotonic() + 300
+        while True:
+            engines = {e["role"]: e for e in DeploymentState.read(state_file).engines}  # type: ignore[union-attr]
+            if engines["decode"]["state"] == "healthy" and engines["decode"]["pid"] != decode["pid"]:
+                break
+            assert time.monotonic() < deadline, f"the decode engine did not come back: {engines['decode']}"
+            time.sleep(1)
+        # ... and with the prefill engine killed, requests still succeed: the decode engine
+        # computes the prompt itself, with the same greedy text.
+        os.killpg(int(engines["prefill"]["pid"]), signal.SIGKILL)  # type: ignore[arg-type]
+        whole = httpx.post(f"{deployment.url}/v1/completions", json={**body, "stream": False}, timeout=300)
+        assert whole.status_code == 200, whole.text
+        assert whole.json()["choices"][0]["text"] == reference
