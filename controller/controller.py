@@ -12,10 +12,12 @@ from typing import Any
 
 import yr
 
+from controller.placement import ENGINE_MEMORY_MB
 from deploy.config import Accelerator, ServiceConfig
 from deploy.errors import StartupError
 from workers.engine_actor import EngineActor
 from workers.engine_process import EngineSpec
+from workers.node_address import host_of
 
 logger = logging.getLogger(__name__)
 
@@ -24,7 +26,11 @@ _DEVICE_RESOURCE = {Accelerator.CUDA: "GPU/.+/count", Accelerator.ASCEND: "NPU/.
 
 
 def engine_invoke_options(config: ServiceConfig, spec: EngineSpec) -> yr.InvokeOptions:
-    options = yr.InvokeOptions(cpu=1000 * max(1, len(spec.devices)) if config.accelerator is Accelerator.CPU else 1000, memory=4096)
+    # CPU engines ask for their cores (as many as the spec names, or TP x CPU_CORES_PER_RANK when
+    # the runtime places them); accelerator engines for one core and their TP group's devices.
+    cores = len(spec.devices) or spec.tensor_parallel * config.cpu_cores_per_rank
+    cpu = 1000 * cores if config.accelerator is Accelerator.CPU else 1000
+    options = yr.InvokeOptions(cpu=cpu, memory=ENGINE_MEMORY_MB)
     resource = _DEVICE_RESOURCE.get(config.accelerator)
     if resource is not None:
         options.custom_resources = {resource: float(spec.tensor_parallel)}
@@ -46,10 +52,12 @@ class Controller:
         """Start all engines in parallel; return their infos, or stop them all and raise."""
         remote_engine = yr.instance(EngineActor)
         advertise = "" if self._config.cluster_mode else "127.0.0.1"  # "": the engine's node address
+        # In cluster mode each engine actor finds its node's address by the route toward the master.
+        peer = host_of(self._config.yr_server_address) if self._config.yr_server_address else ""
         for spec in self._specs:
             handle = remote_engine.options(engine_invoke_options(self._config, spec)).invoke(
                 spec, str(self._config.log_dir), self._config.engine_start_timeout_s, advertise,
-                self._adopt_ports.get(spec.name, 0),
+                self._adopt_ports.get(spec.name, 0), peer,
             )
             self._engines.append(handle)
         pending = [(spec, handle.start.invoke()) for spec, handle in zip(self._specs, self._engines)]

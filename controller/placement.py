@@ -1,12 +1,34 @@
-"""Placement: which engines to start and on which devices (pure functions)."""
+"""Placement: which engines to start, on which node and devices (pure functions but for
+the defaults the callers may leave out).
+
+The planner (controller/planner.py) decides; this module turns a ServiceConfig into the
+planner's request and inventory, and the planner's answer into one EngineSpec per engine.
+
+- Local mode: the inventory is this machine as one node (address 127.0.0.1, where local
+  engines listen; its devices are VISIBLE_DEVICES or those detected; on CPU, the cores),
+  and the engines attach to the local data system workers in turn.
+- Cluster mode: openYuanrong's scheduler places each engine actor with the devices its
+  resource request names, and the runtime makes them visible to it, so the specs carry no
+  devices (``runtime_placed``). Each engine attaches to the data system worker on the node
+  it lands on (``:<DS_WORKER_PORT>``, completed with the node's address by the engine
+  actor). Given the cluster's inventory (``yr.resources()``), the planner checks first that
+  the request fits, and names the node it would choose.
+"""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from deploy.config import Role, ServiceConfig
+from controller.planner import EnginePlacement, InstanceRequest, Node, PlacementRequest, plan_placement
+from deploy.config import Accelerator, Role, ServiceConfig
 from workers.engine_process import EngineSpec
+
+LOCAL_NODE_ID = "local"
+LOCAL_NODE_ADDRESS = "127.0.0.1"  # local engines bind and are reached there
+ENGINE_MEMORY_MB = 4096  # what each engine actor asks the scheduler for
 
 
 @dataclass(frozen=True)
@@ -29,45 +51,106 @@ def instance_plans(config: ServiceConfig) -> list[InstancePlan]:
     ]
 
 
-def plan_engines(
-    config: ServiceConfig, model_path: Path, served_model_name: str, ds_worker_addresses: tuple[str, ...]
-) -> list[EngineSpec]:
-    """One spec per engine. Data-parallel ranks of an instance are separate engines.
+def placement_request(config: ServiceConfig) -> PlacementRequest:
+    return PlacementRequest(
+        accelerator=config.accelerator,
+        instances=tuple(
+            InstanceRequest(p.role, p.count, p.tensor_parallel, p.data_parallel) for p in instance_plans(config)
+        ),
+        cores_per_rank=config.cpu_cores_per_rank,
+        memory_mb_per_engine=ENGINE_MEMORY_MB if config.cluster_mode else 0,  # local mode: resources are not reserved
+    )
 
-    Locally, devices are handed out in order and never shared between engines. In
-    cluster mode the scheduler places each engine actor with the devices it asks for,
-    and the engine uses the devices the runtime made visible to it. Engines attach to
-    the data system workers in turn (several local workers stand in for several nodes).
-    """
+
+def local_inventory(config: ServiceConfig, cores: Sequence[int], ds_worker_addresses: Sequence[str]) -> list[Node]:
+    """This machine as one node. ``cores``: the caller's CPU affinity. On CPU the engines'
+    cores are the configured devices (VISIBLE_DEVICES, default that same affinity)."""
+    cpu = config.accelerator is Accelerator.CPU
+    return [Node(
+        node_id=LOCAL_NODE_ID, address=LOCAL_NODE_ADDRESS, accelerator=config.accelerator,
+        devices=() if cpu else config.devices, cores=config.devices if cpu else tuple(cores),
+        ds_worker_addresses=tuple(ds_worker_addresses),
+    )]  # fmt: skip
+
+
+def place_engines(
+    config: ServiceConfig,
+    ds_worker_addresses: Sequence[str],
+    inventory: Sequence[Node] | None = None,
+    cores: Sequence[int] | None = None,
+) -> list[EnginePlacement] | None:
+    """The planner's plan (raises PlacementError, one line, when it cannot be placed), or
+    None in cluster mode without an inventory: the scheduler places the engines alone."""
+    if inventory is None:
+        if config.cluster_mode:
+            return None
+        inventory = local_inventory(config, tuple(sorted(os.sched_getaffinity(0))) if cores is None else cores,
+                                    ds_worker_addresses)  # fmt: skip
+    return plan_placement(inventory, placement_request(config))
+
+
+def engine_specs(
+    config: ServiceConfig,
+    placements: Sequence[EnginePlacement] | None,
+    model_path: Path,
+    served_model_name: str,
+) -> list[EngineSpec]:
+    """One spec per engine, from the plan (``None``: cluster mode, the scheduler places)."""
+    startup = {p.role: p.startup_params for p in instance_plans(config)}
     specs: list[EngineSpec] = []
-    next_device = 0
-    for plan in instance_plans(config):
-        for index in range(plan.count):
-            instance = f"{plan.role.value}-{index}"
-            for rank in range(plan.data_parallel):
-                devices: tuple[int, ...] = ()
-                if not config.cluster_mode:
-                    devices = config.devices[next_device : next_device + plan.tensor_parallel]
-                    next_device += plan.tensor_parallel
-                specs.append(
-                    EngineSpec(
-                        name=instance if plan.data_parallel == 1 else f"{instance}-dp{rank}",
-                        instance=instance,
-                        role=plan.role,
-                        accelerator=config.accelerator,
-                        tensor_parallel=plan.tensor_parallel,
-                        devices=devices,
-                        model_path=str(model_path),
-                        served_model_name=served_model_name,
-                        startup_params=plan.startup_params,
-                        ds_worker_address=ds_worker_addresses[len(specs) % len(ds_worker_addresses)],
-                        prefix_reuse=config.using_prefix_connector,
-                        connector=config.connector.kind,
-                        connector_options=config.connector.extra_config(),
-                        project_root=str(Path(__file__).resolve().parents[1]),
-                        cache_root=str(config.model_cache_dir.parent / "vllm"),
-                        cpu_kvcache_gb=config.cpu_kvcache_gb,
-                        bind_host="0.0.0.0" if config.cluster_mode else "127.0.0.1",
-                    )
-                )
+    for placement in placements if placements is not None else _unplanned(config):
+        specs.append(
+            EngineSpec(
+                name=placement.name,
+                instance=placement.instance,
+                role=placement.role,
+                accelerator=config.accelerator,
+                tensor_parallel=placement.tensor_parallel,
+                # Cluster mode: the devices are the ones the runtime made visible to the actor.
+                devices=() if config.cluster_mode else placement.devices,
+                model_path=str(model_path),
+                served_model_name=served_model_name,
+                startup_params=startup[placement.role],
+                ds_worker_address=f":{config.datasystem.node_worker_port}" if config.cluster_mode
+                else placement.ds_worker_address,
+                prefix_reuse=config.using_prefix_connector,
+                connector=config.connector.kind,
+                connector_options=config.connector.extra_config(),
+                project_root=str(Path(__file__).resolve().parents[1]),
+                cache_root=str(config.model_cache_dir.parent / "vllm"),
+                cpu_kvcache_gb=config.cpu_kvcache_gb,
+                bind_host="0.0.0.0" if config.cluster_mode else "127.0.0.1",
+                node_id=placement.node_id,
+                runtime_placed=config.cluster_mode,
+            )
+        )
     return specs
+
+
+def _unplanned(config: ServiceConfig) -> list[EnginePlacement]:
+    """Cluster mode without an inventory: the engines, with no node chosen."""
+    return [
+        EnginePlacement(
+            name=f"{p.role.value}-{index}" if p.data_parallel == 1 else f"{p.role.value}-{index}-dp{rank}",
+            instance=f"{p.role.value}-{index}", role=p.role, tensor_parallel=p.tensor_parallel, dp_rank=rank,
+            dp_size=p.data_parallel, dp_local_rank=rank, dp_master_address="", node_id="", node_address="",
+            devices=(), ds_worker_address="",
+        )  # fmt: skip
+        for p in instance_plans(config)
+        for index in range(p.count)
+        for rank in range(p.data_parallel)
+    ]
+
+
+def plan_engines(
+    config: ServiceConfig,
+    model_path: Path,
+    served_model_name: str,
+    ds_worker_addresses: tuple[str, ...],
+    inventory: Sequence[Node] | None = None,
+    cores: Sequence[int] | None = None,
+) -> list[EngineSpec]:
+    """One spec per engine (DP ranks of an instance are separate engines): the plan and the
+    specs in one call."""
+    placements = place_engines(config, ds_worker_addresses, inventory, cores)
+    return engine_specs(config, placements, model_path, served_model_name)

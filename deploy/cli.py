@@ -127,6 +127,8 @@ def clean(config: ServiceConfig) -> int:
         print(f"stopping the deploy process left running (pid {serve_pid})", flush=True)
         _stop_serve_process(serve_pid, config.drain_timeout_s + STOP_GRACE_S)
         stopped_anything = True
+    if config.cluster_mode:  # the detached Controller outlives the deploy process, with its engines on every node
+        stopped_anything = _stop_cluster_controller(config) or stopped_anything
     # Whatever the deploy process could not stop, stop here by the PIDs it recorded.
     for pid_path, engine_pid in _engine_pid_files(state, config):
         if engine_pid is not None:
@@ -152,6 +154,24 @@ def clean(config: ServiceConfig) -> int:
     if not stopped_anything:
         print("nothing was running", flush=True)
     return 0
+
+
+def _stop_cluster_controller(config: ServiceConfig) -> bool:
+    """Find the detached Controller by name in the cluster and stop it and its engines."""
+    from deploy.runtime import CONTROLLER_NAME, CONTROLLER_NAMESPACE, finalize_yr, init_yr, stop_named_controller
+
+    try:
+        init_yr(config)
+        stopped = stop_named_controller()
+    except Exception as exc:  # the SDK's errors: the cluster is unreachable, the actor would not stop
+        print(f"error: could not stop the Controller {CONTROLLER_NAME!r} in namespace {CONTROLLER_NAMESPACE!r} at "
+              f"{config.yr_server_address}: {exc}", file=sys.stderr, flush=True)  # fmt: skip
+        return False
+    finally:
+        finalize_yr()
+    if stopped:
+        print(f"stopped the Controller {CONTROLLER_NAME!r} (namespace {CONTROLLER_NAMESPACE!r}) and its engines", flush=True)
+    return stopped
 
 
 def _engine_pid_files(state: DeploymentState | None, config: ServiceConfig) -> list[tuple[Path, int | None]]:

@@ -18,12 +18,13 @@ import ipaddress
 import json
 import os
 import shlex
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from controller.admission import AdmissionConfig
 from deploy.errors import ConfigError
+from deploy.master_info import MASTER_INFO_NAME, MasterInfo, read_master_info, tcp_answers
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -75,6 +76,7 @@ class DataSystemConfig:
     spill_dir: Path | None  # SSD tier, per worker (a sub-folder each)
     spill_size_mb: int
     local_workers: int = 1  # local mode: workers on consecutive ports, one cluster
+    node_worker_port: int = 31501  # cluster mode: every engine attaches to <its node's address>:<this port>
 
     @property
     def address(self) -> str:
@@ -145,6 +147,8 @@ class ServiceConfig:
     sessions_dir: Path  # /tmp/yr_sessions: engine logs go to <sessions_dir>/latest/log
     model_cache_dir: Path
     yr_server_address: str | None  # set: cluster mode
+    yr_ds_address: str | None  # this node's data system worker as yr start recorded it (given to yr.init)
+    cpu_cores_per_rank: int  # CPU engines: cores per TP rank
 
     @property
     def disaggregated(self) -> bool:
@@ -160,7 +164,9 @@ class ServiceConfig:
 
     @property
     def devices_needed(self) -> int:
-        return (
+        """Devices (CPU: cores) all engines take together."""
+        per_rank = self.cpu_cores_per_rank if self.accelerator is Accelerator.CPU else 1
+        return per_rank * (
             self.prefill_instances * self.devices_per_prefill_instance
             + self.decode_instances * self.devices_per_decode_instance
         )
@@ -221,8 +227,11 @@ SETTINGS: tuple[_Setting, ...] = (
     _Setting("PREFILL_STARTUP_PARAMS", "", "extra vLLM arguments for prefill engines"),
     _Setting("DECODE_STARTUP_PARAMS", "", "extra vLLM arguments for decode engines"),
     _Setting("VLLM_CPU_KVCACHE_SPACE", "1", "KV cache GiB per CPU engine"),
+    _Setting("CPU_CORES_PER_RANK", "1", "cpu: cores each TP rank of an engine gets (its OpenMP threads' binding)"),
     _Setting("ENGINE_START_TIMEOUT", "600", "seconds an engine may take to become healthy"),
-    _Setting("DS_WORKER_ADDRESS", None, "data system worker host:port; unset: local 127.0.0.1:31501"),
+    _Setting("DS_WORKER_ADDRESS", None, "local mode: data system worker host:port; unset: 127.0.0.1:31501"),
+    _Setting("DS_WORKER_PORT", None, "cluster mode: port of the data system worker on every node (engines attach to "
+             "their own node's); unset: the ds-worker port in yr start's master info, else 31501"),
     _Setting("DS_METASTORE_PORT", "32379", "metastore port of a locally started data system worker"),
     _Setting("DS_SHARED_MEMORY_MB", "2048", "shared memory (DRAM tier) of a locally started worker"),
     _Setting("DS_SPILL_DIR", None, "SSD spill folder of a locally started worker; unset: no spill"),
@@ -241,10 +250,9 @@ SETTINGS: tuple[_Setting, ...] = (
     _Setting("RUN_DIR", None, "where deploy.log, deploy.pid and state.json live; unset: project root"),
     _Setting("YR_SESSIONS_DIR", "/tmp/yr_sessions", "openYuanrong session folder (engine logs in latest/log)"),
     _Setting("MODEL_CACHE_DIR", None, "where the embedded model is built; unset: <project>/.cache/models"),
-    _Setting("YR_SERVER_ADDRESS", None, "openYuanrong cluster address; unset: read yr start's master info"),
+    _Setting("YR_SERVER_ADDRESS", None, "openYuanrong cluster address; unset: read yr start's master info "
+             f"(<YR_SESSIONS_DIR>/{MASTER_INFO_NAME}, refused when its master does not answer)"),
 )
-
-_MASTER_INFO_NAME = "yr_current_master_info"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -253,8 +261,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(setting.flag, dest=setting.dest, default=None, metavar=setting.env, help=setting.help)
 
 
-def build_config(environ: Mapping[str, str], overrides: argparse.Namespace | None = None) -> ServiceConfig:
-    """Merge environment and flags, parse and validate every value."""
+def build_config(
+    environ: Mapping[str, str],
+    overrides: argparse.Namespace | None = None,
+    master_answers: Callable[[str, int], bool] = tcp_answers,
+) -> ServiceConfig:
+    """Merge environment and flags, parse and validate every value. ``master_answers``
+    checks that the master in yr start's master info accepts a connection."""
     raw: dict[str, str | None] = {}
     for setting in SETTINGS:
         value = getattr(overrides, setting.dest, None) if overrides is not None else None
@@ -268,7 +281,8 @@ def build_config(environ: Mapping[str, str], overrides: argparse.Namespace | Non
     decode_instances = _int(raw, "DECODE_INS_NUM", minimum=0)
     accelerator = _accelerator(raw["ACCELERATOR"])
     sessions_dir = Path(raw["YR_SESSIONS_DIR"] or "/tmp/yr_sessions")
-    yr_server_address = raw["YR_SERVER_ADDRESS"] or _master_address(sessions_dir)
+    master = None if raw["YR_SERVER_ADDRESS"] else read_master_info(sessions_dir, master_answers)
+    yr_server_address = raw["YR_SERVER_ADDRESS"] or (master.server_address if master is not None else None)
     config = ServiceConfig(
         server_ip=_ip(raw, "SERVER_IP"),
         server_port=_int(raw, "SERVER_PORT", minimum=1, maximum=65535),
@@ -286,7 +300,7 @@ def build_config(environ: Mapping[str, str], overrides: argparse.Namespace | Non
         decode_startup_params=_startup_params(raw, "DECODE_STARTUP_PARAMS"),
         cpu_kvcache_gb=_int(raw, "VLLM_CPU_KVCACHE_SPACE", minimum=1),
         engine_start_timeout_s=float(_int(raw, "ENGINE_START_TIMEOUT", minimum=10)),
-        datasystem=_datasystem(raw),
+        datasystem=_datasystem(raw, cluster_mode=yr_server_address is not None, master=master),
         connector=ConnectorConfig(
             ttl_s=_int(raw, "KV_TTL_S", minimum=0),
             request_timeout_ms=_int(raw, "KV_REQUEST_TIMEOUT_MS", minimum=1),
@@ -307,6 +321,8 @@ def build_config(environ: Mapping[str, str], overrides: argparse.Namespace | Non
         sessions_dir=sessions_dir,
         model_cache_dir=Path(raw["MODEL_CACHE_DIR"] or PROJECT_ROOT / ".cache" / "models"),
         yr_server_address=yr_server_address,
+        yr_ds_address=master.ds_address if master is not None else None,
+        cpu_cores_per_rank=_int(raw, "CPU_CORES_PER_RANK", minimum=1),
     )
     _check_consistency(config)
     return config
@@ -440,11 +456,19 @@ def _startup_params(raw: Mapping[str, str | None], name: str) -> tuple[str, ...]
     return params
 
 
-def _datasystem(raw: Mapping[str, str | None]) -> DataSystemConfig:
+def _datasystem(raw: Mapping[str, str | None], cluster_mode: bool, master: MasterInfo | None) -> DataSystemConfig:
+    if cluster_mode and raw["DS_WORKER_ADDRESS"]:
+        raise _fail("DS_WORKER_ADDRESS", raw["DS_WORKER_ADDRESS"], "not used in cluster mode, where every engine "
+                    "attaches to the data system worker on its own node; unset it, and set DS_WORKER_PORT to the "
+                    "port those workers listen on if it is not yr start's")  # fmt: skip
     address = raw["DS_WORKER_ADDRESS"] or "127.0.0.1:31501"
     host, sep, port_text = address.rpartition(":")
     if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
         raise _fail("DS_WORKER_ADDRESS", address, "must be host:port, e.g. 127.0.0.1:31501")
+    if raw["DS_WORKER_PORT"]:
+        node_worker_port = _int(raw, "DS_WORKER_PORT", minimum=1, maximum=65535)
+    else:
+        node_worker_port = (master.ds_worker_port if master is not None else None) or 31501
     spill = raw["DS_SPILL_DIR"]
     return DataSystemConfig(
         worker_host=host,
@@ -454,16 +478,8 @@ def _datasystem(raw: Mapping[str, str | None]) -> DataSystemConfig:
         spill_dir=Path(spill) if spill else None,
         spill_size_mb=_int(raw, "DS_SPILL_SIZE_MB", minimum=1),
         local_workers=_int(raw, "DS_WORKERS", minimum=1, maximum=16),
+        node_worker_port=node_worker_port,
     )
-
-
-def _master_address(sessions_dir: Path) -> str | None:
-    """The cluster address ``yr start`` wrote, if a cluster was started on this host."""
-    info = sessions_dir / _MASTER_INFO_NAME
-    if not info.is_file():
-        return None
-    text = info.read_text().strip()
-    return text or None
 
 
 def _connector(raw: Mapping[str, str | None]) -> str:
@@ -498,9 +514,10 @@ def _check_consistency(config: ServiceConfig) -> None:
         return  # devices live on the cluster's nodes; the scheduler places the actors
     available = len(config.devices)
     if config.devices_needed > available:
+        cores = f" x CPU_CORES_PER_RANK={config.cpu_cores_per_rank}" if config.cpu_cores_per_rank != 1 else ""
         raise ConfigError(
             f"PREFILL_INS_NUM={config.prefill_instances} x PTP={config.prefill_tp} x PDP={config.prefill_dp} + "
-            f"DECODE_INS_NUM={config.decode_instances} x DTP={config.decode_tp} x DDP={config.decode_dp} "
+            f"DECODE_INS_NUM={config.decode_instances} x DTP={config.decode_tp} x DDP={config.decode_dp}{cores} "
             f"needs {config.devices_needed} {config.accelerator.value} devices, but only {available} are visible "
             f"({','.join(map(str, config.devices))}); lower the counts or set VISIBLE_DEVICES"
         )
@@ -530,8 +547,11 @@ def describe(config: ServiceConfig) -> Sequence[str]:
         f"overload: {config.admission.max_in_flight_per_engine} requests in flight per serving engine, "
         f"{config.admission.queue_size} waiting at most {config.admission.queue_timeout_s:.0f} s, then 429"
     )
+    workers = (f"the data system worker on each engine's node (port {config.datasystem.node_worker_port})"
+               if config.cluster_mode else
+               f"{len(config.datasystem.addresses)} data system worker(s) at {', '.join(config.datasystem.addresses)}")  # fmt: skip
     lines.append(
-        f"KV store: {len(config.datasystem.addresses)} data system worker(s) at {', '.join(config.datasystem.addresses)}, "
+        f"KV store: {workers}, "
         f"prefix reuse {'on' if config.using_prefix_connector else 'off'}, TTL {config.connector.ttl_s or 'none'} s"
     )
     lines.append(f"endpoint: http://{config.server_ip}:{config.server_port}")

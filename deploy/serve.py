@@ -1,6 +1,7 @@
 """The deployment's long-running process (started in the background by ``deploy``).
 
-Order: session folders -> yr.init -> data system worker (local mode) -> model ->
+Order: session folders -> yr.init -> placement plan (refused here, before anything
+starts, when it cannot be placed) -> data system worker (local mode) -> model ->
 Controller actor -> engines healthy -> state.json -> front door until SIGTERM ->
 engines, worker and runtime stopped in ``finally``, whatever happened before.
 
@@ -28,14 +29,15 @@ from controller.controller import Controller
 from controller.door_metrics import DoorMetrics
 from controller.frontdoor import create_app
 from controller.policies import make_policy
-from controller.placement import plan_engines
+from controller.placement import engine_specs, place_engines
+from controller.planner import Node, format_plan, inventory_from_resource_view
 from controller.routing import RoutingTable
 from deploy import config as config_module
 from deploy.config import ServiceConfig
 from deploy.datasystem import start_workers, stop_workers, worker_answers
 from deploy.embedded_model import ensure_embedded_model
 from deploy.errors import ConfigError, DeployError
-from deploy.runtime import finalize_yr, init_yr
+from deploy.runtime import CONTROLLER_NAME, CONTROLLER_NAMESPACE, finalize_yr, init_yr, resource_view
 from deploy.state import READY_MARKER, DeploymentState, read_pid
 
 logger = logging.getLogger(__name__)
@@ -66,19 +68,22 @@ def serve(config: ServiceConfig, adopt: bool = False) -> int:
     mode = init_yr(config)
     ds_started = False
     controller = None
-    # Locally deploy starts its own workers; in a cluster the given worker is used.
-    ds_addresses = config.datasystem.addresses if not config.cluster_mode else (config.datasystem.address,)
+    # Locally deploy starts its own workers; in a cluster each engine uses its node's worker.
+    ds_addresses = config.datasystem.addresses if not config.cluster_mode else ()
     state = DeploymentState(
         pid=os.getpid(),
         endpoint=f"http://{config.server_ip}:{config.server_port}",
         yr_mode=mode,
         served_model_name="",
-        ds_worker_address=",".join(ds_addresses),
+        ds_worker_address=",".join(ds_addresses) or f"each node's, port {config.datasystem.node_worker_port}",
         ds_started_here=False,
         log_dir=str(log_dir),
     )
     state.write(config.state_file)
     try:
+        placements = place_engines(config, ds_addresses, _cluster_inventory(config))
+        for line in format_plan(placements) if placements is not None else ["placement: left to the scheduler"]:
+            logger.info("%s", line)
         if not config.cluster_mode:
             running = [address for address in config.datasystem.addresses if worker_answers(address)]
             if running and len(running) < len(config.datasystem.addresses):
@@ -98,12 +103,12 @@ def serve(config: ServiceConfig, adopt: bool = False) -> int:
                 start_workers(config.datasystem, log_dir.parent / "datasystem")
         model_path = config.model_path or ensure_embedded_model(config.model_cache_dir)
         state.served_model_name = str(model_path)
-        specs = plan_engines(config, model_path, state.served_model_name, ds_addresses)
+        specs = engine_specs(config, placements, model_path, state.served_model_name)
         logger.info("starting %d engine(s): %s; logs in %s", len(specs), ", ".join(s.name for s in specs), log_dir)
         options = yr.InvokeOptions()
         if config.cluster_mode:
-            options.name = "Controller"
-            options.namespace = "vllm"
+            options.name = CONTROLLER_NAME
+            options.namespace = CONTROLLER_NAMESPACE
             options.custom_extensions = {"lifecycle": "detached"}
         adopt_ports = {str(e["name"]): int(e["port"]) for e in previous.engines} if previous is not None else {}  # type: ignore[call-overload]
         controller = yr.instance(Controller).options(options).invoke(config, specs, adopt_ports)
@@ -159,6 +164,14 @@ def serve(config: ServiceConfig, adopt: bool = False) -> int:
         if read_pid(config.pid_file) == os.getpid():
             config.pid_file.unlink(missing_ok=True)
         logger.info("stopped")
+
+
+def _cluster_inventory(config: ServiceConfig) -> list[Node] | None:
+    """Cluster mode: the planner's inventory from openYuanrong's resource view, if it has one."""
+    if not config.cluster_mode:
+        return None
+    view = resource_view()
+    return inventory_from_resource_view(view, config.datasystem.node_worker_port) if view else None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,10 +23,12 @@ from workers.engine_process import (
     build_engine_argv,
     build_engine_env,
     is_healthy,
+    resolve_on_node,
     start_process,
     stop_process_group,
     wait_until_healthy,
 )
+from workers.node_address import routable_address
 
 logger = logging.getLogger(__name__)
 
@@ -63,22 +65,22 @@ def free_port(host: str) -> int:
         return int(probe.getsockname()[1])
 
 
-def node_address() -> str:
-    """This node's address as other nodes reach it."""
-    return socket.gethostbyname(socket.gethostname())
-
-
 class EngineActor:
     def __init__(
-        self, spec: EngineSpec, log_dir: str, start_timeout_s: float, advertise_host: str, adopt_port: int = 0
+        self, spec: EngineSpec, log_dir: str, start_timeout_s: float, advertise_host: str, adopt_port: int = 0,
+        peer_host: str = "",
     ) -> None:
-        """``adopt_port``: the port an engine started by an earlier deploy process serves on
+        """``advertise_host``: where the door reaches the engine; "" (cluster mode): this
+        node's address, the one that routes toward ``peer_host`` (the openYuanrong master).
+        The spec's host-less data system worker address (":port") becomes that node's worker.
+        ``adopt_port``: the port an engine started by an earlier deploy process serves on
         (its pid is in the engine's pid file): ``start`` takes that engine over if it still
         runs and answers, instead of starting another."""
+        self._advertise_host = advertise_host or routable_address(peer_host)
+        spec = resolve_on_node(spec, self._advertise_host)
         self._spec = spec
         self._log_path = Path(log_dir) / f"{spec.name}.log"
         self._start_timeout_s = start_timeout_s
-        self._advertise_host = advertise_host or node_address()
         self._adopt_port = adopt_port
         self._port = adopt_port or free_port(spec.bind_host)
         self._process: EngineProcess | None = None
@@ -128,8 +130,10 @@ class EngineActor:
         with self._lock:  # stop() sets _stopping, then takes the lock: either it sees this process or none starts
             if self._stopping.is_set():
                 raise StartupError(f"engine {self._spec.name} is being stopped; not starting it")
-            logger.info("[engine=%s role=%s] starting on port %d, log %s",
-                        self._spec.name, self._spec.role.value, self._port, self._log_path)  # fmt: skip
+            logger.info("[engine=%s role=%s] starting on %s:%d (node %s, data system worker %s), log %s",
+                        self._spec.name, self._spec.role.value, self._advertise_host, self._port,
+                        self._spec.node_id or "chosen by the runtime", self._spec.ds_worker_address,
+                        self._log_path)  # fmt: skip
             process = self._process = start_process(argv, env, self._log_path)
         # clean reads this to stop the engine even if the deploy process is gone.
         write_pid(self._log_path.with_suffix(".pid"), process.pid)

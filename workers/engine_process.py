@@ -13,7 +13,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from deploy.config import Accelerator, Role
@@ -35,11 +35,11 @@ class EngineSpec:
     role: Role
     accelerator: Accelerator
     tensor_parallel: int
-    devices: tuple[int, ...]  # CPU cores, CUDA or Ascend ids; tensor_parallel groups of them
+    devices: tuple[int, ...]  # CPU cores, CUDA or Ascend ids; tensor_parallel groups of them; see runtime_placed
     model_path: str
     served_model_name: str
     startup_params: tuple[str, ...]
-    ds_worker_address: str
+    ds_worker_address: str  # host:port; ":port" is the worker on the node the engine runs on (resolve_on_node)
     prefix_reuse: bool
     project_root: str
     cache_root: str
@@ -48,6 +48,20 @@ class EngineSpec:
     connector: str = "yuanrong"  # or "none", or a vLLM connector's name (deploy.config.KV_CONNECTORS)
     connector_options: Mapping[str, object] = field(default_factory=dict)  # more kv_connector_extra_config
     extra_env: Mapping[str, str] = field(default_factory=dict)
+    node_id: str = ""  # the planner's node; "" when the runtime chooses it
+    # Cluster mode: the runtime placed the engine actor and made its devices visible to it
+    # (CUDA_VISIBLE_DEVICES / ASCEND_RT_VISIBLE_DEVICES); with no devices in the spec, the
+    # engine keeps what the runtime set instead of getting an empty list.
+    runtime_placed: bool = False
+
+
+def resolve_on_node(spec: EngineSpec, node_address: str) -> EngineSpec:
+    """The spec with a host-less data system worker address (":31501", the worker on the
+    engine's own node: openYuanrong runs one per node) completed with the node's address,
+    known only once the engine actor runs on its node."""
+    if not spec.ds_worker_address.startswith(":"):
+        return spec
+    return replace(spec, ds_worker_address=f"{node_address}{spec.ds_worker_address}")
 
 
 def kv_transfer_config(spec: EngineSpec) -> dict[str, object] | None:
@@ -114,20 +128,34 @@ def cpu_thread_binding(cores: tuple[int, ...], tensor_parallel: int) -> str:
     return "|".join(",".join(str(core) for core in group) for group in groups)
 
 
+# The variable that gives an engine its devices (CPU: the cores of each TP rank's threads).
+DEVICE_VARIABLE = {
+    Accelerator.CPU: "VLLM_CPU_OMP_THREADS_BIND",
+    Accelerator.CUDA: "CUDA_VISIBLE_DEVICES",
+    Accelerator.ASCEND: "ASCEND_RT_VISIBLE_DEVICES",
+}
+
+
 def build_engine_env(spec: EngineSpec, base_env: Mapping[str, str]) -> dict[str, str]:
+    """The engine's environment: ``base_env`` (the actor's own) plus what the engine needs.
+    Devices: the spec's, or, for an engine the runtime placed with none in its spec, the
+    variable exactly as the runtime set it in ``base_env`` (set or unset, never emptied)."""
     env = dict(base_env)
     python_path = [spec.project_root] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
     env["PYTHONPATH"] = os.pathsep.join(python_path)
     env["VLLM_CACHE_ROOT"] = spec.cache_root
     env["PYTHONUNBUFFERED"] = "1"
-    devices = ",".join(str(d) for d in spec.devices)
     if spec.accelerator is Accelerator.CPU:
-        env["VLLM_CPU_OMP_THREADS_BIND"] = cpu_thread_binding(spec.devices, spec.tensor_parallel)
         env["VLLM_CPU_KVCACHE_SPACE"] = str(spec.cpu_kvcache_gb)
-    elif spec.accelerator is Accelerator.CUDA:
-        env["CUDA_VISIBLE_DEVICES"] = devices
-    else:
-        env["ASCEND_RT_VISIBLE_DEVICES"] = devices
+    if spec.devices:
+        env[DEVICE_VARIABLE[spec.accelerator]] = (
+            cpu_thread_binding(spec.devices, spec.tensor_parallel) if spec.accelerator is Accelerator.CPU
+            else ",".join(str(d) for d in spec.devices)
+        )  # fmt: skip
+    elif not spec.runtime_placed:
+        # An empty list would leave the engine no device (or bind every thread to nothing).
+        raise ValueError(f"engine {spec.name} has no devices and was not placed by the runtime; "
+                         "local placement must give every engine its devices")  # fmt: skip
     env.update(spec.extra_env)
     return env
 
