@@ -1,0 +1,382 @@
+"""Which engine holds which prompt blocks: an index fed by vLLM's KV cache events.
+
+vLLM names a block by its own hash (sha256 over the parent's hash, the block's token
+ids and extra keys, seeded by the engine), which the door cannot compute from a request
+cheaply. The index therefore names blocks by a **chained token hash** it computes both
+from events (``BlockStored`` carries the blocks' token ids and the engine hash of the
+block before them) and from a request's token ids:
+
+    chain(-1) = ROOT
+    chain(i)  = hash((chain(i-1), tuple(token_ids[i*B:(i+1)*B]), extra(i)))
+
+with B the engines' block size and ``extra(i)`` what vLLM publishes as the block's extra
+keys (``BlockStored.extra_keys[i]``, lists made tuples): None for a plain block; for a
+LoRA request the adapter's name on every block; ``cache_salt`` on the first block after
+the LoRA name; multimodal ``(identifier, offset)`` pairs, which the door cannot compute,
+so multimodal prompts match only their blocks before the first image. Only full blocks
+are hashed, as vLLM does. Python's tuple hash (xxHash-style, 64-bit) costs ~25 us per
+2K-token prompt where blake2b costs ~95 us; it is not collision resistant, which is
+harmless here: a collision misroutes one request, the engine still checks its own
+hashes. String extra keys make it process-local (PYTHONHASHSEED): each door process
+keeps its own index.
+
+State, per engine (a small int id; sets of engines are int bitmasks):
+- per medium ("GPU": the engine's own KV cache, on every backend; "CPU"/"STORAGE":
+  offload tiers), a dict engine block hash -> chained hash, in store order, so
+  ``BlockRemoved`` (engine hashes only) can be applied; a block stored twice (two
+  physical copies, or an offload chunk re-announcing a shared prefix) needs two
+  removals (reference count, kept only for counts above one);
+- per medium, a global dict chained hash -> bitmask of the engines holding it.
+
+Engine hashes are kept as 64-bit ints (the last 8 bytes of vLLM's sha256, which is what
+vLLM publishes with ``VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES``), so either publisher
+setting indexes the same.
+
+Bounded memory: at most ``max_blocks`` (engine, medium, block) entries. Past the cap
+(checked after each batch), the oldest-stored entries of the engine holding the most
+are dropped, in chunks, until 1/64 of the cap is free: a busy engine cannot push the
+others out. Dropped entries make the index under-report (a request is routed as if the
+block were not cached), never over-report; an evicted block also hides its descendants
+from ``match``. Each engine's cache is bounded itself (its KV blocks, plus offload
+tiers), so a cap above their sum is never reached; it guards against a publisher whose
+removals are lost. Measured: ~150 bytes per entry (``benchmarks.kv_index_scale``: 1.02M
+entries of 256 engines, 146 MiB), so the default 2M entries is ~300 MiB at most.
+
+``drop(engine)`` forgets one engine's entries (its events were lost, or it restarted);
+``remove(engine)`` also frees its id. Events of another KV cache group than
+``group_idx``, of another block size (hybrid models' partial blocks), and blocks whose
+parent the index does not know are ignored (counted in ``stats``). Requests must not
+ask vLLM for ``kv_cache_report_mode: "full"`` (sampling ``extra_args``): it re-announces
+reused blocks with no removal to match, which the reference count would keep forever.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from controller.kv_wire import MEDIUM_GPU, AllBlocksCleared, BlockRemoved, BlockStored, ExternalBlockHash
+
+logger = logging.getLogger(__name__)
+
+ROOT = 0x6B765F696E646578  # the chain's start ("kv_index")
+_MASK64 = (1 << 64) - 1
+DEFAULT_MAX_BLOCKS = 2_000_000
+_BYTE_BITS = [tuple(bit for bit in range(8) if byte >> bit & 1) for byte in range(256)]
+
+
+def chained_hashes(
+    token_ids: Sequence[int], block_size: int, extra_keys: Sequence[Any] | None = None, parent: int = ROOT
+) -> list[int]:
+    """One chained hash per full block of ``token_ids`` (see the module docstring)."""
+    hashes: list[int] = []
+    tokens = token_ids if isinstance(token_ids, tuple) else tuple(token_ids)
+    end = len(tokens) - len(tokens) % block_size
+    if extra_keys is None:
+        for start in range(0, end, block_size):
+            parent = hash((parent, tokens[start : start + block_size], None))
+            hashes.append(parent)
+        return hashes
+    for index, start in enumerate(range(0, end, block_size)):
+        extra = extra_keys[index] if index < len(extra_keys) else None
+        parent = hash((parent, tokens[start : start + block_size], extra))
+        hashes.append(parent)
+    return hashes
+
+
+def request_extra_keys(
+    num_blocks: int, lora_name: str | None = None, cache_salt: str | None = None
+) -> list[Any] | None:
+    """A text request's per-block extra keys as vLLM publishes them (lora name on every
+    block, then cache_salt on the first); None when there are none."""
+    if not lora_name and not cache_salt:
+        return None
+    rest = (lora_name,) if lora_name else None
+    first = tuple(key for key in (lora_name, cache_salt) if key)
+    return [first] + [rest] * (num_blocks - 1) if num_blocks else []
+
+
+def _hashable(value: Any) -> Any:
+    if isinstance(value, list):
+        return tuple(_hashable(item) for item in value)
+    return value
+
+
+def _engine_hash(block_hash: ExternalBlockHash) -> int:
+    if isinstance(block_hash, bytes):
+        return int.from_bytes(block_hash[-8:], "big")
+    return block_hash & _MASK64
+
+
+class _Tier:
+    """One engine's blocks in one medium."""
+
+    __slots__ = ("blocks", "extra_refs", "holders", "bit")
+
+    def __init__(self, holders: dict[int, int], bit: int) -> None:
+        self.blocks: dict[int, int] = {}  # engine hash -> chained hash, oldest store first
+        self.extra_refs: dict[int, int] = {}  # engine hash -> stores beyond the first, when > 0
+        self.holders = holders  # this medium's chained hash -> engine bitmask
+        self.bit = bit
+
+
+@dataclass
+class _Engine:
+    id: int
+    bit: int
+    tiers: dict[str, _Tier]
+
+
+@dataclass
+class IndexStats:
+    engines: int
+    entries: int
+    blocks_by_medium: dict[str, int]  # distinct chained hashes
+    ignored_blocks: int  # other group or block size, or unaligned events
+    unresolved_blocks: int  # parent unknown to the index
+    evicted_entries: int  # dropped by the cap
+    dropped_entries: int  # dropped with an engine (lost events, restart, removal)
+
+
+class KVIndex:
+    def __init__(self, block_size: int, max_blocks: int = DEFAULT_MAX_BLOCKS, group_idx: int = 0) -> None:
+        if block_size <= 0:
+            raise ValueError(f"block_size={block_size}: must be the engines' KV block size (> 0)")
+        if max_blocks <= 0:
+            raise ValueError(f"max_blocks={max_blocks}: must be > 0")
+        self.block_size = block_size
+        self.max_blocks = max_blocks
+        self.group_idx = group_idx
+        self._slack = max(max_blocks // 64, 1)
+        self._engines: dict[str, _Engine] = {}
+        self._names: list[str | None] = []  # by engine id
+        self._free_ids: list[int] = []  # heap: ids are reused smallest first, keeping bitmasks short
+        self._holders: dict[str, dict[int, int]] = {}  # medium -> chained hash -> engine bitmask
+        self._entries = 0
+        self._ignored = 0
+        self._unresolved = 0
+        self._evicted = 0
+        self._dropped = 0
+
+    # -- queries (the request path) ------------------------------------------------
+
+    def hashes(
+        self, token_ids: Sequence[int], lora_name: str | None = None, cache_salt: str | None = None
+    ) -> list[int]:
+        """The chained hashes of a request's full blocks, to pass to ``match``."""
+        extra = request_extra_keys(len(token_ids) // self.block_size, lora_name, cache_salt)
+        return chained_hashes(token_ids, self.block_size, extra)
+
+    def match(self, hashes: Sequence[int], medium: str = MEDIUM_GPU) -> dict[str, int]:
+        """By engine, how many leading blocks of the prompt (``hashes()``) it holds in
+        ``medium``; engines holding none are absent."""
+        holders = self._holders.get(medium)
+        if not holders or not hashes:
+            return {}
+        get = holders.get
+        alive = get(hashes[0], 0)
+        counts: dict[str, int] = {}
+        if not alive:
+            return counts
+        held = 1
+        for block_hash in itertools.islice(hashes, 1, None):
+            still = alive & get(block_hash, 0)
+            if still != alive:
+                self._record(alive ^ still, held, counts)
+                if not still:
+                    return counts
+                alive = still
+            held += 1
+        self._record(alive, held, counts)
+        return counts
+
+    def _record(self, bits: int, held: int, counts: dict[str, int]) -> None:
+        """counts[name] = held for every engine in ``bits`` (a byte at a time: 3x faster
+        than peeling bits off a 256-bit int)."""
+        names = self._names
+        for byte_index, byte in enumerate(bits.to_bytes((bits.bit_length() + 7) // 8, "little")):
+            if byte:
+                base = byte_index * 8
+                for offset in _BYTE_BITS[byte]:
+                    counts[names[base + offset]] = held  # type: ignore[index]
+
+    # -- engines ---------------------------------------------------------------------
+
+    def engines(self) -> list[str]:
+        return list(self._engines)
+
+    def entries(self, engine: str | None = None) -> int:
+        if engine is None:
+            return self._entries
+        known = self._engines.get(engine)
+        return 0 if known is None else sum(len(tier.blocks) for tier in known.tiers.values())
+
+    def _engine(self, name: str) -> _Engine:
+        known = self._engines.get(name)
+        if known is None:
+            engine_id = heapq.heappop(self._free_ids) if self._free_ids else len(self._names)
+            if engine_id == len(self._names):
+                self._names.append(name)
+            else:
+                self._names[engine_id] = name
+            known = self._engines[name] = _Engine(id=engine_id, bit=1 << engine_id, tiers={})
+        return known
+
+    def drop(self, name: str) -> int:
+        """Forget everything ``name`` holds (its events were lost, or it restarted); the
+        engine stays known. Returns the entries dropped."""
+        engine = self._engines.get(name)
+        if engine is None:
+            return 0
+        dropped = 0
+        for tier in engine.tiers.values():
+            dropped += self._evict(tier, len(tier.blocks))
+        engine.tiers.clear()
+        self._dropped += dropped
+        if dropped:
+            logger.info("[engine=%s] KV index entries dropped: %d", name, dropped)
+        return dropped
+
+    def remove(self, name: str) -> None:
+        """Forget ``name`` altogether (it left the deployment)."""
+        if name not in self._engines:
+            return
+        self.drop(name)
+        engine = self._engines.pop(name)
+        self._names[engine.id] = None
+        heapq.heappush(self._free_ids, engine.id)
+
+    # -- events ----------------------------------------------------------------------
+
+    def apply(self, name: str, events: Iterable[object]) -> None:
+        """Apply one batch of ``name``'s events, in order."""
+        engine = self._engine(name)
+        for event in events:
+            if isinstance(event, BlockStored):
+                self._stored(engine, event)
+            elif isinstance(event, BlockRemoved):
+                self._removed(engine, event)
+            elif isinstance(event, AllBlocksCleared):
+                self.drop(name)
+        if self._entries > self.max_blocks:
+            self._enforce_cap()
+
+    def _tier(self, engine: _Engine, medium: str) -> _Tier:
+        tier = engine.tiers.get(medium)
+        if tier is None:
+            holders = self._holders.setdefault(medium, {})
+            tier = engine.tiers[medium] = _Tier(holders, engine.bit)
+        return tier
+
+    def _parent_chain(self, engine: _Engine, medium: str, parent: ExternalBlockHash | None) -> int | None:
+        if parent is None:
+            return ROOT
+        key = _engine_hash(parent)
+        own = engine.tiers.get(medium)
+        if own is not None and key in own.blocks:
+            return own.blocks[key]
+        for tier in engine.tiers.values():  # an offload tier's chunk may follow a device block
+            if key in tier.blocks:
+                return tier.blocks[key]
+        return None
+
+    def _stored(self, engine: _Engine, event: BlockStored) -> None:
+        size = self.block_size
+        count = len(event.block_hashes)
+        if (
+            event.block_size != size
+            or (event.group_idx is not None and event.group_idx != self.group_idx)
+            or len(event.token_ids) != count * size
+            or (event.extra_keys is not None and len(event.extra_keys) != count)
+        ):
+            self._ignored += count
+            return
+        medium = event.medium or MEDIUM_GPU
+        chain = self._parent_chain(engine, medium, event.parent_block_hash)
+        if chain is None:
+            self._unresolved += count
+            return
+        tier = self._tier(engine, medium)
+        blocks, holders, bit = tier.blocks, tier.holders, tier.bit
+        tokens = tuple(event.token_ids)
+        extras = event.extra_keys
+        for index, block_hash in enumerate(event.block_hashes):
+            extra = None if extras is None or extras[index] is None else _hashable(extras[index])
+            chain = hash((chain, tokens[index * size : (index + 1) * size], extra))
+            key = _engine_hash(block_hash)
+            if key in blocks:  # another copy: one more removal before it is gone; now the newest
+                tier.extra_refs[key] = tier.extra_refs.get(key, 0) + 1
+                blocks[key] = blocks.pop(key)
+                continue
+            blocks[key] = chain
+            self._entries += 1
+            mask = holders.get(chain)
+            holders[chain] = bit if mask is None else mask | bit
+
+    def _removed(self, engine: _Engine, event: BlockRemoved) -> None:
+        if event.group_idx is not None and event.group_idx != self.group_idx:
+            return
+        tier = engine.tiers.get(event.medium or MEDIUM_GPU)
+        if tier is None:
+            return
+        blocks, extra_refs = tier.blocks, tier.extra_refs
+        for block_hash in event.block_hashes:
+            key = _engine_hash(block_hash)
+            chain = blocks.get(key)
+            if chain is None:
+                continue  # never indexed (ignored, unresolved, evicted or dropped)
+            more = extra_refs.get(key)
+            if more:
+                if more == 1:
+                    del extra_refs[key]
+                else:
+                    extra_refs[key] = more - 1
+                continue
+            del blocks[key]
+            self._entries -= 1
+            self._release(tier, chain)
+
+    @staticmethod
+    def _release(tier: _Tier, chain: int) -> None:
+        holders = tier.holders
+        mask = holders[chain] & ~tier.bit
+        if mask:
+            holders[chain] = mask
+        else:
+            del holders[chain]
+
+    def _evict(self, tier: _Tier, count: int) -> int:
+        """Forget ``tier``'s ``count`` oldest entries."""
+        blocks = tier.blocks
+        oldest = list(itertools.islice(blocks, count))  # one pass over the dict's front
+        for key in oldest:
+            chain = blocks.pop(key)
+            tier.extra_refs.pop(key, None)
+            self._release(tier, chain)
+        self._entries -= len(oldest)
+        return len(oldest)
+
+    def _enforce_cap(self) -> None:
+        target = self.max_blocks - self._slack
+        tiers = [tier for engine in self._engines.values() for tier in engine.tiers.values()]
+        evicted = 0
+        while self._entries > target:
+            largest = max(tiers, key=lambda tier: len(tier.blocks))
+            evicted += self._evict(largest, min(self._entries - target, max(len(largest.blocks) // 8, 1)))
+        self._evicted += evicted
+        logger.debug("KV index at its cap of %d entries: %d oldest dropped", self.max_blocks, evicted)
+
+    def stats(self) -> IndexStats:
+        return IndexStats(
+            engines=len(self._engines),
+            entries=self._entries,
+            blocks_by_medium={medium: len(holders) for medium, holders in self._holders.items()},
+            ignored_blocks=self._ignored,
+            unresolved_blocks=self._unresolved,
+            evicted_entries=self._evicted,
+            dropped_entries=self._dropped,
+        )

@@ -1,0 +1,217 @@
+"""The KV index on synthetic vLLM events: chains, stores and removals, media, extra
+keys, dropping engines, the memory cap, and exact match counts."""
+
+from __future__ import annotations
+
+import hashlib
+
+import msgspec
+import pytest
+
+from controller.kv_index import KVIndex, chained_hashes, request_extra_keys
+from controller.kv_wire import MEDIUM_CPU, AllBlocksCleared, BlockRemoved, BlockStored
+
+B = 4  # block size of these tests
+
+
+def engine_hash(*parts: object) -> bytes:
+    """A vLLM-like block hash (sha256 bytes): engines name blocks their own way."""
+    return hashlib.sha256(repr(parts).encode()).digest()
+
+
+def prompt(start: int, blocks: int) -> list[int]:
+    return list(range(start, start + blocks * B))
+
+
+def stored(
+    tokens: list[int], first_block: int = 0, parent: bytes | int | None = None, salt: str = "e", **fields: object
+) -> BlockStored:
+    """BlockStored for tokens' full blocks, engine hashes from (salt, position, tokens)."""
+    count = len(tokens) // B
+    hashes = [engine_hash(salt, first_block + i, tokens[: (i + 1) * B]) for i in range(count)]
+    event = BlockStored(block_hashes=hashes, parent_block_hash=parent, token_ids=tokens, block_size=B)
+    return msgspec.structs.replace(event, **fields)
+
+
+def test_match_counts_leading_blocks_per_engine() -> None:
+    index = KVIndex(block_size=B)
+    shared = prompt(0, 3)
+    index.apply("a", [stored(shared)])
+    index.apply("b", [stored(shared[: 2 * B])])
+    index.apply("c", [stored(prompt(1000, 2))])
+
+    assert index.match(index.hashes(shared)) == {"a": 3, "b": 2}
+    assert index.match(index.hashes(shared + [7, 7])) == {"a": 3, "b": 2}  # a trailing partial block has no hash
+    assert index.match(index.hashes(shared[:B] + [9] * B)) == {"a": 1, "b": 1}  # diverges in block 1
+    assert index.match(index.hashes([9] * B + shared[B:])) == {}  # same tokens after a different first block
+    assert index.match(index.hashes(shared[: B - 1])) == {}
+    assert index.entries() == 7 and index.entries("a") == 3
+
+
+def test_a_chain_continues_across_events_by_the_engines_parent_hash() -> None:
+    index = KVIndex(block_size=B)
+    tokens = prompt(0, 3)
+    first = stored(tokens[:B])
+    rest = stored(tokens[B:], first_block=1, parent=first.block_hashes[0])
+    index.apply("a", [first])
+    index.apply("a", [rest])
+    assert index.match(index.hashes(tokens)) == {"a": 3}
+    # the same tail without its parent known is not indexed (its prefix is unknown)
+    index.apply("b", [stored(tokens[B:], first_block=1, parent=engine_hash("unknown"))])
+    assert index.match(index.hashes(tokens)) == {"a": 3}
+    assert index.stats().unresolved_blocks == 2
+
+
+def test_removed_blocks_end_the_leading_run() -> None:
+    index = KVIndex(block_size=B)
+    tokens = prompt(0, 4)
+    event = stored(tokens)
+    index.apply("a", [event])
+    index.apply("a", [BlockRemoved(block_hashes=[event.block_hashes[2]], medium="GPU")])
+    assert index.match(index.hashes(tokens)) == {"a": 2}
+    index.apply("a", [BlockRemoved(block_hashes=[engine_hash("never stored")])])  # unknown: nothing happens
+    index.apply("a", [BlockRemoved(block_hashes=[event.block_hashes[0]])])  # medium None is the device
+    assert index.match(index.hashes(tokens)) == {}
+    assert index.entries("a") == 2  # blocks 1 and 3 stay, unreachable until block 0 is stored again
+    index.apply("a", [stored(tokens[:B])])
+    assert index.match(index.hashes(tokens)) == {"a": 2}
+
+
+def test_a_block_stored_twice_needs_two_removals() -> None:
+    index = KVIndex(block_size=B)
+    tokens = prompt(0, 2)
+    event = stored(tokens)
+    index.apply("a", [event, event])  # two physical copies of the same content
+    remove_first = BlockRemoved(block_hashes=[event.block_hashes[0]])
+    index.apply("a", [remove_first])
+    assert index.match(index.hashes(tokens)) == {"a": 2}
+    index.apply("a", [remove_first])
+    assert index.match(index.hashes(tokens)) == {}
+    assert index.entries("a") == 1
+
+
+def test_all_blocks_cleared_empties_one_engine() -> None:
+    index = KVIndex(block_size=B)
+    tokens = prompt(0, 2)
+    index.apply("a", [stored(tokens)])
+    index.apply("b", [stored(tokens)])
+    index.apply("a", [AllBlocksCleared()])
+    assert index.match(index.hashes(tokens)) == {"b": 2}
+    assert index.entries() == 2
+
+
+def test_media_are_separate_and_chains_cross_them() -> None:
+    index = KVIndex(block_size=B)
+    tokens = prompt(0, 3)
+    device = stored(tokens[: 2 * B])
+    index.apply("a", [device])
+    # the host tier holds blocks 0-2; block 2's parent is a device block
+    index.apply("a", [stored(tokens[: 2 * B], medium=MEDIUM_CPU)])
+    index.apply("a", [stored(tokens[2 * B :], first_block=2, parent=device.block_hashes[1], medium=MEDIUM_CPU)])
+    hashes = index.hashes(tokens)
+    assert index.match(hashes) == {"a": 2}
+    assert index.match(hashes, MEDIUM_CPU) == {"a": 3}
+    index.apply("a", [BlockRemoved(block_hashes=[device.block_hashes[0]], medium=MEDIUM_CPU)])
+    assert index.match(hashes) == {"a": 2}
+    assert index.match(hashes, MEDIUM_CPU) == {}
+    assert index.stats().blocks_by_medium == {"GPU": 2, "CPU": 2}
+
+
+def test_lora_and_cache_salt_blocks_match_only_requests_with_them() -> None:
+    index = KVIndex(block_size=B)
+    tokens = prompt(0, 3)
+    # as vLLM publishes them: per block, the LoRA name, then cache_salt on the first block
+    extra = [["sql-lora", "tenant-1"], ["sql-lora"], ["sql-lora"]]
+    index.apply("a", [stored(tokens, lora_name="sql-lora", extra_keys=extra)])
+    index.apply("b", [stored(tokens, salt="b")])
+    assert index.match(index.hashes(tokens, lora_name="sql-lora", cache_salt="tenant-1")) == {"a": 3}
+    assert index.match(index.hashes(tokens, lora_name="sql-lora")) == {}
+    assert index.match(index.hashes(tokens)) == {"b": 3}
+    assert request_extra_keys(3, "sql-lora", "tenant-1") == [("sql-lora", "tenant-1"), ("sql-lora",), ("sql-lora",)]
+    assert request_extra_keys(2, None, "s") == [("s",), None]
+    assert request_extra_keys(2) is None
+
+
+def test_multimodal_blocks_match_up_to_the_first_image() -> None:
+    index = KVIndex(block_size=B)
+    tokens = prompt(0, 3)
+    index.apply("a", [stored(tokens, extra_keys=[None, [["img-sha", 1]], None])])
+    assert index.match(index.hashes(tokens)) == {"a": 1}
+    with_image = chained_hashes(tokens, B, [None, (("img-sha", 1),), None])
+    assert index.match(with_image) == {"a": 3}
+
+
+def test_other_groups_sizes_and_unaligned_events_are_ignored() -> None:
+    index = KVIndex(block_size=B, group_idx=0)
+    tokens = prompt(0, 2)
+    index.apply("a", [stored(tokens, group_idx=1)])
+    partial = BlockStored(block_hashes=[engine_hash("p")], token_ids=tokens[:2], block_size=2)  # a hybrid's partial
+    unaligned = BlockStored(block_hashes=[engine_hash("u")], token_ids=tokens, block_size=B)  # hashes != blocks
+    index.apply("a", [partial, unaligned])
+    assert index.match(index.hashes(tokens)) == {}
+    assert index.stats().ignored_blocks == 4
+    index.apply("a", [stored(tokens, group_idx=0)])
+    assert index.match(index.hashes(tokens)) == {"a": 2}
+
+
+def test_int_block_hashes_name_the_same_blocks_as_bytes() -> None:
+    """VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES publishes the sha256's last 64 bits."""
+    index = KVIndex(block_size=B)
+    tokens = prompt(0, 2)
+    event = stored(tokens)
+    index.apply("a", [event])
+    as_int = int.from_bytes(event.block_hashes[1], "big") & ((1 << 64) - 1)  # type: ignore[arg-type]
+    index.apply("a", [BlockRemoved(block_hashes=[as_int])])
+    assert index.match(index.hashes(tokens)) == {"a": 1}
+
+
+def test_drop_forgets_one_engine_and_remove_frees_its_id() -> None:
+    index = KVIndex(block_size=B)
+    tokens = prompt(0, 2)
+    for name in ("a", "b"):
+        index.apply(name, [stored(tokens)])
+    assert index.drop("a") == 2
+    assert index.match(index.hashes(tokens)) == {"b": 2}
+    assert index.engines() == ["a", "b"]
+    index.remove("a")
+    assert index.engines() == ["b"]
+    index.apply("c", [stored(tokens[:B])])  # reuses a's id; inherits nothing of a's
+    assert index.match(index.hashes(tokens)) == {"b": 2, "c": 1}
+    assert index.stats().dropped_entries == 2
+
+
+def test_hundreds_of_engines_share_blocks() -> None:
+    index = KVIndex(block_size=B)
+    tokens = prompt(0, 3)
+    for number in range(300):
+        index.apply(f"e{number}", [stored(tokens[: (1 + number % 3) * B])])
+    counts = index.match(index.hashes(tokens))
+    assert len(counts) == 300
+    assert all(counts[f"e{number}"] == 1 + number % 3 for number in range(300))
+    assert index.stats().blocks_by_medium == {"GPU": 3}
+
+
+def test_the_cap_drops_the_oldest_entries_of_the_engine_holding_most() -> None:
+    index = KVIndex(block_size=B, max_blocks=64)  # over 64: down to 63 (1/64 of the cap free)
+    a_tokens, b_tokens = prompt(0, 40), prompt(10_000, 30)
+    index.apply("b", [stored(b_tokens, salt="b")])
+    index.apply("a", [stored(a_tokens[: 20 * B], salt="a")])
+    parent = engine_hash("a", 19, a_tokens[: 20 * B])
+    index.apply("a", [stored(a_tokens[20 * B :], first_block=20, parent=parent, salt="a")])
+    assert index.entries() == 63
+    assert index.entries("a") == 33 and index.entries("b") == 30
+    assert index.stats().evicted_entries == 7
+    assert index.match(index.hashes(b_tokens)) == {"b": 30}
+    assert index.match(index.hashes(a_tokens)) == {}  # a's first blocks were its oldest
+    # a stores blocks 0-6 again: 70 entries, so a's 7 oldest go again (blocks 7-13)
+    index.apply("a", [stored(a_tokens[: 7 * B], salt="a")])
+    assert index.entries() == 63 and index.entries("a") == 33
+    assert index.match(index.hashes(a_tokens)) == {"a": 7}
+    assert index.match(index.hashes(b_tokens)) == {"b": 30}
+
+
+def test_bad_settings_are_refused() -> None:
+    with pytest.raises(ValueError, match="block_size=0"):
+        KVIndex(block_size=0)
+    with pytest.raises(ValueError, match="max_blocks=0"):
+        KVIndex(block_size=16, max_blocks=0)
