@@ -98,4 +98,4 @@ class Controller:
 
 
 def _routing_view(info: dict[str, object]) -> tuple[object, ...]:
-    return info["name"], info["host"], info["port"], info["state"]
+    return info["name"], info["host"], info["port"], info["state"], info.get("events_port", 0), info.get("restarts", 0)

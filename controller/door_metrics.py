@@ -60,6 +60,21 @@ class DoorMetrics:
             "frontdoor_engine_kv_tokens", "Prompt tokens by source as reported by each engine (refreshed every few s).",
             ["engine", "source"], registry=self.registry,
         )  # fmt: skip
+        self.kv_predicted_tokens = Counter(
+            "frontdoor_kv_predicted_cached_tokens",
+            "Prompt tokens the KV index expected each engine to find in its device cache (kv_aware routing); "
+            "compare with frontdoor_engine_kv_tokens{source=\"local_cache_hit\"}.",
+            ["engine"], registry=self.registry,
+        )  # fmt: skip
+        self.kv_indexed_blocks = Gauge(
+            "frontdoor_kv_indexed_blocks", "KV blocks the door's index holds per engine, from its KV events.",
+            ["engine"], registry=self.registry,
+        )  # fmt: skip
+        self.prefill_skipped = Counter(
+            "frontdoor_prefill_skipped",
+            "PD requests sent straight to a decode engine (selective PD): the part of the prompt it lacks was short.",
+            registry=self.registry,
+        )
         self.healthy = Gauge(
             "frontdoor_engine_healthy", "1 if the routing table counts the engine healthy.", ["engine", "role"],
             registry=self.registry,

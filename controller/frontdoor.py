@@ -17,6 +17,7 @@ the engines (the door closes the engine connection; vLLM aborts the request).
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import json
 import logging
@@ -33,6 +34,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from controller.admission import Admission
 from controller.door_metrics import DoorMetrics
+from controller.kv_router import KVRouter, RoutedPrompt
 from controller.migration import StreamFollower, migratable, with_token_ids
 from controller.policies import EngineLoad, affinity_key
 from controller.routing import SUSPECT_S, RoutingTable
@@ -94,12 +96,15 @@ def create_app(
     admission: Admission | None = None,
     api_key: str | None = None,
     stream_migrations: int = 1,
+    kv_router: KVRouter | None = None,
 ) -> FastAPI:
     """``admission``: overload control (None: no limit on requests in flight).
     ``stream_migrations``: how many times one completions stream may be continued on
     another engine when its engine's stream breaks (controller/migration.py); 0: never.
     ``api_key``: when set, every /v1 request must carry ``Authorization: Bearer <key>``
-    (as ``vllm serve --api-key``); /health and /metrics stay open for probes and scrapers."""
+    (as ``vllm serve --api-key``); /health and /metrics stay open for probes and scrapers.
+    ``kv_router``: KV-aware routing and selective PD (controller/kv_router.py); None: the
+    table's policy, and every PD request takes both legs."""
     metrics = metrics or DoorMetrics()
 
     def _unauthorized(request: Request) -> Response | None:
@@ -119,12 +124,18 @@ def create_app(
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=5)
         async with aiohttp.ClientSession(connector=connector, timeout=timeout) as client:
             app.state.client = client
+            if kv_router is not None:
+                await kv_router.start()
+                kv_router.follow(table.all_engines())
             refresher = asyncio.create_task(_refresh_loop(client)) if refresh is not None else None
             try:
                 yield
             finally:
                 if refresher is not None:
                     refresher.cancel()
+                    await asyncio.gather(refresher, return_exceptions=True)
+                if kv_router is not None:
+                    await kv_router.close()
 
     async def _refresh_loop(client: aiohttp.ClientSession) -> None:
         assert refresh is not None
@@ -134,7 +145,11 @@ def create_app(
                 version, engines = await asyncio.to_thread(refresh)
                 if version != table.version:
                     table.update(engines, version)
+                    if kv_router is not None:
+                        kv_router.follow(table.all_engines())
                     logger.info("routing table v%d: %s", version, ", ".join(f"{e['name']}={e['state']}" for e in engines))
+                if kv_router is not None:
+                    kv_router.publish()
                 if rounds % KV_SCRAPE_EVERY == 0:
                     await _scrape_kv_tokens(client, table, metrics)
             except asyncio.CancelledError:
@@ -229,15 +244,28 @@ def create_app(
         headers = {REQUEST_ID_HEADER: request_id}
         key = affinity_key(body)
         path = f"/v1/{endpoint}"
+        prompt = kv_router.prompt(body) if kv_router is not None and _single_prompt(body) else None
+        ranker = None if prompt is None else functools.partial(kv_router.order, prompt=prompt)  # type: ignore[union-attr]
         if not table.disaggregated:
-            return await _answer(client, table.order("colocated", key), path, body, headers, "colocated", key)
+            engines = table.order("colocated", key, ranker)
+            _predicted(engines, prompt)
+            return await _answer(client, engines, path, body, headers, "colocated", key)
         if not table.healthy("decode") and table.healthy("prefill"):
             # One dead role is not an outage: a prefill engine can compute the whole request.
             metrics.whole_on_prefill.inc()
             logger.warning("[request=%s] no healthy decode engine; a prefill engine serves the whole request", request_id)
-            return await _answer(client, table.order("prefill", key), path, body, headers, "prefill", key)
+            return await _answer(client, table.order("prefill", key, ranker), path, body, headers, "prefill", key)
+        decodes = table.order("decode", key, ranker) if prompt is not None else []
+        if decodes and kv_router.skip_prefill(decodes[0], prompt):  # type: ignore[union-attr,arg-type]
+            metrics.prefill_skipped.inc()
+            logger.debug("[request=%s] %d prompt tokens, %s lacks at most %d: no prefill leg",
+                         request_id, prompt.tokens, decodes[0].name, kv_router.selective_pd_tokens)  # type: ignore[union-attr]  # fmt: skip
+            _predicted(decodes, prompt)
+            return await _answer(client, decodes, path, body, headers, "decode", key)
         if _single_prompt(body):
-            outcome = await _prefill(client, table.order("prefill", key), path, body, headers)
+            prefills = table.order("prefill", key, ranker)
+            _predicted(prefills, prompt)
+            outcome = await _prefill(client, prefills, path, body, headers)
             if isinstance(outcome, Response):
                 return outcome  # the prefill refused the request itself (4xx): that is the answer
             if outcome is None:
@@ -245,7 +273,11 @@ def create_app(
                 logger.warning("[request=%s] no prefill engine answered; the decode engine computes the prompt", request_id)
             else:
                 body = decode_request(body, outcome)
-        return await _answer(client, table.order("decode", key), path, body, headers, "decode", key)
+        return await _answer(client, table.order("decode", key, ranker), path, body, headers, "decode", key)
+
+    def _predicted(engines: list[EngineLoad], prompt: RoutedPrompt | None) -> None:
+        if prompt is not None and engines:
+            kv_router.predicted(engines[0], prompt)  # type: ignore[union-attr]
 
     async def _prefill(
         client: aiohttp.ClientSession, engines: list[EngineLoad], path: str, body: dict[str, Any], headers: dict[str, str]

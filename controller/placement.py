@@ -122,6 +122,7 @@ def engine_specs(
                 bind_host="0.0.0.0" if config.cluster_mode else "127.0.0.1",
                 node_id=placement.node_id,
                 runtime_placed=config.cluster_mode,
+                kv_events=config.kv_events,
             )
         )
     return specs

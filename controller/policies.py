@@ -34,6 +34,9 @@ class EngineLoad:
     healthy: bool = True
     outstanding: int = 0
     state: str = "healthy"  # the Controller's word: healthy, unhealthy (alive, missed probes), restarting, ...
+    host: str = ""
+    events_port: int = 0  # where the engine publishes its KV events (0: it does not)
+    restarts: int = 0
 
 
 class Policy(Protocol):
@@ -81,10 +84,14 @@ POLICIES = {"round_robin": RoundRobin, "least_outstanding": LeastOutstanding, "p
 
 
 def make_policy(name: str) -> Policy:
+    if name == "kv_aware":  # requests without token ids: least outstanding (controller/kv_policy.py)
+        from controller.kv_policy import KVAware
+
+        return KVAware()
     try:
         return POLICIES[name]()  # type: ignore[abstract]
     except KeyError:
-        raise ValueError(f"unknown routing policy {name!r}; one of {', '.join(POLICIES)}") from None
+        raise ValueError(f"unknown routing policy {name!r}; one of {', '.join(POLICIES)}, kv_aware") from None
 
 
 def affinity_key(body: dict[str, Any]) -> bytes:

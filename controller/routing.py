@@ -10,13 +10,14 @@ reach as failed for a short while (``mark_failed``), before the Controller notic
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 
 from controller.door_metrics import DoorMetrics
 from controller.policies import EngineLoad, LeastOutstanding, Policy, RoundRobin
 
-SUSPECT_S = 5.0  # an engine the door could not reach is skipped this long
+SUSPECT_S = 5.0
+Ranker = Callable[[list[EngineLoad]], list[EngineLoad]]  # an engine the door could not reach is skipped this long
 
 
 class RoutingTable:
@@ -38,7 +39,10 @@ class RoutingTable:
         for engine in engines:
             name = str(engine["name"])
             known = self._engines.get(name) or EngineLoad(name=name, url="", role="")
-            known.url = f"http://{engine['host']}:{engine['port']}"
+            known.host = str(engine["host"])
+            known.url = f"http://{known.host}:{engine['port']}"
+            known.events_port = int(engine.get("events_port", 0) or 0)  # type: ignore[call-overload]
+            known.restarts = int(engine.get("restarts", 0) or 0)  # type: ignore[call-overload]
             known.role = str(engine["role"])
             known.state = str(engine.get("state", "healthy"))
             known.healthy = known.state == "healthy"
@@ -82,11 +86,12 @@ class RoutingTable:
             return len(self.healthy("colocated"))
         return len(self.healthy("decode")) or len(self.healthy("prefill"))
 
-    def order(self, role: str, affinity_key: bytes) -> list[EngineLoad]:
+    def order(self, role: str, affinity_key: bytes, ranker: Ranker | None = None) -> list[EngineLoad]:
         """Engines of ``role`` to try, best first for this request: the healthy ones in the
-        policy's order, then, as a last resort, those that are running but in doubt
-        (missed health probes, or failed a request lately): on a machine too busy to
-        answer probes in time, a slow answer is better than a 503."""
+        policy's order (or ``ranker``'s, which knows the request's KV), then, as a last
+        resort, those that are running but in doubt (missed health probes, or failed a
+        request lately): on a machine too busy to answer probes in time, a slow answer is
+        better than a 503."""
         policy = self._decode_policy if role == "decode" else self.policy
         healthy, doubtful = [], []
         for engine in self._of_role(role):
@@ -94,7 +99,8 @@ class RoutingTable:
                 healthy.append(engine)
             elif engine.state in ("healthy", "unhealthy"):  # running: suspect, or missed probes
                 doubtful.append(engine)
-        return policy.order(healthy, affinity_key) + sorted(doubtful, key=lambda engine: engine.outstanding)
+        ranked = ranker(healthy) if ranker is not None else policy.order(healthy, affinity_key)
+        return ranked + sorted(doubtful, key=lambda engine: engine.outstanding)
 
     def mark_failed(self, engine: EngineLoad) -> None:
         self._suspect_until[engine.name] = time.monotonic() + SUSPECT_S

@@ -46,7 +46,7 @@ OWNED_ENGINE_FLAGS = (
 )
 
 
-ROUTING_POLICIES = ("round_robin", "least_outstanding", "prefix_affinity")
+ROUTING_POLICIES = ("round_robin", "least_outstanding", "prefix_affinity", "kv_aware")
 
 
 class Accelerator(str, enum.Enum):
@@ -138,7 +138,8 @@ class ServiceConfig:
     engine_start_timeout_s: float
     datasystem: DataSystemConfig
     connector: ConnectorConfig
-    routing_policy: str  # round_robin | least_outstanding | prefix_affinity (prefill / colocated)
+    routing_policy: str  # round_robin | least_outstanding | prefix_affinity | kv_aware (prefill / colocated)
+    selective_pd_tokens: int  # kv_aware PD: skip the prefill leg when the decode lacks at most this many prompt tokens
     admission: AdmissionConfig  # the door's overload control
     stream_migrations: int  # times one completions stream may be continued on another engine
     drain_timeout_s: float  # on clean / SIGTERM / Ctrl-C: how long requests in flight may finish
@@ -153,6 +154,24 @@ class ServiceConfig:
     @property
     def disaggregated(self) -> bool:
         return self.decode_instances > 0
+
+    @property
+    def kv_events(self) -> bool:
+        """Engines publish their KV cache events (the door's KV-aware routing reads them)."""
+        return self.routing_policy == "kv_aware"
+
+    @property
+    def kv_block_size(self) -> int:
+        """The engines' KV block size: ``--block-size`` of the startup parameters, else
+        vLLM's default for the accelerator (CPU and Ascend 128, CUDA 16). Validated in
+        ``_check_consistency``."""
+        for params in (self.prefill_startup_params, self.decode_startup_params):
+            for index, param in enumerate(params):
+                if param == "--block-size" and index + 1 < len(params):
+                    return int(params[index + 1])
+                if param.startswith("--block-size="):
+                    return int(param.split("=", 1)[1])
+        return 16 if self.accelerator is Accelerator.CUDA else 128
 
     @property
     def devices_per_prefill_instance(self) -> int:
@@ -240,7 +259,10 @@ SETTINGS: tuple[_Setting, ...] = (
     _Setting("KV_TTL_S", "1800", "seconds a KV block stays in the data system; 0 = until the worker stops"),
     _Setting("KV_REQUEST_TIMEOUT_MS", "2000", "bound on each data system call; a slower store is a miss"),
     _Setting("KV_HANDOFF_WAIT_MS", "2000", "how long a decode waits for a prefill's KV blocks to appear"),
-    _Setting("ROUTING_POLICY", "prefix_affinity", "prefill/colocated routing: round_robin, least_outstanding, prefix_affinity"),
+    _Setting("ROUTING_POLICY", "prefix_affinity", "prefill/colocated routing: round_robin, least_outstanding, prefix_affinity, "
+             "kv_aware (engines publish KV events; the door routes by the prompt tokens each engine holds, decode too)"),
+    _Setting("SELECTIVE_PD_TOKENS", "256", "kv_aware, PD: a request whose prompt the chosen decode engine lacks at most this many "
+             "tokens of skips the prefill leg; 0: every request takes both legs"),
     _Setting("MAX_IN_FLIGHT_PER_ENGINE", "128", "requests the door lets each serving (decode or colocated) engine have at once"),
     _Setting("DOOR_QUEUE_SIZE", "256", "requests that may wait at the door for a slot; beyond: 429 at once"),
     _Setting("DOOR_QUEUE_TIMEOUT_S", "30", "seconds a request may wait at the door for a slot; then 429"),
@@ -309,6 +331,7 @@ def build_config(
             vllm_extra=_connector_extra(raw),
         ),
         routing_policy=_choice(raw, "ROUTING_POLICY", ROUTING_POLICIES),
+        selective_pd_tokens=_int(raw, "SELECTIVE_PD_TOKENS", minimum=0),
         admission=AdmissionConfig(
             max_in_flight_per_engine=_int(raw, "MAX_IN_FLIGHT_PER_ENGINE", minimum=1),
             queue_size=_int(raw, "DOOR_QUEUE_SIZE", minimum=0),
@@ -504,6 +527,12 @@ def _connector_extra(raw: Mapping[str, str | None]) -> dict[str, object]:
 
 def _check_consistency(config: ServiceConfig) -> None:
     kind = config.connector.kind
+    try:
+        block_size = config.kv_block_size
+    except ValueError:
+        block_size = 0
+    if block_size <= 0:
+        raise ConfigError("--block-size in PREFILL_STARTUP_PARAMS/DECODE_STARTUP_PARAMS is invalid: must be an integer > 0")
     if kind == NO_CONNECTOR and config.disaggregated:
         raise ConfigError(f"KV_CONNECTOR={kind} is invalid with DECODE_INS_NUM={config.decode_instances}: "
                           "prefill/decode disaggregation hands KV over through a connector; set DECODE_INS_NUM=0")  # fmt: skip

@@ -28,6 +28,10 @@ from controller.admission import Admission
 from controller.controller import Controller
 from controller.door_metrics import DoorMetrics
 from controller.frontdoor import create_app
+from controller.kv_events import KVEventSubscriber
+from controller.kv_index import KVIndex
+from controller.kv_policy import KVAware
+from controller.kv_router import KVRouter, PromptTokenizer
 from controller.policies import make_policy
 from controller.placement import engine_specs, place_engines
 from controller.planner import Node, format_plan, inventory_from_resource_view
@@ -131,8 +135,9 @@ def serve(config: ServiceConfig, adopt: bool = False) -> int:
                 written_version = version
             return version, engines
 
+        kv_router = _kv_router(config, str(model_path), metrics) if config.kv_events else None
         app = create_app(table, state.served_model_name, metrics, refresh, Admission(config.admission), config.api_key,
-                         config.stream_migrations)  # fmt: skip
+                         config.stream_migrations, kv_router)  # fmt: skip
         # On SIGTERM / Ctrl-C Uvicorn stops accepting, lets requests in flight finish (at most
         # DRAIN_TIMEOUT_S), then returns; the engines are stopped after that, below.
         server = uvicorn.Server(
@@ -164,6 +169,14 @@ def serve(config: ServiceConfig, adopt: bool = False) -> int:
         if read_pid(config.pid_file) == os.getpid():
             config.pid_file.unlink(missing_ok=True)
         logger.info("stopped")
+
+
+def _kv_router(config: ServiceConfig, model_path: str, metrics: DoorMetrics) -> KVRouter:
+    """The door's KV-aware routing: an index of the engines' device caches, kept by their
+    KV events, and the served model's tokenizer for text and chat prompts."""
+    index = KVIndex(config.kv_block_size)
+    return KVRouter(index, PromptTokenizer(model_path), KVAware(store_reuse=False), config.selective_pd_tokens,
+                    KVEventSubscriber(index), metrics)  # fmt: skip
 
 
 def _cluster_inventory(config: ServiceConfig) -> list[Node] | None:

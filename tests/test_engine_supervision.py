@@ -35,7 +35,7 @@ def actor(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Eng
     monkeypatch.setattr(
         engine_actor,
         "build_engine_argv",
-        lambda spec, port: [sys.executable, "-m", "tests.stand_in_engine", "--port", str(port), "--marker", marker],
+        lambda spec, port, events_port=0: [sys.executable, "-m", "tests.stand_in_engine", "--port", str(port), "--marker", marker],
     )
     spec = EngineSpec(
         name="decode-0-dp0", instance="decode-0", role=Role.DECODE, accelerator=Accelerator.CPU, tensor_parallel=1,

@@ -103,3 +103,19 @@ def test_cpu_engines_run_below_the_store_and_door_priority() -> None:
     prefill, decode = plan_engines(config, MODEL, "served", ("127.0.0.1:31501",))
     argv = build_engine_argv(prefill, 8123, python="python")
     assert argv[:6] == ["nice", "-n", "5", "python", "-m", "vllm.entrypoints.openai.api_server"]
+
+
+def test_kv_aware_routing_turns_engine_kv_events_on() -> None:
+    config = build_config({"ACCELERATOR": "cpu", "VISIBLE_DEVICES": "0-1", "ROUTING_POLICY": "kv_aware"})
+    spec = plan_engines(config, MODEL, "m", ("127.0.0.1:31501",))[0]
+    argv = build_engine_argv(spec, 8000, events_port=9100)
+    events = json.loads(argv[argv.index("--kv-events-config") + 1])
+    assert events["endpoint"] == "tcp://*:9100"
+    assert events["replay_endpoint"] == "tcp://127.0.0.1:9101"
+    assert events["topic"] == spec.name
+    assert config.kv_block_size == 128
+    assert "--kv-events-config" not in build_engine_argv(plan_engines(build_config({"ACCELERATOR": "cpu", "VISIBLE_DEVICES": "0-1"}), MODEL, "m", ("127.0.0.1:31501",))[0], 8000)
+
+
+def test_block_size_follows_the_startup_parameters() -> None:
+    assert build_config({"ACCELERATOR": "cpu", "VISIBLE_DEVICES": "0-1", "PREFILL_STARTUP_PARAMS": "--block-size 64"}).kv_block_size == 64

@@ -50,6 +50,7 @@ class EngineInfo:
     log: str
     restarts: int
     state: str  # starting | healthy | restarting | failed | stopped
+    events_port: int = 0  # KV events PUB socket (replay on +1); 0: none (or an adopted engine's, unknown)
 
     @property
     def url(self) -> str:
@@ -63,6 +64,21 @@ def free_port(host: str) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind((host, 0))
         return int(probe.getsockname()[1])
+
+
+def free_port_pair(host: str, attempts: int = 50) -> int:
+    """A port ``p`` with ``p + 1`` free too (an engine's KV events and their replay)."""
+    for _ in range(attempts):
+        port = free_port(host)
+        if port >= 65534:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind((host, port + 1))
+            except OSError:
+                continue
+        return port
+    raise StartupError(f"no two consecutive free ports on {host} after {attempts} tries")
 
 
 class EngineActor:
@@ -84,6 +100,7 @@ class EngineActor:
         self._adopt_port = adopt_port
         self._port = adopt_port or free_port(spec.bind_host)
         self._process: EngineProcess | None = None
+        self._events_port = 0
         self._state = "starting"
         self._restarts = 0
         self._missed_probes = 0
@@ -125,7 +142,8 @@ class EngineActor:
         return False
 
     def _launch(self) -> None:
-        argv = build_engine_argv(self._spec, self._port)
+        self._events_port = free_port_pair(self._spec.bind_host) if self._spec.kv_events else 0
+        argv = build_engine_argv(self._spec, self._port, events_port=self._events_port)
         env = build_engine_env(self._spec, os.environ)
         with self._lock:  # stop() sets _stopping, then takes the lock: either it sees this process or none starts
             if self._stopping.is_set():
@@ -201,6 +219,7 @@ class EngineActor:
             log=str(self._log_path),
             restarts=self._restarts,
             state=self._state,
+            events_port=self._events_port,
         ).to_dict()
 
     def stop(self) -> None:

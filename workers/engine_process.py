@@ -19,6 +19,7 @@ from pathlib import Path
 from deploy.config import Accelerator, Role
 from deploy.errors import StartupError
 from deploy.state import pid_alive
+from workers.kv_events_config import kv_events_args
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +54,7 @@ class EngineSpec:
     # (CUDA_VISIBLE_DEVICES / ASCEND_RT_VISIBLE_DEVICES); with no devices in the spec, the
     # engine keeps what the runtime set instead of getting an empty list.
     runtime_placed: bool = False
+    kv_events: bool = False  # publish KV cache events (the door's kv_aware routing follows them)
 
 
 def resolve_on_node(spec: EngineSpec, node_address: str) -> EngineSpec:
@@ -92,7 +94,9 @@ def kv_transfer_config(spec: EngineSpec) -> dict[str, object] | None:
 CPU_ENGINE_NICENESS = 5
 
 
-def build_engine_argv(spec: EngineSpec, port: int, python: str = sys.executable) -> list[str]:
+def build_engine_argv(spec: EngineSpec, port: int, python: str = sys.executable, events_port: int = 0) -> list[str]:
+    """``events_port``: with ``spec.kv_events``, the engine publishes its KV events there
+    (and replays them on ``events_port + 1``)."""
     lower_priority = ["nice", "-n", str(CPU_ENGINE_NICENESS)] if spec.accelerator is Accelerator.CPU else []
     return [
         *lower_priority,
@@ -110,6 +114,7 @@ def build_engine_argv(spec: EngineSpec, port: int, python: str = sys.executable)
         "--tensor-parallel-size",
         str(spec.tensor_parallel),
         *_kv_transfer_args(spec),
+        *(kv_events_args(events_port, spec.name, spec.bind_host) if spec.kv_events and events_port else []),
         *spec.startup_params,
     ]
 

@@ -1,0 +1,115 @@
+"""End to end: KV-aware routing (ROUTING_POLICY=kv_aware) on a 1P1D deployment.
+
+The engines publish their KV cache events; the door indexes them and knows which
+engine's device cache holds a prompt's blocks. A PD request whose prompt the decode
+engine already holds (all but at most SELECTIVE_PD_TOKENS tokens) skips the prefill leg.
+
+One deployment shared by the tests, in file order; the fixture cleans.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from tests.e2e import BLOCK_SIZE, Deployment, complete, deployed, external_kv_tokens, metric, same_greedy_output, token_prompt
+
+pytestmark = pytest.mark.e2e
+
+SELECTIVE_PD_TOKENS = 100
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+    with deployed(
+        tmp_path_factory.mktemp("kv-routing"),
+        ROUTING_POLICY="kv_aware",
+        SELECTIVE_PD_TOKENS=str(SELECTIVE_PD_TOKENS),
+    ) as running:
+        yield running
+
+
+def _body(prompt: list[int]) -> dict[str, object]:
+    return {"prompt": prompt, "max_tokens": 8, "temperature": 0, "logprobs": 1}
+
+
+def _door_metric(deployment: Deployment, name: str, **labels: str) -> float:
+    return metric(deployment.url, name, **labels)
+
+
+def _wait_indexed(deployment: Deployment, engine: str, blocks: int, timeout_s: float = 30.0) -> None:
+    """Until the door's index holds ``blocks`` blocks of ``engine`` (refreshed every 1 s)."""
+    deadline = time.monotonic() + timeout_s
+    while (held := _door_metric(deployment, "frontdoor_kv_indexed_blocks", engine=engine)) != blocks:
+        assert time.monotonic() < deadline, f"the door indexes {held} blocks of {engine}, expected {blocks}"
+        time.sleep(0.5)
+
+
+def _local_hits(url: str) -> float:
+    return metric(url, "vllm:prompt_tokens_by_source_total", source="local_cache_hit")
+
+
+def test_repeated_prompt_skips_the_prefill_leg(deployment: Deployment) -> None:
+    prompt = token_prompt(4 * BLOCK_SIZE + 40)  # 4 full blocks; the decode computes 40 tokens itself on a repeat
+    decode_url, prefill_url = deployment.engine_url("decode"), deployment.engine_url("prefill")
+    skipped = _door_metric(deployment, "frontdoor_prefill_skipped_total")
+    loaded = external_kv_tokens(decode_url)
+
+    first = complete(deployment.url, _body(prompt))
+    assert external_kv_tokens(decode_url) - loaded == 4 * BLOCK_SIZE  # the first went through the prefill
+    assert _door_metric(deployment, "frontdoor_prefill_skipped_total") == skipped
+    # The decode cached the blocks it loaded, and said so in its KV events.
+    _wait_indexed(deployment, "decode-0", 4)
+    _wait_indexed(deployment, "prefill-0", 4)
+
+    prefill_requests = metric(prefill_url, "vllm:request_success_total")
+    hits = _local_hits(decode_url)
+    second = complete(deployment.url, _body(prompt))
+    assert _door_metric(deployment, "frontdoor_prefill_skipped_total") == skipped + 1
+    assert metric(prefill_url, "vllm:request_success_total") == prefill_requests  # no prefill leg
+    assert _local_hits(decode_url) - hits == 4 * BLOCK_SIZE  # the decode's own cache served the prompt
+    assert same_greedy_output(first, second)
+
+
+def test_short_prompt_goes_straight_to_decode(deployment: Deployment) -> None:
+    prefill_url = deployment.engine_url("prefill")
+    skipped = _door_metric(deployment, "frontdoor_prefill_skipped_total")
+    prefill_requests = metric(prefill_url, "vllm:request_success_total")
+    answer = complete(deployment.url, _body(token_prompt(SELECTIVE_PD_TOKENS)))
+    assert _door_metric(deployment, "frontdoor_prefill_skipped_total") == skipped + 1
+    assert metric(prefill_url, "vllm:request_success_total") == prefill_requests
+    reference = deployment.engine_complete("prefill", _body(token_prompt(SELECTIVE_PD_TOKENS)))
+    assert same_greedy_output(answer, reference)
+
+
+def test_long_new_prompt_takes_both_legs(deployment: Deployment) -> None:
+    decode_url = deployment.engine_url("decode")
+    skipped = _door_metric(deployment, "frontdoor_prefill_skipped_total")
+    loaded = external_kv_tokens(decode_url)
+    prompt = [token + 1 for token in token_prompt(2 * BLOCK_SIZE + 5)]  # shares no block with the others
+    complete(deployment.url, _body(prompt))
+    assert _door_metric(deployment, "frontdoor_prefill_skipped_total") == skipped
+    assert external_kv_tokens(decode_url) - loaded == 2 * BLOCK_SIZE
+
+
+def test_predicted_hits_match_what_the_engines_report(deployment: Deployment) -> None:
+    """The door's prediction for a request's first engine equals the engine's own count of
+    prompt tokens found in its device cache."""
+    decode_url = deployment.engine_url("decode")
+    prompt = [token + 2 for token in token_prompt(3 * BLOCK_SIZE + 9)]
+    complete(deployment.url, _body(prompt))  # through the prefill: the decode loads and caches 3 blocks
+    _wait_indexed(deployment, "decode-0", 4 + 2 + 3)  # this module's prompts' full blocks, none evicted
+    predicted = _door_metric(deployment, "frontdoor_kv_predicted_cached_tokens_total", engine="decode-0")
+    hits = _local_hits(decode_url)
+    complete(deployment.url, _body(prompt))  # skips the prefill: 3 blocks predicted on the decode
+    assert _door_metric(deployment, "frontdoor_kv_predicted_cached_tokens_total", engine="decode-0") - predicted == 3 * BLOCK_SIZE
+    assert _local_hits(decode_url) - hits == 3 * BLOCK_SIZE
+
+
+def test_door_metrics_list_the_kv_routing_series(deployment: Deployment) -> None:
+    text = httpx.get(f"{deployment.url}/metrics", timeout=10).text
+    for series in ("frontdoor_kv_indexed_blocks", "frontdoor_kv_predicted_cached_tokens_total", "frontdoor_prefill_skipped_total"):
+        assert series in text
