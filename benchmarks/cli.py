@@ -18,7 +18,9 @@ EXPERIMENTS: dict[str, tuple[str, str]] = {
     "connector-io": ("benchmarks.connector_io", "connector save/load GB/s against the raw data system and ExampleConnector"),
     "cuda-staging": ("benchmarks.cuda_staging", "CUDA save/load GB/s against a pinned copy (needs a GPU)"),
     "door-overhead": ("benchmarks.frontdoor_overhead", "latency the front door adds, on stand-in engines"),
-    "prefix-affinity": ("benchmarks.prefix_affinity", "prefix-affinity routing against round robin"),
+    "prefix-affinity": ("benchmarks.prefix_affinity", "routing policies (round robin, prefix affinity, KV-aware) on grouped prefixes"),
+    "selective-pd": ("benchmarks.selective_pd", "repeated and short prompts through PD against one engine directly"),
+    "kv-index-scale": ("benchmarks.kv_index_scale", "the door's KV index with 256 engines and 1M blocks: decision time, memory"),
     "soak": ("benchmarks.soak", "concurrent streaming clients for a set time: errors, latency, memory"),
     "sdk-gil": ("benchmarks.sdk_gil", "whether a data system SDK call holds the GIL while it waits"),
 }

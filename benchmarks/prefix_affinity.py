@@ -1,16 +1,20 @@
-"""Prefix affinity vs. round robin on a grouped-prefix workload: TTFT and the engines'
-own (device) prefix-cache hit rate, side by side in one run.
+"""Routing policies on a grouped-prefix workload: TTFT and the engines' own (device)
+prefix-cache hit rate, side by side in one run.
 
     .venv/bin/python -m benchmarks.prefix_affinity [--groups 8] [--per-group 4] [--prefix 1024]
+        [--policies round_robin,prefix_affinity,kv_aware] [--layout colocated|pd]
 
-For each policy it deploys (with the project's CLI) 2 PD-colocated instances of the
-~93M-parameter benchmark model with USING_PREFIX_CONNECTOR=0, so only each engine's
-own prefix cache can help, and sends through the front door ``groups x per-group``
+For each policy it deploys (with the project's CLI) 2 PD-colocated instances (or, with
+``--layout pd``, 1 prefill + 1 decode) of the ~93M-parameter benchmark model with
+USING_PREFIX_CONNECTOR=0, so only each engine's own prefix cache can help, and sends
+through the front door ``groups x per-group``
 requests in a shuffled order: each shares its group's ``--prefix``-token head and has
 its own 32-token tail. TTFT is the first streamed chunk of a max_tokens=1 request;
 the hit rate is the engines' vllm:prefix_cache_hits / queries over the run. Requests
 are sequential, so the load balance part of the policy does not come into play.
-Results: benchmarks/results/prefix_affinity.json.
+With ``kv_aware`` in PD, a request whose decode engine holds its group's head (loaded for
+an earlier request of the group) skips the prefill leg (SELECTIVE_PD_TOKENS, default 256).
+Results: benchmarks/results/prefix_affinity[_pd].json.
 """
 
 from __future__ import annotations
@@ -38,15 +42,19 @@ def prefix_cache_counters(urls: list[str]) -> tuple[float, float]:
     return hits, sum(metric(url, "vllm:prefix_cache_queries_total") for url in urls)
 
 
-def run_policy(policy: str, model: Path, prompts: list[list[int]], prefix: int) -> dict[str, float]:
+LAYOUTS = {"colocated": {"PREFILL_INS_NUM": "2", "DECODE_INS_NUM": "0"}, "pd": {"PREFILL_INS_NUM": "1", "DECODE_INS_NUM": "1"}}
+
+
+def run_policy(policy: str, model: Path, prompts: list[list[int]], prefix: int, layout: str) -> dict[str, float]:
+    params = f"--enforce-eager --max-model-len {prefix + TAIL + 64}"
     env = isolated_env(
         Path(tempfile.mkdtemp(prefix=f"aff-{policy[:5]}-", dir="/tmp")),
         MODEL_PATH=str(model),
-        PREFILL_INS_NUM="2",
-        DECODE_INS_NUM="0",
+        **LAYOUTS[layout],
+        DECODE_STARTUP_PARAMS=params,
         USING_PREFIX_CONNECTOR="0",
         ROUTING_POLICY=policy,
-        PREFILL_STARTUP_PARAMS=f"--enforce-eager --max-model-len {prefix + TAIL + 64}",
+        PREFILL_STARTUP_PARAMS=params,
     )
     with deployed(env) as state:
         engines = [f"http://{e['host']}:{e['port']}" for e in state.engines]
@@ -67,21 +75,25 @@ def main() -> None:
     parser.add_argument("--groups", type=int, default=8)
     parser.add_argument("--per-group", type=int, default=4)
     parser.add_argument("--prefix", type=int, default=1024)
+    parser.add_argument("--policies", default="round_robin,prefix_affinity,kv_aware")
+    parser.add_argument("--layout", choices=sorted(LAYOUTS), default="colocated")
     args = parser.parse_args()
     model = ensure_embedded_model(PROJECT_ROOT / ".cache" / "models", BENCH_MODEL_NAME, BENCH_MODEL_CONFIG)
     rng = random.Random(0)
     heads = [[rng.randrange(10, 4000) for _ in range(args.prefix)] for _ in range(args.groups)]
     prompts = [head + [rng.randrange(10, 4000) for _ in range(TAIL)] for head in heads for _ in range(args.per_group)]
     rng.shuffle(prompts)
-    rows = {policy: run_policy(policy, model, prompts, args.prefix) for policy in ("round_robin", "prefix_affinity")}
-    print(f"{len(prompts)} requests: {args.groups} groups x {args.per_group}, {args.prefix}-token shared head + {TAIL}-token tail")
+    policies = [policy.strip() for policy in args.policies.split(",") if policy.strip()]
+    rows = {policy: run_policy(policy, model, prompts, args.prefix, args.layout) for policy in policies}
+    print(f"{args.layout}: {len(prompts)} requests: {args.groups} groups x {args.per_group}, {args.prefix}-token shared head + {TAIL}-token tail")
     print(f"{'policy':18}{'TTFT mean ms':>14}{'p50 ms':>9}{'p90 ms':>9}{'prefix-cache hit rate':>23}")
     for policy, row in rows.items():
         print(f"{policy:18}{row['ttft_ms_mean']:14.1f}{row['ttft_ms_p50']:9.1f}{row['ttft_ms_p90']:9.1f}{row['prefix_cache_hit_rate']:23.3f}")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"requests": len(prompts), "groups": args.groups, "prefix_tokens": args.prefix,
-                                   "tail_tokens": TAIL, "policies": rows}, indent=2) + "\n")  # fmt: skip
-    print(f"written {RESULTS}")
+    results = RESULTS if args.layout == "colocated" else RESULTS.with_name(f"{RESULTS.stem}_{args.layout}.json")
+    results.parent.mkdir(parents=True, exist_ok=True)
+    results.write_text(json.dumps({"layout": args.layout, "requests": len(prompts), "groups": args.groups,
+                                   "prefix_tokens": args.prefix, "tail_tokens": TAIL, "policies": rows}, indent=2) + "\n")  # fmt: skip
+    print(f"written {results}")
 
 
 if __name__ == "__main__":

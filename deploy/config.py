@@ -105,6 +105,7 @@ class ConnectorConfig:
     ttl_s: int  # how long a stored block lives in the data system; 0: until the worker stops
     request_timeout_ms: int  # bound on each data system call; slower means a miss, recompute
     handoff_wait_ms: int  # how long a decode waits for a prefill's blocks to be published
+    exclusive_connection: bool = True  # each store client its own connection to the worker (see store.py)
     kind: str = YUANRONG_CONNECTOR  # one of KV_CONNECTORS
     vllm_extra: Mapping[str, object] = field(default_factory=dict)  # a vLLM connector's extra config
 
@@ -115,6 +116,7 @@ class ConnectorConfig:
             "ttl_s": self.ttl_s,
             "request_timeout_ms": self.request_timeout_ms,
             "handoff_wait_ms": self.handoff_wait_ms,
+            "exclusive_connection": self.exclusive_connection,
         }
 
 
@@ -258,6 +260,8 @@ SETTINGS: tuple[_Setting, ...] = (
     _Setting("DS_WORKERS", "1", "data system workers to start locally (consecutive ports; engines attach in turn)"),
     _Setting("KV_TTL_S", "1800", "seconds a KV block stays in the data system; 0 = until the worker stops"),
     _Setting("KV_REQUEST_TIMEOUT_MS", "2000", "bound on each data system call; a slower store is a miss"),
+    _Setting("DS_EXCLUSIVE_CONNECTIONS", "1", "1: each engine's data system client gets its own connection to the worker "
+             "(a worker takes 128; 3 per engine); 0: the SDK's shared connection, whose worker threads busy-loop on a saturated CPU"),
     _Setting("KV_HANDOFF_WAIT_MS", "2000", "how long a decode waits for a prefill's KV blocks to appear"),
     _Setting("ROUTING_POLICY", "prefix_affinity", "prefill/colocated routing: round_robin, least_outstanding, prefix_affinity, "
              "kv_aware (engines publish KV events; the door routes by the prompt tokens each engine holds, decode too)"),
@@ -327,6 +331,7 @@ def build_config(
             ttl_s=_int(raw, "KV_TTL_S", minimum=0),
             request_timeout_ms=_int(raw, "KV_REQUEST_TIMEOUT_MS", minimum=1),
             handoff_wait_ms=_int(raw, "KV_HANDOFF_WAIT_MS", minimum=0),
+            exclusive_connection=_flag(raw, "DS_EXCLUSIVE_CONNECTIONS"),
             kind=_connector(raw),
             vllm_extra=_connector_extra(raw),
         ),

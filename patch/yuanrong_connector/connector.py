@@ -78,6 +78,7 @@ class YuanRongConnector(KVConnectorBase_V1):
             request_timeout_ms=settings.request_timeout_ms,
             ttl_s=settings.ttl_s,
             retry_s=settings.store_retry_s,
+            exclusive_connection=settings.exclusive_connection,
         )
         self._scheduler: YuanRongScheduler | None = None
         self._worker: YuanRongWorker | None = None

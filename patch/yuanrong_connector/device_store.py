@@ -41,12 +41,15 @@ def device_blob_lists(cache: PagedKVCache, block_ids: Sequence[int], device_inde
 class DeviceBlockStore:
     """Save and load whole blocks device-to-host and host-to-device in one batched call each."""
 
-    def __init__(self, address: str, device_index: int, request_timeout_ms: int, ttl_s: int) -> None:
+    def __init__(
+        self, address: str, device_index: int, request_timeout_ms: int, ttl_s: int, exclusive_connection: bool = True
+    ) -> None:
         from yr.datasystem import HeteroClient
         from yr.datasystem.kv_client import SetParam
 
         host, _, port = address.rpartition(":")
-        self._client = HeteroClient(host, int(port), connect_timeout_ms=request_timeout_ms, req_timeout_ms=request_timeout_ms)
+        self._client = HeteroClient(host, int(port), connect_timeout_ms=request_timeout_ms, req_timeout_ms=request_timeout_ms,
+                                    enable_exclusive_connection=exclusive_connection)  # see BlockStore  # fmt: skip
         self._client.init()
         calm_sdk_threads()
         self._device_index = device_index

@@ -75,8 +75,10 @@ class RemoteBlockStore:
         ttl_s: int = 0,
         retry_s: float = 5.0,
         arena_bytes: int = ARENA_BYTES,
+        exclusive_connection: bool = True,
     ) -> None:
         self._address = address
+        self._exclusive = exclusive_connection
         self._timeout_ms = request_timeout_ms
         self._ttl_s = ttl_s
         self._retry_s = retry_s
@@ -115,7 +117,7 @@ class RemoteBlockStore:
 
     def sibling(self) -> RemoteBlockStore:
         """The same store for another thread: its own helper, arena and back-off state."""
-        twin = RemoteBlockStore(self._address, self._timeout_ms, self._ttl_s, self._retry_s, self.arena_bytes)
+        twin = RemoteBlockStore(self._address, self._timeout_ms, self._ttl_s, self._retry_s, self.arena_bytes, self._exclusive)
         twin.arena_pinner = self.arena_pinner
         return twin
 
@@ -241,7 +243,7 @@ class RemoteBlockStore:
                 "--conn-fd", str(child_end.fileno()), "--arena-fd", str(arena_fd),
                 "--arena-bytes", str(self.arena_bytes), "--address", self._address,
                 "--request-timeout-ms", str(self._timeout_ms), "--ttl-s", str(self._ttl_s),
-                "--retry-s", str(self._retry_s),
+                "--retry-s", str(self._retry_s), *(["--exclusive-connection"] if self._exclusive else []),
             ]  # fmt: skip
             self._helper = subprocess.Popen(
                 command, pass_fds=(child_end.fileno(), arena_fd), env=env, stdin=subprocess.DEVNULL

@@ -26,6 +26,7 @@ class ConnectorSettings:
     handoff_wait_ms: int = 2000  # how long a decode waits for a prefill's blocks to be published
     max_pending_save_blocks: int = 4096  # save backlog beyond this is skipped (and counted)
     store_retry_s: float = 5.0  # after a store failure, calls are skipped (miss) this long
+    exclusive_connection: bool = True  # each store client gets its own connection to the worker (store.py)
 
     @staticmethod
     def from_vllm_config(vllm_config: VllmConfig) -> ConnectorSettings:
@@ -51,6 +52,7 @@ class ConnectorSettings:
             handoff_wait_ms=_non_negative(extra, "handoff_wait_ms", 2000),
             max_pending_save_blocks=_non_negative(extra, "max_pending_save_blocks", 4096),
             store_retry_s=float(extra.get("store_retry_s", 5.0)),
+            exclusive_connection=bool(extra.get("exclusive_connection", True)),
         )
 
 

@@ -111,11 +111,12 @@ def main() -> None:
     parser.add_argument("--request-timeout-ms", type=int, required=True)
     parser.add_argument("--ttl-s", type=int, required=True)
     parser.add_argument("--retry-s", type=float, required=True)
+    parser.add_argument("--exclusive-connection", action="store_true")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(asctime)s [store helper %(process)d] %(message)s")
     arena = mmap.mmap(args.arena_fd, args.arena_bytes)
     os.close(args.arena_fd)
-    store = BlockStore(args.address, args.request_timeout_ms, args.ttl_s, args.retry_s)
+    store = BlockStore(args.address, args.request_timeout_ms, args.ttl_s, args.retry_s, args.exclusive_connection)
     with memoryview(arena) as view:
         serve(Connection(args.conn_fd), store, view, Copier())
 

@@ -67,7 +67,8 @@ class YuanRongWorker:
             self.store.arena_bytes = max(self.store.arena_bytes, CUDA_ARENA_BYTES)
         if self.cache.device.type == "npu":
             self._device_store = DeviceBlockStore(
-                self.settings.ds_address, self.cache.device.index or 0, self.settings.request_timeout_ms, self.settings.ttl_s
+                self.settings.ds_address, self.cache.device.index or 0, self.settings.request_timeout_ms, self.settings.ttl_s,
+                self.settings.exclusive_connection,
             )
         if self.settings.saves:
             self._saver = BackgroundSaver(
