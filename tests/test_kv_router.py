@@ -1,0 +1,112 @@
+"""The door's KV router: prompt token ids (given, text, chat), the order and the
+selective-PD boundary on a constructed index, and following engines that come, restart
+and go (with the real event subscriber)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+
+import pytest
+
+from controller.kv_events import KVEventSubscriber
+from controller.kv_index import KVIndex
+from controller.kv_router import KVRouter, PromptTokenizer
+from controller.kv_wire import BlockStored
+from controller.policies import EngineLoad
+from deploy.embedded_model import ensure_embedded_model
+from tests.helpers import PROJECT_ROOT, free_port
+
+B = 16
+
+
+def _stored(tokens: list[int]) -> BlockStored:
+    hashes = [hashlib.sha256(repr(tokens[: (i + 1) * B]).encode()).digest() for i in range(len(tokens) // B)]
+    return BlockStored(block_hashes=hashes, parent_block_hash=None, token_ids=tokens, block_size=B)
+
+
+def _engine(name: str, role: str = "decode", outstanding: int = 0, events_port: int = 0, restarts: int = 0) -> EngineLoad:
+    return EngineLoad(name=name, url=f"http://{name}", role=role, outstanding=outstanding, host="127.0.0.1",
+                      events_port=events_port, restarts=restarts)  # fmt: skip
+
+
+def _router(selective_pd_tokens: int = 40) -> KVRouter:
+    return KVRouter(KVIndex(B), tokenize=lambda body: body.get("prompt"), selective_pd_tokens=selective_pd_tokens)
+
+
+def test_the_engine_holding_the_prompt_comes_first_and_decides_the_prefill_skip() -> None:
+    router = _router(selective_pd_tokens=40)
+    tokens = list(range(100, 100 + 6 * B + 10))  # 6 full blocks + 10 tokens
+    router.index.apply("d1", [_stored(tokens[: 4 * B])])
+    router.index.apply("d0", [_stored(tokens[: 6 * B])])
+    prompt = router.prompt({"prompt": tokens})
+    assert prompt is not None and prompt.tokens == 6 * B + 10
+    d0, d1, d2 = _engine("d0"), _engine("d1"), _engine("d2")
+    assert router.order([d2, d1, d0], prompt) == [d0, d1, d2]
+    assert router.skip_prefill(d0, prompt)  # lacks 10 tokens
+    assert not router.skip_prefill(d1, prompt)  # lacks 2 blocks + 10 = 42 tokens > 40
+    assert not _router(selective_pd_tokens=0).skip_prefill(d0, prompt)  # off
+    # a short prompt nobody holds is skipped too; a batch or an empty prompt has no token ids
+    short = router.prompt({"prompt": list(range(40))})
+    assert short is not None and router.skip_prefill(d2, short)
+    assert router.prompt({"prompt": []}) is None
+
+
+def test_load_outweighs_a_small_cache_advantage() -> None:
+    router = _router()
+    tokens = list(range(3 * B + 1))
+    router.index.apply("busy", [_stored(tokens[:B])])
+    prompt = router.prompt({"prompt": tokens})
+    assert prompt is not None
+    busy, idle = _engine("busy", outstanding=1), _engine("idle")
+    assert router.order([busy, idle], prompt) == [idle, busy]  # 16 cached tokens < 256 per request in flight
+
+
+def test_tokenizer_gives_the_engines_token_ids() -> None:
+    model = ensure_embedded_model(PROJECT_ROOT / ".cache" / "models")
+    tokenize = PromptTokenizer(str(model))
+    from transformers import AutoTokenizer
+
+    reference = AutoTokenizer.from_pretrained(model)
+    text = "def main():\n    return 42\n"
+    assert tokenize({"prompt": text}) == reference.encode(text)
+    assert tokenize({"prompt": [text]}) == reference.encode(text)
+    assert tokenize({"prompt": [5, 6, 7]}) == [5, 6, 7]
+    messages = [{"role": "user", "content": "hello"}]
+    chat = tokenize({"messages": messages})
+    assert chat == list(reference.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
+
+
+def test_following_engines_drops_restarted_and_gone_ones() -> None:
+    async def scenario() -> None:
+        index = KVIndex(B)
+        router = KVRouter(index, tokenize=lambda body: None, subscriber=KVEventSubscriber(index))
+        await router.start()
+        try:
+            port = free_port()
+            router.follow([_engine("d0", events_port=port), _engine("p0", role="prefill")])  # p0 publishes nothing
+            assert router._watched == {"d0": ("127.0.0.1", port, 0)}
+            index.apply("d0", [_stored(list(range(2 * B)))])
+            router.follow([_engine("d0", events_port=port)])
+            assert index.entries("d0") == 2  # unchanged: kept
+            router.follow([_engine("d0", events_port=port, restarts=1)])
+            assert index.entries("d0") == 0 and router._watched == {"d0": ("127.0.0.1", port, 1)}
+            index.apply("d0", [_stored(list(range(B)))])
+            router.follow([])
+            assert index.entries("d0") == 0 and router._watched == {}
+        finally:
+            await router.close()
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("salt", ["tenant-a", "tenant-b"])
+def test_cache_salt_separates_prompts(salt: str) -> None:
+    router = _router()
+    tokens = list(range(2 * B + 1))
+    router.index.apply("d0", [_stored(tokens[: 2 * B])])
+    plain = router.prompt({"prompt": tokens})
+    salted = router.prompt({"prompt": tokens, "cache_salt": salt})
+    assert plain is not None and salted is not None
+    assert plain.cache.device_blocks == {"d0": 2}
+    assert salted.cache.device_blocks == {}
