@@ -77,6 +77,7 @@ class DataSystemConfig:
     spill_size_mb: int
     local_workers: int = 1  # local mode: workers on consecutive ports, one cluster
     node_worker_port: int = 31501  # cluster mode: every engine attaches to <its node's address>:<this port>
+    populate_shared_memory: bool = False  # local workers touch their shared memory at start (no page faults later)
 
     @property
     def address(self) -> str:
@@ -255,6 +256,8 @@ SETTINGS: tuple[_Setting, ...] = (
              "their own node's); unset: the ds-worker port in yr start's master info, else 31501"),
     _Setting("DS_METASTORE_PORT", "32379", "metastore port of a locally started data system worker"),
     _Setting("DS_SHARED_MEMORY_MB", "2048", "shared memory (DRAM tier) of a locally started worker"),
+    _Setting("DS_SHARED_MEMORY_POPULATE", "1", "1: a locally started worker touches all its shared memory at start "
+             "(startup takes longer, memory is committed, no page faults while saving); 0: on first use"),
     _Setting("DS_SPILL_DIR", None, "SSD spill folder of a locally started worker; unset: no spill"),
     _Setting("DS_SPILL_SIZE_MB", "8192", "SSD spill limit of a locally started worker"),
     _Setting("DS_WORKERS", "1", "data system workers to start locally (consecutive ports; engines attach in turn)"),
@@ -507,6 +510,7 @@ def _datasystem(raw: Mapping[str, str | None], cluster_mode: bool, master: Maste
         spill_size_mb=_int(raw, "DS_SPILL_SIZE_MB", minimum=1),
         local_workers=_int(raw, "DS_WORKERS", minimum=1, maximum=16),
         node_worker_port=node_worker_port,
+        populate_shared_memory=_flag(raw, "DS_SHARED_MEMORY_POPULATE"),
     )
 
 

@@ -94,6 +94,8 @@ def start_worker(settings: DataSystemConfig, home: Path, address: str | None = N
         "--shared_memory_size_mb", str(settings.shared_memory_mb),
         "--io_thread_nice", str(IO_THREAD_NICE),
     ]  # fmt: skip
+    if settings.populate_shared_memory:  # the worker populates only one arena, and not with fallocate
+        argv += ["--shared_memory_populate", "true", "--arena_per_tenant", "1", "--enable_fallocate", "false"]
     if settings.spill_dir is not None:
         spill_dir = settings.spill_dir / address.replace(":", "_")
         spill_dir.mkdir(parents=True, exist_ok=True)
