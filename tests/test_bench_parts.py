@@ -1,6 +1,6 @@
 """The benchmark's own parts (not benchmarks): the grouped-prefix dataset generator, in
-the served model's tokenizer, the parsing of ``vllm bench serve`` results, and the
-table and plot writers."""
+the served model's tokenizer, the parsing of ``vllm bench serve`` results, the table and
+plot writers, and the door-overhead benchmark's aggregation and legs check."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ import pytest
 from transformers import AutoTokenizer
 
 from benchmarks.datasets import GroupedPrefixWorkload, grouped_prefix_prompts, token_count, write_custom_jsonl
+from benchmarks.door_process import engine_info
+from benchmarks.frontdoor_overhead import aggregate, compare, legs_check, rotated
 from benchmarks.report import Spread, markdown_table
 from benchmarks.seed000 import TABLE_COLUMNS, write_report
 from benchmarks.serve_bench import parse_result
@@ -103,3 +105,54 @@ def test_seed000_report_writes_the_table_and_two_plots(tmp_path: Path) -> None:
     assert lines[3].startswith("| 1p1d+reuse | 0.60 | 700 |") and lines[3].endswith("| 1 | 2 |")
     for plot in written[1:]:
         assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 5000
+
+
+def test_door_overhead_rounds_become_spreads_and_added_latency_is_taken_round_by_round() -> None:
+    def figures(p50: float, p99: float, req_s: float) -> dict[str, float]:
+        return {"p50_ms": p50, "p99_ms": p99, "mean_ms": p50, "req_s": req_s}
+
+    rounds = [
+        {"direct": figures(0.6, 1.0, 2000), "door": figures(1.1, 1.8, 1100), "router": figures(0.7, 1.2, 2200)},
+        {"direct": figures(0.8, 1.0, 1800), "door": figures(1.2, 1.6, 1000), "router": figures(0.9, 1.1, 2000)},
+        {"direct": figures(0.7, 1.0, 1900), "door": figures(1.3, 2.0, 1200), "router": figures(0.8, 1.3, 2400)},
+    ]
+    table = aggregate(rounds, {"direct": None, "door": "direct", "router": "direct"})
+    assert set(table["direct"]) == {"p50_ms", "p99_ms", "mean_ms", "req_s"}
+    assert table["door"]["req_s"] == Spread(1100, 1000, 1200)
+    added = table["door"]["added_p50_ms"]  # 0.5, 0.4, 0.6: not median(door) - median(direct) alone
+    assert (round(added.median, 6), round(added.low, 6), round(added.high, 6)) == (0.5, 0.4, 0.6)
+    assert round(table["door"]["added_p99_ms"].high, 6) == 1.0
+
+    versus = compare(rounds, "door", "router")
+    assert round(versus["door_minus_router_added_p50_ms"].median, 6) == 0.4  # 0.4, 0.3, 0.5
+    assert round(versus["door_over_router_req_s"].low, 6) == 0.5  # 1100/2200, 1000/2000, 1200/2400
+    assert versus["met"] is False
+    fast = [{**r, "door": figures(r["router"]["p50_ms"] + 0.05, 1.0, r["router"]["req_s"] * 1.1)} for r in rounds]
+    assert compare(fast, "door", "router")["met"] is True
+
+
+def test_door_overhead_legs_check_wants_every_request_prefilled_then_decoded_with_its_handover() -> None:
+    before_p = {"requests": 10, "prefill_legs": 10, "decode_legs": 0, "handed_over_by": {}, "handovers_seen": 0}
+    before_d = {"requests": 10, "prefill_legs": 0, "decode_legs": 10, "handed_over_by": {"p0": 10},
+                "handovers_seen": 10}  # fmt: skip
+    after_p = {**before_p, "requests": 15, "prefill_legs": 15}
+    after_d = {**before_d, "requests": 15, "decode_legs": 15, "handed_over_by": {"p0": 15}, "handovers_seen": 15}
+    assert legs_check(5, (before_p, after_p), (before_d, after_d), "p0")["ok"] is True
+    # The decode got the request without the prefill's kv_transfer_params (sent in parallel, say).
+    no_handover = {**after_d, "decode_legs": 10, "handed_over_by": {"p0": 10}, "handovers_seen": 10}
+    check = legs_check(5, (before_p, after_p), (before_d, no_handover), "p0")
+    assert check["ok"] is False and check["decode_legs_with_prefill_params"] == 0 and check["decode_requests"] == 5
+    # The same handover reused for several decodes.
+    reused = {**after_d, "handovers_seen": 11}
+    assert legs_check(5, (before_p, after_p), (before_d, reused), "p0")["distinct_handovers"] == 1
+
+
+def test_rotated_starts_each_round_with_another_arm() -> None:
+    assert [rotated("abc", i) for i in range(4)] == [list("abc"), list("bca"), list("cab"), list("abc")]
+
+
+def test_door_process_engine_spec() -> None:
+    assert engine_info("p0=prefill@20001") == {"name": "p0", "role": "prefill", "host": "127.0.0.1", "port": 20001,
+                                               "state": "healthy"}  # fmt: skip
+    with pytest.raises(ValueError, match="'p0=prefil@1' is invalid: write NAME=ROLE@PORT, ROLE one of prefill, decode"):
+        engine_info("p0=prefil@1")

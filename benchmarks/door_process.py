@@ -1,0 +1,72 @@
+"""One front door in its own process, in front of engines given on the command line (the
+door-overhead benchmark's door)::
+
+    python -m benchmarks.door_process --port 20010 --engine p0=prefill@20001 --engine d0=decode@20002
+
+The door is built as deploy/serve.py builds it, with a default deployment's settings
+(routing policy, metrics, admission, stream migrations), but without a Controller: the
+routing table is fixed. Uvicorn serves it with uvloop and httptools until SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+import uvicorn
+
+from controller.admission import Admission, AdmissionConfig
+from controller.door_metrics import DoorMetrics
+from controller.frontdoor import create_app
+from controller.policies import make_policy
+from controller.routing import RoutingTable
+from deploy.config import ROUTING_POLICIES, SETTINGS
+
+logger = logging.getLogger(__name__)
+
+ROLES = ("prefill", "decode", "colocated")
+POLICIES = tuple(policy for policy in ROUTING_POLICIES if policy != "kv_aware")  # kv_aware needs the engines' KV events
+_DEFAULTS = {setting.env: setting.default for setting in SETTINGS}
+DEFAULT_POLICY = str(_DEFAULTS["ROUTING_POLICY"])
+
+
+def engine_info(spec: str, host: str = "127.0.0.1") -> dict[str, object]:
+    """``NAME=ROLE@PORT`` as the routing table's engine entry."""
+    name, _, rest = spec.partition("=")
+    role, _, port = rest.partition("@")
+    if not name or role not in ROLES or not port.isdigit():
+        raise ValueError(f"--engine {spec!r} is invalid: write NAME=ROLE@PORT, ROLE one of {', '.join(ROLES)}")
+    return {"name": name, "role": role, "host": host, "port": int(port), "state": "healthy"}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="benchmarks.door_process", description="serve one front door until SIGTERM")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--engine", action="append", required=True, metavar="NAME=ROLE@PORT")
+    parser.add_argument("--policy", choices=POLICIES, default=DEFAULT_POLICY,
+                        help="prefill/colocated routing; default: a deployment's")  # fmt: skip
+    parser.add_argument("--served-model-name", default="m")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        engines = [engine_info(spec) for spec in args.engine]
+    except ValueError as exc:
+        parser.error(str(exc))
+    metrics = DoorMetrics()
+    table = RoutingTable(engines, make_policy(args.policy), metrics)
+    admission = Admission(
+        AdmissionConfig(
+            max_in_flight_per_engine=int(str(_DEFAULTS["MAX_IN_FLIGHT_PER_ENGINE"])),
+            queue_size=int(str(_DEFAULTS["DOOR_QUEUE_SIZE"])),
+            queue_timeout_s=float(str(_DEFAULTS["DOOR_QUEUE_TIMEOUT_S"])),
+        )
+    )
+    app = create_app(table, args.served_model_name, metrics=metrics, admission=admission,
+                     stream_migrations=int(str(_DEFAULTS["STREAM_MIGRATIONS"])))  # fmt: skip
+    logger.info("door on port %d: %s", args.port, ", ".join(f"{e['name']}={e['role']}" for e in engines))
+    uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning", access_log=False,
+                loop="uvloop", http="httptools")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
