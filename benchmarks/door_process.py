@@ -17,7 +17,7 @@ import uvicorn
 
 from controller.admission import Admission, AdmissionConfig
 from controller.door_metrics import DoorMetrics
-from controller.frontdoor import create_app
+from controller.frontdoor import create_app, tune_gc_for_serving
 from controller.policies import make_policy
 from controller.routing import RoutingTable
 from deploy.config import ROUTING_POLICIES, SETTINGS
@@ -63,6 +63,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     app = create_app(table, args.served_model_name, metrics=metrics, admission=admission,
                      stream_migrations=int(str(_DEFAULTS["STREAM_MIGRATIONS"])))  # fmt: skip
+    tune_gc_for_serving()  # as deploy/serve.py does
     logger.info("door on port %d: %s", args.port, ", ".join(f"{e['name']}={e['role']}" for e in engines))
     uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning", access_log=False,
                 loop="uvloop", http="httptools")  # fmt: skip

@@ -27,7 +27,7 @@ import yr
 from controller.admission import Admission
 from controller.controller import Controller
 from controller.door_metrics import DoorMetrics
-from controller.frontdoor import create_app
+from controller.frontdoor import create_app, tune_gc_for_serving
 from controller.kv_events import KVEventSubscriber
 from controller.kv_index import KVIndex
 from controller.kv_policy import KVAware
@@ -144,6 +144,7 @@ def serve(config: ServiceConfig, adopt: bool = False) -> int:
             uvicorn.Config(app, host=config.server_ip, port=config.server_port, log_level="warning", access_log=False,
                            timeout_graceful_shutdown=int(config.drain_timeout_s))  # fmt: skip
         )
+        tune_gc_for_serving()
         logger.info("%s %s", READY_MARKER, state.endpoint)
         server.run()
         return 0
