@@ -43,7 +43,6 @@ class RoutedPrompt:
     """One request's prompt as the router sees it."""
 
     tokens: int
-    hashes: list[int]
     cache: PromptCache
 
 
@@ -133,7 +132,7 @@ class KVRouter:
         hashes = self.index.hashes(tokens, cache_salt=salt if isinstance(salt, str) else None)
         key = hashes[0] if hashes else 0
         cache = PromptCache(len(tokens), self.index.block_size, self.index.match(hashes), key=key)
-        return RoutedPrompt(len(tokens), hashes, cache)
+        return RoutedPrompt(len(tokens), cache)
 
     def order(self, candidates: Sequence[EngineLoad], prompt: RoutedPrompt) -> list[EngineLoad]:
         return self.policy.order_cached(candidates, prompt.cache)
