@@ -13,6 +13,7 @@ import sys
 # name -> (module, what it measures)
 EXPERIMENTS: dict[str, tuple[str, str]] = {
     "seed000": ("benchmarks.seed000", "seed 000: grouped-prefix prompts through the door, PD and colocated arms"),
+    "seed002": ("benchmarks.seed002", "seed 002: 1P1D (door, vllm-router) against colocated on the same cores, random prompts"),
     "seed003": ("benchmarks.ttft_tiers", "seed 003: TTFT cold / device-cache hit / data system hit, same and other worker"),
     "pd-handoff": ("benchmarks.pd_handoff", "a cold PD request leg by leg against the prefill engine alone"),
     "connector-io": ("benchmarks.connector_io", "connector save/load GB/s against the raw data system and ExampleConnector"),

@@ -5,6 +5,9 @@ prompts of a group share a ``prefix_tokens``-token head and each has its own
 ``suffix_tokens``-token tail. Token counts are in the served model's tokenizer: the
 text is made of random whole-word tokens of that tokenizer, so it encodes back exactly.
 The same seed gives the same prompts, in the same (shuffled) order.
+
+Seed 002's workload is random prompts (``random_prompts``): independent prompts of an
+exact token count each, made of the same whole-word tokens.
 """
 
 from __future__ import annotations
@@ -79,6 +82,17 @@ def grouped_prefix_prompts(tokenizer: Tokenizer, workload: GroupedPrefixWorkload
             prompts.append((group, prefix + random_text(words, workload.suffix_tokens, rng)))
     rng.shuffle(prompts)
     return prompts
+
+
+def random_prompts(tokenizer: Tokenizer, count: int, tokens: int, seed: int) -> list[str]:
+    """``count`` prompts of exactly ``tokens`` random whole-word tokens each (seed 002's
+    random-prompt workload); the same seed gives the same prompts, another seed others."""
+    for name, value in (("count", count), ("tokens", tokens)):
+        if value < 1:
+            raise ValueError(f"{name} must be at least 1, got {value}")
+    rng = random.Random(seed)
+    words = word_tokens(tokenizer)
+    return [random_text(words, tokens, rng) for _ in range(count)]
 
 
 def write_custom_jsonl(path: Path, prompts: list[str], output_tokens: int) -> Path:
