@@ -3,6 +3,7 @@ deployment per arm, side by side in one run:
 
     .venv/bin/python -m benchmarks.seed000 [--repeats 3] [--groups 6] [--per-group 6]
         [--prefix 1400] [--suffix 280] [--output 2] [--concurrency 4] [--arms a,b,...]
+        [--results seed000]
 
 Arms (each deployed by the project's CLI on this machine's cores, then cleaned):
 - ``vanilla``: 2 vLLM instances with no KV connector at all (``KV_CONNECTOR=none``);
@@ -14,7 +15,10 @@ Arms (each deployed by the project's CLI on this machine's cores, then cleaned):
   through the data system;
 - ``1p1d``: the same without prefix reuse (handoff only);
 - ``1p1d-example``: 1P1D with vLLM's own ExampleConnector (KV through files) instead of
-  ours, behind the same front door.
+  ours, behind the same front door;
+- ``colocated-rr`` and ``colocated+reuse-rr``: ``colocated`` and ``colocated+reuse``
+  with ``ROUTING_POLICY=round_robin``, so that a group's prompts land on both instances
+  and a prefix computed on one is reused (or not) on the other.
 
 The client is ``vllm bench serve`` (its own process) on a custom JSONL of
 ``groups x per-group`` prompts (benchmarks/datasets.py); each repeat uses fresh
@@ -22,7 +26,8 @@ prompts (another seed), so no run starts with a warm cache, after a warm-up of 4
 prompts that is not counted. Store calls that failed
 or timed out are counted from the engines' logs. Results:
 benchmarks/results/seed000.json, a Markdown table (seed000.md) and plots
-(seed000_req_s.png, seed000_ttft.png): medians of the repeats with their min-max.
+(seed000_req_s.png, seed000_ttft.png): medians of the repeats with their min-max;
+``--results NAME`` writes NAME.json, NAME.md and NAME_*.png instead.
 """
 
 from __future__ import annotations
@@ -52,7 +57,14 @@ ARMS: dict[str, dict[str, str]] = {
     "1p1d": {"PREFILL_INS_NUM": "1", "DECODE_INS_NUM": "1", "USING_PREFIX_CONNECTOR": "0"},
     "1p1d-example": {"PREFILL_INS_NUM": "1", "DECODE_INS_NUM": "1", "USING_PREFIX_CONNECTOR": "0",
                      "KV_CONNECTOR": "ExampleConnector"},
+    # A group's prompts spread over both instances: a prefix one instance computed is
+    # computed again by the other, unless the data system hands it over.
+    "colocated-rr": {"PREFILL_INS_NUM": "2", "DECODE_INS_NUM": "0", "USING_PREFIX_CONNECTOR": "0",
+                     "ROUTING_POLICY": "round_robin"},
+    "colocated+reuse-rr": {"PREFILL_INS_NUM": "2", "DECODE_INS_NUM": "0", "USING_PREFIX_CONNECTOR": "1",
+                           "ROUTING_POLICY": "round_robin"},
 }
+DEFAULT_ARMS = ("vanilla", "colocated", "colocated+reuse", "1p1d+reuse", "1p1d")
 # A store call that failed or was not answered in time (the connector logs these at
 # WARNING with the store's address; a late answer is logged at most every few seconds).
 STORE_FAILURE = re.compile(r"\[store=[^\]]+\] [^:]*(?: failed|: no answer within|helper lost)")
@@ -111,8 +123,12 @@ def main() -> None:
     parser.add_argument("--suffix", type=int, default=280)
     parser.add_argument("--output", type=int, default=2)
     parser.add_argument("--concurrency", type=int, default=4)
-    parser.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, from: {', '.join(ARMS)}")
+    parser.add_argument("--arms", default=",".join(DEFAULT_ARMS), help=f"comma-separated, from: {', '.join(ARMS)}")
+    parser.add_argument("--results", default=RESULTS.stem, help="name of the result files in benchmarks/results")
     args = parser.parse_args()
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", args.results):
+        raise SystemExit(f"--results {args.results!r}: must be a plain name (letters, digits, _ and -)")
+    results_path = RESULTS.with_name(f"{args.results}.json")
     arms = [arm.strip() for arm in args.arms.split(",") if arm.strip()]
     unknown = [arm for arm in arms if arm not in ARMS]
     if unknown:
@@ -128,11 +144,11 @@ def main() -> None:
         median = figures["median"]
         print(f"{arm:<18}{median['request_throughput']:>8.2f}{median['mean_ttft_ms']:>14.0f}{median['p99_ttft_ms']:>13.0f}"
               f"{figures['store_call_failures']:>16}")  # fmt: skip
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
-    for written in write_report(results["arms"], RESULTS.with_suffix("")):  # type: ignore[arg-type]
+    results_path.parent.mkdir(parents=True, exist_ok=True)
+    results_path.write_text(json.dumps(results, indent=2) + "\n")
+    for written in write_report(results["arms"], results_path.with_suffix("")):  # type: ignore[arg-type]
         print(f"written {written}")
-    print(f"written {RESULTS}")
+    print(f"written {results_path}")
 
 
 # (figure in ServeResult, column title, digits)
