@@ -223,6 +223,26 @@ def router_argv(binary: Path, port: int, prefill: str, decode: str, policy: str,
     return [
         str(binary), "--host", "127.0.0.1", "--port", str(port),
         "--vllm-pd-disaggregation", "--prefill", prefill, "--decode", decode,
+        *_router_options(policy, prometheus_port),
+    ]  # fmt: skip
+
+
+def router_argv_regular(binary: Path, port: int, worker_urls: Sequence[str], policy: str,
+                        prometheus_port: int) -> list[str]:  # fmt: skip
+    """vllm-router in its regular mode: each request to one of ``worker_urls`` (colocated
+    engines), chosen by ``policy``; cache_aware's tuning flags (--cache-threshold, ...) at
+    their defaults."""
+    if not worker_urls:
+        raise ValueError("vllm-router's regular mode needs at least one worker URL, got none")
+    return [
+        str(binary), "--host", "127.0.0.1", "--port", str(port),
+        "--worker-urls", *worker_urls,
+        *_router_options(policy, prometheus_port),
+    ]  # fmt: skip
+
+
+def _router_options(policy: str, prometheus_port: int) -> list[str]:
+    return [
         "--policy", policy,
         "--prometheus-port", str(prometheus_port),  # default 29000: two routers would collide
         "--worker-startup-check-interval", "1",  # default 30 s between its start-up health checks

@@ -41,8 +41,8 @@ import math
 import os
 import signal
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -51,13 +51,14 @@ from transformers import AutoTokenizer
 
 from benchmarks.datasets import Tokenizer, random_prompts, write_custom_jsonl
 from benchmarks.deployment import deployed
-from benchmarks.frontdoor_overhead import installed_router, parties, router_argv
+from benchmarks.frontdoor_overhead import installed_router
 from benchmarks.report import Spread, bar_panels, bar_plot, markdown_table
+from benchmarks.router_arm import engine_url, router_in_front
 from benchmarks.serve_bench import ServeResult, serve_bench
 from deploy.embedded_model import BENCH_MODEL_CONFIG, BENCH_MODEL_NAME, ensure_embedded_model
 from deploy.state import DeploymentState
 from tests.e2e import external_kv_tokens, metric
-from tests.helpers import PROJECT_ROOT, free_port, isolated_env
+from tests.helpers import PROJECT_ROOT, isolated_env
 
 RESULTS = Path(__file__).resolve().parent / "results" / "seed002.json"
 ROUTER_POLICY = "round_robin"  # its fastest policy in the door-overhead benchmark
@@ -177,16 +178,6 @@ def write_report(arms: Mapping[str, Mapping[str, object]], stem: Path, against: 
 # --- the arms ---------------------------------------------------------------------------------
 
 
-def engine_url(engines: Sequence[Mapping[str, object]], role: str) -> str:
-    """The one engine of ``role`` in state.json's engine list (the Controller's EngineInfo
-    dicts: name, role, host, port, ...), as a base URL."""
-    found = [f"http://{engine['host']}:{engine['port']}" for engine in engines if engine.get("role") == role]
-    if len(found) != 1:
-        raise RuntimeError(f"expected exactly one {role} engine in the deployment's state.json, found {len(found)}: "
-                           f"{[engine.get('name') for engine in engines]}")  # fmt: skip
-    return found[0]
-
-
 def store_mb(workload: Workload, repeats: int) -> int:
     """Data system shared memory for every prompt's KV of a run (the TTL outlives it), with
     room to spare, in MiB: a full store refuses saves and the decode would recompute."""
@@ -194,21 +185,6 @@ def store_mb(workload: Workload, repeats: int) -> int:
     per_token = 2 * int(config["num_hidden_layers"]) * int(config["num_key_value_heads"]) * int(config["head_dim"]) * 2  # type: ignore[call-overload]
     tokens = (workload.prompts * repeats + WARMUP_PROMPTS) * (workload.input_tokens + MAX_LEN_SLACK)
     return max(512, 256 * math.ceil(2 * tokens * per_token / 2**20 / 256))
-
-
-@contextmanager
-def router_in_front(router: Path, state: DeploymentState, log_dir: Path) -> Iterator[str]:
-    """vllm-router in PD mode in front of the deployment's prefill and decode engines, in
-    its own process group; stopped (SIGTERM, a wait, SIGKILL) when the block ends."""
-    prefill, decode = engine_url(state.engines, "prefill"), engine_url(state.engines, "decode")
-    port = free_port()
-    argv = router_argv(router, port, prefill, decode, ROUTER_POLICY, free_port())
-    with parties(log_dir) as started:
-        party = started.start(f"vllm-router-{ROUTER_POLICY}", argv, port)
-        started.wait_ready(party)
-        print(f"  vllm-router ({ROUTER_POLICY}) pid {party.pid} at {party.url} -> prefill {prefill}, decode {decode}; "
-              f"log {party.log}", flush=True)  # fmt: skip
-        yield party.url
 
 
 def legs_counters(state: DeploymentState) -> dict[str, float]:
@@ -285,7 +261,7 @@ def load_entry(spec: ArmSpec, router: Path | None, state: DeploymentState, log_d
         return nullcontext(state.endpoint)
     if router is None:
         raise ValueError("an arm through vllm-router needs the router's executable")
-    return router_in_front(router, state, log_dir)
+    return router_in_front(router, state, log_dir, ROUTER_POLICY)  # PD mode: the deployment is 1P1D
 
 
 def _raise_on_sigterm(signum: int, frame: FrameType | None) -> None:

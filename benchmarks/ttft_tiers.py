@@ -39,7 +39,10 @@ RESULTS = Path(__file__).resolve().parent / "results" / "ttft_tiers.json"
 STATES = ("cold", "device prefix cache", "data system, same worker", "data system, other worker")
 
 
-def ttft(url: str, model: str, prompt: list[int]) -> float:
+Prompt = list[int] | str  # token ids, or text the engine tokenizes
+
+
+def ttft(url: str, model: str, prompt: Prompt) -> float:
     body = {"model": model, "prompt": prompt, "max_tokens": 1, "temperature": 0, "stream": True}
     started = time.perf_counter()
     with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=600) as response:

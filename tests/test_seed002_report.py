@@ -1,6 +1,6 @@
 """Seed 002's benchmark parts (no deployment): the random-prompt generator in the served
-model's tokenizer, the % difference row, the table and plot writers, the arms' settings
-and how the vllm-router arm finds the engines in state.json."""
+model's tokenizer, the % difference row, the table and plot writers, the arms' settings.
+How the vllm-router arm finds the engines in state.json: tests/test_router_arm.py."""
 
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ from benchmarks.seed002 import (
     REPORTED,
     TABLE_COLUMNS,
     difference_row,
-    engine_url,
     parse_args,
     percent_difference,
     report_table,
@@ -144,19 +143,6 @@ def test_every_arm_is_a_valid_deployment_on_the_same_two_cores(tmp_path: Path) -
     }  # fmt: skip
     assert ARMS["1p1d-vllm-router"].settings == ARMS["1p1d"].settings
     assert [name for name, arm in ARMS.items() if arm.through_router] == ["1p1d-vllm-router"]
-
-
-def test_the_router_finds_the_prefill_and_decode_engine_in_state_json() -> None:
-    engines = [
-        {"name": "prefill-0", "role": "prefill", "host": "10.0.0.5", "port": 8101, "state": "healthy"},
-        {"name": "decode-0", "role": "decode", "host": "10.0.0.5", "port": 8102, "state": "healthy"},
-    ]
-    assert engine_url(engines, "prefill") == "http://10.0.0.5:8101"
-    assert engine_url(engines, "decode") == "http://10.0.0.5:8102"
-    with pytest.raises(RuntimeError, match=r"exactly one decode engine .* found 2"):
-        engine_url([*engines, {**engines[1], "name": "decode-1", "port": 8103}], "decode")
-    with pytest.raises(RuntimeError, match="exactly one prefill engine .* found 0"):
-        engine_url(engines[1:], "prefill")
 
 
 def test_options_name_known_arms(capsys: pytest.CaptureFixture[str]) -> None:
