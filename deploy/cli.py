@@ -19,8 +19,9 @@ from pathlib import Path
 
 from deploy import config as config_module
 from deploy.config import EXAMPLE_KV_DIR, ServiceConfig
-from deploy.datasystem import stop_workers
+from deploy.datasystem import stop_workers, worker_listens
 from deploy.errors import ConfigError, DeployError, StartupError
+from deploy.node_status import NODE_HEADER, node_rows, table_lines, yr_cli_path, yr_status_lines
 from deploy.state import READY_MARKER, DeploymentState, pid_alive, read_pid, write_pid
 from workers.engine_process import is_healthy
 
@@ -205,9 +206,15 @@ def status(config: ServiceConfig) -> int:
         )
     if len(rows) == 1:
         print("engines are still starting; progress in", config.deploy_log)
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    for row in rows:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    for line in table_lines(rows):
+        print(line)
+    nodes = node_rows(state, worker_listens)
+    if nodes:
+        print()
+        for line in table_lines([NODE_HEADER, *nodes]):
+            print(line)
+    for line in yr_status_lines(state, yr_cli_path()):
+        print(line)
     return 0
 
 
@@ -228,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="run_vllm_on_yr.sh", description="prefill/decode-disaggregated vLLM on openYuanrong")
     verbs = parser.add_subparsers(dest="verb", required=True)
-    for verb, text in (("deploy", "start the service and return when it is ready"), ("status", "one row per engine"), ("clean", "stop everything deploy started")):
+    for verb, text in (("deploy", "start the service and return when it is ready"), ("status", "one row per engine, then one per node"), ("clean", "stop everything deploy started")):
         config_module.add_arguments(verbs.add_parser(verb, help=text))
     log_parser = verbs.add_parser("logs", help="show the deploy log and the engines' logs")
     config_module.add_arguments(log_parser)

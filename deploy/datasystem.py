@@ -16,6 +16,7 @@ from pathlib import Path
 
 from deploy.config import DataSystemConfig
 from deploy.errors import StartupError
+from deploy.master_info import tcp_answers
 from patch.yuanrong_connector.sdk_threads import calm_sdk_threads
 
 logger = logging.getLogger(__name__)
@@ -62,6 +63,18 @@ def worker_answers(address: str, timeout_ms: int = 2000) -> bool:
     finally:
         calm_sdk_threads()  # the SDK's IO threads of this process (the door's) run at nice -15
     return True
+
+
+WORKER_PROBE_TIMEOUT_S = 1.0
+
+
+def worker_listens(address: str, timeout_s: float = WORKER_PROBE_TIMEOUT_S) -> bool:
+    """Whether the data system worker at ``address`` (host:port) accepts a TCP connection:
+    the cheap probe ``status`` uses (``worker_answers`` starts an SDK client and its threads)."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        return False
+    return tcp_answers(host.strip("[]"), int(port), timeout_s)
 
 
 def start_workers(settings: DataSystemConfig, home: Path) -> None:

@@ -51,6 +51,8 @@ class EngineInfo:
     restarts: int
     state: str  # starting | healthy | restarting | failed | stopped
     events_port: int = 0  # KV events PUB socket (replay on +1); 0: none (or an adopted engine's, unknown)
+    node_id: str = ""  # the planner's node; "" when the runtime chose it (the engine runs at ``host``)
+    ds_worker_address: str = ""  # the data system worker it attaches to (host:port, on its node)
 
     @property
     def url(self) -> str:
@@ -220,6 +222,8 @@ class EngineActor:
             restarts=self._restarts,
             state=self._state,
             events_port=self._events_port,
+            node_id=self._spec.node_id,
+            ds_worker_address=self._spec.ds_worker_address,  # resolved on its node in __init__
         ).to_dict()
 
     def stop(self) -> None:
