@@ -3,7 +3,7 @@ deployment per arm, side by side in one run:
 
     .venv/bin/python -m benchmarks.seed000 [--repeats 3] [--groups 6] [--per-group 6]
         [--prefix 1400] [--suffix 280] [--output 2] [--concurrency 4] [--arms a,b,...]
-        [--results seed000]
+        [--results seed000] [--model 93m|365m | --model-path DIR]
 
 Arms (each deployed by the project's CLI on this machine's cores, then cleaned):
 - ``vanilla``: 2 vLLM instances with no KV connector at all (``KV_CONNECTOR=none``);
@@ -45,8 +45,8 @@ from benchmarks.datasets import GroupedPrefixWorkload, grouped_prefix_prompts, w
 from benchmarks.deployment import deployed
 from benchmarks.report import Spread, bar_plot, markdown_table
 from benchmarks.serve_bench import ServeResult, serve_bench
-from deploy.embedded_model import BENCH_MODEL_CONFIG, BENCH_MODEL_NAME, ensure_embedded_model
-from tests.helpers import PROJECT_ROOT, isolated_env
+from benchmarks.models import BenchModel, add_model_options, bench_model
+from tests.helpers import isolated_env
 
 RESULTS = Path(__file__).resolve().parent / "results" / "seed000.json"
 ARMS: dict[str, dict[str, str]] = {
@@ -69,7 +69,8 @@ DEFAULT_ARMS = ("vanilla", "colocated", "colocated+reuse", "1p1d+reuse", "1p1d")
 # WARNING with the store's address; a late answer is logged at most every few seconds).
 STORE_FAILURE = re.compile(r"\[store=[^\]]+\] [^:]*(?: failed|: no answer within|helper lost)")
 WARMUP_SEED = 10_000
-STORE_MB = 4096
+STORE_MB = 4096  # the ~93M model's KV for every prompt of 3 runs, with room; scaled by KV bytes per token
+BASE_KV_BYTES_PER_TOKEN = 12 * 1024
 REPORTED = ("request_throughput", "mean_ttft_ms", "median_ttft_ms", "p99_ttft_ms", "mean_tpot_ms", "total_token_throughput")
 
 
@@ -78,14 +79,16 @@ def store_failures(sessions_dir: Path) -> int:
     return sum(len(STORE_FAILURE.findall(log.read_text(errors="replace"))) for log in logs)
 
 
-def run_arm(arm: str, model: Path, workload: GroupedPrefixWorkload, repeats: int, concurrency: int) -> dict[str, object]:
+def run_arm(arm: str, bench: BenchModel, workload: GroupedPrefixWorkload, repeats: int, concurrency: int) -> dict[str, object]:
     tmp = Path(tempfile.mkdtemp(prefix=f"seed000-{arm.replace('+', '-')}-", dir="/tmp"))
     max_len = workload.prefix_tokens + workload.suffix_tokens + workload.output_tokens + 64
     params = f"--enforce-eager --max-model-len {max_len}"
     # Shared memory for every block of every run (~20 MiB per 1.7K-token prompt of this
     # model): a full store refuses saves, and prefix reuse would then measure nothing.
+    model = bench.path
+    store_mb = max(STORE_MB, STORE_MB * bench.kv_bytes_per_token // BASE_KV_BYTES_PER_TOKEN)
     env = isolated_env(tmp, MODEL_PATH=str(model), PREFILL_STARTUP_PARAMS=params, DECODE_STARTUP_PARAMS=params,
-                       DS_SHARED_MEMORY_MB=str(STORE_MB), **ARMS[arm])  # fmt: skip
+                       DS_SHARED_MEMORY_MB=str(store_mb), **ARMS[arm])  # fmt: skip
     tokenizer = AutoTokenizer.from_pretrained(model)
     runs: list[ServeResult] = []
     with deployed(env) as state:
@@ -124,6 +127,7 @@ def main() -> None:
     parser.add_argument("--output", type=int, default=2)
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--arms", default=",".join(DEFAULT_ARMS), help=f"comma-separated, from: {', '.join(ARMS)}")
+    add_model_options(parser)
     parser.add_argument("--results", default=RESULTS.stem, help="name of the result files in benchmarks/results")
     args = parser.parse_args()
     if not re.fullmatch(r"[A-Za-z0-9_-]+", args.results):
@@ -134,8 +138,9 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"unknown arm(s) {', '.join(unknown)}; choose from {', '.join(ARMS)}")
     workload = GroupedPrefixWorkload(args.groups, args.per_group, args.prefix, args.suffix, args.output)
-    model = ensure_embedded_model(PROJECT_ROOT / ".cache" / "models", BENCH_MODEL_NAME, BENCH_MODEL_CONFIG)
-    results: dict[str, object] = {"workload": workload.__dict__, "concurrency": args.concurrency, "repeats": args.repeats, "arms": {}}
+    model = bench_model(args)
+    results: dict[str, object] = {"workload": workload.__dict__, "concurrency": args.concurrency, "repeats": args.repeats,
+                                  "model": {"name": model.name, "path": str(model.path)}, "arms": {}}  # fmt: skip
     for arm in arms:
         print(f"arm {arm}: deploying", flush=True)
         results["arms"][arm] = run_arm(arm, model, workload, args.repeats, args.concurrency)  # type: ignore[index]

@@ -3,6 +3,7 @@ on a random-prompt serving workload, one deployment per arm, side by side in one
 
     .venv/bin/python -m benchmarks.seed002 [--prompts 32] [--input 256] [--output 128]
         [--concurrency 8] [--repeats 3] [--arms a,b,...] [--baseline colocated-1x2] [--against 1p1d]
+        [--model 93m|365m | --model-path DIR]
 
 Seed 002 measured DeepSeek-R1-Distill-Qwen-32B on 8 NPUs: 4P+4D against one TP=8
 instance, ~216 input and ~214 output tokens per request. Here every arm gets the same
@@ -49,16 +50,16 @@ from types import FrameType
 
 from transformers import AutoTokenizer
 
+from benchmarks.models import BenchModel, add_model_options, bench_model
 from benchmarks.datasets import Tokenizer, random_prompts, write_custom_jsonl
 from benchmarks.deployment import deployed
 from benchmarks.frontdoor_overhead import installed_router
 from benchmarks.report import Spread, bar_panels, bar_plot, markdown_table
 from benchmarks.router_arm import engine_url, router_in_front
 from benchmarks.serve_bench import ServeResult, serve_bench
-from deploy.embedded_model import BENCH_MODEL_CONFIG, BENCH_MODEL_NAME, ensure_embedded_model
 from deploy.state import DeploymentState
 from tests.e2e import external_kv_tokens, metric
-from tests.helpers import PROJECT_ROOT, isolated_env
+from tests.helpers import isolated_env
 
 RESULTS = Path(__file__).resolve().parent / "results" / "seed002.json"
 ROUTER_POLICY = "round_robin"  # its fastest policy in the door-overhead benchmark
@@ -178,11 +179,10 @@ def write_report(arms: Mapping[str, Mapping[str, object]], stem: Path, against: 
 # --- the arms ---------------------------------------------------------------------------------
 
 
-def store_mb(workload: Workload, repeats: int) -> int:
+def store_mb(workload: Workload, repeats: int, per_token: int) -> int:
     """Data system shared memory for every prompt's KV of a run (the TTL outlives it), with
-    room to spare, in MiB: a full store refuses saves and the decode would recompute."""
-    config = BENCH_MODEL_CONFIG
-    per_token = 2 * int(config["num_hidden_layers"]) * int(config["num_key_value_heads"]) * int(config["head_dim"]) * 2  # type: ignore[call-overload]
+    room to spare, in MiB (``per_token``: KV bytes per token): a full store refuses saves
+    and the decode would recompute."""
     tokens = (workload.prompts * repeats + WARMUP_PROMPTS) * (workload.input_tokens + MAX_LEN_SLACK)
     return max(512, 256 * math.ceil(2 * tokens * per_token / 2**20 / 256))
 
@@ -222,13 +222,14 @@ def measured_runs(url: str, state: DeploymentState, model: Path, tokenizer: Toke
     return runs
 
 
-def run_arm(arm: str, model: Path, workload: Workload, repeats: int, concurrency: int,
+def run_arm(arm: str, bench: BenchModel, workload: Workload, repeats: int, concurrency: int,
             router: Path | None) -> dict[str, object]:  # fmt: skip
     spec = ARMS[arm]
     tmp = Path(tempfile.mkdtemp(prefix=f"seed002-{arm}-", dir="/tmp"))
     params = f"--enforce-eager --max-model-len {workload.input_tokens + workload.output_tokens + MAX_LEN_SLACK}"
+    model = bench.path
     env = isolated_env(tmp, MODEL_PATH=str(model), PREFILL_STARTUP_PARAMS=params, DECODE_STARTUP_PARAMS=params,
-                       DS_SHARED_MEMORY_MB=str(store_mb(workload, repeats)), **spec.settings)  # fmt: skip
+                       DS_SHARED_MEMORY_MB=str(store_mb(workload, repeats, bench.kv_bytes_per_token)), **spec.settings)  # fmt: skip
     tokenizer = AutoTokenizer.from_pretrained(model)
     pd = spec.settings["DECODE_INS_NUM"] != "0"
     with deployed(env) as state, load_entry(spec, router, state, tmp) as url:
@@ -282,6 +283,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, from: {', '.join(ARMS)}")
     parser.add_argument("--baseline", default="colocated-1x2", help="the %% difference row's reference arm")
     parser.add_argument("--against", default="1p1d", help="the arm the %% difference row compares to --baseline")
+    add_model_options(parser)
     args = parser.parse_args(argv)
     for name in ("prompts", "input", "output", "concurrency", "repeats"):
         if getattr(args, name) < 1:
@@ -310,13 +312,13 @@ def main() -> None:
     args = parse_args()
     signal.signal(signal.SIGTERM, _raise_on_sigterm)
     workload = Workload(args.prompts, args.input, args.output, args.seed)
-    model = ensure_embedded_model(PROJECT_ROOT / ".cache" / "models", BENCH_MODEL_NAME, BENCH_MODEL_CONFIG)
+    model = bench_model(args)
     routed = [arm for arm in args.arms if ARMS[arm].through_router]
     router, router_note = installed_router() if routed else (None, "not run")
     results: dict[str, object] = {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "machine": {"nproc": len(os.sched_getaffinity(0)), "load_average_before": [round(x, 2) for x in os.getloadavg()]},
-        "model": {"name": BENCH_MODEL_NAME, "path": str(model), "config": BENCH_MODEL_CONFIG},
+        "model": {"name": model.name, "path": str(model.path), "config": model.config},
         "workload": workload.__dict__, "warmup_prompts": WARMUP_PROMPTS, "concurrency": args.concurrency,
         "repeats": args.repeats, "baseline": args.baseline, "against": args.against,
         "vllm_router": {"policy": ROUTER_POLICY, "note": router_note},

@@ -66,6 +66,24 @@ BENCH_MODEL_CONFIG = {
 }
 
 
+# A ~365M-parameter variant for accelerators, where the ~93M one computes a few thousand
+# tokens too fast for reuse to save anything (32 layers, hidden 1024, 4 KV heads of 64:
+# 32 KiB of KV cache per token in bf16).
+BENCH_LARGE_MODEL_NAME = "bench-qwen2-365m-random"
+BENCH_LARGE_MODEL_CONFIG = {
+    **BENCH_MODEL_CONFIG,
+    "hidden_size": 1024,
+    "intermediate_size": 2816,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 16,
+}
+# The benchmarks' ``--model`` choices: name -> (folder name, config).
+BENCH_MODELS: dict[str, tuple[str, dict[str, object]]] = {
+    "93m": (BENCH_MODEL_NAME, BENCH_MODEL_CONFIG),
+    "365m": (BENCH_LARGE_MODEL_NAME, BENCH_LARGE_MODEL_CONFIG),
+}
+
+
 def embedded_model_dir(cache_dir: Path, name: str = MODEL_NAME) -> Path:
     return cache_dir / f"{name}-v{BUILD_VERSION}"
 
