@@ -15,9 +15,10 @@ heads x 128 tokens x 2 x 64 x 2 bytes = 1.5 MiB, so the store sees 1.5 MiB value
   step itself is held (hand-over only) is printed too. Fresh keys each repeat.
 - connector load: ``start_load`` until the background loader reports the request
   loaded (exist, get, copies into every layer's cache).
-  Both as engines run them (store calls in a helper process, block bytes through its
-  shared arena: one more copy each way) and with the SDK called in-process (zero-copy,
-  but every call holds the GIL while it waits: what engines did before the helper).
+  Both as engines run them (store calls in a helper process, which copies blocks
+  between the store and the KV cache, shared with it as vLLM's single CPU allocation
+  is: one copy each way) and with the SDK called in-process (zero-copy, but every call
+  holds the GIL while it waits: what engines did before the helper).
 - ExampleConnector: its real save_kv_layer/wait_for_save and start_load_kv/
   wait_for_layer_load (benchmarks/example_connector_io.py), files under /tmp.
 
@@ -56,9 +57,14 @@ RESULTS = Path(__file__).resolve().parent / "results" / "connector_io.json"
 BLOCK_SIZE, KV_HEADS, HEAD = 128, 4, 64
 
 
-def _layers(num_layers: int, num_blocks: int) -> dict[str, torch.Tensor]:
+def _layers(num_layers: int, num_blocks: int, random: bool = True) -> dict[str, torch.Tensor]:
+    """Every layer a view of one allocation, as vLLM allocates a CPU engine's KV cache."""
+    per_layer = num_blocks * KV_HEADS * BLOCK_SIZE * 2 * HEAD
+    backing = torch.zeros(num_layers * per_layer, dtype=torch.bfloat16)
+    if random:
+        backing.normal_()
     return {
-        f"model.layers.{i}.self_attn.attn": torch.randn(num_blocks, KV_HEADS, BLOCK_SIZE, 2 * HEAD).to(torch.bfloat16)
+        f"model.layers.{i}.self_attn.attn": backing[i * per_layer : (i + 1) * per_layer].view(num_blocks, KV_HEADS, BLOCK_SIZE, 2 * HEAD)
         for i in range(num_layers)
     }
 
@@ -101,7 +107,7 @@ class ConnectorArm:
         self.caches, self.block_ids = caches, block_ids
         self.producer = YuanRongWorker(settings, open_store(address), tp_rank=0, num_blocks=num_blocks)
         self.producer.register_kv_caches(caches)
-        self.targets = {name: torch.zeros_like(t) for name, t in caches.items()}
+        self.targets = _layers(len(caches), num_blocks, random=False)
         self.consumer = YuanRongWorker(settings, open_store(address), tp_rank=0, num_blocks=num_blocks)
         self.consumer.register_kv_caches(self.targets)
         self.times: dict[str, list[float]] = {"save_s": [], "handover_s": [], "load_s": []}

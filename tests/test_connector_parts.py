@@ -49,10 +49,10 @@ def test_stored_value_order_is_layer_name_order_and_k_before_v() -> None:
     assert piece.offset == 3 * piece.nbytes
 
 
-def test_device_blobs_address_each_piece_of_a_block_in_place() -> None:
+def test_block_spans_address_each_piece_of_a_block_in_place() -> None:
     caches = _caches(SPLIT_SHAPE)
     cache = PagedKVCache.register(caches, NUM_BLOCKS)
-    blobs = cache.device_blobs(3)
+    blobs = cache.block_spans(3)
     first = caches[sorted(caches)[0]]
     assert blobs[0] == (first[0, 3].data_ptr(), first[0, 3].numel() * 2)
     assert blobs[1] == (first[1, 3].data_ptr(), first[1, 3].numel() * 2)

@@ -33,7 +33,7 @@ def device_blob_lists(cache: PagedKVCache, block_ids: Sequence[int], device_inde
     from yr.datasystem import Blob, DeviceBlobList
 
     return [
-        DeviceBlobList(device_index, [Blob(address, size) for address, size in cache.device_blobs(block_id)])
+        DeviceBlobList(device_index, [Blob(address, size) for address, size in cache.block_spans(block_id)])
         for block_id in block_ids
     ]
 

@@ -117,8 +117,8 @@ class PagedKVCache:
         for piece in self.pieces:
             piece.rows.index_copy_(0, block_index, values[:, piece.offset : piece.offset + piece.nbytes])
 
-    def device_blobs(self, block_id: int) -> list[tuple[int, int]]:
-        """(address, size) of each piece of block ``block_id``, in stored-value order: what a
-        device-side store API (the data system's HeteroClient on Ascend) reads or writes
-        directly, without a host copy."""
+    def block_spans(self, block_id: int) -> list[tuple[int, int]]:
+        """(address, size) of each piece of block ``block_id``, in stored-value order: where
+        a stored value is copied straight into or out of the cache (by the store helper in a
+        shared CPU cache; by the data system's HeteroClient on Ascend), without staging."""
         return [(piece.rows[block_id].data_ptr(), piece.nbytes) for piece in self.pieces]

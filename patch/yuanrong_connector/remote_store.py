@@ -12,7 +12,9 @@ the request timeout (per SDK call) plus ``_SLACK_S`` makes that call a miss, and
 calls after it are misses until the late answer has come (the helper serves one request
 at a time). Block bytes cross through a shared memory arena (a memfd both processes
 map): one more host copy per block each way than a zero-copy SDK call, in exchange for
-an engine that never waits on the store longer than that bound.
+an engine that never waits on the store longer than that bound. A CPU engine's KV cache
+can be shared with its helpers instead (``shared_cache``): then ``get_into`` and
+``put_from`` copy blocks between the cache and the store in the helper, one copy each way.
 
 A helper that dies is replaced on the first call ``retry_s`` later; meanwhile every call
 is a miss (vLLM computes). A helper exits when the engine's end of its socket closes.
@@ -33,6 +35,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+from patch.yuanrong_connector.shared_cache import SharedRegion
 from patch.yuanrong_connector.store import _MAX_KEYS_PER_READ, _MAX_KEYS_PER_WRITE, BlockStore, PutResult, leading_blocks
 
 logger = logging.getLogger(f"vllm.{__name__}")
@@ -96,6 +99,7 @@ class RemoteBlockStore:
         # straight into it; the callable it returns undoes that before the arena goes.
         self.arena_pinner: Callable[[memoryview], Callable[[], None]] | None = None
         self._unpin: Callable[[], None] | None = None
+        self._shared_cache: SharedRegion | None = None
 
     @property
     def address(self) -> str:
@@ -119,7 +123,19 @@ class RemoteBlockStore:
         """The same store for another thread: its own helper, arena and back-off state."""
         twin = RemoteBlockStore(self._address, self._timeout_ms, self._ttl_s, self._retry_s, self.arena_bytes, self._exclusive)
         twin.arena_pinner = self.arena_pinner
+        twin._shared_cache = self._shared_cache
         return twin
+
+    @property
+    def shared_cache(self) -> SharedRegion | None:
+        return self._shared_cache
+
+    def share_cache(self, region: SharedRegion) -> None:
+        """Give the helper the engine's shared KV cache (a running helper is replaced on
+        the next call, started with it)."""
+        with self._lock:
+            self._shared_cache = region
+            self._stop_helper()
 
     def max_blocks_per_move(self, value_size: int) -> int:
         """How many values of ``value_size`` bytes one ``get`` may return (the arena's room)."""
@@ -185,6 +201,27 @@ class RemoteBlockStore:
                 for i, copied in enumerate(result)
             ]
 
+    def get_into(self, keys: Sequence[str], value_size: int, spans: Sequence[Sequence[tuple[int, int]]]) -> list[bool]:
+        """Copy each key's value into the shared KV cache at ``spans[i]`` ((offset, size)
+        pieces, in the value's order): one flag per key, True where it was copied."""
+        if not keys:
+            return []
+        with self._lock:
+            request = ("get_into", list(keys), value_size, [list(pieces) for pieces in spans])
+            result = self._call(request, -(-len(keys) // _MAX_KEYS_PER_READ)) if self._shared_cache else _MISS
+        return [False] * len(keys) if result is _MISS else list(result)
+
+    def put_from(self, keys: Sequence[str], value_size: int, spans: Sequence[Sequence[tuple[int, int]]]) -> PutResult:
+        """Like ``put``, the values gathered by the helper from the shared KV cache."""
+        if not keys:
+            return PutResult(0, 0, 0)
+        with self._lock:
+            if time.monotonic() < self._full_until:
+                return PutResult(0, len(keys), 0)
+            request = ("put_from", list(keys), value_size, [list(pieces) for pieces in spans])
+            result = self._call(request, 2 * -(-len(keys) // _MAX_KEYS_PER_WRITE)) if self._shared_cache else _MISS
+        return PutResult(0, 0, len(keys)) if result is _MISS else PutResult(*result)
+
     def close(self) -> None:
         """Stop the helper (a call under way in another thread ends as a miss)."""
         acquired = self._lock.acquire(timeout=self._timeout_ms / 1000 + _SLACK_S)
@@ -245,9 +282,11 @@ class RemoteBlockStore:
                 "--request-timeout-ms", str(self._timeout_ms), "--ttl-s", str(self._ttl_s),
                 "--retry-s", str(self._retry_s), *(["--exclusive-connection"] if self._exclusive else []),
             ]  # fmt: skip
-            self._helper = subprocess.Popen(
-                command, pass_fds=(child_end.fileno(), arena_fd), env=env, stdin=subprocess.DEVNULL
-            )
+            fds = [child_end.fileno(), arena_fd]
+            if self._shared_cache is not None:
+                command += ["--cache-fd", str(self._shared_cache.fd), "--cache-bytes", str(self._shared_cache.size)]
+                fds.append(self._shared_cache.fd)
+            self._helper = subprocess.Popen(command, pass_fds=fds, env=env, stdin=subprocess.DEVNULL)
             self._arena = memoryview(mmap.mmap(arena_fd, self.arena_bytes))
             if self.arena_pinner is not None:
                 self._unpin = self.arena_pinner(self._arena)

@@ -1,7 +1,8 @@
 """Moving block bytes between vLLM's paged cache and host memory the store can read.
 
 - CPU caches: the store's shared-memory buffers are filled from, and read into, the
-  cache directly (one copy each way, no staging).
+  cache directly (one copy each way, no staging): by the store helper, in the cache's
+  shared pages (``shared_cache``), or in this process with an in-process store.
 - CUDA caches: blocks go through pinned host memory on a side stream. Saving waits for
   an event recorded after the forward pass; loading (in the loader thread, for a request
   vLLM has parked) synchronises the side stream before the request is reported.
@@ -28,8 +29,9 @@ from typing import Any
 import torch
 
 from patch.yuanrong_connector.paged_cache import PagedKVCache
-from patch.yuanrong_connector.remote_store import Store
-from patch.yuanrong_connector.store import PutResult
+from patch.yuanrong_connector.remote_store import RemoteBlockStore, Store
+from patch.yuanrong_connector.shared_cache import SharedRegion
+from patch.yuanrong_connector.store import PutResult, leading_blocks
 
 # The most device memory one save or load borrows for gathering blocks (whole blocks,
 # at least one): the engine sized its cache to the memory it was given.
@@ -136,6 +138,10 @@ class HostStaging:
                 self.cache.scatter(block_index[first : first + count], gathered[:count])
         self._stream.synchronize()
 
+    def _shared_spans(self, region: SharedRegion, block_ids: Sequence[int]) -> list[list[tuple[int, int]]]:
+        """Each block's pieces as (offset in the shared cache, size), in stored-value order."""
+        return [[(region.offset(address), size) for address, size in self.cache.block_spans(block_id)] for block_id in block_ids]
+
     def _index(self, block_ids: Sequence[int]) -> torch.Tensor:
         with torch.cuda.stream(self._stream):
             return torch.tensor(list(block_ids), dtype=torch.long).to(self.cache.device, non_blocking=True)
@@ -150,12 +156,17 @@ class HostStaging:
     # ---- the store ----
     def save(self, store: Store, keys: Sequence[str], block_ids: Sequence[int], marker: Any) -> PutResult:
         """Store blocks ``block_ids`` under ``keys``, published once written."""
+        if not self.on_cuda and isinstance(store, RemoteBlockStore) and store.shared_cache is not None:
+            return store.put_from(keys, self.cache.block_bytes, self._shared_spans(store.shared_cache, block_ids))
         return store.put(keys, self.cache.block_bytes, self.block_reader(block_ids, marker))
 
     def load(self, store: Store, keys: Sequence[str], block_ids: Sequence[int]) -> set[int]:
         """Copy stored blocks into the cache; return the block ids that could not be (from
         the first gap on: a missing or wrong-sized value, the blocks after it are computed)."""
         size = self.cache.block_bytes
+        if not self.on_cuda and isinstance(store, RemoteBlockStore) and store.shared_cache is not None:
+            copied = store.get_into(keys, size, self._shared_spans(store.shared_cache, block_ids))
+            return set(block_ids[leading_blocks(copied, 1) :])
         per_move = store.max_blocks_per_move(size)
         for first in range(0, len(keys), per_move):
             chunk = keys[first : first + per_move]

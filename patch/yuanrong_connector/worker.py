@@ -25,6 +25,7 @@ from patch.yuanrong_connector.metadata import BlockTransfer, YuanRongConnectorMe
 from patch.yuanrong_connector.paged_cache import PagedKVCache
 from patch.yuanrong_connector.saver import BackgroundSaver
 from patch.yuanrong_connector.settings import ConnectorSettings
+from patch.yuanrong_connector.shared_cache import share_cache_storage
 from patch.yuanrong_connector.staging import HostStaging
 from patch.yuanrong_connector.stats import YuanRongConnectorStats
 from patch.yuanrong_connector.remote_store import CUDA_ARENA_BYTES, RemoteBlockStore, Store
@@ -62,6 +63,10 @@ class YuanRongWorker:
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         self.cache = PagedKVCache.register(kv_caches, self.num_blocks)
         self._staging = HostStaging(self.cache)
+        if self.cache.device.type == "cpu" and isinstance(self.store, RemoteBlockStore):  # before the loader's sibling is made
+            region = share_cache_storage(kv_caches)
+            if region is not None:
+                self.store.share_cache(region)
         if self._staging.on_cuda and isinstance(self.store, RemoteBlockStore):  # before the loader's sibling is made
             self.store.arena_pinner = HostStaging.pin
             self.store.arena_bytes = max(self.store.arena_bytes, CUDA_ARENA_BYTES)
