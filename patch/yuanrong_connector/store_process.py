@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from patch.yuanrong_connector.store import BlockStore
+from patch.yuanrong_connector.store_mapping import populate_store_mappings
 
 logger = logging.getLogger(f"vllm.{__name__}")
 
@@ -140,7 +141,10 @@ def answer(store: BlockStore, arena: memoryview, request: tuple[Any, ...], copie
 
 def serve(conn: Connection, store: BlockStore, arena: memoryview, copier: Copier, cache: memoryview | None = None) -> None:
     """Answer requests until the engine closes its end; each answer carries the store's
-    back-off state: (seconds left marked down, seconds left skipping saves, result)."""
+    back-off state: (seconds left marked down, seconds left skipping saves, result).
+    A helper that moves blocks fills its page tables of the store's memory once
+    (``store_mapping``), after its first request that maps it."""
+    unfilled_tries = 5
     while True:
         try:
             request = conn.recv()
@@ -156,6 +160,8 @@ def serve(conn: Connection, store: BlockStore, arena: memoryview, copier: Copier
             conn.send((down_s, full_s, result))
         except (EOFError, OSError):
             return
+        if unfilled_tries and request[0] != "exists":  # once the SDK has mapped the store's memory
+            unfilled_tries = 0 if populate_store_mappings() is not None else unfilled_tries - 1
 
 
 def main() -> None:
