@@ -24,8 +24,12 @@ def _engine_pid_files(tmp: Path) -> list[Path]:
 
 def test_ctrl_c_while_engines_start_stops_everything_and_deploy_works_after(tmp_path: Path) -> None:
     env = isolated_env(tmp_path, PREFILL_STARTUP_PARAMS="--enforce-eager", DECODE_STARTUP_PARAMS="--enforce-eager")
+    # A terminal's Ctrl-C finds SIGINT at its default; a runner that started these tests in
+    # the background (bash `cmd &` without job control) passes it on ignored, and Python
+    # then never raises KeyboardInterrupt: give the CLI the terminal's disposition.
     cli = subprocess.Popen(["bash", str(SCRIPT), "deploy"], env=env, cwd=PROJECT_ROOT, text=True,
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     try:
         deadline = time.monotonic() + 600
         while len(_engine_pid_files(tmp_path)) < 2 and time.monotonic() < deadline and cli.poll() is None:
