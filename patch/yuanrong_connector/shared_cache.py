@@ -70,7 +70,6 @@ def share_memory(address: int, nbytes: int) -> SharedRegion:
     return SharedRegion(fd, start, end - start)
 
 
-
 def share_cache_storage(kv_caches: Mapping[str, torch.Tensor | Sequence[torch.Tensor]]) -> SharedRegion | None:
     """Move a CPU engine's KV cache into shared memory when every layer lives in one torch
     storage (vLLM's single allocation); None, saying why, where it cannot be."""

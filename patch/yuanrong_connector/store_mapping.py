@@ -5,8 +5,8 @@ process touches first costs a page fault, so a block just published by another e
 loads at about half the speed of the same block read again (measured in ``bench
 pd-handoff``: 12.6 ms fresh against 6.8 ms later for 48 MiB). When the worker keeps all
 its shared memory resident (``DS_SHARED_MEMORY_POPULATE=1``), the store helper fills its
-page tables once at start (``MADV_POPULATE_READ``: no page is allocated, the pages
-exist). Where the memory is not all resident it does nothing: filling would make the
+page tables once, after its first call (``MADV_POPULATE_READ``: no page is allocated,
+the pages exist). Where the memory is not all resident it does nothing: filling would make the
 worker's memory resident, all of it.
 """
 
