@@ -18,7 +18,9 @@ Arms (each deployed by the project's CLI on this machine's cores, then cleaned):
   ours, behind the same front door;
 - ``colocated-rr`` and ``colocated+reuse-rr``: ``colocated`` and ``colocated+reuse``
   with ``ROUTING_POLICY=round_robin``, so that a group's prompts land on both instances
-  and a prefix computed on one is reused (or not) on the other.
+  and a prefix computed on one is reused (or not) on the other;
+- ``colocated-kv`` and ``colocated+reuse-kv``: the same with ``ROUTING_POLICY=kv_aware``
+  (with reuse, an engine that would load the prefix from the data system is credited).
 
 The client is ``vllm bench serve`` (its own process) on a custom JSONL of
 ``groups x per-group`` prompts (benchmarks/datasets.py); each repeat uses fresh
@@ -63,6 +65,11 @@ ARMS: dict[str, dict[str, str]] = {
                      "ROUTING_POLICY": "round_robin"},
     "colocated+reuse-rr": {"PREFILL_INS_NUM": "2", "DECODE_INS_NUM": "0", "USING_PREFIX_CONNECTOR": "1",
                            "ROUTING_POLICY": "round_robin"},
+    # KV-aware routing: device hits, prefixes the data system holds, and load, weighed.
+    "colocated-kv": {"PREFILL_INS_NUM": "2", "DECODE_INS_NUM": "0", "USING_PREFIX_CONNECTOR": "0",
+                     "ROUTING_POLICY": "kv_aware"},
+    "colocated+reuse-kv": {"PREFILL_INS_NUM": "2", "DECODE_INS_NUM": "0", "USING_PREFIX_CONNECTOR": "1",
+                           "ROUTING_POLICY": "kv_aware"},
 }
 DEFAULT_ARMS = ("vanilla", "colocated", "colocated+reuse", "1p1d+reuse", "1p1d")
 # A store call that failed or was not answered in time (the connector logs these at

@@ -42,6 +42,15 @@ tiers), so a cap above their sum is never reached; it guards against a publisher
 removals are lost. Measured: ~150 bytes per entry (``benchmarks.kv_index_scale``: 1.02M
 entries of 256 engines, 146 MiB), so the default 2M entries is ~300 MiB at most.
 
+The data system tier, estimated (``track_store=True``, for deployments that reuse
+prefixes through the data system): every block an engine announces in its device cache
+has been, or is being, saved to the data system by our connector, and stays there after
+the engine evicts it. The index keeps the chained hashes of the blocks ever announced
+(bounded: the oldest forgotten past ``max_blocks``; not forgotten when an engine drops
+or restarts) and ``store_match`` counts a prompt's leading blocks among them. It
+over-reports what the store evicted (TTL, a full store) or has not saved yet: the
+engine then computes those blocks, as it would have anyway.
+
 ``drop(engine)`` forgets one engine's entries (its events were lost, or it restarted);
 ``remove(engine)`` also frees its id. Events of another KV cache group than
 ``group_idx``, of another block size (hybrid models' partial blocks), and blocks whose
@@ -143,7 +152,8 @@ class IndexStats:
 
 
 class KVIndex:
-    def __init__(self, block_size: int, max_blocks: int = DEFAULT_MAX_BLOCKS, group_idx: int = 0) -> None:
+    def __init__(self, block_size: int, max_blocks: int = DEFAULT_MAX_BLOCKS, group_idx: int = 0,
+                 track_store: bool = False) -> None:  # fmt: skip
         if block_size <= 0:
             raise ValueError(f"block_size={block_size}: must be the engines' KV block size (> 0)")
         if max_blocks <= 0:
@@ -161,6 +171,7 @@ class KVIndex:
         self._unresolved = 0
         self._evicted = 0
         self._dropped = 0
+        self._in_store: dict[int, None] | None = {} if track_store else None  # chained hashes, oldest first
 
     # -- queries (the request path) ------------------------------------------------
 
@@ -203,6 +214,19 @@ class KVIndex:
                 base = byte_index * 8
                 for offset in _BYTE_BITS[byte]:
                     counts[names[base + offset]] = held  # type: ignore[index]
+
+    def store_match(self, hashes: Sequence[int]) -> int:
+        """How many leading blocks of the prompt the data system holds (estimated, see the
+        module docstring); 0 when the index does not track the store."""
+        in_store = self._in_store
+        if not in_store:
+            return 0
+        held = 0
+        for block_hash in hashes:
+            if block_hash not in in_store:
+                break
+            held += 1
+        return held
 
     # -- engines ---------------------------------------------------------------------
 
@@ -304,9 +328,15 @@ class KVIndex:
         blocks, holders, bit = tier.blocks, tier.holders, tier.bit
         tokens = tuple(event.token_ids)
         extras = event.extra_keys
+        in_store = self._in_store if medium == MEDIUM_GPU else None
         for index, block_hash in enumerate(event.block_hashes):
             extra = None if extras is None or extras[index] is None else _hashable(extras[index])
             chain = hash((chain, tokens[index * size : (index + 1) * size], extra))
+            if in_store is not None:
+                in_store.pop(chain, None)  # now the newest
+                in_store[chain] = None
+                if len(in_store) > self.max_blocks:
+                    del in_store[next(iter(in_store))]
             key = _engine_hash(block_hash)
             if key in blocks:  # another copy: one more removal before it is gone; now the newest
                 tier.extra_refs[key] = tier.extra_refs.get(key, 0) + 1

@@ -13,10 +13,13 @@ engine does not hold in its device cache is at most ``selective_pd_tokens`` toke
 The decode engine then computes that part itself; the prefill leg's round trip, its
 save and the decode's load are saved.
 
-What the door does not know: the data system's contents (it would need the connector's
-keys and a store client in the door; the store tier is scored 0 here), and prompts with
-images (their blocks carry multimodal hashes the door cannot compute: such prompts
-match only up to their first image).
+The data system tier: with prefix reuse on, the index estimates what the store holds
+from the same events (``KVIndex.store_match``: every block an engine announced was
+saved by our connector), so an engine that would load the prompt's head from the store
+is credited with it (at ``KVAware.store_load_cost``); without prefix reuse it is scored 0.
+What the door does not know: the store's evictions (TTL, a full store: such blocks are
+computed after all), and prompts with images (their blocks carry multimodal hashes the
+door cannot compute: such prompts match only up to their first image).
 """
 
 from __future__ import annotations
@@ -131,7 +134,8 @@ class KVRouter:
         salt = body.get("cache_salt")
         hashes = self.index.hashes(tokens, cache_salt=salt if isinstance(salt, str) else None)
         key = hashes[0] if hashes else 0
-        cache = PromptCache(len(tokens), self.index.block_size, self.index.match(hashes), key=key)
+        cache = PromptCache(len(tokens), self.index.block_size, self.index.match(hashes),
+                            store_blocks=self.index.store_match(hashes), key=key)  # fmt: skip
         return RoutedPrompt(len(tokens), cache)
 
     def order(self, candidates: Sequence[EngineLoad], prompt: RoutedPrompt) -> list[EngineLoad]:

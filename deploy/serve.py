@@ -173,10 +173,12 @@ def serve(config: ServiceConfig, adopt: bool = False) -> int:
 
 
 def _kv_router(config: ServiceConfig, model_path: str, metrics: DoorMetrics) -> KVRouter:
-    """The door's KV-aware routing: an index of the engines' device caches, kept by their
-    KV events, and the served model's tokenizer for text and chat prompts."""
-    index = KVIndex(config.kv_block_size)
-    return KVRouter(index, PromptTokenizer(model_path), KVAware(store_reuse=False), config.selective_pd_tokens,
+    """The door's KV-aware routing: an index of the engines' device caches (and, with
+    prefix reuse, of what the data system holds), kept by their KV events, and the
+    served model's tokenizer for text and chat prompts."""
+    reuse = config.using_prefix_connector  # engines load prompt heads from the data system
+    index = KVIndex(config.kv_block_size, track_store=reuse)
+    return KVRouter(index, PromptTokenizer(model_path), KVAware(store_reuse=reuse), config.selective_pd_tokens,
                     KVEventSubscriber(index), metrics)  # fmt: skip
 
 

@@ -215,3 +215,30 @@ def test_bad_settings_are_refused() -> None:
         KVIndex(block_size=0)
     with pytest.raises(ValueError, match="max_blocks=0"):
         KVIndex(block_size=16, max_blocks=0)
+
+
+def test_the_store_tier_remembers_blocks_engines_have_evicted_or_forgotten() -> None:
+    index = KVIndex(block_size=B, track_store=True)
+    tokens = prompt(0, 3)
+    event = stored(tokens)
+    index.apply("a", [event])
+    index.apply("a", [BlockRemoved(block_hashes=event.block_hashes)])
+    index.apply("b", [stored(prompt(500, 1), medium=MEDIUM_CPU)])  # offload tiers are not the data system
+
+    assert index.match(index.hashes(tokens)) == {}  # evicted from a's device cache
+    assert index.store_match(index.hashes(tokens)) == 3  # but saved to the data system
+    assert index.store_match(index.hashes(tokens[:B] + [9] * B)) == 1  # diverges in block 1
+    assert index.store_match(index.hashes(prompt(500, 1))) == 0
+    index.remove("a")
+    assert index.store_match(index.hashes(tokens)) == 3  # an engine leaving does not empty the store
+    assert KVIndex(block_size=B).store_match(KVIndex(block_size=B).hashes(tokens)) == 0  # not tracked
+
+
+def test_the_store_tier_forgets_its_oldest_blocks_past_the_cap() -> None:
+    index = KVIndex(block_size=B, max_blocks=4, track_store=True)
+    older, newer = prompt(0, 2), prompt(100, 3)
+    index.apply("a", [stored(older)])
+    index.apply("a", [stored(newer)])
+
+    assert index.store_match(index.hashes(newer)) == 3
+    assert index.store_match(index.hashes(older)) == 0  # its first block was the oldest: forgotten

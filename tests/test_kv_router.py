@@ -11,6 +11,7 @@ import pytest
 
 from controller.kv_events import KVEventSubscriber
 from controller.kv_index import KVIndex
+from controller.kv_policy import KVAware
 from controller.kv_router import KVRouter, PromptTokenizer
 from controller.kv_wire import BlockStored
 from controller.policies import EngineLoad
@@ -110,3 +111,17 @@ def test_cache_salt_separates_prompts(salt: str) -> None:
     assert plain is not None and salted is not None
     assert plain.cache.device_blocks == {"d0": 2}
     assert salted.cache.device_blocks == {}
+
+
+def test_with_prefix_reuse_an_idle_engine_loading_from_the_store_beats_a_busy_holder() -> None:
+    tokens = list(range(24 * B + 1))
+    for track_store, expected in ((True, ["idle", "busy"]), (False, ["busy", "idle"])):
+        router = KVRouter(KVIndex(B, track_store=track_store), tokenize=lambda body: body.get("prompt"),
+                          policy=KVAware(store_reuse=track_store))  # fmt: skip
+        router.index.apply("busy", [_stored(tokens[: 24 * B])])
+        prompt = router.prompt({"prompt": tokens})
+        assert prompt is not None and prompt.cache.store_blocks == (24 if track_store else 0)
+        # busy: 384 cached tokens less 256 for its request in flight; idle: the same 384
+        # loaded from the store at 5% of their compute (without the store: nothing)
+        order = router.order([_engine("busy", outstanding=1), _engine("idle")], prompt)
+        assert [engine.name for engine in order] == expected
