@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from types import FrameType
 
 from deploy.state import DeploymentState
 from tests.helpers import run_cli
@@ -23,3 +25,13 @@ def deployed(env: dict[str, str]) -> Iterator[DeploymentState]:
         yield state
     finally:
         run_cli("clean", env, timeout=300)
+
+
+def exit_on_sigterm() -> None:
+    """SIGTERM ends this benchmark as an exception does: through every ``finally`` (the
+    deployments', the routers'), so a stopped benchmark leaves nothing running."""
+
+    def _raise(signum: int, frame: FrameType | None) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, _raise)

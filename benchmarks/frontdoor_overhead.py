@@ -53,12 +53,12 @@ from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any, TypeVar
 
 import aiohttp
 import uvloop
 
+from benchmarks.deployment import exit_on_sigterm
 from benchmarks.door_process import DEFAULT_POLICY as DOOR_DEFAULT_POLICY
 from benchmarks.door_process import POLICIES as DOOR_POLICIES
 from benchmarks.report import Spread
@@ -176,10 +176,6 @@ def _tail(log: Path, lines: int = 20) -> str:
         return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
     except OSError:
         return "(no log)"
-
-
-def _raise_on_sigterm(signum: int, frame: FrameType | None) -> None:
-    raise SystemExit(128 + signum)  # unwinds through ``parties``' finally
 
 
 # --- vllm-router ---------------------------------------------------------------------------
@@ -573,7 +569,7 @@ def main() -> None:
         if getattr(args, name) < least:
             parser.error(f"--{name.replace('_', '-')} must be at least {least}, got {getattr(args, name)}")
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    exit_on_sigterm()
 
     router_policies = [] if args.no_router else [p.strip() for p in args.router_policies.split(",") if p.strip()]
     router, router_note = installed_router() if router_policies else (None, "skipped (--no-router)")

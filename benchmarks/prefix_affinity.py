@@ -43,19 +43,17 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import signal
 import statistics
 import tempfile
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
 
 import httpx
 
 from benchmarks.datasets import GroupedPrefixWorkload, grouped_prefix_prompts
-from benchmarks.deployment import deployed
+from benchmarks.deployment import deployed, exit_on_sigterm
 from benchmarks.frontdoor_overhead import installed_router
 from benchmarks.router_arm import arm_name, router_in_front
 from benchmarks.ttft_tiers import Prompt, ttft
@@ -205,13 +203,9 @@ def run_arm(arm: Arm, model: Path, prompts: list[Prompt], prefix: int, layout: s
             "load_through": through}  # fmt: skip
 
 
-def _raise_on_sigterm(signum: int, frame: FrameType | None) -> None:
-    raise SystemExit(128 + signum)  # unwinds through the router's and the deployment's finally
-
-
 def main() -> None:
     args = parse_args()
-    signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    exit_on_sigterm()
     model = ensure_embedded_model(PROJECT_ROOT / ".cache" / "models", BENCH_MODEL_NAME, BENCH_MODEL_CONFIG)
     prompts = grouped_prompts(args.prompt_form, args.groups, args.per_group, args.prefix, model)
     routed = [arm for arm in args.arms if arm.router_policy is not None]

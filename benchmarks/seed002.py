@@ -40,19 +40,17 @@ import datetime
 import json
 import math
 import os
-import signal
 import tempfile
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
 
 from transformers import AutoTokenizer
 
 from benchmarks.models import BenchModel, add_model_options, bench_model
 from benchmarks.datasets import Tokenizer, random_prompts, write_custom_jsonl
-from benchmarks.deployment import deployed
+from benchmarks.deployment import deployed, exit_on_sigterm
 from benchmarks.frontdoor_overhead import installed_router
 from benchmarks.report import Spread, bar_panels, bar_plot, markdown_table
 from benchmarks.router_arm import engine_url, router_in_front
@@ -265,10 +263,6 @@ def load_entry(spec: ArmSpec, router: Path | None, state: DeploymentState, log_d
     return router_in_front(router, state, log_dir, ROUTER_POLICY)  # PD mode: the deployment is 1P1D
 
 
-def _raise_on_sigterm(signum: int, frame: FrameType | None) -> None:
-    raise SystemExit(128 + signum)  # unwinds through the router's and the deployment's finally
-
-
 # --- the run ----------------------------------------------------------------------------------
 
 
@@ -310,7 +304,7 @@ def print_table(arms: Mapping[str, Mapping[str, object]], against: str, baseline
 
 def main() -> None:
     args = parse_args()
-    signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    exit_on_sigterm()
     workload = Workload(args.prompts, args.input, args.output, args.seed)
     model = bench_model(args)
     routed = [arm for arm in args.arms if ARMS[arm].through_router]
