@@ -51,12 +51,14 @@ class Controller:
     def initialize(self) -> list[dict[str, object]]:
         """Start all engines in parallel; return their infos, or stop them all and raise."""
         remote_engine = yr.instance(EngineActor)
-        advertise = "" if self._config.cluster_mode else "127.0.0.1"  # "": the engine's node address
         # In cluster mode each engine actor finds its node's address by the route toward the master.
         peer = host_of(self._config.yr_server_address) if self._config.yr_server_address else ""
         for spec in self._specs:
             handle = remote_engine.options(engine_invoke_options(self._config, spec)).invoke(
-                spec, str(self._config.log_dir), self._config.engine_start_timeout_s, advertise,
+                # Local mode: the engine is reached where it binds (its simulated node's
+                # address, else 127.0.0.1); cluster mode (""): its node's address.
+                spec, str(self._config.log_dir), self._config.engine_start_timeout_s,
+                "" if self._config.cluster_mode else spec.bind_host,
                 self._adopt_ports.get(spec.name, 0), peer,
             )
             self._engines.append(handle)
