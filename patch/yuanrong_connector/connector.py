@@ -7,7 +7,11 @@ Loaded without touching vLLM's files::
                            "kv_role": "kv_producer" | "kv_consumer" | "kv_both",
                            "kv_load_failure_policy": "recompute",
                            "kv_connector_extra_config": {"ds_worker_address": "host:port",
-                                                         "prefix_reuse": false}}'
+                                                         "prefix_reuse": false,
+                                                         "peer_tp_sizes": []}}'
+
+(``peer_tp_sizes``: other TP sizes of this model whose blocks prefix reuse may load,
+resharded; a prefill of another TP size is resharded without it: tp_layout.py.)
 
 Hooks and the process that calls them:
 - scheduler (EngineCore): get_num_new_matched_tokens, update_state_after_alloc,

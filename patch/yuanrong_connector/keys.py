@@ -6,19 +6,24 @@ A block's key is ``<layout>_<rank>_<chain>``:
   that covers whatever else changes a block's KV for the same tokens (LoRA adapter,
   ``cache_salt``, multimodal inputs): requests that differ there never share blocks;
 - ``layout``: a fingerprint of everything that changes the bytes of a block (model
-  identity, dtype, block size, KV heads, head size, layer count, TP size, and the
-  device family whose paged-cache layout and value format the bytes follow), so
-  engines whose layouts differ never find each other's blocks;
+  identity, dtype, block size, the model's KV heads, head size, layer count, TP size,
+  and the device family whose paged-cache layout and value format the bytes follow),
+  so engines whose layouts differ never find each other's blocks;
 - ``rank``: the TP rank whose shard of the heads the value holds.
+
+Everything in a layout but the TP size is the same for two engines of one model that
+differ only in TP, so an engine computes the keys another TP size writes
+(``KVLayout.with_tp``, ``block_keys``) and assembles its own shards from them
+(tp_layout.py).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 _ROOT = b"yuanrong-kv-v1"
@@ -26,12 +31,12 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
 _SAMPLE_BYTES = 1 << 20
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class KVLayout:
     model: str  # model_identity(): content-derived, the same on every node
     dtype: str
     block_size: int
-    num_kv_heads: int
+    num_kv_heads: int  # the model's KV heads, all TP ranks together (1 for MLA: one latent, on every rank)
     head_size: int
     num_layers: int
     tp_size: int
@@ -50,6 +55,10 @@ class KVLayout:
             self.device_family,
         )
         return hashlib.sha256("|".join(str(part) for part in parts).encode()).hexdigest()[:16]
+
+    def with_tp(self, tp_size: int) -> KVLayout:
+        """The layout of an engine that differs from this one only in its TP size."""
+        return dataclasses.replace(self, tp_size=tp_size)
 
 
 def model_identity(model: str) -> str:
@@ -101,3 +110,9 @@ def chained_block_hashes(token_ids: Sequence[int], block_size: int, root: bytes 
 def block_key(layout_fingerprint: str, tp_rank: int, block_hash: str) -> str:
     return f"{layout_fingerprint}_{tp_rank}_{block_hash}"
 
+
+def block_keys(layout: KVLayout, ranks: Sequence[int], block_hashes: Sequence[str]) -> list[str]:
+    """The keys engines of ``layout`` store ``block_hashes`` under, one per rank of ``ranks``
+    for each block (block-major: a block's keys are consecutive)."""
+    fingerprint = layout.fingerprint()
+    return [block_key(fingerprint, rank, block_hash) for block_hash in block_hashes for rank in ranks]

@@ -10,6 +10,8 @@ thread, and the engine loop goes on. The thread, for all pending loads together:
    every layer of every block into the cache (CPU: straight from shared memory; CUDA:
    through pinned memory on a side stream, synchronised before reporting; Ascend:
    the data system's device API);
+   (blocks another TP size stored: its ranks' shards are read and this rank's heads
+   assembled from them, ``HostStaging.load_resharded``);
 3. reports the request done; blocks that did not come (not published in time, store
    down, wrong size) are reported failed, and vLLM computes them.
 A request aborted while it waits stops waiting and is reported at once (vLLM frees
@@ -30,6 +32,8 @@ from patch.yuanrong_connector.device_store import DeviceBlockStore
 from patch.yuanrong_connector.staging import HostStaging
 from patch.yuanrong_connector.stats import YuanRongConnectorStats
 from patch.yuanrong_connector.remote_store import Store
+from patch.yuanrong_connector.store import leading_blocks
+from patch.yuanrong_connector.tp_layout import ReshardPlan
 
 logger = init_logger(f"vllm.{__name__}")
 
@@ -43,12 +47,17 @@ _POLL_MAX_S = 0.032
 @dataclass
 class _Load:
     request_id: str
-    keys: list[str]
+    keys: list[str]  # one per block, or with a plan one per block and source rank (block-major)
     block_ids: list[int]
     deadline: float
     submitted: float
     handoff: bool  # blocks announced by a prefill, perhaps still being published
+    plan: ReshardPlan | None = None  # stored by another TP size: how this rank assembles its heads
     cancelled: bool = False
+
+    @property
+    def keys_per_block(self) -> int:
+        return 1 if self.plan is None else len(self.plan.source_ranks)
 
 
 @dataclass
@@ -72,11 +81,19 @@ class BackgroundLoader:
         self._thread.start()
 
     # ---- engine side ----
-    def submit(self, request_id: str, keys: Sequence[str], block_ids: Sequence[int], wait_s: float) -> None:
+    def submit(
+        self, request_id: str, keys: Sequence[str], block_ids: Sequence[int], wait_s: float, plan: ReshardPlan | None = None
+    ) -> None:
         now = time.monotonic()
         with self._lock:
-            self._pending[request_id] = _Load(request_id, list(keys), list(block_ids), now + wait_s, now, wait_s > 0)
+            self._pending[request_id] = _Load(request_id, list(keys), list(block_ids), now + wait_s, now, wait_s > 0, plan)
             self._submitted = True
+            self._lock.notify_all()
+
+    def refuse(self, request_id: str, block_ids: Sequence[int]) -> None:
+        """Report a load that cannot be made as failed at once (vLLM computes its blocks)."""
+        with self._lock:
+            self._outcomes.append(LoadOutcome(request_id, set(block_ids)))
             self._lock.notify_all()
 
     def cancel(self, request_ids: set[str]) -> None:
@@ -147,8 +164,8 @@ class BackgroundLoader:
         for load in loads:
             flags = present[offset : offset + len(load.keys)]
             offset += len(load.keys)
-            leading = next((i for i, flag in enumerate(flags) if not flag), len(flags))
-            if leading == len(flags) or load.cancelled or now >= load.deadline or not self._store.available:
+            leading = leading_blocks(flags, load.keys_per_block)
+            if leading == len(load.block_ids) or load.cancelled or now >= load.deadline or not self._store.available:
                 ready.append((load, leading))
         return ready, now
 
@@ -157,17 +174,17 @@ class BackgroundLoader:
         if load.cancelled:
             self._report(load, LoadOutcome(load.request_id, set(load.block_ids)))
             return
-        if present < len(load.keys) and self._store.available:
+        if present < len(load.block_ids) and self._store.available:
             logger.warning(
                 "[connector req=%s] %d of %d handed-over blocks published after %.0f ms; computing the rest",
                 load.request_id,
                 present,
-                len(load.keys),
+                len(load.block_ids),
                 waited * 1000,
             )
         started = time.perf_counter()
         failed = set(load.block_ids[present:])
-        failed |= self._copy_in(load.keys[:present], load.block_ids[:present])
+        failed |= self._copy_in(load.keys[: present * load.keys_per_block], load.block_ids[:present], load.plan)
         seconds = time.perf_counter() - started
         loaded = len(load.block_ids) - len(failed)
         with self._lock:
@@ -182,7 +199,7 @@ class BackgroundLoader:
             "[connector req=%s] waited %.1f ms for %d blocks, loaded %d in %.1f ms",
             load.request_id,
             waited * 1000,
-            len(load.keys),
+            len(load.block_ids),
             loaded,
             seconds * 1000,
         )
@@ -194,8 +211,10 @@ class BackgroundLoader:
             self._outcomes.append(outcome)
             self._lock.notify_all()
 
-    def _copy_in(self, keys: list[str], block_ids: list[int]) -> set[int]:
+    def _copy_in(self, keys: list[str], block_ids: list[int], plan: ReshardPlan | None) -> set[int]:
         """Copy stored blocks into the cache; return the block ids that could not be."""
+        if plan is not None:
+            return self._staging.load_resharded(self._store, keys, block_ids, plan)
         if self._device_store is not None and keys:  # Ascend: the data system writes device memory itself
             return self._device_store.load(keys, self._staging.cache, block_ids)
         return self._staging.load(self._store, keys, block_ids)

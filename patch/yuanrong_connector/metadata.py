@@ -14,12 +14,15 @@ class BlockTransfer:
     """Blocks of one request to move between vLLM's paged cache and the store.
 
     For a load, ``wait_s`` > 0 means the blocks were announced by a prefill engine and
-    may still be in flight: the loader waits up to that long for them to be published."""
+    may still be in flight: the loader waits up to that long for them to be published.
+    ``source_tp``: the TP size of the engines that stored the blocks, where it is not this
+    engine's (each rank then assembles its heads from their shards: tp_layout.py)."""
 
     request_id: str
     block_hashes: tuple[str, ...]
     block_ids: tuple[int, ...]
     wait_s: float = 0.0
+    source_tp: int | None = None
 
 
 @dataclass

@@ -7,6 +7,9 @@ order, the block's bytes as the paged cache holds them (K before V where the cac
 keeps them in separate halves). Every engine of one layout fingerprint writes the
 same format, so any of them can read it.
 
+Each piece also records its block's shape, so that a value can be converted between
+TP sizes (``head_geometry``, tp_layout.py).
+
 Copies are batched: all (block, piece) copies of a save, or of one layer of a load,
 go to torch in one ``_foreach_copy_`` call, so a step with hundreds of blocks costs
 a few Python calls, not one per block per layer.
@@ -18,6 +21,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
+
+from patch.yuanrong_connector.tp_layout import PieceGeometry, piece_geometry
 
 
 def block_axis(kv_layer: torch.Tensor, num_blocks: int) -> int:
@@ -45,6 +50,9 @@ class Piece:
     rows: torch.Tensor  # uint8 [num_blocks, nbytes]: row b is this piece of block b
     nbytes: int
     offset: int  # where this piece's bytes start inside a stored value
+    block_shape: tuple[int, ...] = ()  # one block of this piece, in the cache's dtype
+    itemsize: int = 1
+    heads_first: bool = True  # [heads, tokens, ...] (CPU, vLLM's [B, H, N, C]); False: [tokens, heads, head]
 
 
 @dataclass
@@ -69,11 +77,14 @@ class PagedKVCache:
                 if pointer not in by_pointer:  # layers sharing one cache are stored once
                     axis = block_axis(tensor, num_blocks)
                     halves = [tensor] if axis == 0 else list(tensor.unbind(0))
+                    # K and V kept apart (a [2, blocks, ...] tensor, or a pair) hold [tokens, heads, head] blocks
+                    heads_first = axis == 0 and len(tensors) == 1
                     by_pointer[pointer] = []
                     for half in halves:
                         rows = _rows(half)
                         by_pointer[pointer].append(len(cache.pieces))
-                        cache.pieces.append(Piece(rows, rows.shape[1], offset))
+                        shape = tuple(half.shape[1:])
+                        cache.pieces.append(Piece(rows, rows.shape[1], offset, shape, half.element_size(), heads_first))
                         offset += rows.shape[1]
                 indices.extend(by_pointer[pointer])
             cache.layer_pieces[name] = indices
@@ -82,6 +93,11 @@ class PagedKVCache:
     @property
     def block_bytes(self) -> int:
         return sum(piece.nbytes for piece in self.pieces)
+
+    def head_geometry(self, heads: int) -> list[PieceGeometry]:
+        """Each piece as ``[outer, heads, head_bytes]`` for a rank holding ``heads`` KV heads
+        (raises ``tp_layout.TPLayoutError`` where the heads axis cannot be found)."""
+        return [piece_geometry(piece.block_shape, piece.itemsize, heads, piece.heads_first) for piece in self.pieces]
 
     def read_blocks(self, block_ids: Sequence[int], targets: Sequence[torch.Tensor]) -> None:
         """Copy each block ``block_ids[i]`` (every piece) into ``targets[i]`` (uint8, block_bytes)."""

@@ -17,6 +17,10 @@ It never waits for the store on the engine loop:
   ``exist`` call run by a lookup thread; the scheduler waits for its answer at most
   ``_LOOKUP_BUDGET_S`` per pass (the request stays queued while a slow store answers,
   bounded by the store's request timeout), then loads the blocks asynchronously too.
+- **Another TP size.** A prefill of another TP size (same model, dtype, block size,
+  device family) announces its TP size; its blocks are loaded and each rank assembles
+  its heads from the prefill's shards (tp_layout.py). Prefix reuse asks about the TP
+  sizes in ``peer_tp_sizes`` only when its own has fewer blocks.
 - **Saves.** Full prompt blocks are saved after the step that computed them, in the
   background. Saves are planned only while the store takes them and the backlog has
   room (the worker reports both each step), and a request's saves stop at its first
@@ -36,10 +40,11 @@ from typing import TYPE_CHECKING, Any
 
 from vllm.logger import init_logger
 
-from patch.yuanrong_connector.keys import block_key, chain_root, chained_block_hashes
+from patch.yuanrong_connector.keys import KVLayout, block_keys, chain_root, chained_block_hashes
 from patch.yuanrong_connector.metadata import BlockTransfer, YuanRongConnectorMetadata, YuanRongWorkerMetadata
 from patch.yuanrong_connector.settings import ConnectorSettings
 from patch.yuanrong_connector.remote_store import Store
+from patch.yuanrong_connector.tp_layout import source_ranks
 
 if TYPE_CHECKING:
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
@@ -68,6 +73,7 @@ class _PlannedLoad:
     first_block: int
     block_hashes: list[str]
     wait_s: float
+    source_tp: int | None = None  # the TP size that stored them, where not ours
 
 
 def request_chain_root(request: Request) -> bytes:
@@ -88,7 +94,7 @@ class YuanRongScheduler:
     store: Store
     enabled: bool = True  # False: a KV layout this connector does not handle; it does nothing
     _hashes: dict[str, list[str]] = field(default_factory=dict)  # request -> its full blocks' chain hashes
-    _lookups: dict[str, tuple[int, Future[int]]] = field(default_factory=dict)  # block asked from, count
+    _lookups: dict[str, tuple[int, Future[tuple[int, int | None]]]] = field(default_factory=dict)  # asked from, answer
     _planned_loads: dict[str, _PlannedLoad] = field(default_factory=dict)
     _ready_loads: list[BlockTransfer] = field(default_factory=list)
     _saving: dict[str, _SaveProgress] = field(default_factory=dict)
@@ -102,6 +108,7 @@ class YuanRongScheduler:
     _done_save_blocks: int = 0
     _saves_paused: bool = False
     _warned_layout: bool = False
+    _told_reshard: bool = False
     _lookup_pool: ThreadPoolExecutor | None = None
 
     @property
@@ -131,19 +138,21 @@ class YuanRongScheduler:
         first_block = num_computed_tokens // self.block_size
         if loadable <= first_block:
             return 0, False
-        announced = self._announced_blocks(request, loadable)
+        announced, source_tp = self._announced_blocks(request, loadable)
         if announced > first_block:
             wait_s = self.settings.handoff_wait_ms / 1000
-            self._planned_loads[request_id] = _PlannedLoad(first_block, hashes[first_block:announced], wait_s)
+            self._planned_loads[request_id] = _PlannedLoad(first_block, hashes[first_block:announced], wait_s, source_tp)
             return announced * self.block_size - num_computed_tokens, True
         if not self.settings.prefix_reuse:
             return 0, False
-        present = self._present_blocks(request_id, hashes, first_block, loadable)
-        if present is None:
+        found = self._present_blocks(request_id, hashes, first_block, loadable)
+        if found is None:
             return None, False  # the store has not answered yet: ask again next pass
+        present, source_tp = found
         if present == 0:
             return 0, False
-        self._planned_loads[request_id] = _PlannedLoad(first_block, hashes[first_block : first_block + present], 0.0)
+        planned = _PlannedLoad(first_block, hashes[first_block : first_block + present], 0.0, source_tp)
+        self._planned_loads[request_id] = planned
         return (first_block + present) * self.block_size - num_computed_tokens, True
 
     def _block_hashes(self, request: Request) -> list[str]:
@@ -158,9 +167,11 @@ class YuanRongScheduler:
         params = request.kv_transfer_params or {}
         return self.settings.loads_remote_prefill and bool(params.get("do_remote_prefill"))
 
-    def _present_blocks(self, request_id: str, hashes: list[str], first_block: int, loadable: int) -> int | None:
-        """Blocks from ``first_block`` on that the store holds (every TP rank's part), or
-        None while the lookup is still running.
+    def _present_blocks(
+        self, request_id: str, hashes: list[str], first_block: int, loadable: int
+    ) -> tuple[int, int | None] | None:
+        """Blocks from ``first_block`` on that the store holds (every TP rank's part) and
+        the TP size that stored them (None: ours), or None while the lookup is still running.
 
         A lookup may finish passes after it was asked, when vLLM's own prefix cache has
         grown (another request computed the same prefix): its count runs from the block
@@ -171,53 +182,81 @@ class YuanRongScheduler:
         if entry is None:
             if self._lookup_pool is None:
                 self._lookup_pool = ThreadPoolExecutor(1, thread_name_prefix="yuanrong-kv-lookup")
-            fingerprint = self.settings.layout.fingerprint()
-            ranks = range(self.settings.layout.tp_size)
-            keys = [block_key(fingerprint, rank, h) for h in hashes[first_block:loadable] for rank in ranks]
-            entry = (first_block, self._lookup_pool.submit(self.store.count_present_prefix, keys, len(ranks)))
+            entry = (first_block, self._lookup_pool.submit(self._count_stored, hashes[first_block:loadable]))
             self._lookups[request_id] = entry
         asked_from, lookup = entry
         try:
-            present = lookup.result(timeout=_LOOKUP_BUDGET_S)
+            present, source_tp = lookup.result(timeout=_LOOKUP_BUDGET_S)
         except FutureTimeout:
             return None
         del self._lookups[request_id]
         if asked_from > first_block:
-            return 0  # the blocks between are unknown: compute them
-        return max(0, min(asked_from + present, loadable) - first_block)
+            return 0, None  # the blocks between are unknown: compute them
+        return max(0, min(asked_from + present, loadable) - first_block), source_tp
 
-    def _announced_blocks(self, request: Request, loadable: int) -> int:
-        """Blocks a prefill engine said it stored for this request (0: no handoff, or one
-        whose KV layout differs from ours, so nothing it saved can be ours)."""
+    def _count_stored(self, hashes: list[str]) -> tuple[int, int | None]:
+        """(leading blocks of ``hashes`` stored for every rank of ours, None), or where a TP
+        size of ``peer_tp_sizes`` stored more, (its count, that size): its ranks that hold
+        our heads are asked about only when ours has fewer than all. On the lookup thread."""
+        own = self.settings.layout
+        ranks: tuple[int, ...] = tuple(range(own.tp_size))
+        best: tuple[int, int | None] = (self.store.count_present_prefix(block_keys(own, ranks, hashes), len(ranks)), None)
+        for tp in self.settings.peer_tp_sizes:
+            if best[0] == len(hashes):
+                break
+            writers = source_ranks(own.num_kv_heads, tp, own.tp_size, ranks)
+            count = self.store.count_present_prefix(block_keys(own.with_tp(tp), writers, hashes), len(writers))
+            if count > best[0]:
+                best = (count, tp)
+        return best
+
+    def _announced_blocks(self, request: Request, loadable: int) -> tuple[int, int | None]:
+        """Blocks a prefill engine said it stored for this request and its TP size where it
+        is not ours ((0, None): no handoff, or one whose KV layout differs from ours in more
+        than the TP size, so nothing it saved can be ours)."""
         if not self._is_handoff(request):
-            return 0
+            return 0, None
         params = request.kv_transfer_params or {}
         layout = params.get("layout")
-        if layout is not None and layout != self.settings.layout.fingerprint():
-            if not self._warned_layout:
-                logger.warning(
-                    "[connector] the prefill engine's KV layout %s differs from ours %s (model, dtype, block size, "
-                    "heads or TP differ): prompts are computed here, nothing is handed over",
-                    layout,
-                    self.settings.layout.fingerprint(),
+        own = self.settings.layout
+        source_tp = None
+        if layout is not None and layout != own.fingerprint():
+            source_tp = _other_tp(own, layout, params.get("tp_size"))
+            if source_tp is None:
+                if not self._warned_layout:
+                    logger.warning(
+                        "[connector] the prefill engine's KV layout %s differs from ours %s (model, dtype, block size, "
+                        "heads or device family differ): prompts are computed here, nothing is handed over",
+                        layout,
+                        own.fingerprint(),
+                    )
+                    self._warned_layout = True
+                return 0, None
+            if not self._told_reshard:
+                logger.info(
+                    "[connector] the prefill engine runs TP size %d, we run %d: its blocks are resharded on load",
+                    source_tp,
+                    own.tp_size,
                 )
-                self._warned_layout = True
-            return 0
+                self._told_reshard = True
         try:
-            return min(int(params.get("num_saved_blocks", 0)), loadable)
+            return min(int(params.get("num_saved_blocks", 0)), loadable), source_tp
         except (TypeError, ValueError):
-            return 0
+            return 0, None
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
         planned = self._planned_loads.pop(request.request_id, None)
         if planned is None or num_external_tokens == 0:
             return
         count = num_external_tokens // self.block_size
-        self._loaded_blocks[request.request_id] = planned.first_block + count
+        if planned.source_tp is None:  # blocks resharded from another TP size are saved again in ours
+            self._loaded_blocks[request.request_id] = planned.first_block + count
         block_ids = blocks.get_block_ids()[0][planned.first_block : planned.first_block + count]
         self._loading[request.request_id] = frozenset(block_ids)
         self._ready_loads.append(
-            BlockTransfer(request.request_id, tuple(planned.block_hashes[:count]), tuple(block_ids), planned.wait_s)
+            BlockTransfer(
+                request.request_id, tuple(planned.block_hashes[:count]), tuple(block_ids), planned.wait_s, planned.source_tp
+            )
         )
 
     # ---- saves ----
@@ -320,9 +359,19 @@ class YuanRongScheduler:
             "ds_worker_address": self.store.address,
             "num_saved_blocks": announced,
             "layout": self.settings.layout.fingerprint(),
+            "tp_size": self.settings.layout.tp_size,
         }
 
     def shutdown(self) -> None:
         if self._lookup_pool is not None:
             self._lookup_pool.shutdown(wait=False, cancel_futures=True)
         self.store.close()
+
+
+def _other_tp(own: KVLayout, fingerprint: str, tp_size: Any) -> int | None:
+    """``tp_size`` where ``fingerprint`` is our layout at that other TP size, else None."""
+    try:
+        tp = int(tp_size)
+    except (TypeError, ValueError):
+        return None
+    return tp if tp != own.tp_size and own.with_tp(tp).fingerprint() == fingerprint else None

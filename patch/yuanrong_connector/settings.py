@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from patch.yuanrong_connector.keys import KVLayout, model_identity
+from patch.yuanrong_connector.tp_layout import TPLayoutError, check_tp_size
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -27,6 +28,9 @@ class ConnectorSettings:
     max_pending_save_blocks: int = 4096  # save backlog beyond this is skipped (and counted)
     store_retry_s: float = 5.0  # after a store failure, calls are skipped (miss) this long
     exclusive_connection: bool = True  # each store client gets its own connection to the worker (store.py)
+    # Prefix reuse: TP sizes of other engines of this model whose blocks are looked up
+    # (and resharded on load) when this engine's own TP size has fewer; a handoff says its own.
+    peer_tp_sizes: tuple[int, ...] = ()
 
     @staticmethod
     def from_vllm_config(vllm_config: VllmConfig) -> ConnectorSettings:
@@ -41,19 +45,37 @@ class ConnectorSettings:
             )
         prefix_reuse = bool(extra.get("prefix_reuse", False))
         role = transfer.kv_role
+        layout = layout_of(vllm_config)
         return ConnectorSettings(
             ds_address=str(address),
             saves=role == "kv_producer" or (role == "kv_both" and prefix_reuse),
             prefix_reuse=prefix_reuse,
             loads_remote_prefill=role in ("kv_consumer", "kv_both"),
-            layout=layout_of(vllm_config),
+            layout=layout,
             ttl_s=_non_negative(extra, "ttl_s", 0),
             request_timeout_ms=_non_negative(extra, "request_timeout_ms", 2000),
             handoff_wait_ms=_non_negative(extra, "handoff_wait_ms", 2000),
             max_pending_save_blocks=_non_negative(extra, "max_pending_save_blocks", 4096),
             store_retry_s=float(extra.get("store_retry_s", 5.0)),
             exclusive_connection=bool(extra.get("exclusive_connection", True)),
+            peer_tp_sizes=peer_tp_sizes(extra.get("peer_tp_sizes", ()), layout),
         )
+
+
+def peer_tp_sizes(value: Any, layout: KVLayout) -> tuple[int, ...]:
+    """``kv_connector_extra_config.peer_tp_sizes``: other TP sizes this model runs at whose
+    blocks prefix reuse may reshard (this engine's own size is left out)."""
+    try:
+        sizes = [int(size) for size in (value.split(",") if isinstance(value, str) else value)]
+        for size in sizes:
+            check_tp_size(layout.num_kv_heads, size)
+    except (TypeError, ValueError) as exc:
+        reason = str(exc) if isinstance(exc, TPLayoutError) else "not a list of integers"
+        raise ValueError(
+            f"kv_connector_extra_config.peer_tp_sizes={value!r} is invalid ({reason}): list TP sizes >= 1 "
+            f"this model's {layout.num_kv_heads} KV heads shard over, or leave it out"
+        ) from exc
+    return tuple(dict.fromkeys(size for size in sizes if size != layout.tp_size))
 
 
 def _non_negative(extra: dict[str, Any], name: str, default: int) -> int:
@@ -78,7 +100,8 @@ def layout_of(vllm_config: VllmConfig) -> KVLayout:
         model=model_identity(str(model.model)),
         dtype=dtype,
         block_size=int(cache.block_size),
-        num_kv_heads=int(model.get_num_kv_heads(parallel)),
+        # All ranks' heads (TP-independent, so engines of other TP sizes can reshard): MLA keeps one latent on every rank
+        num_kv_heads=1 if model.use_mla else int(model.get_total_num_kv_heads()),
         head_size=int(model.get_head_size()),
         num_layers=int(model.get_num_layers(parallel)),
         tp_size=int(parallel.tensor_parallel_size),

@@ -17,7 +17,8 @@
   many ~2 GiB mappings of it make unsafe (see the README).
 
 ``save`` and ``load`` are the whole move between the cache and the store that the
-background saver and loader run (and that ``benchmarks.cuda_staging`` times).
+background saver and loader run (and that ``benchmarks.cuda_staging`` times);
+``load_resharded`` loads blocks engines of another TP size stored, through host memory.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from patch.yuanrong_connector.paged_cache import PagedKVCache
 from patch.yuanrong_connector.remote_store import RemoteBlockStore, Store
 from patch.yuanrong_connector.shared_cache import SharedRegion
 from patch.yuanrong_connector.store import PutResult, leading_blocks
+from patch.yuanrong_connector.tp_layout import ReshardPlan
 
 # The most device memory one save or load borrows for gathering blocks (whole blocks,
 # at least one): the engine sized its cache to the memory it was given.
@@ -182,4 +184,28 @@ class HostStaging:
             del buffers  # the views were only needed for the copy
             if len(pairs) < len(chunk):
                 return set(block_ids[first + len(pairs) :])
+        return set()
+
+    def load_resharded(self, store: Store, keys: Sequence[str], block_ids: Sequence[int], plan: ReshardPlan) -> set[int]:
+        """Like ``load``, for blocks engines of another TP size stored: ``keys`` holds, per
+        block, one key per rank of ``plan.source_ranks`` (block-major). Their values are read
+        into host memory, this rank's heads assembled from them (``plan.convert``), and the
+        result written as a stored value of ours would be. Only on a TP mismatch."""
+        per_block = len(plan.source_ranks)
+        size = plan.source_bytes
+        blocks_per_move = max(1, store.max_blocks_per_move(size) // per_block)
+        for first in range(0, len(block_ids), blocks_per_move):
+            chunk = block_ids[first : first + blocks_per_move]
+            buffers = store.get(keys[first * per_block : (first + len(chunk)) * per_block], size)
+            views = [None if buffer is None else buffer.immutable_data() for buffer in buffers]
+            complete = leading_blocks([view is not None and len(view) == size for view in views], per_block)
+            if complete:
+                sources = {
+                    rank: torch.stack([torch.frombuffer(views[b * per_block + i], dtype=torch.uint8) for b in range(complete)])
+                    for i, rank in enumerate(plan.source_ranks)
+                }
+                self.write_blocks(list(zip(chunk[:complete], plan.convert(sources).unbind(0))))
+            del buffers, views  # the views were only needed for the copy
+            if complete < len(chunk):
+                return set(block_ids[first + complete :])
         return set()

@@ -4,7 +4,10 @@ Per step: ``release_preempted`` (before the forward pass) lets preempted request
 saves finish reading their blocks, ``start_load`` hands the step's loads to the background loader (loader.py;
 vLLM parks those requests until ``get_finished`` reports them), ``end_step`` (after the
 forward pass) hands the step's saves to the background saver (saver.py). Blocks that
-fail to load are reported to vLLM, which recomputes them. Each step's
+fail to load are reported to vLLM, which recomputes them. Blocks another TP size
+stored are loaded with a ``tp_layout.ReshardPlan`` made once per TP size; a rank that
+cannot make one (Ascend's device path, a block whose heads axis is unclear) reports
+those loads failed. Each step's
 ``worker_metadata`` tells the scheduler half how far the saves got and whether the
 store takes saves, so it plans only saves that will happen.
 """
@@ -19,7 +22,7 @@ import torch
 from vllm.logger import init_logger
 
 from patch.yuanrong_connector.device_store import DeviceBlockStore
-from patch.yuanrong_connector.keys import block_key
+from patch.yuanrong_connector.keys import block_keys
 from patch.yuanrong_connector.loader import BackgroundLoader
 from patch.yuanrong_connector.metadata import BlockTransfer, YuanRongConnectorMetadata, YuanRongWorkerMetadata
 from patch.yuanrong_connector.paged_cache import PagedKVCache
@@ -29,6 +32,7 @@ from patch.yuanrong_connector.shared_cache import share_cache_storage
 from patch.yuanrong_connector.staging import HostStaging
 from patch.yuanrong_connector.stats import YuanRongConnectorStats
 from patch.yuanrong_connector.remote_store import CUDA_ARENA_BYTES, RemoteBlockStore, Store
+from patch.yuanrong_connector.tp_layout import ReshardPlan, TPLayoutError, local_heads, plan_reshard
 
 logger = init_logger(f"vllm.{__name__}")
 
@@ -55,6 +59,7 @@ class YuanRongWorker:
     _load_store: Store | None = None  # the loader's: its own helper, so a save never delays a load
     _failed_block_ids: set[int] = field(default_factory=set)
     _loading: set[str] = field(default_factory=set)
+    _plans: dict[int, ReshardPlan | None] = field(default_factory=dict)  # source TP size -> plan (None: refused)
 
     @property
     def timeout_s(self) -> float:
@@ -96,8 +101,24 @@ class YuanRongWorker:
         )
 
     def _keys(self, transfer: BlockTransfer) -> list[str]:
-        fingerprint = self.settings.layout.fingerprint()
-        return [block_key(fingerprint, self.tp_rank, h) for h in transfer.block_hashes]
+        return block_keys(self.settings.layout, (self.tp_rank,), transfer.block_hashes)
+
+    def _reshard_plan(self, source_tp: int) -> ReshardPlan | None:
+        """How this rank assembles its heads from values ``source_tp`` ranks stored (made
+        once per size); None where it cannot (said once)."""
+        if source_tp in self._plans:
+            return self._plans[source_tp]
+        layout, plan = self.settings.layout, None
+        try:
+            if self._device_store is not None:
+                raise TPLayoutError("values stored through the Ascend device path are not resharded")
+            assert self.cache is not None  # loads come only once the caches are registered
+            geometry = self.cache.head_geometry(local_heads(layout.num_kv_heads, layout.tp_size))
+            plan = plan_reshard(geometry, layout.num_kv_heads, source_tp, layout.tp_size, self.tp_rank)
+        except TPLayoutError as exc:
+            logger.warning("[connector rank=%d] blocks of TP size %d are computed, not loaded: %s", self.tp_rank, source_tp, exc)
+        self._plans[source_tp] = plan
+        return plan
 
     # ---- per step ----
     def release_preempted(self, preempted: list[str]) -> None:
@@ -111,7 +132,15 @@ class YuanRongWorker:
             return
         for transfer in meta.loads:
             self._loading.add(transfer.request_id)
-            self._loader.submit(transfer.request_id, self._keys(transfer), transfer.block_ids, transfer.wait_s)
+            if transfer.source_tp is None:
+                self._loader.submit(transfer.request_id, self._keys(transfer), transfer.block_ids, transfer.wait_s)
+                continue
+            plan = self._reshard_plan(transfer.source_tp)
+            if plan is None:
+                self._loader.refuse(transfer.request_id, transfer.block_ids)
+                continue
+            keys = block_keys(self.settings.layout.with_tp(transfer.source_tp), plan.source_ranks, transfer.block_hashes)
+            self._loader.submit(transfer.request_id, keys, transfer.block_ids, transfer.wait_s, plan)
 
     def end_step(self, meta: YuanRongConnectorMetadata) -> None:
         if self._saver is None or self._staging is None or not meta.saves:
