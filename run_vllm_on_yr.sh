@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Prefill/decode-disaggregated vLLM on openYuanrong.
 #   bash run_vllm_on_yr.sh deploy|status|logs|clean [--flags]   operate the service
+#   bash run_vllm_on_yr.sh scale <prefill|decode|colocated> <+N|-N>  add or drain and remove instances at runtime
 #   bash run_vllm_on_yr.sh test [pytest args]                   set up and run the tests
 #   bash run_vllm_on_yr.sh bench <experiment> [options]         run a benchmark (bench --help lists them)
 #   bash run_vllm_on_yr.sh install                              only set up the environment
@@ -78,7 +79,7 @@ ensure_env() {
 
 verb="${1:-}"
 case "$verb" in
-  deploy|status|logs|clean)
+  deploy|status|logs|clean|scale)
     ensure_env
     cd "$ROOT"
     PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" exec "$VENV/bin/python" -m deploy.cli "$@"
@@ -99,8 +100,8 @@ case "$verb" in
     ensure_env
     ;;
   *)
-    echo "usage: bash run_vllm_on_yr.sh deploy|status|logs|clean|test|bench|install [options]" >&2
-    echo "error: unknown verb '${verb}': must be one of deploy, status, logs, clean, test, bench, install" >&2
+    echo "usage: bash run_vllm_on_yr.sh deploy|status|logs|clean|scale|test|bench|install [options]" >&2
+    echo "error: unknown verb '${verb}': must be one of deploy, status, logs, clean, scale, test, bench, install" >&2
     exit 2
     ;;
 esac

@@ -1,20 +1,26 @@
-"""The Controller actor: starts every engine actor, waits for them, stops them.
+"""The Controller actor: starts every engine actor, waits for them, stops them; at
+runtime it adds engines and drains and removes them (controller/scaling.py decides which).
 
 It is created by the deploy process as an openYuanrong actor (detached and named in
-cluster mode). Engine actors are created with the resources their engine needs, so
-in cluster mode openYuanrong places them on nodes that have those devices.
+cluster mode) with ``CONTROLLER_CONCURRENCY``: its methods run in threads, so the door's
+``snapshot`` every second is answered while ``add_engines`` waits a minute for engines to
+start (with the SDK's default of 1, calls queue behind each other). A lock guards the
+engine list. Engine actors are created with the resources their engine needs, so in
+cluster mode openYuanrong places them on nodes that have those devices.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
+from collections.abc import Sequence
 from typing import Any
 
 import yr
 
 from controller.placement import ENGINE_MEMORY_MB
 from deploy.config import Accelerator, ServiceConfig
-from deploy.errors import StartupError
+from deploy.errors import ConfigError, StartupError
 from workers.engine_actor import EngineActor
 from workers.engine_process import EngineSpec
 from workers.node_address import host_of
@@ -23,6 +29,11 @@ logger = logging.getLogger(__name__)
 
 # openYuanrong custom resource names for accelerators, by the SDK's convention.
 _DEVICE_RESOURCE = {Accelerator.CUDA: "GPU/.+/count", Accelerator.ASCEND: "NPU/.+/count"}
+# Threads the Controller actor's methods run in (snapshot beside a scale operation beside
+# a shutdown); set on its InvokeOptions by the deploy process.
+CONTROLLER_CONCURRENCY = 4
+DRAINING = "draining"  # the state snapshot reports for an engine being drained (the door routes nothing new to it)
+STOP_TIMEOUT_S = 60
 
 
 def engine_invoke_options(config: ServiceConfig, spec: EngineSpec) -> yr.InvokeOptions:
@@ -42,61 +53,145 @@ class Controller:
         """``adopt_ports``: by engine name, the ports of engines an earlier deploy process
         started; those still running and answering are taken over instead of started."""
         self._config = config
-        self._specs = specs
+        self._specs = list(specs)
         self._adopt_ports = adopt_ports or {}
-        self._engines: list[Any] = []
+        self._engines: list[Any] = []  # engine actor handles, in the order of _specs
         self._infos: list[dict[str, object]] = []
+        self._draining: set[str] = set()
+        self._adding: set[str] = set()  # names of engines add_engines is starting now
         self._version = 0
+        self._closed = False  # shut down: engines that finish starting now are stopped, not listed
+        self._lock = threading.Lock()
 
     def initialize(self) -> list[dict[str, object]]:
         """Start all engines in parallel; return their infos, or stop them all and raise."""
-        remote_engine = yr.instance(EngineActor)
+        handles = [self._create(spec, self._adopt_ports.get(spec.name, 0)) for spec in self._specs]
+        with self._lock:
+            self._engines = handles
+        try:
+            infos = self._await_started(self._specs, handles)
+        except StartupError:
+            self.shutdown()
+            raise
+        with self._lock:
+            self._infos = infos
+        return list(infos)
+
+    def add_engines(self, specs: Sequence[EngineSpec]) -> list[dict[str, object]]:
+        """Start engines beside the running ones, in parallel; once all are healthy they
+        join the engine list (and the next snapshot). If one fails, the new ones are
+        stopped and StartupError says why; the running engines are not touched."""
+        names = [spec.name for spec in specs]
+        with self._lock:
+            taken = {spec.name for spec in self._specs} | self._adding
+            clash = sorted(taken.intersection(names))
+            if clash or len(set(names)) != len(names):
+                raise ConfigError(f"engine name(s) {', '.join(clash) or ', '.join(names)} are in use already; "
+                                  "each engine needs a name of its own")  # fmt: skip
+            self._adding.update(names)
+        try:
+            handles = [self._create(spec, 0) for spec in specs]
+            try:
+                infos = self._await_started(specs, handles)
+            except StartupError:
+                _stop_handles(handles)
+                raise
+            with self._lock:
+                closed = self._closed
+                if not closed:
+                    self._specs.extend(specs)
+                    self._engines.extend(handles)
+                    self._infos.extend(infos)
+                    self._version += 1
+            if closed:
+                _stop_handles(handles)
+                raise StartupError(f"the deployment is shutting down; {', '.join(names)} stopped again")
+            return infos
+        finally:
+            with self._lock:
+                self._adding.difference_update(names)
+
+    def set_draining(self, name: str) -> None:
+        """From now on the snapshot reports ``name`` as draining: the door sends it nothing
+        new, and the requests it has finish."""
+        with self._lock:
+            self._index_of(name)
+            self._draining.add(name)
+
+    def remove_engine(self, name: str) -> dict[str, object]:
+        """Drop ``name`` from the engine list (the snapshot's version changes), then stop its
+        process group and its actor; return its last info."""
+        with self._lock:
+            index = self._index_of(name)
+            self._specs.pop(index)
+            handle = self._engines.pop(index)
+            info = self._infos.pop(index) if index < len(self._infos) else {"name": name}
+            self._draining.discard(name)
+            self._version += 1
+        _stop_handles([handle])
+        logger.info("[engine=%s] removed (pid %s)", name, info.get("pid"))
+        return info
+
+    def snapshot(self) -> tuple[int, list[dict[str, object]]]:
+        """The engines as they are now (state healthy, unhealthy, restarting, failed, or
+        draining), with a version that changes whenever any engine's address or state
+        does, or engines come or go. The front door polls this off its request path to
+        keep its routing table current."""
+        with self._lock:
+            refs = [handle.info.invoke() for handle in self._engines]
+            infos = [yr.get(ref, timeout=30) for ref in refs]
+            infos = [{**info, "state": DRAINING} if info["name"] in self._draining else info for info in infos]
+            if [_routing_view(i) for i in infos] != [_routing_view(i) for i in self._infos]:
+                self._version += 1
+                self._infos = infos
+            return self._version, list(self._infos)
+
+    def shutdown(self) -> None:
+        with self._lock:
+            handles, self._engines, self._specs, self._infos = self._engines, [], [], []
+            self._closed = True
+        _stop_handles(handles)
+
+    def _create(self, spec: EngineSpec, adopt_port: int) -> Any:
+        advertise = "" if self._config.cluster_mode else "127.0.0.1"  # "": the engine's node address
         # In cluster mode each engine actor finds its node's address by the route toward the master.
         peer = host_of(self._config.yr_server_address) if self._config.yr_server_address else ""
-        for spec in self._specs:
-            handle = remote_engine.options(engine_invoke_options(self._config, spec)).invoke(
-                # Local mode: the engine is reached where it binds (its simulated node's
-                # address, else 127.0.0.1); cluster mode (""): its node's address.
-                spec, str(self._config.log_dir), self._config.engine_start_timeout_s,
-                "" if self._config.cluster_mode else spec.bind_host,
-                self._adopt_ports.get(spec.name, 0), peer,
-            )
-            self._engines.append(handle)
-        pending = [(spec, handle.start.invoke()) for spec, handle in zip(self._specs, self._engines)]
+        return yr.instance(EngineActor).options(engine_invoke_options(self._config, spec)).invoke(
+            spec, str(self._config.log_dir), self._config.engine_start_timeout_s, advertise, adopt_port, peer,
+        )
+
+    def _await_started(self, specs: Sequence[EngineSpec], handles: Sequence[Any]) -> list[dict[str, object]]:
+        """Start each engine (all at once) and wait for all; StartupError on the first failure."""
+        pending = [(spec, handle.start.invoke()) for spec, handle in zip(specs, handles)]
+        infos = []
         try:
             for done, (spec, ref) in enumerate(pending, start=1):
                 info = yr.get(ref, timeout=int(self._config.engine_start_timeout_s) + 60)
-                self._infos.append(info)
+                infos.append(info)
                 logger.info("engine %s healthy on port %s (%d/%d)", spec.name, info["port"], done, len(pending))
         except Exception as exc:
-            self.shutdown()
             raise StartupError(f"an engine failed to start: {exc}") from None
-        return list(self._infos)
+        return infos
 
-    def snapshot(self) -> tuple[int, list[dict[str, object]]]:
-        """The engines as they are now (state healthy, unhealthy, restarting, failed), with
-        a version that changes whenever any engine's address or state does. The front door
-        polls this off its request path to keep its routing table current."""
-        refs = [handle.info.invoke() for handle in self._engines]
-        infos = [yr.get(ref, timeout=30) for ref in refs]
-        if [_routing_view(i) for i in infos] != [_routing_view(i) for i in self._infos]:
-            self._version += 1
-            self._infos = infos
-        return self._version, list(self._infos)
+    def _index_of(self, name: str) -> int:
+        for index, spec in enumerate(self._specs):
+            if spec.name == name:
+                return index
+        raise ConfigError(f"engine {name} is not running; running: {', '.join(s.name for s in self._specs) or 'none'}")
 
-    def shutdown(self) -> None:
-        refs = [handle.stop.invoke() for handle in self._engines]
-        for ref in refs:
-            try:
-                yr.get(ref, timeout=60)
-            except Exception as exc:  # keep stopping the others
-                logger.error("stopping an engine failed: %s", exc)
-        for handle in self._engines:
-            try:
-                handle.terminate()
-            except Exception as exc:
-                logger.warning("terminating an engine actor failed: %s", exc)
-        self._engines = []
+
+def _stop_handles(handles: Sequence[Any]) -> None:
+    refs = [handle.stop.invoke() for handle in handles]
+    for ref in refs:
+        try:
+            yr.get(ref, timeout=STOP_TIMEOUT_S)
+        except Exception as exc:  # keep stopping the others
+            logger.error("stopping an engine failed: %s", exc)
+    for handle in handles:
+        try:
+            handle.terminate()
+        except Exception as exc:
+            logger.warning("terminating an engine actor failed: %s", exc)
 
 
 def _routing_view(info: dict[str, object]) -> tuple[object, ...]:

@@ -75,6 +75,14 @@ class DoorMetrics:
             "PD requests sent straight to a decode engine (selective PD): the part of the prompt it lacks was short.",
             registry=self.registry,
         )
+        self.scale_operations = Counter(
+            "frontdoor_scale_operations", "Scale operations through /admin/scale, by role, direction (out, in) and "
+            "outcome (done, refused, failed, busy).", ["role", "direction", "outcome"], registry=self.registry,
+        )  # fmt: skip
+        self.engines = Gauge(
+            "frontdoor_engines", "Engines in the routing table, by role (any state, draining ones too).", ["role"],
+            registry=self.registry,
+        )  # fmt: skip
         self.healthy = Gauge(
             "frontdoor_engine_healthy", "1 if the routing table counts the engine healthy.", ["engine", "role"],
             registry=self.registry,

@@ -33,12 +33,14 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from controller.admin import add_admin_routes
 from controller.admission import Admission
 from controller.door_metrics import DoorMetrics
 from controller.kv_router import KVRouter, RoutedPrompt
 from controller.migration import StreamFollower, migratable, with_token_ids
 from controller.policies import EngineLoad, affinity_key
 from controller.routing import SUSPECT_S, RoutingTable
+from controller.scaling import Scaler
 
 logger = logging.getLogger(__name__)
 
@@ -112,6 +114,7 @@ def create_app(
     api_key: str | None = None,
     stream_migrations: int = 1,
     kv_router: KVRouter | None = None,
+    scaler: Scaler | None = None,
 ) -> FastAPI:
     """``admission``: overload control (None: no limit on requests in flight).
     ``stream_migrations``: how many times one completions stream may be continued on
@@ -119,8 +122,11 @@ def create_app(
     ``api_key``: when set, every /v1 request must carry ``Authorization: Bearer <key>``
     (as ``vllm serve --api-key``); /health and /metrics stay open for probes and scrapers.
     ``kv_router``: KV-aware routing and selective PD (controller/kv_router.py); None: the
-    table's policy, and every PD request takes both legs."""
+    table's policy, and every PD request takes both legs.
+    ``scaler``: adds and removes engines at runtime behind ``POST /admin/scale``
+    (controller/admin.py); None: that endpoint answers 501."""
     metrics = metrics or DoorMetrics()
+    refreshing = asyncio.Lock()  # the periodic refresh and the Scaler's: one at a time, in order
 
     def _unauthorized(request: Request) -> Response | None:
         if api_key is None:
@@ -152,17 +158,24 @@ def create_app(
                 if kv_router is not None:
                     await kv_router.close()
 
+    async def _refresh_once() -> None:
+        """Copy the Controller's engine list into the table if it changed."""
+        if refresh is None:
+            return
+        async with refreshing:
+            version, engines = await asyncio.to_thread(refresh)
+            if version != table.version:
+                table.update(engines, version)
+                if kv_router is not None:
+                    kv_router.follow(table.all_engines())
+                logger.info("routing table v%d: %s", version, ", ".join(f"{e['name']}={e['state']}" for e in engines))
+
     async def _refresh_loop(client: aiohttp.ClientSession) -> None:
         assert refresh is not None
         rounds = 0
         while True:
             try:
-                version, engines = await asyncio.to_thread(refresh)
-                if version != table.version:
-                    table.update(engines, version)
-                    if kv_router is not None:
-                        kv_router.follow(table.all_engines())
-                    logger.info("routing table v%d: %s", version, ", ".join(f"{e['name']}={e['state']}" for e in engines))
+                await _refresh_once()
                 if kv_router is not None:
                     kv_router.publish()
                 if rounds % KV_SCRAPE_EVERY == 0:
@@ -193,6 +206,8 @@ def create_app(
             return refused
         model = {"id": served_model_name, "object": "model", "created": int(time.time()), "owned_by": "vllm-on-yr"}
         return JSONResponse({"object": "list", "data": [model]})
+
+    add_admin_routes(app, table, scaler, metrics, _unauthorized, _refresh_once, openai_error)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:

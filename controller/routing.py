@@ -10,6 +10,7 @@ reach as failed for a short while (``mark_failed``), before the Controller notic
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 
@@ -29,6 +30,7 @@ class RoutingTable:
         self._metrics = metrics
         self._engines: dict[str, EngineLoad] = {}
         self._suspect_until: dict[str, float] = {}
+        self._roles_seen: set[str] = set()
         self.version = -1
         self.update(engines)
 
@@ -47,10 +49,27 @@ class RoutingTable:
             known.state = str(engine.get("state", "healthy"))
             known.healthy = known.state == "healthy"
             fresh[name] = known
+        gone = [engine for name, engine in self._engines.items() if name not in fresh]
         self._engines = fresh
         if version is not None:
             self.version = version
+        self._publish_counts(gone)
         self.publish_health()
+
+    def _publish_counts(self, gone: Iterable[EngineLoad]) -> None:
+        """Engines per role; an engine removed (scale-in) leaves no gauge of its own behind."""
+        if self._metrics is None:
+            return
+        for engine in gone:
+            for gauge in (self._metrics.healthy, self._metrics.in_flight):
+                try:
+                    gauge.remove(engine.name, engine.role)
+                except KeyError:  # never set
+                    pass
+        counts = Counter(engine.role for engine in self._engines.values())
+        self._roles_seen.update(counts)
+        for role in self._roles_seen:
+            self._metrics.engines.labels(role).set(counts.get(role, 0))
 
     def publish_health(self) -> None:
         """Set each engine's health gauge to what routing uses now."""
@@ -98,6 +117,7 @@ class RoutingTable:
             if self._usable(engine):
                 healthy.append(engine)
             elif engine.state in ("healthy", "unhealthy"):  # running: suspect, or missed probes
+                # (a draining engine, being scaled in, gets nothing new; nor a restarting or failed one)
                 doubtful.append(engine)
         ranked = ranker(healthy) if ranker is not None else policy.order(healthy, affinity_key)
         return ranked + sorted(doubtful, key=lambda engine: engine.outstanding)
@@ -115,7 +135,7 @@ class RoutingTable:
 
     def release(self, engine: EngineLoad) -> None:
         engine.outstanding -= 1
-        if self._metrics is not None:
+        if self._metrics is not None and self._engines.get(engine.name) is engine:  # a removed engine has no gauge
             self._metrics.in_flight.labels(engine.name, engine.role).dec()
 
     @contextmanager

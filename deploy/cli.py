@@ -1,4 +1,4 @@
-"""Verbs of run_vllm_on_yr.sh: deploy, status, logs, clean.
+"""Verbs of run_vllm_on_yr.sh: deploy, status, logs, clean, scale.
 
 Exit codes: 0 done; 1 a start or stop failed (reason printed); 2 bad configuration
 (one line naming the setting, the value and what is allowed; nothing was started).
@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from deploy import config as config_module
+from deploy.admin_client import scale
 from deploy.config import EXAMPLE_KV_DIR, ServiceConfig
 from deploy.datasystem import stop_workers, worker_listens
 from deploy.errors import ConfigError, DeployError, StartupError
@@ -241,8 +242,17 @@ def main(argv: list[str] | None = None) -> int:
     config_module.add_arguments(log_parser)
     log_parser.add_argument("name", nargs="?", help="deploy or an instance name")
     log_parser.add_argument("-n", "--lines", type=int, default=40)
-    args = parser.parse_args(argv)
+    scale_parser = verbs.add_parser("scale", help="add (+N) or drain and remove (-N) instances of a role at runtime")
+    config_module.add_arguments(scale_parser)
+    scale_parser.add_argument("role", help="prefill or decode (PD); colocated (or prefill) when DECODE_INS_NUM=0")
+    scale_parser.add_argument("delta", help="+N adds N instances, -N drains and removes N (N from 1 to 8)")
+    scale_parser.error = _scale_usage_error  # type: ignore[method-assign]  # one line, exit 2, as for bad settings
     try:
+        args, extra = parser.parse_known_args(argv)
+        if extra and args.verb == "scale":
+            _scale_usage_error(f"unrecognized arguments: {' '.join(extra)}")
+        elif extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
         config = config_module.build_config(os.environ, args)
         if args.verb == "deploy":
             return deploy(config, argv[1:])
@@ -250,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
             return status(config)
         if args.verb == "clean":
             return clean(config)
+        if args.verb == "scale":
+            return scale(config, args.role, args.delta)
         return logs(config, args.name, args.lines)
     except DeployError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
@@ -257,6 +269,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; what deploy started was stopped", file=sys.stderr)
         return 130
+
+
+def _scale_usage_error(message: str) -> None:
+    raise ConfigError(f"scale: {message}; usage: bash run_vllm_on_yr.sh scale <prefill|decode|colocated> <+N|-N>")
 
 
 if __name__ == "__main__":

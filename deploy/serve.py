@@ -25,7 +25,7 @@ import uvicorn
 import yr
 
 from controller.admission import Admission
-from controller.controller import Controller
+from controller.controller import CONTROLLER_CONCURRENCY, Controller
 from controller.door_metrics import DoorMetrics
 from controller.frontdoor import create_app, tune_gc_for_serving
 from controller.kv_events import KVEventSubscriber
@@ -36,6 +36,8 @@ from controller.policies import make_policy
 from controller.placement import engine_specs, place_engines
 from controller.planner import Node, format_plan, inventory_from_resource_view
 from controller.routing import RoutingTable
+from controller.scale_plan import adopted_specs
+from controller.scaling import ActorControl, Scaler
 from deploy import config as config_module
 from deploy.config import ServiceConfig
 from deploy.datasystem import start_workers, stop_workers, worker_answers
@@ -108,8 +110,11 @@ def serve(config: ServiceConfig, adopt: bool = False) -> int:
         model_path = config.model_path or ensure_embedded_model(config.model_cache_dir)
         state.served_model_name = str(model_path)
         specs = engine_specs(config, placements, model_path, state.served_model_name)
+        if previous is not None:  # the engines as scale operations left them
+            specs = adopted_specs(config, specs, previous.engines, model_path, state.served_model_name)
         logger.info("starting %d engine(s): %s; logs in %s", len(specs), ", ".join(s.name for s in specs), log_dir)
         options = yr.InvokeOptions()
+        options.concurrency = CONTROLLER_CONCURRENCY  # snapshot answers while a scale operation waits for engines
         if config.cluster_mode:
             options.name = CONTROLLER_NAME
             options.namespace = CONTROLLER_NAMESPACE
@@ -136,8 +141,10 @@ def serve(config: ServiceConfig, adopt: bool = False) -> int:
             return version, engines
 
         kv_router = _kv_router(config, str(model_path), metrics) if config.kv_events else None
+        scaler = Scaler(ActorControl(controller, config.engine_start_timeout_s), config, model_path,
+                        state.served_model_name, ds_addresses, specs)  # fmt: skip
         app = create_app(table, state.served_model_name, metrics, refresh, Admission(config.admission), config.api_key,
-                         config.stream_migrations, kv_router)  # fmt: skip
+                         config.stream_migrations, kv_router, scaler)  # fmt: skip
         # On SIGTERM / Ctrl-C Uvicorn stops accepting, lets requests in flight finish (at most
         # DRAIN_TIMEOUT_S), then returns; the engines are stopped after that, below.
         server = uvicorn.Server(

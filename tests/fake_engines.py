@@ -71,6 +71,7 @@ class FakeEngine:
     finished: list[str] = field(default_factory=list)
     keep_received: bool = True  # False: only ``counts`` are kept (a long benchmark run)
     counts: LegCounts = field(default_factory=LegCounts)
+    events: list[str] | None = None  # shared with other parties of a test: "<name> finished" when an answer ends
     _answers: Iterator[int] = field(default_factory=itertools.count, init=False, repr=False)
 
     @property
@@ -109,6 +110,8 @@ class FakeEngine:
             if not body.get("stream"):
                 if self.keep_received:
                     self.finished.append(request_id)
+                if self.events is not None:
+                    self.events.append(f"{self.name} finished")
                 choice = {"text": self.name} if kind == "text" else {"message": {"role": "assistant", "content": self.name}}
                 # What a prefill engine hands over; ``seq`` tells one answer from another.
                 params = None
@@ -123,6 +126,8 @@ class FakeEngine:
                         yield f"data: {json.dumps({'choices': [{'index': 0, 'text': f'{self.name}-{index}'}]})}\n\n".encode()
                     yield b"data: [DONE]\n\n"
                     self.finished.append(request_id)
+                    if self.events is not None:
+                        self.events.append(f"{self.name} finished")
                 except asyncio.CancelledError:
                     self.cancelled.append(request_id)
                     raise

@@ -124,3 +124,33 @@ def test_status_tells_of_engines_left_running_by_a_dead_deploy_process(tmp_path:
     finally:
         engine.kill()
         engine.wait()
+
+
+_SCALE_USAGE = "usage: bash run_vllm_on_yr.sh scale <prefill|decode|colocated> <+N|-N>"
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (("decode", "0"), "error: scale count '0' is invalid: must be +N or -N with N from 1 to 8 (+1 adds an instance, "
+                          "-1 drains and removes one)"),
+        (("decode", "+9"), "error: scale count '+9' is invalid: must be +N or -N with N from 1 to 8"),
+        (("decode", "many"), "error: scale count 'many' is invalid: must be +N or -N with N from 1 to 8"),
+        (("gpu", "+1"), "error: scale role 'gpu' is invalid: must be one of prefill, decode, colocated (prefill or "
+                        "decode in a PD deployment; colocated, or prefill, when DECODE_INS_NUM=0)"),
+        (("decode",), f"error: scale: the following arguments are required: delta; {_SCALE_USAGE}"),
+        (("decode", "+1", "more"), f"error: scale: unrecognized arguments: more; {_SCALE_USAGE}"),
+    ],
+)
+def test_bad_scale_arguments_are_refused_in_one_line(tmp_path: Path, args: tuple[str, ...], expected: str) -> None:
+    result = run_cli("scale", isolated_env(tmp_path), *args, timeout=120)
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1 and result.stderr.startswith(expected), result.stderr
+
+
+def test_scale_without_a_deployment(tmp_path: Path) -> None:
+    result = run_cli("scale", isolated_env(tmp_path), "decode", "-1", timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"error: no deployment is running in RUN_DIR={tmp_path / 'run'}; deploy first: bash run_vllm_on_yr.sh deploy"
+    ]

@@ -1,0 +1,131 @@
+"""The door's admin endpoints (behind the API key when one is set, like /v1):
+
+- ``GET /admin/engines``: the routing table: each engine's name, role, url, state,
+  requests in flight and restarts, with the table's version.
+- ``POST /admin/scale`` ``{"role": "decode", "delta": 1}``: add (delta > 0) or drain and
+  remove (delta < 0) instances of a role (controller/scaling.py); answers when done with
+  the engines added or removed and the seconds it took. 400: refused, nothing changed;
+  409: another scale operation is under way; 500: new engines failed to start (stopped
+  again); 501: this door has no scaler.
+- ``GET /admin/scale``: the operation under way (its phase and elapsed seconds), if any.
+
+The Scaler blocks (actor calls, engine starts), so it runs in a thread; it sees the door
+through ``LoopDoor``, which runs what it asks on the door's event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+from controller.door_metrics import DoorMetrics
+from controller.routing import RoutingTable
+from controller.scale_plan import MAX_SCALE_STEP, ROLE_WORDS, check_delta
+from controller.scaling import ScaleBusy, Scaler
+from deploy.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+DOOR_CALL_TIMEOUT_S = 90.0  # a refresh calls the Controller (its own bound is 60 s)
+
+Unauthorized = Callable[[Request], "Response | None"]
+ErrorResponse = Callable[..., JSONResponse]
+
+
+class LoopDoor:
+    """The Scaler's view of the door (``controller.scaling.DoorView``), from its thread."""
+
+    def __init__(self, table: RoutingTable, refresh_once: Callable[[], Awaitable[None]],
+                 loop: asyncio.AbstractEventLoop) -> None:  # fmt: skip
+        self._table = table
+        self._refresh_once = refresh_once
+        self._loop = loop
+
+    def refresh_now(self) -> None:
+        asyncio.run_coroutine_threadsafe(self._refresh_once(), self._loop).result(timeout=DOOR_CALL_TIMEOUT_S)
+
+    def engines(self) -> Mapping[str, tuple[str, int]]:
+        async def read() -> dict[str, tuple[str, int]]:
+            return {engine.name: (engine.state, engine.outstanding) for engine in self._table.all_engines()}
+
+        return asyncio.run_coroutine_threadsafe(read(), self._loop).result(timeout=DOOR_CALL_TIMEOUT_S)
+
+
+def add_admin_routes(
+    app: FastAPI,
+    table: RoutingTable,
+    scaler: Scaler | None,
+    metrics: DoorMetrics,
+    unauthorized: Unauthorized,
+    refresh_once: Callable[[], Awaitable[None]],
+    error: ErrorResponse,
+) -> None:
+    """``error``: the door's OpenAI-form error response (``openai_error``)."""
+
+    def no_scaler() -> JSONResponse:
+        return error(501, "scaling is not available on this door (it runs without a Controller to start engines)",
+                     "not_implemented")  # fmt: skip
+
+    @app.get("/admin/engines")
+    async def engines(request: Request) -> Response:
+        if (refused := unauthorized(request)) is not None:
+            return refused
+        rows = [{"name": e.name, "role": e.role, "url": e.url, "state": e.state, "in_flight": e.outstanding,
+                 "restarts": e.restarts} for e in table.all_engines()]  # fmt: skip
+        return JSONResponse({"version": table.version, "engines": rows})
+
+    @app.get("/admin/scale")
+    async def scale_progress(request: Request) -> Response:
+        if (refused := unauthorized(request)) is not None:
+            return refused
+        if scaler is None:
+            return no_scaler()
+        progress = scaler.progress
+        if progress is None:
+            return JSONResponse({"busy": False})
+        return JSONResponse({"busy": True, "operation": progress.operation, "phase": progress.phase,
+                             "elapsed_s": round(time.monotonic() - progress.started, 1)})  # fmt: skip
+
+    @app.post("/admin/scale")
+    async def scale(request: Request) -> Response:
+        if (refused := unauthorized(request)) is not None:
+            return refused
+        if scaler is None:
+            return no_scaler()
+        try:
+            body = await request.json()
+        except ValueError as exc:
+            return error(400, f"request body is not valid JSON: {exc}", "invalid_request_error")
+        if not isinstance(body, dict):
+            return error(400, 'request body must be a JSON object such as {"role": "decode", "delta": 1}',
+                         "invalid_request_error")  # fmt: skip
+        role, delta = body.get("role"), body.get("delta")
+        if role not in ROLE_WORDS:
+            return error(400, f"'role' {role!r} is invalid: must be one of {', '.join(ROLE_WORDS)}",
+                         "invalid_request_error", "role")  # fmt: skip
+        if not check_delta(delta):
+            return error(400, f"'delta' {delta!r} is invalid: must be a non-zero integer from -{MAX_SCALE_STEP} to "
+                         f"{MAX_SCALE_STEP} (positive adds instances, negative drains and removes them)",
+                         "invalid_request_error", "delta")  # fmt: skip
+        assert isinstance(role, str) and isinstance(delta, int)
+        direction = "out" if delta > 0 else "in"
+        door = LoopDoor(table, refresh_once, asyncio.get_running_loop())
+        try:
+            result = await asyncio.to_thread(scaler.scale, role, delta, door)
+        except ScaleBusy as exc:
+            metrics.scale_operations.labels(role, direction, "busy").inc()
+            return error(409, str(exc), "conflict")
+        except ConfigError as exc:
+            metrics.scale_operations.labels(role, direction, "refused").inc()
+            return error(400, str(exc), "invalid_request_error")
+        except Exception as exc:  # an engine failed to start; an actor call failed
+            metrics.scale_operations.labels(role, direction, "failed").inc()
+            logger.error("[scale %s %+d] failed: %s", role, delta, exc)
+            return error(500, f"scale {role} {delta:+d} failed: {exc}", "server_error")
+        metrics.scale_operations.labels(role, direction, "done").inc()
+        return JSONResponse(result.to_dict())

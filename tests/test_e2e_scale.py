@@ -1,0 +1,208 @@
+"""End to end, scaling at runtime: one 1P1D deployment (embedded model, real engines);
+while two clients send a steady stream of completions through the door (one streamed,
+one not, every one asking for a fixed number of tokens), ``run_vllm_on_yr.sh scale``
+adds a decode instance, removes it, adds a prefill instance, removes it. Every request
+is answered 200 with all its tokens; after a scale-out state.json lists the new engine
+healthy on a port of its own and it serves requests; after a scale-in its process is
+gone; the command's output names the engine. Last, the time from the command to the new
+engine serving is printed beside a bare vLLM server's start on the same machine.
+
+The tests share one deployment and run in file order.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+
+import httpx
+import pytest
+
+from deploy.config import Accelerator, Role
+from deploy.state import DeploymentState, pid_alive
+from tests.e2e import Deployment, deployed, metric, token_prompt
+from tests.helpers import PROJECT_ROOT, free_port, run_cli
+from workers.engine_process import (
+    EngineSpec,
+    build_engine_argv,
+    build_engine_env,
+    start_process,
+    stop_process_group,
+    wait_until_healthy,
+)
+
+pytestmark = pytest.mark.e2e
+
+MAX_TOKENS = 16
+TIMINGS: dict[str, float] = {}  # filled by the scale-outs, printed by the last test
+_SERVING = re.compile(r"^serving ([\d.]+) s after the request \(engine start ([\d.]+) s, routing ([\d.]+) s\); "
+                      r"([\d.]+) s from the command$", re.M)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+    with deployed(tmp_path_factory.mktemp("scale"), PREFILL_INS_NUM="1", DECODE_INS_NUM="1") as running:
+        yield running
+
+
+@dataclass
+class Traffic:
+    """Two clients sending completions until stopped: one streamed, one not; each answer
+    is recorded as (kind, HTTP status, completion tokens, detail)."""
+
+    url: str
+    answers: list[tuple[str, int, int, str]] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _threads: list[threading.Thread] = field(default_factory=list)
+
+    def __enter__(self) -> Traffic:
+        self._threads = [threading.Thread(target=self._client, args=(streamed,), daemon=True) for streamed in (False, True)]
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(300)
+
+    def _client(self, streamed: bool) -> None:
+        sent = 0
+        while not self._stop.is_set():
+            sent += 1
+            body = {"prompt": token_prompt(40 + (7 * sent) % 90), "max_tokens": MAX_TOKENS, "temperature": 0,
+                    "ignore_eos": True}  # fmt: skip
+            try:
+                self.answers.append(self._streamed(body) if streamed else self._whole(body))
+            except httpx.HTTPError as exc:  # a broken connection is a failed request too
+                self.answers.append(("streamed" if streamed else "whole", 0, 0, repr(exc)))
+
+    def _whole(self, body: dict[str, object]) -> tuple[str, int, int, str]:
+        response = httpx.post(f"{self.url}/v1/completions", json=body, timeout=300)
+        tokens = response.json().get("usage", {}).get("completion_tokens", 0) if response.status_code == 200 else 0
+        return "whole", response.status_code, tokens, response.text[:200] if response.status_code != 200 else ""
+
+    def _streamed(self, body: dict[str, object]) -> tuple[str, int, int, str]:
+        body = {**body, "stream": True, "stream_options": {"include_usage": True}}
+        tokens, detail = 0, ""
+        with httpx.stream("POST", f"{self.url}/v1/completions", json=body, timeout=300) as response:
+            for line in response.iter_lines():
+                if line.startswith("data: {"):
+                    event = json.loads(line.removeprefix("data: "))
+                    tokens = (event.get("usage") or {}).get("completion_tokens", tokens)
+                elif response.status_code != 200:
+                    detail += line
+        return "streamed", response.status_code, tokens, detail[:200]
+
+    def check(self, during: str) -> None:
+        failed = [answer for answer in self.answers if answer[1] != 200 or answer[2] != MAX_TOKENS]
+        assert not failed, f"{len(failed)} of {len(self.answers)} requests failed during {during}: {failed[:5]}"
+        kinds = {answer[0] for answer in self.answers}
+        assert kinds == {"whole", "streamed"}, f"too few requests during {during}: {self.answers}"
+
+
+def _state(deployment: Deployment) -> DeploymentState:
+    state = DeploymentState.read(Path(deployment.env["RUN_DIR"]) / "state.json")
+    assert state is not None
+    return state
+
+
+def _engine(deployment: Deployment, name: str) -> dict[str, object] | None:
+    return next((engine for engine in _state(deployment).engines if engine["name"] == name), None)
+
+
+def _scale(deployment: Deployment, role: str, delta: str) -> str:
+    with Traffic(deployment.url) as traffic:
+        time.sleep(3)  # requests in flight before the command
+        started = time.monotonic()
+        result = run_cli("scale", deployment.env, role, delta, timeout=900)
+        elapsed = time.monotonic() - started
+        time.sleep(3)  # and after it, on the new table
+    print(f"\n$ bash run_vllm_on_yr.sh scale {role} {delta}  ({elapsed:.1f} s)\n{result.stdout}{result.stderr}")
+    assert result.returncode == 0, result.stdout + result.stderr
+    traffic.check(f"scale {role} {delta}")
+    return result.stdout
+
+
+def _scale_out(deployment: Deployment, role: str, name: str) -> None:
+    output = _scale(deployment, role, "+1")
+    assert f"added {name}: http://127.0.0.1:" in output
+    serving = _SERVING.search(output)
+    assert serving is not None, output
+    TIMINGS[f"{role} +1 serving after the request"] = float(serving.group(1))
+    TIMINGS[f"{role} +1 engine start"] = float(serving.group(2))
+    TIMINGS[f"{role} +1 from the command"] = float(serving.group(4))
+    engine = _engine(deployment, name)
+    assert engine is not None and engine["state"] == "healthy" and engine["role"] == role
+    ports = [other["port"] for other in _state(deployment).engines]
+    assert len(set(ports)) == len(ports) == 3
+    url = f"http://{engine['host']}:{engine['port']}"
+    assert metric(url, "vllm:request_success_total") > 0  # the door routed requests to it
+    listed = httpx.get(f"{deployment.url}/admin/engines", timeout=10).json()["engines"]
+    assert {row["name"]: row["state"] for row in listed}[name] == "healthy"
+
+
+def _scale_in(deployment: Deployment, role: str, name: str) -> None:
+    engine = _engine(deployment, name)
+    assert engine is not None
+    output = _scale(deployment, role, "-1")
+    assert f"removed {name} (pid {engine['pid']}; 0 request(s) in flight when it stopped)" in output
+    assert not pid_alive(int(engine["pid"]))  # type: ignore[call-overload]
+    assert _engine(deployment, name) is None
+    assert len(_state(deployment).engines) == 2
+    listed = httpx.get(f"{deployment.url}/admin/engines", timeout=10).json()["engines"]
+    assert name not in {row["name"] for row in listed}
+
+
+def test_decode_scale_out_under_traffic(deployment: Deployment) -> None:
+    _scale_out(deployment, "decode", "decode-1")
+
+
+def test_decode_scale_in_under_traffic(deployment: Deployment) -> None:
+    _scale_in(deployment, "decode", "decode-1")
+
+
+def test_prefill_scale_out_under_traffic(deployment: Deployment) -> None:
+    _scale_out(deployment, "prefill", "prefill-1")
+
+
+def test_prefill_scale_in_under_traffic(deployment: Deployment) -> None:
+    _scale_in(deployment, "prefill", "prefill-1")
+
+
+def test_the_last_instance_of_a_role_stays(deployment: Deployment) -> None:
+    result = run_cli("scale", deployment.env, "decode", "-1", timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip() == ("error: scale decode -1 is invalid: 1 decode instance(s) run (decode-0) and at "
+                                     "least one must stay; remove at most 0")  # fmt: skip
+
+
+def test_scale_out_time_against_a_bare_vllm_start(deployment: Deployment, tmp_path: Path) -> None:
+    """A vLLM server of the same model and flags, without a connector or a deployment
+    around it, started on this machine while the deployment idles beside it."""
+    spec = EngineSpec(
+        name="bare", instance="bare", role=Role.DECODE, accelerator=Accelerator.CPU, tensor_parallel=1, devices=(0,),
+        model_path=deployment.state.served_model_name, served_model_name=deployment.state.served_model_name,
+        startup_params=("--enforce-eager",), ds_worker_address="", prefix_reuse=False, project_root=str(PROJECT_ROOT),
+        cache_root=str(PROJECT_ROOT / ".cache" / "vllm"), cpu_kvcache_gb=1, connector="none",
+    )  # fmt: skip
+    port = free_port()
+    log = tmp_path / "bare.log"
+    started = time.monotonic()
+    process = start_process(build_engine_argv(spec, port), build_engine_env(spec, dict(deployment.env)), log)
+    try:
+        wait_until_healthy(process, "127.0.0.1", port, 600, log, "bare")
+        TIMINGS["bare vLLM server start"] = time.monotonic() - started
+    finally:
+        stop_process_group(process)
+    print("\nscale-out against a bare vLLM start (seconds):")
+    for what, seconds in TIMINGS.items():
+        print(f"  {what:<40} {seconds:6.1f}")
+    for role in ("decode", "prefill"):  # what scaling adds to an engine's own start: placement and routing
+        assert TIMINGS[f"{role} +1 serving after the request"] - TIMINGS[f"{role} +1 engine start"] < 10
