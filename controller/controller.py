@@ -153,8 +153,10 @@ class Controller:
         _stop_handles(handles)
 
     def _create(self, spec: EngineSpec, adopt_port: int) -> Any:
-        advertise = "" if self._config.cluster_mode else "127.0.0.1"  # "": the engine's node address
-        # In cluster mode each engine actor finds its node's address by the route toward the master.
+        # Local mode: the engine is reached where it binds (its simulated node's address, else
+        # 127.0.0.1). Cluster mode (""): the engine actor finds its node's address by the
+        # route toward the master.
+        advertise = "" if self._config.cluster_mode else spec.bind_host
         peer = host_of(self._config.yr_server_address) if self._config.yr_server_address else ""
         return yr.instance(EngineActor).options(engine_invoke_options(self._config, spec)).invoke(
             spec, str(self._config.log_dir), self._config.engine_start_timeout_s, advertise, adopt_port, peer,

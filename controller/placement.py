@@ -23,10 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from controller.planner import EnginePlacement, InstanceRequest, Node, PlacementRequest, plan_placement
-from deploy.config import Accelerator, Role, ServiceConfig
+from deploy.config import Accelerator, Role, ServiceConfig, simulated_node_address
 from workers.engine_process import EngineSpec
 
 LOCAL_NODE_ID = "local"
+SIMULATED_NODE_PREFIX = "sim-node-"
 LOCAL_NODE_ADDRESS = "127.0.0.1"  # local engines bind and are reached there
 ENGINE_MEMORY_MB = 4096  # what each engine actor asks the scheduler for
 
@@ -63,14 +64,40 @@ def placement_request(config: ServiceConfig) -> PlacementRequest:
 
 
 def local_inventory(config: ServiceConfig, cores: Sequence[int], ds_worker_addresses: Sequence[str]) -> list[Node]:
-    """This machine as one node. ``cores``: the caller's CPU affinity. On CPU the engines'
-    cores are the configured devices (VISIBLE_DEVICES, default that same affinity)."""
+    """This machine as one node, or as SIMULATED_NODES nodes. ``cores``: the caller's CPU
+    affinity. On CPU the engines' cores are the configured devices (VISIBLE_DEVICES,
+    default that same affinity)."""
+    if config.simulated_nodes:
+        return simulated_inventory(config, ds_worker_addresses)
     cpu = config.accelerator is Accelerator.CPU
     return [Node(
         node_id=LOCAL_NODE_ID, address=LOCAL_NODE_ADDRESS, accelerator=config.accelerator,
         devices=() if cpu else config.devices, cores=config.devices if cpu else tuple(cores),
         ds_worker_addresses=tuple(ds_worker_addresses),
     )]  # fmt: skip
+
+
+def simulated_inventory(config: ServiceConfig, ds_worker_addresses: Sequence[str]) -> list[Node]:
+    """SIMULATED_NODES nodes on this machine: node i at its own loopback address with the
+    i-th data system worker and the i-th contiguous share of the visible devices (CPU:
+    cores; the first nodes get one more when they do not divide evenly)."""
+    count = config.simulated_nodes
+    if len(ds_worker_addresses) != count:
+        raise ValueError(f"{count} simulated nodes need {count} data system workers, got {len(ds_worker_addresses)}")
+    cpu = config.accelerator is Accelerator.CPU
+    share, extra = divmod(len(config.devices), count)
+    nodes: list[Node] = []
+    start = 0
+    for index in range(count):
+        end = start + share + (1 if index < extra else 0)
+        units = config.devices[start:end]
+        start = end
+        nodes.append(Node(
+            node_id=f"{SIMULATED_NODE_PREFIX}{index}", address=simulated_node_address(index),
+            accelerator=config.accelerator, devices=() if cpu else units, cores=units if cpu else (),
+            ds_worker_addresses=(ds_worker_addresses[index],),
+        ))  # fmt: skip
+    return nodes
 
 
 def place_engines(
@@ -119,7 +146,7 @@ def engine_specs(
                 project_root=str(Path(__file__).resolve().parents[1]),
                 cache_root=str(config.model_cache_dir.parent / "vllm"),
                 cpu_kvcache_gb=config.cpu_kvcache_gb,
-                bind_host="0.0.0.0" if config.cluster_mode else "127.0.0.1",
+                bind_host="0.0.0.0" if config.cluster_mode else placement.node_address,
                 node_id=placement.node_id,
                 runtime_placed=config.cluster_mode,
                 kv_events=config.kv_events,

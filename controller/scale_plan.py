@@ -208,7 +208,7 @@ def adopted_specs(
         EnginePlacement(
             name=str(row["name"]), instance=str(row["instance"]), role=roles[str(row["role"])].role,
             tensor_parallel=roles[str(row["role"])].tensor_parallel, dp_rank=0, dp_size=1, dp_local_rank=0,
-            dp_master_address="", node_id=str(row.get("node_id", "")), node_address="",
+            dp_master_address="", node_id=str(row.get("node_id", "")), node_address=str(row.get("host", "")),
             devices=tuple(int(d) for d in row.get("devices") or ()),  # type: ignore[attr-defined]
             ds_worker_address=str(row.get("ds_worker_address", "")),
         )  # fmt: skip

@@ -78,6 +78,9 @@ class DataSystemConfig:
     local_workers: int = 1  # local mode: workers on consecutive ports, one cluster
     node_worker_port: int = 31501  # cluster mode: every engine attaches to <its node's address>:<this port>
     populate_shared_memory: bool = False  # local workers touch their shared memory at start (no page faults later)
+    # Simulated nodes: one worker per node, each at its node's address and ``worker_port``
+    # (the first one, ``worker_host``, runs the metastore); empty: ``local_workers`` workers.
+    node_hosts: tuple[str, ...] = ()
 
     @property
     def address(self) -> str:
@@ -85,7 +88,18 @@ class DataSystemConfig:
 
     @property
     def addresses(self) -> tuple[str, ...]:
+        if self.node_hosts:
+            return tuple(f"{host}:{self.worker_port}" for host in self.node_hosts)
         return tuple(f"{self.worker_host}:{self.worker_port + i}" for i in range(self.local_workers))
+
+
+SIMULATED_NODE_LIMIT = 16
+
+
+def simulated_node_address(index: int) -> str:
+    """The loopback address of simulated node ``index`` (0-based): 127.0.0.2, 127.0.0.3, ...
+    (127.0.0.1 stays the front door's and the deploy process's)."""
+    return f"127.0.0.{index + 2}"
 
 
 # Our connector, vanilla vLLM (no connector), or one of vLLM's own connectors by the name
@@ -153,6 +167,7 @@ class ServiceConfig:
     yr_server_address: str | None  # set: cluster mode
     yr_ds_address: str | None  # this node's data system worker as yr start recorded it (given to yr.init)
     cpu_cores_per_rank: int  # CPU engines: cores per TP rank
+    simulated_nodes: int = 0  # local mode: engines spread over this many simulated nodes; 0: one node (this machine)
 
     @property
     def disaggregated(self) -> bool:
@@ -261,6 +276,8 @@ SETTINGS: tuple[_Setting, ...] = (
     _Setting("DS_SPILL_DIR", None, "SSD spill folder of a locally started worker; unset: no spill"),
     _Setting("DS_SPILL_SIZE_MB", "8192", "SSD spill limit of a locally started worker"),
     _Setting("DS_WORKERS", "1", "data system workers to start locally (consecutive ports; engines attach in turn)"),
+    _Setting("SIMULATED_NODES", "0", "local mode: split this machine into N simulated nodes (127.0.0.2, 127.0.0.3, ...), "
+             "each with its own data system worker at DS_WORKER_ADDRESS's port and a share of VISIBLE_DEVICES; 0: off"),
     _Setting("KV_TTL_S", "1800", "seconds a KV block stays in the data system; 0 = until the worker stops"),
     _Setting("KV_REQUEST_TIMEOUT_MS", "2000", "bound on each data system call; a slower store is a miss"),
     _Setting("DS_EXCLUSIVE_CONNECTIONS", "1", "1: each engine's data system client gets its own connection to the worker "
@@ -312,6 +329,7 @@ def build_config(
     sessions_dir = Path(raw["YR_SESSIONS_DIR"] or "/tmp/yr_sessions")
     master = None if raw["YR_SERVER_ADDRESS"] else read_master_info(sessions_dir, master_answers)
     yr_server_address = raw["YR_SERVER_ADDRESS"] or (master.server_address if master is not None else None)
+    simulated_nodes = _simulated_nodes(raw, cluster_mode=yr_server_address is not None)
     config = ServiceConfig(
         server_ip=_ip(raw, "SERVER_IP"),
         server_port=_int(raw, "SERVER_PORT", minimum=1, maximum=65535),
@@ -329,7 +347,8 @@ def build_config(
         decode_startup_params=_startup_params(raw, "DECODE_STARTUP_PARAMS"),
         cpu_kvcache_gb=_int(raw, "VLLM_CPU_KVCACHE_SPACE", minimum=1),
         engine_start_timeout_s=float(_int(raw, "ENGINE_START_TIMEOUT", minimum=10)),
-        datasystem=_datasystem(raw, cluster_mode=yr_server_address is not None, master=master),
+        datasystem=_datasystem(raw, cluster_mode=yr_server_address is not None, master=master,
+                               simulated_nodes=simulated_nodes),  # fmt: skip
         connector=ConnectorConfig(
             ttl_s=_int(raw, "KV_TTL_S", minimum=0),
             request_timeout_ms=_int(raw, "KV_REQUEST_TIMEOUT_MS", minimum=1),
@@ -354,6 +373,7 @@ def build_config(
         yr_server_address=yr_server_address,
         yr_ds_address=master.ds_address if master is not None else None,
         cpu_cores_per_rank=_int(raw, "CPU_CORES_PER_RANK", minimum=1),
+        simulated_nodes=simulated_nodes,
     )
     _check_consistency(config)
     return config
@@ -487,7 +507,20 @@ def _startup_params(raw: Mapping[str, str | None], name: str) -> tuple[str, ...]
     return params
 
 
-def _datasystem(raw: Mapping[str, str | None], cluster_mode: bool, master: MasterInfo | None) -> DataSystemConfig:
+def _simulated_nodes(raw: Mapping[str, str | None], cluster_mode: bool) -> int:
+    nodes = _int(raw, "SIMULATED_NODES", minimum=0, maximum=SIMULATED_NODE_LIMIT)
+    if nodes and cluster_mode:
+        raise _fail("SIMULATED_NODES", nodes, "must be 0 in cluster mode, where the cluster's real nodes are used; "
+                    "unset it, or deploy in local mode")  # fmt: skip
+    if nodes and raw["DS_WORKERS"] not in (None, "", "1"):
+        raise _fail("DS_WORKERS", raw["DS_WORKERS"], f"must be 1 with SIMULATED_NODES={nodes}: each simulated node "
+                    "runs one data system worker")  # fmt: skip
+    return nodes
+
+
+def _datasystem(
+    raw: Mapping[str, str | None], cluster_mode: bool, master: MasterInfo | None, simulated_nodes: int = 0
+) -> DataSystemConfig:
     if cluster_mode and raw["DS_WORKER_ADDRESS"]:
         raise _fail("DS_WORKER_ADDRESS", raw["DS_WORKER_ADDRESS"], "not used in cluster mode, where every engine "
                     "attaches to the data system worker on its own node; unset it, and set DS_WORKER_PORT to the "
@@ -501,8 +534,9 @@ def _datasystem(raw: Mapping[str, str | None], cluster_mode: bool, master: Maste
     else:
         node_worker_port = (master.ds_worker_port if master is not None else None) or 31501
     spill = raw["DS_SPILL_DIR"]
+    node_hosts = tuple(simulated_node_address(index) for index in range(simulated_nodes))
     return DataSystemConfig(
-        worker_host=host,
+        worker_host=node_hosts[0] if node_hosts else host,
         worker_port=int(port_text),
         metastore_port=_int(raw, "DS_METASTORE_PORT", minimum=1, maximum=65535),
         shared_memory_mb=_int(raw, "DS_SHARED_MEMORY_MB", minimum=64),
@@ -511,6 +545,7 @@ def _datasystem(raw: Mapping[str, str | None], cluster_mode: bool, master: Maste
         local_workers=_int(raw, "DS_WORKERS", minimum=1, maximum=16),
         node_worker_port=node_worker_port,
         populate_shared_memory=_flag(raw, "DS_SHARED_MEMORY_POPULATE"),
+        node_hosts=node_hosts,
     )
 
 
@@ -551,6 +586,10 @@ def _check_consistency(config: ServiceConfig) -> None:
     if config.cluster_mode:
         return  # devices live on the cluster's nodes; the scheduler places the actors
     available = len(config.devices)
+    if config.simulated_nodes > available:
+        raise _fail("SIMULATED_NODES", config.simulated_nodes, f"must be at most the {available} visible "
+                    f"{config.accelerator.value} devices ({','.join(map(str, config.devices))}): every simulated node "
+                    "gets at least one; lower it or set VISIBLE_DEVICES")  # fmt: skip
     if config.devices_needed > available:
         cores = f" x CPU_CORES_PER_RANK={config.cpu_cores_per_rank}" if config.cpu_cores_per_rank != 1 else ""
         raise ConfigError(
@@ -585,6 +624,9 @@ def describe(config: ServiceConfig) -> Sequence[str]:
         f"overload: {config.admission.max_in_flight_per_engine} requests in flight per serving engine, "
         f"{config.admission.queue_size} waiting at most {config.admission.queue_timeout_s:.0f} s, then 429"
     )
+    if config.simulated_nodes:
+        lines.append(f"simulated nodes: {config.simulated_nodes} at "
+                     f"{', '.join(config.datasystem.node_hosts)} (one data system worker each)")  # fmt: skip
     workers = (f"the data system worker on each engine's node (port {config.datasystem.node_worker_port})"
                if config.cluster_mode else
                f"{len(config.datasystem.addresses)} data system worker(s) at {', '.join(config.datasystem.addresses)}")  # fmt: skip

@@ -68,6 +68,13 @@ def test_decode_zero_means_colocated() -> None:
         ({"KV_CONNECTOR": "none"}, "KV_CONNECTOR=none is invalid with DECODE_INS_NUM=1"),
         ({"KV_CONNECTOR": "ExampleConnector", "USING_PREFIX_CONNECTOR": "1"}, "USING_PREFIX_CONNECTOR=1 is invalid with KV_CONNECTOR=ExampleConnector"),
         ({"STREAM_MIGRATIONS": "-1"}, "STREAM_MIGRATIONS=-1 is invalid: must be an integer >= 0 and <= 10"),
+        ({"SIMULATED_NODES": "17"}, "SIMULATED_NODES=17 is invalid: must be an integer >= 0 and <= 16"),
+        ({"SIMULATED_NODES": "3"}, "SIMULATED_NODES=3 is invalid: must be at most the 2 visible cpu devices (0,1): "
+                                   "every simulated node gets at least one; lower it or set VISIBLE_DEVICES"),
+        ({"SIMULATED_NODES": "2", "DS_WORKERS": "2"}, "DS_WORKERS=2 is invalid: must be 1 with SIMULATED_NODES=2: "
+                                                      "each simulated node runs one data system worker"),
+        ({"SIMULATED_NODES": "2", "YR_SERVER_ADDRESS": "10.0.0.1:31222"},
+         "SIMULATED_NODES=2 is invalid: must be 0 in cluster mode, where the cluster's real nodes are used"),
     ],
 )
 def test_invalid_values_name_variable_value_and_allowed(env: dict[str, str], expected: str) -> None:

@@ -1,6 +1,7 @@
 """End to end: PD-colocated instances reuse each other's prompts through the data
-system (USING_PREFIX_CONNECTOR=1), across two data system workers standing in for two
-nodes: instance 0 attaches to worker A, instance 1 to worker B.
+system (USING_PREFIX_CONNECTOR=1), across two simulated nodes (SIMULATED_NODES=2): instance
+0 runs on node 0 (127.0.0.2) and attaches to its worker A, instance 1 on node 1
+(127.0.0.3) with worker B.
 
 One deployment shared by the tests, in file order; the fixture cleans.
 """
@@ -39,7 +40,8 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
         tmp_path_factory.mktemp("reuse"),
         PREFILL_INS_NUM="2",
         DECODE_INS_NUM="0",
-        DS_WORKERS="2",
+        SIMULATED_NODES="2",
+        VISIBLE_DEVICES="0,1",
         USING_PREFIX_CONNECTOR="1",
     ) as running:
         yield running
@@ -56,8 +58,8 @@ def test_instances_attach_to_different_workers(deployment: Deployment) -> None:
         match = re.search(r"\[connector rank=0\] registered .* store (\S+)", (log_dir / f"{name}.log").read_text())
         assert match, f"{name} logged no connector registration"
         stores[name] = match.group(1)
-    assert stores["colocated-0"] == deployment.env["DS_WORKER_ADDRESS"]
-    assert stores["colocated-1"] != stores["colocated-0"]
+    port = deployment.env["DS_WORKER_ADDRESS"].rpartition(":")[2]
+    assert stores == {"colocated-0": f"127.0.0.2:{port}", "colocated-1": f"127.0.0.3:{port}"}
 
 
 def _stored_blocks(url: str) -> float:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from controller.placement import plan_engines
+from controller.placement import plan_engines, simulated_inventory
 from deploy.config import Role, build_config
 from workers.engine_process import build_engine_argv, build_engine_env, cpu_thread_binding
 
@@ -85,6 +85,35 @@ def test_engines_attach_to_local_data_system_workers_in_turn() -> None:
     assert config.datasystem.addresses == ("127.0.0.1:31501", "127.0.0.1:31502")
     specs = plan_engines(config, MODEL, "served", config.datasystem.addresses)
     assert [s.ds_worker_address for s in specs] == ["127.0.0.1:31501", "127.0.0.1:31502"] * 2
+
+
+def test_simulated_nodes_split_the_cores_and_each_has_its_address_and_worker() -> None:
+    config = build_config({"ACCELERATOR": "cpu", "VISIBLE_DEVICES": "0-4", "SIMULATED_NODES": "2",
+                           "DS_WORKER_ADDRESS": "127.0.0.1:31601", "DS_METASTORE_PORT": "32601"})  # fmt: skip
+    assert config.datasystem.addresses == ("127.0.0.2:31601", "127.0.0.3:31601")
+    assert config.datasystem.worker_host == "127.0.0.2"  # the first node's worker runs the metastore
+    nodes = simulated_inventory(config, config.datasystem.addresses)
+    assert [(n.node_id, n.address, n.cores, n.ds_worker_addresses) for n in nodes] == [
+        ("sim-node-0", "127.0.0.2", (0, 1, 2), ("127.0.0.2:31601",)),
+        ("sim-node-1", "127.0.0.3", (3, 4), ("127.0.0.3:31601",)),
+    ]
+
+
+def test_simulated_nodes_put_prefill_and_decode_apart_bound_to_their_node() -> None:
+    config = build_config({"ACCELERATOR": "cpu", "VISIBLE_DEVICES": "0,1", "SIMULATED_NODES": "2"})
+    specs = plan_engines(config, MODEL, "m", config.datasystem.addresses)
+    assert [(s.name, s.node_id, s.bind_host, s.devices, s.ds_worker_address) for s in specs] == [
+        ("prefill-0", "sim-node-0", "127.0.0.2", (0,), "127.0.0.2:31501"),
+        ("decode-0", "sim-node-1", "127.0.0.3", (1,), "127.0.0.3:31501"),
+    ]
+    argv = build_engine_argv(specs[1], 8000)
+    assert argv[argv.index("--host") + 1] == "127.0.0.3"
+    assert _kv_config(argv)["kv_connector_extra_config"]["ds_worker_address"] == "127.0.0.3:31501"  # type: ignore[index]
+
+
+def test_without_simulated_nodes_local_engines_bind_to_loopback() -> None:
+    config = build_config({"ACCELERATOR": "cpu", "VISIBLE_DEVICES": "0,1"})
+    assert {s.bind_host for s in plan_engines(config, MODEL, "m", config.datasystem.addresses)} == {"127.0.0.1"}
 
 
 def test_ascend_devices_are_made_visible() -> None:

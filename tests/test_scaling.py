@@ -139,12 +139,12 @@ def test_adoption_takes_the_engines_as_scaling_left_them() -> None:
         {"name": "prefill-0", "instance": "prefill-0", "role": "prefill", "devices": [0], "ds_worker_address": WORKERS[0]},
         {"name": "decode-0", "instance": "decode-0", "role": "decode", "devices": [2], "ds_worker_address": WORKERS[0]},
         {"name": "decode-1", "instance": "decode-1", "role": "decode", "devices": [3], "ds_worker_address": WORKERS[1],
-         "node_id": "local"},
+         "node_id": "local", "host": "127.0.0.1"},
     ]  # fmt: skip
     adopted = adopted_specs(config, specs, previous, MODEL, "m")  # type: ignore[arg-type]
-    assert [(s.name, s.role, s.devices, s.ds_worker_address) for s in adopted] == [
-        ("prefill-0", Role.PREFILL, (0,), WORKERS[0]), ("decode-0", Role.DECODE, (2,), WORKERS[0]),
-        ("decode-1", Role.DECODE, (3,), WORKERS[1])]  # fmt: skip
+    assert [(s.name, s.role, s.devices, s.ds_worker_address, s.bind_host) for s in adopted] == [
+        ("prefill-0", Role.PREFILL, (0,), WORKERS[0], "127.0.0.1"), ("decode-0", Role.DECODE, (2,), WORKERS[0], "127.0.0.1"),
+        ("decode-1", Role.DECODE, (3,), WORKERS[1], "127.0.0.1")]  # fmt: skip
     assert adopted[-1].startup_params == specs[-1].startup_params and adopted[-1].kv_events == specs[-1].kv_events
     assert adopted_specs(config, specs, [], MODEL, "m") == specs  # type: ignore[arg-type]
 
