@@ -37,14 +37,15 @@ STOP_TIMEOUT_S = 60
 
 
 def engine_invoke_options(config: ServiceConfig, spec: EngineSpec) -> yr.InvokeOptions:
-    # CPU engines ask for their cores (as many as the spec names, or TP x CPU_CORES_PER_RANK when
-    # the runtime places them); accelerator engines for one core and their TP group's devices.
-    cores = len(spec.devices) or spec.tensor_parallel * config.cpu_cores_per_rank
+    # CPU engines ask for their cores (as many as the spec names, or TP x CPU_CORES_PER_RANK per
+    # DP rank it runs when the runtime places them); accelerator engines for one core and the
+    # devices of their TP groups (one per DP rank it runs: several under DP_MODE=vllm).
+    cores = len(spec.devices) or spec.tensor_parallel * spec.local_ranks * config.cpu_cores_per_rank
     cpu = 1000 * cores if config.accelerator is Accelerator.CPU else 1000
     options = yr.InvokeOptions(cpu=cpu, memory=ENGINE_MEMORY_MB)
     resource = _DEVICE_RESOURCE.get(config.accelerator)
     if resource is not None:
-        options.custom_resources = {resource: float(spec.tensor_parallel)}
+        options.custom_resources = {resource: float(spec.tensor_parallel * spec.local_ranks)}
     return options
 
 

@@ -13,6 +13,8 @@ planner's request and inventory, and the planner's answer into one EngineSpec pe
   it lands on (``:<DS_WORKER_PORT>``, completed with the node's address by the engine
   actor). Given the cluster's inventory (``yr.resources()``), the planner checks first that
   the request fits, and names the node it would choose.
+- ``DP_MODE=vllm``: the ranks of an instance on one node are one engine, a head or a
+  headless one (controller/dp_groups.py); refusals come with the plan, before anything starts.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from controller.dp_groups import DPEngine, independent_engines, vllm_dp_engines
 from controller.planner import EnginePlacement, InstanceRequest, Node, PlacementRequest, plan_placement
 from deploy.config import Accelerator, Role, ServiceConfig, simulated_node_address
 from workers.engine_process import EngineSpec
@@ -106,14 +109,25 @@ def place_engines(
     inventory: Sequence[Node] | None = None,
     cores: Sequence[int] | None = None,
 ) -> list[EnginePlacement] | None:
-    """The planner's plan (raises PlacementError, one line, when it cannot be placed), or
-    None in cluster mode without an inventory: the scheduler places the engines alone."""
+    """The planner's plan (raises PlacementError, one line, when it cannot be placed, or
+    when DP_MODE=vllm cannot start it), or None in cluster mode without an inventory: the
+    scheduler places the engines alone."""
     if inventory is None:
         if config.cluster_mode:
             return None
         inventory = local_inventory(config, tuple(sorted(os.sched_getaffinity(0))) if cores is None else cores,
                                     ds_worker_addresses)  # fmt: skip
-    return plan_placement(inventory, placement_request(config))
+    plan = plan_placement(inventory, placement_request(config))
+    engines_to_start(config, plan)  # DP_MODE=vllm's refusals, before anything starts
+    return plan
+
+
+def engines_to_start(config: ServiceConfig, placements: Sequence[EnginePlacement]) -> list[DPEngine]:
+    """The plan's ranks as engines: one each (DP_MODE=independent), or one per node of an
+    instance (DP_MODE=vllm)."""
+    if config.dp_mode == "vllm":
+        return vllm_dp_engines(placements, config.cluster_mode)
+    return independent_engines(placements)
 
 
 def engine_specs(
@@ -125,7 +139,8 @@ def engine_specs(
     """One spec per engine, from the plan (``None``: cluster mode, the scheduler places)."""
     startup = {p.role: p.startup_params for p in instance_plans(config)}
     specs: list[EngineSpec] = []
-    for placement in placements if placements is not None else _unplanned(config):
+    for engine in engines_to_start(config, placements if placements is not None else _unplanned(config)):
+        placement = engine.placement
         specs.append(
             EngineSpec(
                 name=placement.name,
@@ -150,6 +165,7 @@ def engine_specs(
                 node_id=placement.node_id,
                 runtime_placed=config.cluster_mode,
                 kv_events=config.kv_events,
+                data_parallel=engine.data_parallel,
             )
         )
     return specs
@@ -178,7 +194,7 @@ def plan_engines(
     inventory: Sequence[Node] | None = None,
     cores: Sequence[int] | None = None,
 ) -> list[EngineSpec]:
-    """One spec per engine (DP ranks of an instance are separate engines): the plan and the
-    specs in one call."""
+    """One spec per engine (DP ranks of an instance are separate engines, or, with
+    DP_MODE=vllm, one per node): the plan and the specs in one call."""
     placements = place_engines(config, ds_worker_addresses, inventory, cores)
     return engine_specs(config, placements, model_path, served_model_name)

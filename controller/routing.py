@@ -39,6 +39,8 @@ class RoutingTable:
         flight release the count they acquired (new objects would leak those counts)."""
         fresh: dict[str, EngineLoad] = {}
         for engine in engines:
+            if engine.get("headless"):  # DP_MODE=vllm: ranks served through their head, no HTTP of their own
+                continue
             name = str(engine["name"])
             known = self._engines.get(name) or EngineLoad(name=name, url="", role="")
             known.host = str(engine["host"])

@@ -178,6 +178,7 @@ class Scaler:
             logger.warning("[scale %s +%d] %s", role.value, count, warnings[-1])
         specs = engine_specs(self._config, more.placements, self._model_path, self._served_model_name)
         names = [spec.name for spec in specs]
+        routed_names = [spec.name for spec in specs if not spec.headless]  # the door's table lists no headless engine
         self._phase(f"starting {', '.join(names)}")
         logger.info("[scale %s +%d] starting %s", role.value, count, ", ".join(
             f"{s.name} (devices {','.join(map(str, s.devices)) or 'chosen by the runtime'})" for s in specs))  # fmt: skip
@@ -186,7 +187,7 @@ class Scaler:
         healthy = self._clock()
         self._specs.extend(specs)
         self._phase(f"routing to {', '.join(names)}")
-        if not self._wait_for_door(door, lambda view: all(view.get(n, ("", 0))[0] == "healthy" for n in names),
+        if not self._wait_for_door(door, lambda view: all(view.get(n, ("", 0))[0] == "healthy" for n in routed_names),
                                    ROUTED_TIMEOUT_S):  # fmt: skip
             warnings.append(f"the door's routing table did not show {', '.join(names)} healthy within "
                             f"{ROUTED_TIMEOUT_S:.0f} s; its next refresh will")  # fmt: skip

@@ -200,7 +200,10 @@ def status(config: ServiceConfig) -> int:
     header = ("INSTANCE", "ROLE", "DEVICES", "PORT", "PID", "HEALTH", "RESTARTS", "LOG")
     rows = [header]
     for engine in state.engines:
-        health = "healthy" if is_healthy(str(engine["host"]), int(engine["port"])) else "unhealthy"  # type: ignore[arg-type]
+        if engine.get("headless"):  # DP_MODE=vllm: no HTTP of its own, its ranks serve through the head
+            health = "headless"
+        else:
+            health = "healthy" if is_healthy(str(engine["host"]), int(engine["port"])) else "unhealthy"  # type: ignore[arg-type]
         devices = ",".join(str(d) for d in engine["devices"]) or "-"  # type: ignore[attr-defined]
         rows.append(
             (str(engine["name"]), str(engine["role"]), devices, str(engine["port"]), str(engine["pid"]), health, str(engine["restarts"]), str(engine["log"]))

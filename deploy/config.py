@@ -38,6 +38,8 @@ OWNED_ENGINE_FLAGS = (
     "--data-parallel-size",
     "-dp",
     "--data-parallel-rank",
+    "--data-parallel-start-rank",
+    "--data-parallel-size-local",
     "--data-parallel-address",
     "--data-parallel-rpc-port",
     "--kv-transfer-config",
@@ -47,6 +49,10 @@ OWNED_ENGINE_FLAGS = (
 
 
 ROUTING_POLICIES = ("round_robin", "least_outstanding", "prefix_affinity", "kv_aware")
+# How an instance's DP ranks run: "independent", each rank its own vLLM server (the door
+# balances over them); "vllm", vLLM's own data parallelism: per node one engine for the
+# ranks the plan put there, the rank-0 node's serving HTTP, the others --headless.
+DP_MODES = ("independent", "vllm")
 
 
 class Accelerator(str, enum.Enum):
@@ -168,6 +174,7 @@ class ServiceConfig:
     yr_ds_address: str | None  # this node's data system worker as yr start recorded it (given to yr.init)
     cpu_cores_per_rank: int  # CPU engines: cores per TP rank
     simulated_nodes: int = 0  # local mode: engines spread over this many simulated nodes; 0: one node (this machine)
+    dp_mode: str = "independent"  # one of DP_MODES
 
     @property
     def disaggregated(self) -> bool:
@@ -254,6 +261,8 @@ SETTINGS: tuple[_Setting, ...] = (
     _Setting("DTP", "1", "tensor-parallel size of each decode instance"),
     _Setting("PDP", "1", "data-parallel engines per prefill instance"),
     _Setting("DDP", "1", "data-parallel engines per decode instance"),
+    _Setting("DP_MODE", "independent", "independent: each DP rank its own vLLM server; vllm: vLLM's own data "
+             "parallelism, one engine per node of an instance (the rank-0 node's serves, the others --headless)"),
     _Setting("USING_PREFIX_CONNECTOR", "0", "1: every instance reuses prefixes found in the data system"),
     _Setting("KV_CONNECTOR", YUANRONG_CONNECTOR, f"{YUANRONG_CONNECTOR} (ours, through the data system), {NO_CONNECTOR} "
              f"(vanilla vLLM; colocated only) or one of vLLM's: {', '.join(VLLM_CONNECTORS)}"),
@@ -374,6 +383,7 @@ def build_config(
         yr_ds_address=master.ds_address if master is not None else None,
         cpu_cores_per_rank=_int(raw, "CPU_CORES_PER_RANK", minimum=1),
         simulated_nodes=simulated_nodes,
+        dp_mode=_choice(raw, "DP_MODE", DP_MODES),
     )
     _check_consistency(config)
     return config
@@ -583,6 +593,11 @@ def _check_consistency(config: ServiceConfig) -> None:
     if config.using_prefix_connector and kind != YUANRONG_CONNECTOR:
         raise ConfigError(f"USING_PREFIX_CONNECTOR=1 is invalid with KV_CONNECTOR={kind}: prefix reuse through the "
                           f"data system is {YUANRONG_CONNECTOR}'s; set USING_PREFIX_CONNECTOR=0")  # fmt: skip
+    if config.dp_mode == "vllm" and config.kv_events and max(config.prefill_dp, config.decode_dp) > 1:
+        raise ConfigError(f"ROUTING_POLICY={config.routing_policy} is invalid with DP_MODE=vllm and "
+                          f"PDP={config.prefill_dp} DDP={config.decode_dp}: vLLM's own balancer picks the DP rank, so "
+                          "the door cannot route by the KV a rank holds; set ROUTING_POLICY=prefix_affinity, or "
+                          "DP_MODE=independent")  # fmt: skip
     if config.cluster_mode:
         return  # devices live on the cluster's nodes; the scheduler places the actors
     available = len(config.devices)
@@ -617,6 +632,9 @@ def describe(config: ServiceConfig) -> Sequence[str]:
     ]
     if config.disaggregated:
         lines.append(f"decode: {config.decode_instances} instance(s) x TP{config.decode_tp} x DP{config.decode_dp}")
+    if max(config.prefill_dp, config.decode_dp) > 1:
+        lines.append("data parallel: " + ("vLLM's own (one engine per node of an instance, --headless off the "
+                                          "rank-0 node)" if config.dp_mode == "vllm" else "one vLLM server per rank"))
     lines.append(f"model: {config.model_path or 'embedded random-weight Qwen2 (gibberish by design)'}")
     lines.append(f"routing: {config.routing_policy} (decode by least outstanding requests)")
     lines.append(f"API key: {'required on /v1 (Authorization: Bearer)' if config.api_key else 'off (open door)'}")

@@ -27,6 +27,7 @@ from workers.engine_process import (
     start_process,
     stop_process_group,
     wait_until_healthy,
+    wait_until_settled,
 )
 from workers.node_address import routable_address
 
@@ -34,6 +35,7 @@ logger = logging.getLogger(__name__)
 
 MAX_RESTARTS = 3
 UNHEALTHY_AFTER = 3  # consecutive failed /health probes
+HEADLESS_SETTLE_S = 5.0  # a headless engine (no /health) that runs this long has started; its head says when it serves
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,7 @@ class EngineInfo:
     events_port: int = 0  # KV events PUB socket (replay on +1); 0: none (or an adopted engine's, unknown)
     node_id: str = ""  # the planner's node; "" when the runtime chose it (the engine runs at ``host``)
     ds_worker_address: str = ""  # the data system worker it attaches to (host:port, on its node)
+    headless: bool = False  # DP_MODE=vllm: ranks off the head's node; no HTTP (port 0), never routed to; healthy: runs
 
     @property
     def url(self) -> str:
@@ -100,7 +103,7 @@ class EngineActor:
         self._log_path = Path(log_dir) / f"{spec.name}.log"
         self._start_timeout_s = start_timeout_s
         self._adopt_port = adopt_port
-        self._port = adopt_port or free_port(spec.bind_host)
+        self._port = 0 if spec.headless else adopt_port or free_port(spec.bind_host)
         self._process: EngineProcess | None = None
         self._events_port = 0
         self._state = "starting"
@@ -124,11 +127,14 @@ class EngineActor:
         one that runs but does not answer is stopped (a fresh one is started instead)."""
         pid = read_pid(self._log_path.with_suffix(".pid"))  # None unless that very process still runs
         if pid is None:
-            if self._adopt_port:
+            if self._adopt_port and not self._spec.headless:
                 self._port = free_port(self._spec.bind_host)
             return False
         process = AdoptedProcess(pid)
-        if self._adopt_port and is_healthy(self._advertise_host, self._adopt_port, timeout_s=5.0):
+        answers = self._spec.headless or (  # headless: a running process is all there is to check
+            self._adopt_port and is_healthy(self._advertise_host, self._adopt_port, timeout_s=5.0)
+        )
+        if answers:
             with self._lock:
                 if self._stopping.is_set():
                     raise StartupError(f"engine {self._spec.name} is being stopped; not adopting it")
@@ -140,7 +146,7 @@ class EngineActor:
         logger.warning("[engine=%s] an engine left by an earlier deploy process (pid %d) does not answer; "
                        "stopping it and starting a new one", self._spec.name, pid)  # fmt: skip
         stop_process_group(process, grace_s=5)
-        self._port = free_port(self._spec.bind_host)
+        self._port = 0 if self._spec.headless else free_port(self._spec.bind_host)
         return False
 
     def _launch(self) -> None:
@@ -158,14 +164,20 @@ class EngineActor:
         # clean reads this to stop the engine even if the deploy process is gone.
         write_pid(self._log_path.with_suffix(".pid"), process.pid)
         try:
-            wait_until_healthy(process, self._advertise_host, self._port, self._start_timeout_s, self._log_path, self._spec.name)
+            if self._spec.headless:
+                settle_s = min(HEADLESS_SETTLE_S, self._start_timeout_s)
+                wait_until_settled(process, settle_s, self._log_path, self._spec.name)
+            else:
+                wait_until_healthy(process, self._advertise_host, self._port, self._start_timeout_s, self._log_path,
+                                   self._spec.name)  # fmt: skip
         except StartupError:
             if not self._stopping.is_set():
                 self._state = "failed"
             stop_process_group(process)
             raise
         self._state = "healthy"
-        logger.info("[engine=%s] healthy (pid %d)", self._spec.name, process.pid)
+        what = "running headless (serving once its head is healthy)" if self._spec.headless else "healthy"
+        logger.info("[engine=%s] %s (pid %d)", self._spec.name, what, process.pid)
 
     def _supervise(self) -> None:
         while not self._stopping.wait(1.0):
@@ -196,7 +208,7 @@ class EngineActor:
     def _check_health(self) -> None:
         """A running engine that misses UNHEALTHY_AFTER /health probes in a row is
         unhealthy until it answers again (one slow answer under load is not a failure)."""
-        if self._state not in ("healthy", "unhealthy"):
+        if self._state not in ("healthy", "unhealthy") or self._spec.headless:  # headless: its process is the probe
             return
         if is_healthy(self._advertise_host, self._port, timeout_s=5.0):
             self._missed_probes = 0
@@ -224,6 +236,7 @@ class EngineActor:
             events_port=self._events_port,
             node_id=self._spec.node_id,
             ds_worker_address=self._spec.ds_worker_address,  # resolved on its node in __init__
+            headless=self._spec.headless,
         ).to_dict()
 
     def stop(self) -> None:

@@ -1,5 +1,12 @@
 """One vLLM engine as a child process: argv and env built by pure functions, started in
-its own process group, health-checked, and stopped with SIGTERM, a wait, then SIGKILL."""
+its own process group, health-checked, and stopped with SIGTERM, a wait, then SIGKILL.
+
+An engine is one vLLM server of one DP rank (``DP_MODE=independent``), or, under vLLM's
+own data parallelism (``DP_MODE=vllm``, ``EngineSpec.data_parallel``), the ranks of one
+instance on one node: the head (the rank-0 node's; it serves HTTP and balances over all
+ranks) or a headless engine (``vllm serve --headless``: no HTTP port, its ranks connect to
+the head's DP address and RPC port).
+"""
 
 from __future__ import annotations
 
@@ -25,6 +32,23 @@ logger = logging.getLogger(__name__)
 
 CONNECTOR_CLASS = "YuanRongConnector"
 CONNECTOR_MODULE = "patch.yuanrong_connector.connector"
+
+
+@dataclass(frozen=True)
+class VllmDataParallel:
+    """vLLM's own data parallelism for one engine: ``size_local`` of its instance's
+    ``size`` DP ranks, from ``start_rank`` on, run by this engine on its node (vllm 0.32
+    ``--data-parallel-*``). Start rank 0 is the head; any other engine runs headless."""
+
+    size: int  # the instance's DP ranks, all nodes together
+    size_local: int  # ranks this engine runs
+    start_rank: int  # its first rank (the ranks of a node are consecutive)
+    address: str  # the head's node address, where headless engines connect; "": the node the head runs on
+    rpc_port: int  # the head's DP handshake port (the same on every engine of the instance)
+
+    @property
+    def headless(self) -> bool:
+        return self.start_rank > 0
 
 
 @dataclass(frozen=True)
@@ -55,15 +79,29 @@ class EngineSpec:
     # engine keeps what the runtime set instead of getting an empty list.
     runtime_placed: bool = False
     kv_events: bool = False  # publish KV cache events (the door's kv_aware routing follows them)
+    data_parallel: VllmDataParallel | None = None  # DP_MODE=vllm with DP > 1; None: one rank, its own server
+
+    @property
+    def headless(self) -> bool:
+        """No HTTP server: the process is supervised, the door never routes to it."""
+        return self.data_parallel is not None and self.data_parallel.headless
+
+    @property
+    def local_ranks(self) -> int:
+        """DP ranks this engine runs (its devices are that many TP groups)."""
+        return self.data_parallel.size_local if self.data_parallel is not None else 1
 
 
 def resolve_on_node(spec: EngineSpec, node_address: str) -> EngineSpec:
-    """The spec with a host-less data system worker address (":31501", the worker on the
-    engine's own node: openYuanrong runs one per node) completed with the node's address,
-    known only once the engine actor runs on its node."""
-    if not spec.ds_worker_address.startswith(":"):
-        return spec
-    return replace(spec, ds_worker_address=f"{node_address}{spec.ds_worker_address}")
+    """The spec with what is known only once the engine actor runs on its node, completed
+    with the node's address: a host-less data system worker address (":31501", the worker
+    on the engine's own node: openYuanrong runs one per node), and an empty DP address (a
+    head whose instance has no headless engine: its ranks meet on its own node)."""
+    if spec.ds_worker_address.startswith(":"):
+        spec = replace(spec, ds_worker_address=f"{node_address}{spec.ds_worker_address}")
+    if spec.data_parallel is not None and not spec.data_parallel.address:
+        spec = replace(spec, data_parallel=replace(spec.data_parallel, address=node_address))
+    return spec
 
 
 def kv_transfer_config(spec: EngineSpec) -> dict[str, object] | None:
@@ -96,27 +134,46 @@ CPU_ENGINE_NICENESS = 5
 
 def build_engine_argv(spec: EngineSpec, port: int, python: str = sys.executable, events_port: int = 0) -> list[str]:
     """``events_port``: with ``spec.kv_events``, the engine publishes its KV events there
-    (and replays them on ``events_port + 1``)."""
+    (and replays them on ``events_port + 1``). A headless engine has no HTTP server
+    (``port`` unused) and starts through ``vllm serve``: the api_server module ignores
+    ``--headless``."""
+    if spec.kv_events and spec.data_parallel is not None:
+        # vLLM offsets the events ports by DP rank (port + rank would be rank 0's replay port).
+        raise ValueError(f"engine {spec.name}: KV events with vLLM's data parallelism are not supported")
     lower_priority = ["nice", "-n", str(CPU_ENGINE_NICENESS)] if spec.accelerator is Accelerator.CPU else []
+    entry = ["vllm.entrypoints.cli.main", "serve"] if spec.headless else ["vllm.entrypoints.openai.api_server"]
+    http = [] if spec.headless else ["--host", spec.bind_host, "--port", str(port)]
     return [
         *lower_priority,
         python,
         "-m",
-        "vllm.entrypoints.openai.api_server",
+        *entry,
         "--model",
         spec.model_path,
         "--served-model-name",
         spec.served_model_name,
-        "--host",
-        spec.bind_host,
-        "--port",
-        str(port),
+        *http,
         "--tensor-parallel-size",
         str(spec.tensor_parallel),
+        *data_parallel_args(spec.data_parallel),
         *_kv_transfer_args(spec),
         *(kv_events_args(events_port, spec.name, spec.bind_host) if spec.kv_events and events_port else []),
         *spec.startup_params,
     ]
+
+
+def data_parallel_args(dp: VllmDataParallel | None) -> list[str]:
+    """vLLM's DP flags: the head runs ranks 0.. and waits for the rest at ``address:rpc_port``;
+    a headless engine runs its ranks from ``start_rank`` and connects there."""
+    if dp is None:
+        return []
+    if not dp.address:
+        raise ValueError("the DP address is unresolved: resolve_on_node completes it on the head's node")
+    local = ["--data-parallel-size", str(dp.size), "--data-parallel-size-local", str(dp.size_local)]
+    meet = ["--data-parallel-address", dp.address, "--data-parallel-rpc-port", str(dp.rpc_port)]
+    if dp.headless:
+        return ["--headless", *local, "--data-parallel-start-rank", str(dp.start_rank), *meet]
+    return [*local, *meet]
 
 
 def _kv_transfer_args(spec: EngineSpec) -> list[str]:
@@ -125,7 +182,10 @@ def _kv_transfer_args(spec: EngineSpec) -> list[str]:
 
 
 def cpu_thread_binding(cores: tuple[int, ...], tensor_parallel: int) -> str:
-    """VLLM_CPU_OMP_THREADS_BIND: one core list per TP rank, ranks separated by ``|``."""
+    """VLLM_CPU_OMP_THREADS_BIND: one core list per TP rank, ranks separated by ``|``. For
+    an engine running several DP ranks, ``tensor_parallel`` is TP x its local ranks: vLLM
+    (utils/ompmultiprocessing.py) takes the lists of local DP rank r at
+    ``[r * TP, (r + 1) * TP)`` (mapping [DP, PP, TP])."""
     if len(cores) % tensor_parallel:
         raise ValueError(f"{len(cores)} cores cannot be split evenly over TP={tensor_parallel}")
     per_rank = len(cores) // tensor_parallel
@@ -153,8 +213,9 @@ def build_engine_env(spec: EngineSpec, base_env: Mapping[str, str]) -> dict[str,
     if spec.accelerator is Accelerator.CPU:
         env["VLLM_CPU_KVCACHE_SPACE"] = str(spec.cpu_kvcache_gb)
     if spec.devices:
+        ranks = spec.tensor_parallel * spec.local_ranks  # TP ranks of every DP rank it runs
         env[DEVICE_VARIABLE[spec.accelerator]] = (
-            cpu_thread_binding(spec.devices, spec.tensor_parallel) if spec.accelerator is Accelerator.CPU
+            cpu_thread_binding(spec.devices, ranks) if spec.accelerator is Accelerator.CPU
             else ",".join(str(d) for d in spec.devices)
         )  # fmt: skip
     elif not spec.runtime_placed:
@@ -244,6 +305,18 @@ def wait_until_healthy(
             return
         time.sleep(0.5)
     raise StartupError(f"engine {name} was not healthy within {timeout_s:.0f} s (ENGINE_START_TIMEOUT); see {log_path}")
+
+
+def wait_until_settled(process: EngineProcess, settle_s: float, log_path: Path, name: str) -> None:
+    """A headless engine has no /health: block ``settle_s`` and raise StartupError if the
+    process exits meanwhile (a bad argument, an unreachable head). Its readiness is the
+    head's: vLLM's API server answers only once every DP rank has joined."""
+    deadline = time.monotonic() + settle_s
+    while time.monotonic() < deadline:
+        code = process.poll()
+        if code is not None:
+            raise StartupError(f"engine {name} exited with code {code} while starting; last log lines:\n{tail(log_path)}")
+        time.sleep(0.2)
 
 
 def tail(path: Path, lines: int = 15) -> str:
