@@ -35,6 +35,7 @@ ids the door does not have) falls back to least outstanding, then the rotation.
 from __future__ import annotations
 
 import zlib
+from operator import attrgetter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -43,6 +44,7 @@ from controller.policies import EngineLoad
 STORE_LOAD_COST = 0.05  # ttft_tiers: 4096 tokens loaded through another worker, per token, / compute per token
 HOST_LOAD_COST = 0.02  # assumed: between the device (0) and the data system
 REQUEST_COST_TOKENS = 256.0
+_OUTSTANDING = attrgetter("outstanding")
 
 
 @dataclass(frozen=True)
@@ -74,22 +76,22 @@ class KVAware:
 
     def order(self, candidates: Sequence[EngineLoad], affinity_key: bytes) -> list[EngineLoad]:
         """No token ids: least outstanding, ties rotated from the affinity key."""
-        rotated = _rotated(candidates, zlib.crc32(affinity_key))
-        return _ranked(rotated, [engine.outstanding for engine in rotated])
+        return sorted(_rotated(candidates, zlib.crc32(affinity_key)), key=_OUTSTANDING)
 
     def order_cached(self, candidates: Sequence[EngineLoad], cache: PromptCache) -> list[EngineLoad]:
-        """Best first by saved prompt tokens less the load penalty (module docstring)."""
+        """Best first by saved prompt tokens less the load penalty (module docstring);
+        equal scores keep the rotation's order (``sorted`` is stable)."""
         rotated = _rotated(candidates, cache.key)
         cost = self.request_cost_tokens
         if cache.host_blocks:
             saved_tokens = self.saved_tokens
-            keys = [engine.outstanding * cost - saved_tokens(engine.name, cache) for engine in rotated]
-        else:  # the common case, made cheap for hundreds of candidates: one score per distinct device count
-            device = cache.device_blocks
-            saved = {held: self._saved(held, 0, cache) for held in {0, *device.values()}}
-            held_by = device.get
-            keys = [engine.outstanding * cost - saved[held_by(engine.name, 0)] for engine in rotated]
-        return _ranked(rotated, keys)
+            return sorted(rotated, key=lambda engine: engine.outstanding * cost - saved_tokens(engine.name, cache))
+        # The common case, made cheap for hundreds of candidates: one score per distinct
+        # device count, and the key computed by sorted itself (no index list to map back).
+        device = cache.device_blocks
+        saved = {held: self._saved(held, 0, cache) for held in {0, *device.values()}}
+        held_by = device.get
+        return sorted(rotated, key=lambda engine: engine.outstanding * cost - saved[held_by(engine.name, 0)])
 
     def saved_tokens(self, engine: str, cache: PromptCache) -> float:
         """The prompt tokens ``engine`` would not compute (device hits count fully)."""
@@ -116,6 +118,3 @@ def _rotated(candidates: Sequence[EngineLoad], key: int) -> list[EngineLoad]:
     return engines[start:] + engines[:start]
 
 
-def _ranked(engines: list[EngineLoad], keys: Sequence[float]) -> list[EngineLoad]:
-    """``engines`` by ascending key; equal keys keep their order (sorted is stable)."""
-    return [engines[i] for i in sorted(range(len(engines)), key=keys.__getitem__)]
