@@ -6,7 +6,8 @@ cluster mode) with ``CONTROLLER_CONCURRENCY``: its methods run in threads, so th
 ``snapshot`` every second is answered while ``add_engines`` waits a minute for engines to
 start (with the SDK's default of 1, calls queue behind each other). A lock guards the
 engine list. Engine actors are created with the resources their engine needs, so in
-cluster mode openYuanrong places them on nodes that have those devices.
+cluster mode openYuanrong places them on nodes that have those devices; with a plan, a
+required affinity also keeps each on the planner's node (controller/node_affinity.py).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 
 import yr
 
+from controller.node_affinity import NODE_LABEL, node_affinities, node_label_value
 from controller.placement import ENGINE_MEMORY_MB
 from deploy.config import Accelerator, ServiceConfig
 from deploy.errors import ConfigError, StartupError
@@ -46,6 +48,18 @@ def engine_invoke_options(config: ServiceConfig, spec: EngineSpec) -> yr.InvokeO
     resource = _DEVICE_RESOURCE.get(config.accelerator)
     if resource is not None:
         options.custom_resources = {resource: float(spec.tensor_parallel * spec.local_ranks)}
+    if config.cluster_mode and spec.node_id:
+        # The planner chose the node (controller/node_affinity.py): required, so the engine
+        # lands there or fails to schedule instead of running where the plan did not count it.
+        # The spec carries the node's id only; its IP is the one in the agent id.
+        affinities = node_affinities(spec.node_id)
+        if affinities:
+            options.schedule_affinities = affinities
+            logger.info("[engine=%s] pinned to node %s (%s=%s, required)", spec.name, spec.node_id, NODE_LABEL,
+                        node_label_value(spec.node_id))  # fmt: skip
+        else:
+            logger.warning("[engine=%s] not pinned to planned node %s: its id holds no IP for the %s label; "
+                           "the scheduler places it by its resources", spec.name, spec.node_id, NODE_LABEL)  # fmt: skip
     return options
 
 
