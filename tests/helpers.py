@@ -7,6 +7,10 @@ import random
 import socket
 import subprocess
 from pathlib import Path
+from typing import Any
+
+from deploy.config import Accelerator, Role
+from workers.engine_process import EngineSpec
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = PROJECT_ROOT / "run_vllm_on_yr.sh"
@@ -76,3 +80,15 @@ def port_open(port: int) -> bool:
     with socket.socket() as probe:
         probe.settimeout(0.5)
         return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
+def cluster_engine_spec(**fields: Any) -> EngineSpec:
+    """A TP=2 CUDA decode engine as cluster mode builds it (the runtime places it and picks
+    its devices), with ``fields`` replaced."""
+    base: dict[str, Any] = dict(
+        name="decode-0", instance="decode-0", role=Role.DECODE, accelerator=Accelerator.CUDA, tensor_parallel=2,
+        devices=(), model_path="m", served_model_name="m", startup_params=(), ds_worker_address=":31501",
+        prefix_reuse=False, project_root="/p", cache_root="/c", cpu_kvcache_gb=1, runtime_placed=True,
+    )  # fmt: skip
+    base.update(fields)
+    return EngineSpec(**base)

@@ -8,33 +8,22 @@ from __future__ import annotations
 import logging
 import socket
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 import deploy.runtime as runtime
 from controller.placement import plan_engines
 from deploy import cli
-from deploy.config import Accelerator, Role, build_config
+from deploy.config import Accelerator, build_config
 from deploy.errors import ConfigError
 from deploy.master_info import MASTER_INFO_NAME, parse_master_info
-from tests.helpers import isolated_env, run_cli
+from tests.helpers import cluster_engine_spec, isolated_env, run_cli
 from workers.engine_actor import EngineActor
-from workers.engine_process import EngineSpec, build_engine_argv, build_engine_env, kv_transfer_config, resolve_on_node
+from workers.engine_process import build_engine_argv, build_engine_env, kv_transfer_config, resolve_on_node
 from workers.node_address import host_of, routable_address, udp_source_address
 
 MODEL = Path("/models/m")
 CLUSTER = {"YR_SERVER_ADDRESS": "10.0.0.1:22770"}
-
-
-def _spec(**fields: Any) -> EngineSpec:
-    base: dict[str, Any] = dict(
-        name="decode-0", instance="decode-0", role=Role.DECODE, accelerator=Accelerator.CUDA, tensor_parallel=2,
-        devices=(), model_path="m", served_model_name="m", startup_params=(), ds_worker_address=":31501",
-        prefix_reuse=False, project_root="/p", cache_root="/c", cpu_kvcache_gb=1, runtime_placed=True,
-    )  # fmt: skip
-    base.update(fields)
-    return EngineSpec(**base)
 
 
 # --- devices: an engine the runtime placed keeps the devices the runtime gave it ----------
@@ -46,7 +35,7 @@ def _spec(**fields: Any) -> EngineSpec:
      (Accelerator.CPU, "VLLM_CPU_OMP_THREADS_BIND")],
 )  # fmt: skip
 def test_runtime_placed_engine_keeps_the_runtimes_devices(accelerator: Accelerator, variable: str) -> None:
-    spec = _spec(accelerator=accelerator)
+    spec = cluster_engine_spec(accelerator=accelerator)
     assert build_engine_env(spec, {variable: "3,5"})[variable] == "3,5"  # as the runtime set it
     assert variable not in build_engine_env(spec, {})  # unset stays unset: never an empty list
 
@@ -60,7 +49,7 @@ def test_cluster_mode_specs_carry_no_devices_and_leave_the_variable_alone() -> N
 
 def test_a_local_engine_without_devices_is_a_bug_not_an_empty_list() -> None:
     with pytest.raises(ValueError, match="engine decode-0 has no devices and was not placed by the runtime"):
-        build_engine_env(_spec(runtime_placed=False), {"CUDA_VISIBLE_DEVICES": "0"})
+        build_engine_env(cluster_engine_spec(runtime_placed=False), {"CUDA_VISIBLE_DEVICES": "0"})
 
 
 # --- data system: each engine attaches to the worker on its own node -----------------------
@@ -69,10 +58,10 @@ def test_a_local_engine_without_devices_is_a_bug_not_an_empty_list() -> None:
 def test_cluster_engines_attach_to_their_nodes_worker() -> None:
     config = build_config({"ACCELERATOR": "cuda", **CLUSTER})
     assert [s.ds_worker_address for s in plan_engines(config, MODEL, "m", ())] == [":31501", ":31501"]
-    resolved = resolve_on_node(_spec(), "10.0.0.7")
+    resolved = resolve_on_node(cluster_engine_spec(), "10.0.0.7")
     kv = kv_transfer_config(resolved)
     assert kv is not None and kv["kv_connector_extra_config"]["ds_worker_address"] == "10.0.0.7:31501"  # type: ignore[index]
-    assert resolve_on_node(_spec(ds_worker_address="127.0.0.1:31502"), "10.0.0.7").ds_worker_address == "127.0.0.1:31502"
+    assert resolve_on_node(cluster_engine_spec(ds_worker_address="127.0.0.1:31502"), "10.0.0.7").ds_worker_address == "127.0.0.1:31502"
     ported = build_config({"ACCELERATOR": "cuda", "DS_WORKER_PORT": "4100", **CLUSTER})
     assert {s.ds_worker_address for s in plan_engines(ported, MODEL, "m", ())} == {":4100"}
 
@@ -88,7 +77,7 @@ def test_a_single_ds_worker_address_is_refused_in_cluster_mode() -> None:
 
 
 def test_the_engine_actor_resolves_its_node_address_and_worker(tmp_path: Path) -> None:
-    spec = _spec(accelerator=Accelerator.CPU, devices=(0,), tensor_parallel=1)
+    spec = cluster_engine_spec(accelerator=Accelerator.CPU, devices=(0,), tensor_parallel=1)
     actor = EngineActor(spec, str(tmp_path), start_timeout_s=30, advertise_host="", peer_host="127.0.0.1")
     info = actor.info()
     assert info["host"] == "127.0.0.1"  # the route toward a loopback master is loopback

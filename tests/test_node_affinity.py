@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
 
 import pytest
 import yr
@@ -16,23 +15,13 @@ from controller.controller import engine_invoke_options
 from controller.node_affinity import NODE_LABEL, node_affinities, node_label_value
 from controller.placement import plan_engines
 from controller.planner import inventory_from_resource_view
-from deploy.config import Accelerator, Role, build_config
-from workers.engine_process import EngineSpec
+from deploy.config import Accelerator, build_config
+from tests.helpers import cluster_engine_spec
 
 MODEL = Path("/models/m")
 CLUSTER = {"YR_SERVER_ADDRESS": "10.0.0.1:22770"}
 LOCAL = {"YR_SESSIONS_DIR": "/nonexistent/yr_sessions"}  # no yr start master info: local mode
 AGENT = "function-agent-192.0.2.2-25742"
-
-
-def _spec(**fields: Any) -> EngineSpec:
-    base: dict[str, Any] = dict(
-        name="decode-0", instance="decode-0", role=Role.DECODE, accelerator=Accelerator.CUDA, tensor_parallel=2,
-        devices=(), model_path="m", served_model_name="m", startup_params=(), ds_worker_address=":31501",
-        prefix_reuse=False, project_root="/p", cache_root="/c", cpu_kvcache_gb=1, runtime_placed=True,
-    )  # fmt: skip
-    base.update(fields)
-    return EngineSpec(**base)
 
 
 def _fields(affinities: object) -> list[tuple[object, ...]]:
@@ -82,7 +71,7 @@ def test_a_node_whose_ip_is_not_knowable_gets_no_affinity() -> None:
 
 def test_cluster_mode_engine_with_a_node_is_pinned_and_keeps_its_resources() -> None:
     config = build_config({"ACCELERATOR": "cuda", **CLUSTER})
-    options = engine_invoke_options(config, _spec(node_id=AGENT))
+    options = engine_invoke_options(config, cluster_engine_spec(node_id=AGENT))
     assert _fields(options.schedule_affinities) == _required_on("192.0.2.2")
     assert (options.cpu, options.custom_resources) == (1000, {"GPU/.+/count": 2.0})
     # the priority switches stay the SDK's defaults: one required affinity needs no order
@@ -93,7 +82,7 @@ def test_cluster_mode_engine_with_a_node_is_pinned_and_keeps_its_resources() -> 
 
 def test_cluster_mode_engine_without_a_node_is_left_to_the_scheduler() -> None:
     config = build_config({"ACCELERATOR": "cuda", **CLUSTER})
-    options = engine_invoke_options(config, _spec(node_id=""))
+    options = engine_invoke_options(config, cluster_engine_spec(node_id=""))
     assert options.schedule_affinities == yr.InvokeOptions().schedule_affinities  # the SDK's default, untouched
     assert not options.schedule_affinities
     assert options.custom_resources == {"GPU/.+/count": 2.0}
@@ -104,7 +93,7 @@ def test_cluster_mode_engine_on_a_node_without_an_ip_is_left_to_the_scheduler_wi
 ) -> None:
     config = build_config({"ACCELERATOR": "cuda", **CLUSTER})
     with caplog.at_level(logging.WARNING, logger="controller.controller"):
-        options = engine_invoke_options(config, _spec(node_id="node-0"))
+        options = engine_invoke_options(config, cluster_engine_spec(node_id="node-0"))
     assert not options.schedule_affinities
     assert caplog.messages == ["[engine=decode-0] not pinned to planned node node-0: its id holds no IP for the "
                                "HOST_IP label; the scheduler places it by its resources"]  # fmt: skip
@@ -113,7 +102,7 @@ def test_cluster_mode_engine_on_a_node_without_an_ip_is_left_to_the_scheduler_wi
 def test_local_mode_never_pins_even_with_a_node() -> None:
     config = build_config({"ACCELERATOR": "cpu", "CPU_CORES_PER_RANK": "1", **LOCAL})
     assert not config.cluster_mode
-    options = engine_invoke_options(config, _spec(accelerator=Accelerator.CPU, devices=(0, 1), node_id="node-0"))
+    options = engine_invoke_options(config, cluster_engine_spec(accelerator=Accelerator.CPU, devices=(0, 1), node_id="node-0"))
     assert not options.schedule_affinities
     assert options.cpu == 2000
 
