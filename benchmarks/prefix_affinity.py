@@ -35,6 +35,11 @@ here), so ``--prompt-form tokens`` (random token ids, the form of the runs befor
 
 With ``kv_aware`` in PD, a request whose decode engine holds its group's head (loaded for
 an earlier request of the group) skips the prefill leg (SELECTIVE_PD_TOKENS, default 256).
+A ``kv_aware`` arm also reports, per engine and in all, the prompt tokens the door's KV
+index predicted each engine would find cached (frontdoor_kv_predicted_cached_tokens_total)
+against the local cache hits the engines reported (vllm:prompt_tokens_by_source_total
+{source="local_cache_hit"}); in PD the decode's own hits on requests that took both legs
+are reported but not predicted (the door predicts for the engine that computes the prompt).
 Results: benchmarks/results/prefix_affinity[_pd].json.
 """
 
@@ -159,6 +164,26 @@ def prefix_cache_counters(urls: list[str]) -> tuple[float, float]:
     return hits, sum(metric(url, "vllm:prefix_cache_queries_total") for url in urls)
 
 
+def cached_tokens(door: str, engines: dict[str, str]) -> dict[str, tuple[float, float]]:
+    """By engine: (prompt tokens the door's KV index predicted it would find cached, prompt
+    tokens it reported as local cache hits), both counters as they stand now."""
+    return {
+        name: (metric(door, "frontdoor_kv_predicted_cached_tokens_total", engine=name),
+               metric(url, "vllm:prompt_tokens_by_source_total", source="local_cache_hit"))
+        for name, url in engines.items()
+    }  # fmt: skip
+
+
+def prediction(before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]]) -> dict[str, object]:
+    """Predicted against reported cached tokens over the run, per engine and in all."""
+    per_engine = {name: {"predicted": after[name][0] - before[name][0], "reported": after[name][1] - before[name][1]}
+                  for name in after}  # fmt: skip
+    predicted = sum(row["predicted"] for row in per_engine.values())
+    reported = sum(row["reported"] for row in per_engine.values())
+    return {"per_engine": per_engine, "predicted": predicted, "reported": reported,
+            "predicted_over_reported": round(predicted / reported, 3) if reported else None}  # fmt: skip
+
+
 def figures(samples: Sequence[float], hits: float, queries: float) -> dict[str, float]:
     """TTFT (seconds per request) in ms, and the hit rate of the run's prefix-cache counts."""
     return {
@@ -193,14 +218,20 @@ def run_arm(arm: Arm, model: Path, prompts: list[Prompt], prefix: int, layout: s
         PREFILL_STARTUP_PARAMS=params,
     )
     door = f"http://127.0.0.1:{env['SERVER_PORT']}"
+    kv_aware = arm.routing_policy == "kv_aware" and arm.router_policy is None
     with deployed(env) as state, load_entry(arm, router, state, door, tmp) as url:
-        engines = [f"http://{e['host']}:{e['port']}" for e in state.engines]
-        hits_before, queries_before = prefix_cache_counters(engines)
+        engines = {str(e["name"]): f"http://{e['host']}:{e['port']}" for e in state.engines}
+        hits_before, queries_before = prefix_cache_counters(list(engines.values()))
+        cached_before = cached_tokens(door, engines) if kv_aware else {}
         samples = [ttft(url, state.served_model_name, prompt) for prompt in prompts]
-        hits, queries = prefix_cache_counters(engines)
+        hits, queries = prefix_cache_counters(list(engines.values()))
+        predicted = prediction(cached_before, cached_tokens(door, engines)) if kv_aware else None
     through = f"vllm-router --policy {arm.router_policy}" if arm.router_policy else "front door"
-    return {**figures(samples, hits - hits_before, queries - queries_before), "routing_policy": arm.routing_policy,
-            "load_through": through}  # fmt: skip
+    row: dict[str, object] = {**figures(samples, hits - hits_before, queries - queries_before),
+                              "routing_policy": arm.routing_policy, "load_through": through}  # fmt: skip
+    if predicted is not None:
+        row["kv_index_prediction"] = predicted
+    return row
 
 
 def main() -> None:
@@ -232,6 +263,10 @@ def main() -> None:
         else:
             what = "skipped" if "skipped" in row else "error"
             print(f"{name:26}{what}: {row[what]}")
+        if isinstance(predicted := row.get("kv_index_prediction"), dict):
+            print(f"{'':26}cached prompt tokens: the door's index predicted {predicted['predicted']:.0f}, "
+                  f"the engines reported {predicted['reported']:.0f} as local cache hits "
+                  f"(ratio {predicted['predicted_over_reported']})")  # fmt: skip
     results = RESULTS if args.layout == "colocated" else RESULTS.with_name(f"{RESULTS.stem}_{args.layout}.json")
     results.parent.mkdir(parents=True, exist_ok=True)
     results.write_text(json.dumps({"layout": args.layout, "requests": len(prompts), "groups": args.groups,

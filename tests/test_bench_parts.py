@@ -13,6 +13,7 @@ from transformers import AutoTokenizer
 from benchmarks.datasets import GroupedPrefixWorkload, grouped_prefix_prompts, token_count, write_custom_jsonl
 from benchmarks.door_process import engine_info
 from benchmarks.frontdoor_overhead import aggregate, compare, legs_check, rotated
+from benchmarks.prefix_affinity import prediction
 from benchmarks.report import Spread, markdown_table
 from benchmarks.seed000 import TABLE_COLUMNS, write_report
 from benchmarks.serve_bench import parse_result
@@ -156,3 +157,14 @@ def test_door_process_engine_spec() -> None:
                                                "state": "healthy"}  # fmt: skip
     with pytest.raises(ValueError, match="'p0=prefil@1' is invalid: write NAME=ROLE@PORT, ROLE one of prefill, decode"):
         engine_info("p0=prefil@1")
+
+
+def test_prediction_compares_the_runs_deltas_per_engine_and_in_all() -> None:
+    before = {"colocated-0": (100.0, 90.0), "colocated-1": (0.0, 0.0)}
+    after = {"colocated-0": (1124.0, 1114.0), "colocated-1": (2048.0, 1920.0)}
+    assert prediction(before, after) == {
+        "per_engine": {"colocated-0": {"predicted": 1024.0, "reported": 1024.0},
+                       "colocated-1": {"predicted": 2048.0, "reported": 1920.0}},
+        "predicted": 3072.0, "reported": 2944.0, "predicted_over_reported": 1.043,
+    }  # fmt: skip
+    assert prediction(before, before)["predicted_over_reported"] is None  # nothing reported: no ratio
