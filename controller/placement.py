@@ -26,7 +26,7 @@ from pathlib import Path
 
 from controller.dp_groups import DPEngine, independent_engines, vllm_dp_engines
 from controller.planner import EnginePlacement, InstanceRequest, Node, PlacementRequest, plan_placement
-from deploy.config import Accelerator, Role, ServiceConfig, simulated_node_address
+from deploy.config import YUANRONG_CONNECTOR, Accelerator, Role, ServiceConfig, simulated_node_address
 from workers.engine_process import EngineSpec
 
 LOCAL_NODE_ID = "local"
@@ -157,7 +157,7 @@ def engine_specs(
                 else placement.ds_worker_address,
                 prefix_reuse=config.using_prefix_connector,
                 connector=config.connector.kind,
-                connector_options=config.connector.extra_config(),
+                connector_options=connector_options(config),
                 project_root=str(Path(__file__).resolve().parents[1]),
                 cache_root=str(config.model_cache_dir.parent / "vllm"),
                 cpu_kvcache_gb=config.cpu_kvcache_gb,
@@ -169,6 +169,17 @@ def engine_specs(
             )
         )
     return specs
+
+
+def connector_options(config: ServiceConfig) -> dict[str, object]:
+    """kv_connector_extra_config for every engine. With prefix reuse and prefill and decode
+    of different TP sizes, ours also gets ``peer_tp_sizes``: both sizes (each engine leaves
+    its own out), so an engine reuses prefixes the other role stored (resharded on load)."""
+    options = config.connector.extra_config()
+    sizes = sorted({plan.tensor_parallel for plan in instance_plans(config)})
+    if config.connector.kind == YUANRONG_CONNECTOR and config.using_prefix_connector and len(sizes) > 1:
+        options["peer_tp_sizes"] = sizes
+    return options
 
 
 def _unplanned(config: ServiceConfig) -> list[EnginePlacement]:

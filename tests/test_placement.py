@@ -149,3 +149,16 @@ def test_kv_aware_routing_turns_engine_kv_events_on() -> None:
 
 def test_block_size_follows_the_startup_parameters() -> None:
     assert build_config({"ACCELERATOR": "cpu", "VISIBLE_DEVICES": "0-1", "PREFILL_STARTUP_PARAMS": "--block-size 64"}).kv_block_size == 64
+
+
+def test_prefix_reuse_across_tp_sizes_gives_every_engine_both_sizes() -> None:
+    config = build_config({"ACCELERATOR": "cpu", "VISIBLE_DEVICES": "0-2", "PTP": "2", "DTP": "1",
+                           "USING_PREFIX_CONNECTOR": "1"})  # fmt: skip
+    specs = plan_engines(config, MODEL, "m", ("127.0.0.1:31501",))
+    extra = [_kv_config(build_engine_argv(spec, 8000))["kv_connector_extra_config"] for spec in specs]
+    assert [e["peer_tp_sizes"] for e in extra] == [[1, 2], [1, 2]]  # type: ignore[index]
+    same_tp = build_config({"ACCELERATOR": "cpu", "VISIBLE_DEVICES": "0,1", "USING_PREFIX_CONNECTOR": "1"})
+    no_reuse = build_config({"ACCELERATOR": "cpu", "VISIBLE_DEVICES": "0-2", "PTP": "2"})
+    for other in (same_tp, no_reuse):
+        for spec in plan_engines(other, MODEL, "m", ("127.0.0.1:31501",)):
+            assert "peer_tp_sizes" not in _kv_config(build_engine_argv(spec, 8000))["kv_connector_extra_config"]  # type: ignore[operator]
