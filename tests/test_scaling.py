@@ -53,6 +53,19 @@ def test_scale_out_of_a_dp_instance_names_its_ranks_and_skips_used_cores() -> No
         ("decode-1-dp0", "decode-1", (3,), 0), ("decode-1-dp1", "decode-1", (4,), 1)]  # fmt: skip
 
 
+def test_scale_out_on_simulated_nodes_binds_to_the_chosen_node_and_its_worker() -> None:
+    config = build_config({"ACCELERATOR": "cpu", "VISIBLE_DEVICES": "0-3", "SIMULATED_NODES": "2"})
+    workers = config.datasystem.addresses  # type: ignore[attr-defined]
+    specs = plan_engines(config, MODEL, "m", workers)  # type: ignore[arg-type]
+    assert [(s.name, s.node_id, s.devices) for s in specs] == [
+        ("prefill-0", "sim-node-0", (0,)), ("decode-0", "sim-node-0", (1,))]  # both fit node 0: the tightest
+    more = place_more(config, Role.DECODE, [1], specs, workers, ())  # type: ignore[arg-type]
+    new = _as_specs(config, more.placements)
+    assert [(s.name, s.node_id, s.devices, s.bind_host, s.ds_worker_address) for s in new] == [
+        ("decode-1", "sim-node-1", (2,), "127.0.0.3", "127.0.0.3:31501")]  # fmt: skip
+    assert more.shared_cores == ()
+
+
 def test_a_full_cpu_shares_its_least_used_cores_instead_of_refusing() -> None:
     config, specs = _specs({"VISIBLE_DEVICES": "0-2"})
     more = place_more(config, Role.PREFILL, [1], specs, WORKERS, (0, 1, 2))  # type: ignore[arg-type]
