@@ -51,7 +51,6 @@ import random
 import statistics
 import tempfile
 from collections.abc import Sequence
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,11 +59,10 @@ import httpx
 from benchmarks.datasets import GroupedPrefixWorkload, grouped_prefix_prompts
 from benchmarks.deployment import deployed, exit_on_sigterm
 from benchmarks.frontdoor_overhead import installed_router
-from benchmarks.router_arm import arm_name, router_in_front
+from benchmarks.router_arm import arm_name, load_through
 from benchmarks.ttft_tiers import Prompt, ttft
 from deploy.config import ROUTING_POLICIES
 from deploy.embedded_model import BENCH_MODEL_CONFIG, BENCH_MODEL_NAME, ensure_embedded_model
-from deploy.state import DeploymentState
 from tests.e2e import metric
 from tests.helpers import PROJECT_ROOT, isolated_env
 
@@ -194,16 +192,6 @@ def figures(samples: Sequence[float], hits: float, queries: float) -> dict[str, 
     }
 
 
-def load_entry(arm: Arm, router: Path | None, state: DeploymentState, door: str,
-               log_dir: Path) -> AbstractContextManager[str]:  # fmt: skip
-    """Where the arm's requests go: our door, or vllm-router in front of the engines."""
-    if arm.router_policy is None:
-        return nullcontext(door)
-    if router is None:
-        raise ValueError(f"arm {arm.name} needs vllm-router's executable")
-    return router_in_front(router, state, log_dir, arm.router_policy)
-
-
 def run_arm(arm: Arm, model: Path, prompts: list[Prompt], prefix: int, layout: str,
             router: Path | None) -> dict[str, object]:  # fmt: skip
     params = f"--enforce-eager --max-model-len {prefix + TAIL + 64}"
@@ -219,7 +207,7 @@ def run_arm(arm: Arm, model: Path, prompts: list[Prompt], prefix: int, layout: s
     )
     door = f"http://127.0.0.1:{env['SERVER_PORT']}"
     kv_aware = arm.routing_policy == "kv_aware" and arm.router_policy is None
-    with deployed(env) as state, load_entry(arm, router, state, door, tmp) as url:
+    with deployed(env) as state, load_through(router, state, tmp, arm.router_policy) as url:
         engines = {str(e["name"]): f"http://{e['host']}:{e['port']}" for e in state.engines}
         hits_before, queries_before = prefix_cache_counters(list(engines.values()))
         cached_before = cached_tokens(door, engines) if kv_aware else {}

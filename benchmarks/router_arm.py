@@ -13,7 +13,7 @@ regular mode (``--worker-urls``) over the colocated engines. Installing the rout
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 
 from benchmarks.frontdoor_overhead import parties, router_argv, router_argv_regular
@@ -71,3 +71,13 @@ def router_in_front(router: Path, state: DeploymentState, log_dir: Path, policy:
         print(f"  vllm-router ({policy}, {mode} mode) pid {party.pid} at {party.url} -> {engines}; log {party.log}",
               flush=True)  # fmt: skip
         yield party.url
+
+
+def load_through(router: Path | None, state: DeploymentState, log_dir: Path, policy: str | None) -> AbstractContextManager[str]:
+    """Where an arm's load goes: our door (``policy`` None: the deployment's endpoint), or
+    vllm-router with ``policy`` in front of the deployment's engines."""
+    if policy is None:
+        return nullcontext(state.endpoint)
+    if router is None:
+        raise ValueError(f"an arm through vllm-router ({policy}) needs the router's executable")
+    return router_in_front(router, state, log_dir, policy)

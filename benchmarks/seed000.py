@@ -20,7 +20,12 @@ Arms (each deployed by the project's CLI on this machine's cores, then cleaned):
   with ``ROUTING_POLICY=round_robin``, so that a group's prompts land on both instances
   and a prefix computed on one is reused (or not) on the other;
 - ``colocated-kv`` and ``colocated+reuse-kv``: the same with ``ROUTING_POLICY=kv_aware``
-  (with reuse, an engine that would load the prefix from the data system is credited).
+  (with reuse, an engine that would load the prefix from the data system is credited);
+- ``colocated-vllm-router-ca`` and ``colocated-vllm-router-rr``: the ``colocated``
+  deployment with the load sent through vLLM's Rust router (benchmarks/router_arm.py,
+  regular mode over the two engines) instead of our door, with its ``cache_aware`` (its
+  default) or ``round_robin`` policy; skipped, saying why, if the router cannot be
+  installed.
 
 The client is ``vllm bench serve`` (its own process) on a custom JSONL of
 ``groups x per-group`` prompts (benchmarks/datasets.py); each repeat uses fresh
@@ -45,6 +50,8 @@ from transformers import AutoTokenizer
 
 from benchmarks.datasets import GroupedPrefixWorkload, grouped_prefix_prompts, write_custom_jsonl
 from benchmarks.deployment import deployed
+from benchmarks.frontdoor_overhead import installed_router
+from benchmarks.router_arm import load_through
 from benchmarks.report import Spread, bar_plot, markdown_table
 from benchmarks.serve_bench import ServeResult, serve_bench
 from benchmarks.models import BenchModel, add_model_options, bench_model
@@ -71,6 +78,11 @@ ARMS: dict[str, dict[str, str]] = {
     "colocated+reuse-kv": {"PREFILL_INS_NUM": "2", "DECODE_INS_NUM": "0", "USING_PREFIX_CONNECTOR": "1",
                            "ROUTING_POLICY": "kv_aware"},
 }
+# Arms whose load goes through vllm-router, by (the arm whose deployment they use, the router's policy).
+ROUTER_ARMS: dict[str, tuple[str, str]] = {
+    "colocated-vllm-router-ca": ("colocated", "cache_aware"),
+    "colocated-vllm-router-rr": ("colocated", "round_robin"),
+}
 DEFAULT_ARMS = ("vanilla", "colocated", "colocated+reuse", "1p1d+reuse", "1p1d")
 # A store call that failed or was not answered in time (the connector logs these at
 # WARNING with the store's address; a late answer is logged at most every few seconds).
@@ -86,7 +98,8 @@ def store_failures(sessions_dir: Path) -> int:
     return sum(len(STORE_FAILURE.findall(log.read_text(errors="replace"))) for log in logs)
 
 
-def run_arm(arm: str, bench: BenchModel, workload: GroupedPrefixWorkload, repeats: int, concurrency: int) -> dict[str, object]:
+def run_arm(arm: str, bench: BenchModel, workload: GroupedPrefixWorkload, repeats: int, concurrency: int,
+            router: Path | None = None) -> dict[str, object]:  # fmt: skip
     tmp = Path(tempfile.mkdtemp(prefix=f"seed000-{arm.replace('+', '-')}-", dir="/tmp"))
     max_len = workload.prefix_tokens + workload.suffix_tokens + workload.output_tokens + 64
     params = f"--enforce-eager --max-model-len {max_len}"
@@ -95,11 +108,11 @@ def run_arm(arm: str, bench: BenchModel, workload: GroupedPrefixWorkload, repeat
     model = bench.path
     store_mb = max(STORE_MB, STORE_MB * bench.kv_bytes_per_token // BASE_KV_BYTES_PER_TOKEN)
     env = isolated_env(tmp, MODEL_PATH=str(model), PREFILL_STARTUP_PARAMS=params, DECODE_STARTUP_PARAMS=params,
-                       DS_SHARED_MEMORY_MB=str(store_mb), **ARMS[arm])  # fmt: skip
+                       DS_SHARED_MEMORY_MB=str(store_mb), **ARMS[ROUTER_ARMS[arm][0] if arm in ROUTER_ARMS else arm])  # fmt: skip
     tokenizer = AutoTokenizer.from_pretrained(model)
     runs: list[ServeResult] = []
-    with deployed(env) as state:
-        door = f"http://127.0.0.1:{env['SERVER_PORT']}"
+    policy = ROUTER_ARMS[arm][1] if arm in ROUTER_ARMS else None
+    with deployed(env) as state, load_through(router, state, tmp, policy) as door:
         # Warm-up, not counted: the first requests of a fresh engine are slower; its
         # prompts (another seed) share nothing with the measured ones.
         warmup = GroupedPrefixWorkload(**{**workload.__dict__, "groups": 2, "per_group": 2, "seed": WARMUP_SEED})
@@ -141,16 +154,21 @@ def main() -> None:
         raise SystemExit(f"--results {args.results!r}: must be a plain name (letters, digits, _ and -)")
     results_path = RESULTS.with_name(f"{args.results}.json")
     arms = [arm.strip() for arm in args.arms.split(",") if arm.strip()]
-    unknown = [arm for arm in arms if arm not in ARMS]
+    unknown = [arm for arm in arms if arm not in ARMS and arm not in ROUTER_ARMS]
     if unknown:
-        raise SystemExit(f"unknown arm(s) {', '.join(unknown)}; choose from {', '.join(ARMS)}")
+        raise SystemExit(f"unknown arm(s) {', '.join(unknown)}; choose from {', '.join([*ARMS, *ROUTER_ARMS])}")
+    router, router_note = installed_router() if any(arm in ROUTER_ARMS for arm in arms) else (None, "no router arm")
     workload = GroupedPrefixWorkload(args.groups, args.per_group, args.prefix, args.suffix, args.output)
     model = bench_model(args)
     results: dict[str, object] = {"workload": workload.__dict__, "concurrency": args.concurrency, "repeats": args.repeats,
                                   "model": {"name": model.name, "path": str(model.path)}, "arms": {}}  # fmt: skip
+    results["vllm_router"] = router_note
     for arm in arms:
+        if arm in ROUTER_ARMS and router is None:
+            print(f"arm {arm}: skipped: {router_note}", flush=True)
+            continue
         print(f"arm {arm}: deploying", flush=True)
-        results["arms"][arm] = run_arm(arm, model, workload, args.repeats, args.concurrency)  # type: ignore[index]
+        results["arms"][arm] = run_arm(arm, model, workload, args.repeats, args.concurrency, router)  # type: ignore[index]
     print(f"\n{'arm':<18}{'req/s':>8}{'mean TTFT ms':>14}{'P99 TTFT ms':>13}{'store failures':>16}")
     for arm, figures in results["arms"].items():  # type: ignore[union-attr]
         median = figures["median"]

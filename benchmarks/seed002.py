@@ -42,7 +42,6 @@ import math
 import os
 import tempfile
 from collections.abc import Mapping, Sequence
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,7 +52,7 @@ from benchmarks.datasets import Tokenizer, random_prompts, write_custom_jsonl
 from benchmarks.deployment import deployed, exit_on_sigterm
 from benchmarks.frontdoor_overhead import installed_router
 from benchmarks.report import Spread, bar_panels, bar_plot, markdown_table
-from benchmarks.router_arm import engine_url, router_in_front
+from benchmarks.router_arm import engine_url, load_through
 from benchmarks.serve_bench import ServeResult, serve_bench
 from deploy.state import DeploymentState
 from tests.e2e import external_kv_tokens, metric
@@ -230,7 +229,7 @@ def run_arm(arm: str, bench: BenchModel, workload: Workload, repeats: int, concu
                        DS_SHARED_MEMORY_MB=str(store_mb(workload, repeats, bench.kv_bytes_per_token)), **spec.settings)  # fmt: skip
     tokenizer = AutoTokenizer.from_pretrained(model)
     pd = spec.settings["DECODE_INS_NUM"] != "0"
-    with deployed(env) as state, load_entry(spec, router, state, tmp) as url:
+    with deployed(env) as state, load_through(router, state, tmp, ROUTER_POLICY if spec.through_router else None) as url:
         warm_up(url, state, model, tokenizer, workload, concurrency, tmp)
         before = legs_counters(state) if pd else {}
         runs = measured_runs(url, state, model, tokenizer, workload, repeats, concurrency, arm, tmp)
@@ -252,15 +251,6 @@ def run_arm(arm: str, bench: BenchModel, workload: Workload, repeats: int, concu
         "failed_requests": sum(run.failed for run in runs),
         "pd_legs": legs or None,
     }
-
-
-def load_entry(spec: ArmSpec, router: Path | None, state: DeploymentState, log_dir: Path) -> AbstractContextManager[str]:
-    """Where the arm's load goes: vllm-router in front of the engines, or our front door."""
-    if not spec.through_router:
-        return nullcontext(state.endpoint)
-    if router is None:
-        raise ValueError("an arm through vllm-router needs the router's executable")
-    return router_in_front(router, state, log_dir, ROUTER_POLICY)  # PD mode: the deployment is 1P1D
 
 
 # --- the run ----------------------------------------------------------------------------------

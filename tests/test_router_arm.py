@@ -14,7 +14,8 @@ from transformers import AutoTokenizer
 
 from benchmarks.frontdoor_overhead import ROUTER_VENV, router_argv, router_argv_regular
 from benchmarks.prefix_affinity import TAIL, grouped_prompts, parse_args
-from benchmarks.router_arm import engine_url, router_argv_for
+from benchmarks.router_arm import engine_url, load_through, router_argv_for
+from deploy.state import DeploymentState
 from deploy.embedded_model import ensure_embedded_model
 from tests.helpers import PROJECT_ROOT
 
@@ -143,3 +144,13 @@ def test_prefix_affinity_prompts_share_their_group_head_in_either_form() -> None
         assert [len(prompt) for prompt in prompts] == [40 + TAIL] * 6
         assert sorted(Counter(tuple(prompt[:40]) for prompt in prompts).values()) == [2, 2, 2]  # 3 heads, 2 each
     assert grouped_prompts("text", groups=3, per_group=2, prefix=40, model=model) == text  # the same for every arm
+
+
+def test_an_arm_without_a_router_policy_loads_the_door_and_one_with_needs_the_router(tmp_path: Path) -> None:
+    state = DeploymentState(pid=1, endpoint="http://127.0.0.1:9000", yr_mode="local", served_model_name="m",
+                            ds_worker_address="127.0.0.1:31501", ds_started_here=True, log_dir=str(tmp_path),
+                            engines=COLOCATED)  # type: ignore[arg-type]  # fmt: skip
+    with load_through(None, state, tmp_path, None) as url:
+        assert url == "http://127.0.0.1:9000"
+    with pytest.raises(ValueError, match=r"an arm through vllm-router \(cache_aware\) needs the router's executable"):
+        load_through(None, state, tmp_path, "cache_aware")
