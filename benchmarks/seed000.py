@@ -24,8 +24,8 @@ Arms (each deployed by the project's CLI on this machine's cores, then cleaned):
 - ``colocated-vllm-router-ca`` and ``colocated-vllm-router-rr``: the ``colocated``
   deployment with the load sent through vLLM's Rust router (benchmarks/router_arm.py,
   regular mode over the two engines) instead of our door, with its ``cache_aware`` (its
-  default) or ``round_robin`` policy; skipped, saying why, if the router cannot be
-  installed.
+  default) or ``round_robin`` policy; ``colocated+reuse-vllm-router-ca``: the same over
+  ``colocated+reuse``; skipped, saying why, if the router cannot be installed.
 
 The client is ``vllm bench serve`` (its own process) on a custom JSONL of
 ``groups x per-group`` prompts (benchmarks/datasets.py); each repeat uses fresh
@@ -82,6 +82,7 @@ ARMS: dict[str, dict[str, str]] = {
 ROUTER_ARMS: dict[str, tuple[str, str]] = {
     "colocated-vllm-router-ca": ("colocated", "cache_aware"),
     "colocated-vllm-router-rr": ("colocated", "round_robin"),
+    "colocated+reuse-vllm-router-ca": ("colocated+reuse", "cache_aware"),
 }
 DEFAULT_ARMS = ("vanilla", "colocated", "colocated+reuse", "1p1d+reuse", "1p1d")
 # A store call that failed or was not answered in time (the connector logs these at
