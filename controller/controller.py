@@ -64,9 +64,12 @@ def engine_invoke_options(config: ServiceConfig, spec: EngineSpec) -> yr.InvokeO
 
 
 class Controller:
-    def __init__(self, config: ServiceConfig, specs: list[EngineSpec], adopt_ports: dict[str, int] | None = None) -> None:
-        """``adopt_ports``: by engine name, the ports of engines an earlier deploy process
-        started; those still running and answering are taken over instead of started."""
+    def __init__(
+        self, config: ServiceConfig, specs: list[EngineSpec], adopt_ports: dict[str, tuple[int, int]] | None = None
+    ) -> None:
+        """``adopt_ports``: by engine name, the (HTTP, KV events) ports of engines an earlier
+        deploy process started; those still running and answering are taken over instead
+        of started."""
         self._config = config
         self._specs = list(specs)
         self._adopt_ports = adopt_ports or {}
@@ -80,7 +83,7 @@ class Controller:
 
     def initialize(self) -> list[dict[str, object]]:
         """Start all engines in parallel; return their infos, or stop them all and raise."""
-        handles = [self._create(spec, self._adopt_ports.get(spec.name, 0)) for spec in self._specs]
+        handles = [self._create(spec, *self._adopt_ports.get(spec.name, (0, 0))) for spec in self._specs]
         with self._lock:
             self._engines = handles
         try:
@@ -105,7 +108,7 @@ class Controller:
                                   "each engine needs a name of its own")  # fmt: skip
             self._adding.update(names)
         try:
-            handles = [self._create(spec, 0) for spec in specs]
+            handles = [self._create(spec) for spec in specs]
             try:
                 infos = self._await_started(specs, handles)
             except StartupError:
@@ -167,7 +170,7 @@ class Controller:
             self._closed = True
         _stop_handles(handles)
 
-    def _create(self, spec: EngineSpec, adopt_port: int) -> Any:
+    def _create(self, spec: EngineSpec, adopt_port: int = 0, adopt_events_port: int = 0) -> Any:
         # Local mode: the engine is reached where it binds (its simulated node's address, else
         # 127.0.0.1). Cluster mode (""): the engine actor finds its node's address by the
         # route toward the master.
@@ -175,6 +178,7 @@ class Controller:
         peer = host_of(self._config.yr_server_address) if self._config.yr_server_address else ""
         return yr.instance(EngineActor).options(engine_invoke_options(self._config, spec)).invoke(
             spec, str(self._config.log_dir), self._config.engine_start_timeout_s, advertise, adopt_port, peer,
+            adopt_events_port,
         )
 
     def _await_started(self, specs: Sequence[EngineSpec], handles: Sequence[Any]) -> list[dict[str, object]]:

@@ -119,7 +119,8 @@ def serve(config: ServiceConfig, adopt: bool = False) -> int:
             options.name = CONTROLLER_NAME
             options.namespace = CONTROLLER_NAMESPACE
             options.custom_extensions = {"lifecycle": "detached"}
-        adopt_ports = {str(e["name"]): int(e["port"]) for e in previous.engines} if previous is not None else {}  # type: ignore[call-overload]
+        adopt_ports = {str(e["name"]): (int(e["port"]), int(e.get("events_port", 0) or 0))  # type: ignore[call-overload]
+                       for e in previous.engines} if previous is not None else {}  # fmt: skip
         controller = yr.instance(Controller).options(options).invoke(config, specs, adopt_ports)
         engines = yr.get(controller.initialize.invoke(), timeout=int(config.engine_start_timeout_s) * 2 + 120)
         state.engines = engines

@@ -78,3 +78,33 @@ def test_a_stop_during_the_restart_back_off_starts_nothing(actor: tuple[EngineAc
 
     assert pids_matching(marker) == []
     assert supervised.info()["state"] == "stopped"
+
+
+def test_an_adopted_engine_keeps_its_kv_events_port(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A deploy process restarted by the keeper takes over a running engine: its KV events
+    port, where the door's index follows it, is the one it was started with (not 0)."""
+    marker = f"stand-in-{uuid.uuid4().hex}"
+    monkeypatch.setattr(
+        engine_actor,
+        "build_engine_argv",
+        lambda spec, port, events_port=0: [sys.executable, "-m", "tests.stand_in_engine", "--port", str(port), "--marker", marker],
+    )
+    spec = EngineSpec(
+        name="colocated-0", instance="colocated-0", role=Role.COLOCATED, accelerator=Accelerator.CPU, tensor_parallel=1,
+        devices=(0,), model_path="unused", served_model_name="unused", startup_params=(), ds_worker_address="",
+        prefix_reuse=False, project_root=str(Path(__file__).resolve().parents[1]), cache_root=str(tmp_path),
+        cpu_kvcache_gb=1, kv_events=True,
+    )  # fmt: skip
+    first = EngineActor(spec, str(tmp_path), start_timeout_s=30, advertise_host="127.0.0.1")
+    try:
+        started = first.start()
+        assert started["events_port"] != 0
+        first._stopping.set()  # the killed deploy process's actor: gone without stopping its engine
+        adopter = EngineActor(spec, str(tmp_path), start_timeout_s=30, advertise_host="127.0.0.1",
+                              adopt_port=int(started["port"]), adopt_events_port=int(started["events_port"]))  # type: ignore[call-overload]  # fmt: skip
+        adopted = adopter.start()
+        assert (adopted["pid"], adopted["port"], adopted["events_port"]) == (started["pid"], started["port"], started["events_port"])
+        adopter.stop()
+    finally:
+        for pid in pids_matching(marker):
+            os.kill(pid, signal.SIGKILL)

@@ -89,20 +89,22 @@ def free_port_pair(host: str, attempts: int = 50) -> int:
 class EngineActor:
     def __init__(
         self, spec: EngineSpec, log_dir: str, start_timeout_s: float, advertise_host: str, adopt_port: int = 0,
-        peer_host: str = "",
+        peer_host: str = "", adopt_events_port: int = 0,
     ) -> None:
         """``advertise_host``: where the door reaches the engine; "" (cluster mode): this
         node's address, the one that routes toward ``peer_host`` (the openYuanrong master).
         The spec's host-less data system worker address (":port") becomes that node's worker.
         ``adopt_port``: the port an engine started by an earlier deploy process serves on
         (its pid is in the engine's pid file): ``start`` takes that engine over if it still
-        runs and answers, instead of starting another."""
+        runs and answers, instead of starting another; ``adopt_events_port``: where that
+        engine publishes its KV events (kept on adoption, so the door's index follows it)."""
         self._advertise_host = advertise_host or routable_address(peer_host)
         spec = resolve_on_node(spec, self._advertise_host)
         self._spec = spec
         self._log_path = Path(log_dir) / f"{spec.name}.log"
         self._start_timeout_s = start_timeout_s
         self._adopt_port = adopt_port
+        self._adopt_events_port = adopt_events_port
         self._port = 0 if spec.headless else adopt_port or free_port(spec.bind_host)
         self._process: EngineProcess | None = None
         self._events_port = 0
@@ -139,6 +141,7 @@ class EngineActor:
                 if self._stopping.is_set():
                     raise StartupError(f"engine {self._spec.name} is being stopped; not adopting it")
                 self._process = process
+            self._events_port = self._adopt_events_port if self._spec.kv_events else 0
             self._state = "healthy"
             logger.info("[engine=%s] adopted the running engine (pid %d, port %d): no restart, its KV cache kept",
                         self._spec.name, pid, self._port)  # fmt: skip
