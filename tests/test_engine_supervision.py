@@ -29,8 +29,8 @@ def _wait_for(condition: object, timeout_s: float, what: str) -> None:
         time.sleep(0.1)
 
 
-@pytest.fixture
-def actor(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[EngineActor, str]]:
+def _stand_in(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kv_events: bool = False) -> tuple[EngineSpec, str]:
+    """An engine spec whose process is the stand-in engine, and the marker in its argv."""
     marker = f"stand-in-{uuid.uuid4().hex}"
     monkeypatch.setattr(
         engine_actor,
@@ -41,8 +41,14 @@ def actor(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Eng
         name="decode-0-dp0", instance="decode-0", role=Role.DECODE, accelerator=Accelerator.CPU, tensor_parallel=1,
         devices=(0,), model_path="unused", served_model_name="unused", startup_params=(), ds_worker_address="",
         prefix_reuse=False, project_root=str(Path(__file__).resolve().parents[1]), cache_root=str(tmp_path),
-        cpu_kvcache_gb=1,
+        cpu_kvcache_gb=1, kv_events=kv_events,
     )  # fmt: skip
+    return spec, marker
+
+
+@pytest.fixture
+def actor(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[EngineActor, str]]:
+    spec, marker = _stand_in(tmp_path, monkeypatch)
     supervised = EngineActor(spec, str(tmp_path), start_timeout_s=30, advertise_host="127.0.0.1")
     try:
         yield supervised, marker
@@ -83,18 +89,7 @@ def test_a_stop_during_the_restart_back_off_starts_nothing(actor: tuple[EngineAc
 def test_an_adopted_engine_keeps_its_kv_events_port(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A deploy process restarted by the keeper takes over a running engine: its KV events
     port, where the door's index follows it, is the one it was started with (not 0)."""
-    marker = f"stand-in-{uuid.uuid4().hex}"
-    monkeypatch.setattr(
-        engine_actor,
-        "build_engine_argv",
-        lambda spec, port, events_port=0: [sys.executable, "-m", "tests.stand_in_engine", "--port", str(port), "--marker", marker],
-    )
-    spec = EngineSpec(
-        name="colocated-0", instance="colocated-0", role=Role.COLOCATED, accelerator=Accelerator.CPU, tensor_parallel=1,
-        devices=(0,), model_path="unused", served_model_name="unused", startup_params=(), ds_worker_address="",
-        prefix_reuse=False, project_root=str(Path(__file__).resolve().parents[1]), cache_root=str(tmp_path),
-        cpu_kvcache_gb=1, kv_events=True,
-    )  # fmt: skip
+    spec, marker = _stand_in(tmp_path, monkeypatch, kv_events=True)
     first = EngineActor(spec, str(tmp_path), start_timeout_s=30, advertise_host="127.0.0.1")
     try:
         started = first.start()
