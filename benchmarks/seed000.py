@@ -49,7 +49,7 @@ from pathlib import Path
 from transformers import AutoTokenizer
 
 from benchmarks.datasets import GroupedPrefixWorkload, grouped_prefix_prompts, write_custom_jsonl
-from benchmarks.deployment import deployed
+from benchmarks.deployment import deployed, exit_on_sigterm
 from benchmarks.frontdoor_overhead import installed_router
 from benchmarks.router_arm import load_through
 from benchmarks.report import Spread, bar_plot, markdown_table
@@ -151,6 +151,7 @@ def main() -> None:
     add_model_options(parser)
     parser.add_argument("--results", default=RESULTS.stem, help="name of the result files in benchmarks/results")
     args = parser.parse_args()
+    exit_on_sigterm()  # a SIGTERM cleans the arm's deployment like Ctrl-C
     if not re.fullmatch(r"[A-Za-z0-9_-]+", args.results):
         raise SystemExit(f"--results {args.results!r}: must be a plain name (letters, digits, _ and -)")
     results_path = RESULTS.with_name(f"{args.results}.json")

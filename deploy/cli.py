@@ -197,7 +197,9 @@ def status(config: ServiceConfig) -> int:
     door = "healthy" if is_healthy(_probe_host(config), config.server_port) else "not answering"
     print(f"front door {state.endpoint}  pid {state.pid}  {door}  (openYuanrong {state.yr_mode} mode)")
     print(f"model {state.served_model_name}  data system worker(s) {state.ds_worker_address}")
-    header = ("INSTANCE", "ROLE", "DEVICES", "PORT", "PID", "HEALTH", "RESTARTS", "LOG")
+    # ADDRESS: where the door reaches the engine (its node's address with simulated nodes
+    # or in a cluster); "-" for a headless DP engine, which serves through its head.
+    header = ("INSTANCE", "ROLE", "DEVICES", "ADDRESS", "PID", "HEALTH", "RESTARTS", "LOG")
     rows = [header]
     for engine in state.engines:
         if engine.get("headless"):  # DP_MODE=vllm: no HTTP of its own, its ranks serve through the head
@@ -205,8 +207,9 @@ def status(config: ServiceConfig) -> int:
         else:
             health = "healthy" if is_healthy(str(engine["host"]), int(engine["port"])) else "unhealthy"  # type: ignore[arg-type]
         devices = ",".join(str(d) for d in engine["devices"]) or "-"  # type: ignore[attr-defined]
+        address = "-" if engine.get("headless") else f"{engine['host']}:{engine['port']}"
         rows.append(
-            (str(engine["name"]), str(engine["role"]), devices, str(engine["port"]), str(engine["pid"]), health, str(engine["restarts"]), str(engine["log"]))
+            (str(engine["name"]), str(engine["role"]), devices, address, str(engine["pid"]), health, str(engine["restarts"]), str(engine["log"]))
         )
     if len(rows) == 1:
         print("engines are still starting; progress in", config.deploy_log)

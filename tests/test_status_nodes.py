@@ -200,10 +200,11 @@ def test_status_prints_the_engine_table_then_the_nodes(tmp_path: Path, capsys: p
     lines = capsys.readouterr().out.splitlines()
     # read as test_e2e_pd reads them: the node rows must not pass for engine rows
     engine_rows = [line.split() for line in lines if line.startswith(("prefill-", "decode-"))]
-    assert [(row[0], row[1], row[2], row[5]) for row in engine_rows] == [
-        ("prefill-0", "prefill", "0", "unhealthy"), ("decode-0", "decode", "1", "unhealthy")
+    assert [(row[0], row[1], row[2], row[3], row[5]) for row in engine_rows] == [
+        ("prefill-0", "prefill", "0", f"127.0.0.1:{engines[0]['port']}", "unhealthy"),
+        ("decode-0", "decode", "1", f"127.0.0.1:{engines[1]['port']}", "unhealthy"),
     ]  # fmt: skip
-    assert lines[2].split() == ["INSTANCE", "ROLE", "DEVICES", "PORT", "PID", "HEALTH", "RESTARTS", "LOG"]
+    assert lines[2].split() == ["INSTANCE", "ROLE", "DEVICES", "ADDRESS", "PID", "HEALTH", "RESTARTS", "LOG"]
     expected = table_lines([NODE_HEADER, ("local", "127.0.0.1", "0,1", ",".join(workers),
                                           f"not answering: {workers[1]}", "prefill-0,decode-0")])  # fmt: skip
     assert lines[-3:] == ["", *expected]  # local mode: no yr status
