@@ -77,6 +77,10 @@ def test_status_shows_both_nodes_with_their_worker_and_engine(deployment: Deploy
     status = run_cli("status", deployment.env, timeout=120)
     assert status.returncode == 0, status.stderr
     port = _worker_port(deployment)
+    engines = {str(e["name"]): f"{e['host']}:{e['port']}" for e in deployment.state.engines}
+    engine_rows = [line.split()[:4] for line in status.stdout.splitlines() if line.startswith(("prefill-", "decode-"))]
+    assert engine_rows == [["prefill-0", "prefill", "0", engines["prefill-0"]], ["decode-0", "decode", "1", engines["decode-0"]]]
+    assert engines["prefill-0"].startswith("127.0.0.2:") and engines["decode-0"].startswith("127.0.0.3:")
     rows = [line.split() for line in status.stdout.splitlines() if line.startswith("sim-node-")]
     assert rows == [
         ["sim-node-0", "127.0.0.2", "0", f"127.0.0.2:{port}", "answers", "prefill-0"],
