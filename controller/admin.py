@@ -67,9 +67,14 @@ def add_admin_routes(
 ) -> None:
     """``error``: the door's OpenAI-form error response (``openai_error``)."""
 
-    def no_scaler() -> JSONResponse:
-        return error(501, "scaling is not available on this door (it runs without a Controller to start engines)",
-                     "not_implemented")  # fmt: skip
+    def scale_refused(request: Request) -> Response | None:
+        """The answer when this request may not scale here: no key, or no scaler."""
+        if (refused := unauthorized(request)) is not None:
+            return refused
+        if scaler is None:
+            return error(501, "scaling is not available on this door (it runs without a Controller to start engines)",
+                         "not_implemented")  # fmt: skip
+        return None
 
     @app.get("/admin/engines")
     async def engines(request: Request) -> Response:
@@ -81,10 +86,9 @@ def add_admin_routes(
 
     @app.get("/admin/scale")
     async def scale_progress(request: Request) -> Response:
-        if (refused := unauthorized(request)) is not None:
+        if (refused := scale_refused(request)) is not None:
             return refused
-        if scaler is None:
-            return no_scaler()
+        assert scaler is not None
         progress = scaler.progress
         if progress is None:
             return JSONResponse({"busy": False})
@@ -93,10 +97,9 @@ def add_admin_routes(
 
     @app.post("/admin/scale")
     async def scale(request: Request) -> Response:
-        if (refused := unauthorized(request)) is not None:
+        if (refused := scale_refused(request)) is not None:
             return refused
-        if scaler is None:
-            return no_scaler()
+        assert scaler is not None
         try:
             body = await request.json()
         except ValueError as exc:

@@ -156,8 +156,12 @@ class Controller:
         does, or engines come or go. The front door polls this off its request path to
         keep its routing table current."""
         with self._lock:
-            refs = [handle.info.invoke() for handle in self._engines]
-            infos = [yr.get(ref, timeout=30) for ref in refs]
+            handles = list(self._engines)
+        # The actor calls run outside the lock: a scale operation does not wait behind them.
+        infos = [yr.get(ref, timeout=30) for ref in [handle.info.invoke() for handle in handles]]
+        with self._lock:
+            if handles != self._engines:  # engines came or went meanwhile (the version moved): next poll
+                return self._version, list(self._infos)
             infos = [{**info, "state": DRAINING} if info["name"] in self._draining else info for info in infos]
             if [_routing_view(i) for i in infos] != [_routing_view(i) for i in self._infos]:
                 self._version += 1

@@ -522,7 +522,7 @@ def _simulated_nodes(raw: Mapping[str, str | None], cluster_mode: bool) -> int:
     if nodes and cluster_mode:
         raise _fail("SIMULATED_NODES", nodes, "must be 0 in cluster mode, where the cluster's real nodes are used; "
                     "unset it, or deploy in local mode")  # fmt: skip
-    if nodes and raw["DS_WORKERS"] not in (None, "", "1"):
+    if nodes and _int(raw, "DS_WORKERS", minimum=1, maximum=16) != 1:
         raise _fail("DS_WORKERS", raw["DS_WORKERS"], f"must be 1 with SIMULATED_NODES={nodes}: each simulated node "
                     "runs one data system worker")  # fmt: skip
     return nodes

@@ -52,7 +52,7 @@ class EngineInfo:
     log: str
     restarts: int
     state: str  # starting | healthy | restarting | failed | stopped
-    events_port: int = 0  # KV events PUB socket (replay on +1); 0: none (or an adopted engine's, unknown)
+    events_port: int = 0  # KV events PUB socket (replay on +1); 0: none
     node_id: str = ""  # the planner's node; "" when the runtime chose it (the engine runs at ``host``)
     ds_worker_address: str = ""  # the data system worker it attaches to (host:port, on its node)
     headless: bool = False  # DP_MODE=vllm: ranks off the head's node; no HTTP (port 0), never routed to; healthy: runs
