@@ -1,7 +1,7 @@
 """The KV index at scale: 256 engines, ~1M indexed blocks from synthetic vLLM events;
 a routing decision's latency and the index's memory.
 
-    .venv/bin/python -m benchmarks.kv_index_scale [--engines 256] [--decisions 3000]
+    .venv/bin/python -m benchmarks.kv_index_scale [--engines 256] [--decisions 3000] [--store]
 
 Workload (block size 16, 2048-token prompts = 128 blocks): every engine holds a common
 256-token system prompt; 128 groups each add a 768-token prefix, 8 groups per engine;
@@ -13,11 +13,14 @@ conversation (one engine holds all 128 blocks), half are new conversations on a 
 group (the group's engines hold 64 blocks); every engine holds the first 16.
 
 Decision = ``KVIndex.match`` + ``KVAware.order_cached`` over all 256 engines (random
-loads, a data-system count); hashing the prompt (``KVIndex.hashes``) is reported apart.
-Wall-clock percentiles are also given as this thread's CPU time (``thread_time``), which
-leaves out the time a busy machine's other processes take the core. Memory: tracemalloc's
-count of what the index holds after the events are freed, and the process's RSS growth.
-Results: benchmarks/results/kv_index_scale.json.
+loads, a data-system count of 64 blocks), each part also timed apart; hashing the prompt
+(``KVIndex.hashes``) is reported apart. ``--store``: the index also tracks the data
+system (``track_store=True``, as with prefix reuse), and the decision includes the door's
+``KVIndex.store_match`` (its count replaces the 64). Wall-clock percentiles are also given
+as this thread's CPU time (``thread_time``), which leaves out the time a busy machine's
+other processes take the core. Memory: tracemalloc's count of what the index holds after
+the events are freed, and the process's RSS growth. Results:
+benchmarks/results/kv_index_scale.json (``kv_index_scale_store.json`` with ``--store``).
 """
 
 from __future__ import annotations
@@ -37,8 +40,9 @@ from controller.kv_policy import KVAware, PromptCache
 from controller.kv_wire import BlockStored
 from controller.policies import EngineLoad
 
-RESULTS = Path(__file__).resolve().parent / "results" / "kv_index_scale.json"
+RESULTS = Path(__file__).resolve().parent / "results"
 BLOCK = 16
+STORE_BLOCKS = 64  # the data system's count without --store
 COMMON, GROUP, CONVERSATION = 16, 48, 64  # blocks
 GROUPS, GROUPS_PER_ENGINE, CONVERSATIONS_PER_GROUP = 128, 8, 7
 VOCAB = 150_000
@@ -91,15 +95,21 @@ def percentile(samples: list[float], fraction: float) -> float:
     return ordered[min(int(fraction * len(ordered)), len(ordered) - 1)]
 
 
+def spread(name: str, samples: list[float]) -> dict[str, float]:
+    """``name``_p50 and ``name``_p99, rounded to 0.1."""
+    return {f"{name}_p50": round(statistics.median(samples), 1), f"{name}_p99": round(percentile(samples, 0.99), 1)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--engines", type=int, default=256)
     parser.add_argument("--decisions", type=int, default=3000)
+    parser.add_argument("--store", action="store_true", help="track the data system; store_match in the decision")
     args = parser.parse_args()
 
     common = tokens("common", COMMON)
     group_tokens = [tokens(("group", group), GROUP) for group in range(GROUPS)]
-    index = KVIndex(block_size=BLOCK, max_blocks=2_000_000)
+    index = KVIndex(block_size=BLOCK, max_blocks=2_000_000, track_store=args.store)
 
     gc.collect()
     rss_before = rss_bytes()
@@ -110,7 +120,7 @@ def main() -> None:
     tracemalloc.stop()
     rss_after = rss_bytes()
     # ingest speed without tracemalloc's cost: one more engine's events
-    extra_blocks, extra_s = fill(KVIndex(block_size=BLOCK), 4, common, group_tokens)
+    extra_blocks, extra_s = fill(KVIndex(block_size=BLOCK, track_store=args.store), 4, common, group_tokens)
 
     rng = random.Random(2)
     loads = [rng.randrange(8) for _ in range(args.engines)]
@@ -129,6 +139,9 @@ def main() -> None:
     hashing_us: list[float] = []
     decision_us: list[float] = []
     decision_cpu_us: list[float] = []  # this thread's CPU time: what the wall time is without the neighbours
+    match_us: list[float] = []
+    store_us: list[float] = []
+    order_us: list[float] = []
     held: list[int] = []
     for prompt in prompts:
         t0 = time.perf_counter_ns()
@@ -136,21 +149,26 @@ def main() -> None:
         t1 = time.perf_counter_ns()
         c1 = time.thread_time_ns()
         device = index.match(hashes)
-        order = policy.order_cached(
-            candidates,
-            PromptCache(num_tokens=len(prompt), block_size=BLOCK, device_blocks=device, store_blocks=64, key=hashes[0]),
-        )
+        t_match = time.perf_counter_ns()
+        store = index.store_match(hashes) if args.store else STORE_BLOCKS
+        t_store = time.perf_counter_ns()
+        cache = PromptCache(len(prompt), BLOCK, device_blocks=device, store_blocks=store, key=hashes[0])
+        order = policy.order_cached(candidates, cache)
         c2 = time.thread_time_ns()
         t2 = time.perf_counter_ns()
         hashing_us.append((t1 - t0) / 1000)
         decision_us.append((t2 - t1) / 1000)
         decision_cpu_us.append((c2 - c1) / 1000)
+        match_us.append((t_match - t1) / 1000)
+        store_us.append((t_store - t_match) / 1000)
+        order_us.append((t2 - t_store) / 1000)
         held.append(max(device.values()))
         assert len(order) == args.engines
 
     stats = index.stats()
     result = {
         "engines": args.engines,
+        "track_store": args.store,
         "entries": stats.entries,
         "distinct_blocks": stats.blocks_by_medium.get("GPU", 0),
         "index_mib_tracemalloc": round(traced / 2**20, 1),
@@ -159,20 +177,20 @@ def main() -> None:
         "ingest_blocks_per_s": round(extra_blocks / extra_s),
         "fill_s_under_tracemalloc": round(applying_s, 1),
         "decisions": len(prompts),
-        "decision_us_p50": round(statistics.median(decision_us), 1),
-        "decision_us_p99": round(percentile(decision_us, 0.99), 1),
-        "decision_cpu_us_p50": round(statistics.median(decision_cpu_us), 1),
-        "decision_cpu_us_p99": round(percentile(decision_cpu_us, 0.99), 1),
+        **spread("decision_us", decision_us),
+        **spread("decision_cpu_us", decision_cpu_us),
+        **spread("match_us", match_us),
+        **(spread("store_match_us", store_us) if args.store else {}),
+        **spread("order_us", order_us),
         "load_average_1m": round(os.getloadavg()[0], 1),
         "cpus": os.cpu_count(),
-        "hashing_us_p50": round(statistics.median(hashing_us), 1),
-        "hashing_us_p99": round(percentile(hashing_us, 0.99), 1),
-        "total_us_p50": round(statistics.median(h + d for h, d in zip(hashing_us, decision_us)), 1),
-        "total_us_p99": round(percentile([h + d for h, d in zip(hashing_us, decision_us)], 0.99), 1),
+        **spread("hashing_us", hashing_us),
+        **spread("total_us", [h + d for h, d in zip(hashing_us, decision_us)]),
         "held_blocks_of_128": {"full": held.count(128), "group": held.count(64)},
     }
     print(json.dumps(result, indent=2))
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    path = RESULTS / ("kv_index_scale_store.json" if args.store else "kv_index_scale.json")
+    path.write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -127,7 +127,9 @@ class KVRouter:
                 self._metrics.kv_indexed_blocks.labels(name).set(self.index.entries(name))
 
     def prompt(self, body: dict[str, Any]) -> RoutedPrompt | None:
-        """What the index knows of this request's prompt; None without token ids."""
+        """What the index knows of this request's prompt; None without token ids. The
+        index lookups of a decision: ``match`` (device caches), and ``store_match`` (the
+        data system, a dict lookup per leading block) when the index tracks the store."""
         tokens = self._tokenize(body)
         if not tokens:
             return None

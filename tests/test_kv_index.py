@@ -8,7 +8,7 @@ import hashlib
 import msgspec
 import pytest
 
-from controller.kv_index import KVIndex, chained_hashes, request_extra_keys
+from controller.kv_index import Held, KVIndex, Roster, chained_hashes, request_extra_keys
 from controller.kv_wire import MEDIUM_CPU, AllBlocksCleared, BlockRemoved, BlockStored
 
 B = 4  # block size of these tests
@@ -46,6 +46,66 @@ def test_match_counts_leading_blocks_per_engine() -> None:
     assert index.match(index.hashes([9] * B + shared[B:])) == {}  # same tokens after a different first block
     assert index.match(index.hashes(shared[: B - 1])) == {}
     assert index.entries() == 7 and index.entries("a") == 3
+
+
+def test_match_keeps_the_engines_dropping_out_at_each_depth_as_bitmasks() -> None:
+    index = KVIndex(block_size=B)
+    tokens = prompt(0, 4)
+    index.apply("a", [stored(tokens[: 3 * B])])  # id 0
+    index.apply("b", [stored(tokens[: 2 * B])])  # id 1
+    index.apply("c", [stored(tokens)])  # id 2
+    index.apply("d", [stored(tokens[: 3 * B])])  # id 3
+    held = index.match(index.hashes(tokens))
+    assert held.levels == [(2, 0b0010), (3, 0b1001), (4, 0b0100)]
+    assert held == {"a": 3, "b": 2, "c": 4, "d": 3}
+    assert list(held) == ["b", "a", "d", "c"] and len(held) == 4
+    assert held["d"] == 3 and held.get("d", 0) == 3 and held.get("e") is None and held.get("e", 0) == 0
+    assert "c" in held and "e" not in held and held.blocks_of("b") == 2 and held.blocks_of("e") == 0
+    with pytest.raises(KeyError, match="e"):
+        held["e"]
+    assert repr(held) == "Held({'b': 2, 'a': 3, 'd': 3, 'c': 4})"
+    # every engine drops out after block 0: the walk stops there
+    assert index.match(index.hashes(tokens[:B] + [9] * (3 * B))).levels == [(1, 0b1111)]
+    assert index.match(index.hashes([9] * B)).levels == []
+    assert index.match([]).levels == []
+    assert index.match(index.hashes(tokens), MEDIUM_CPU).levels == []  # no engine has a host tier
+
+
+def test_a_match_names_the_engines_of_its_moment() -> None:
+    index = KVIndex(block_size=B)
+    tokens = prompt(0, 2)
+    index.apply("a", [stored(tokens)])
+    index.apply("b", [stored(tokens[:B])])
+    before = index.match(index.hashes(tokens))
+    index.remove("a")
+    index.apply("c", [stored(tokens)])  # takes a's id 0
+    after = index.match(index.hashes(tokens))
+    assert before.levels == after.levels == [(1, 0b10), (2, 0b01)]
+    assert before == {"a": 2, "b": 1} and after == {"b": 1, "c": 2}
+    assert before.roster.names == ("a", "b") and after.roster.names == ("c", "b")
+
+
+def test_a_roster_names_the_bits_of_a_mask() -> None:
+    roster = Roster(["a", None, "c"]).with_name(9, "j")
+    assert roster.names == ("a", None, "c", None, None, None, None, None, None, "j")
+    assert roster.ids == {"a": 0, "c": 2, "j": 9}
+    assert roster.names_of(0b10_0000_0101) == ["a", "c", "j"]
+    assert roster.names_of(0) == []
+    assert roster.mask_of(["j", "x", "a"]) == 0b10_0000_0001
+    assert roster.with_name(2, None).ids == {"a": 0, "j": 9}
+    many = Roster([f"e{number}" for number in range(256)])
+    assert many.names_of(1 << 255 | 1 << 8 | 1 << 7 | 1) == ["e0", "e7", "e8", "e255"]  # peeled
+    assert many.names_of((1 << 256) - 1) == list(many.names)  # byte by byte
+    every_ninth = sum(1 << number for number in range(0, 256, 9))  # 29 engines
+    assert many.names_of(every_ninth) == [f"e{number}" for number in range(0, 256, 9)]
+
+
+def test_held_from_counts() -> None:
+    held = Held.of({"a": 3, "b": 0, "c": 1, "d": 3})
+    assert held.levels == [(1, 0b0100), (3, 0b1001)] and held.roster.names == ("a", "b", "c", "d")
+    assert held == {"a": 3, "c": 1, "d": 3}
+    assert Held.of(held) is held
+    assert Held.of({}).levels == [] and Held.of({}).roster is Held.of({}).roster  # one roster for no engines
 
 
 def test_a_chain_continues_across_events_by_the_engines_parent_hash() -> None:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from controller.kv_policy import KVAware, PromptCache
+from controller.kv_index import Held
+from controller.kv_policy import KVAware, PromptCache, _rotated
 from controller.policies import EngineLoad
 
 
@@ -76,6 +77,79 @@ def test_equal_scores_keep_a_rotation_that_starts_at_the_prompts_key() -> None:
     assert names(policy.order_cached(candidates, cache(key=-1))) == ["d", "a", "b", "c"]
     assert names(policy.order_cached(candidates, cache(key=6, device_blocks={"a": 2}))) == ["a", "c", "d", "b"]
     assert policy.order_cached([], cache()) == []
+
+
+def named(**outstanding: int) -> list[EngineLoad]:
+    return [EngineLoad(name=name, url="", role="decode", outstanding=load) for name, load in outstanding.items()]
+
+
+def test_only_the_candidates_outside_the_largest_group_are_scored_by_name() -> None:
+    policy = KVAware(request_cost_tokens=256)
+    # a, b, c hold 4 blocks (64 tokens), d 10 (160); p (a prefill engine, not a candidate)
+    # holds 20; x is unknown to the index: it saves nothing, not the common 64
+    held = Held.of({"a": 4, "b": 4, "c": 4, "d": 10, "p": 20})
+    state = cache(device_blocks=held)
+    candidates = named(x=0, a=0, b=1, c=0, d=2)
+    among = policy._candidates(candidates, held.roster)
+    assert (among.known, among.unknown) == (0b01111, ("x",))
+    assert policy._device_scores(held, among, state) == (64.0, {"d": 160.0, "x": 0.0})
+    # scores: x 0, a -64, b 256-64, c -64, d 512-160
+    assert names(policy.order_cached(candidates, state)) == ["a", "c", "x", "b", "d"]
+    # most candidates hold nothing: those with hits are the named ones
+    held = Held.of({"a": 4})
+    among = policy._candidates(candidates, held.roster)
+    assert policy._device_scores(held, among, cache(device_blocks=held)) == (0.0, {"a": 64.0})
+    # all hold the same: no names, the order is by load
+    held = Held.of({name: 4 for name in "xabcd"})
+    state = cache(device_blocks=held)
+    assert policy._device_scores(held, policy._candidates(candidates, held.roster), state) == (64.0, {})
+    assert names(policy.order_cached(candidates, state)) == ["x", "a", "c", "b", "d"]
+    assert names(KVAware(request_cost_tokens=0).order_cached(candidates, state)) == ["x", "a", "b", "c", "d"]
+
+
+def test_candidate_lists_are_remembered_per_roster() -> None:
+    policy = KVAware()
+    held = Held.of({"a": 4, "c": 2})
+    state = cache(device_blocks=held)
+    candidates = named(a=0, b=0, c=0)
+
+    def seen() -> list[tuple[list[str], int, tuple[str, ...]]]:
+        return [(names(entry.engines), entry.known, entry.unknown) for entry in policy._seen]
+
+    policy.order_cached(candidates, state)
+    policy.order_cached(list(candidates), state)  # a new list of the same engines
+    policy.order_cached(tuple(candidates), state)
+    assert seen() == [(["a", "b", "c"], 0b11, ("b",))]
+    policy.order_cached(candidates[:2], state)
+    policy.order_cached([*candidates[:2], EngineLoad(name="c", url="", role="decode", outstanding=1)], state)
+    assert seen() == [(["a", "b", "c"], 0b11, ("b",)), (["a", "b"], 0b01, ("b",)), (["a", "b", "c"], 0b11, ("b",))]
+    other = Held.of({"c": 1})  # another roster: c has id 0 there
+    assert names(policy.order_cached(candidates, cache(device_blocks=other))) == ["c", "a", "b"]
+    policy.order_cached(candidates[1:], state)
+    assert seen() == [(["b", "c"], 0b10, ("b",)), (["a", "b", "c"], 0b1, ("a", "b")),
+                      (["a", "b", "c"], 0b11, ("b",)), (["a", "b"], 0b01, ("b",))]  # fmt: skip
+
+
+def test_the_order_is_the_score_order_of_every_candidate() -> None:
+    """Against the plain definition (each candidate's score, then a stable sort of the
+    rotation), over hits that tie with loads, unknown candidates, and other roles'
+    engines in the index."""
+    loads = {"a": 0, "b": 1, "c": 0, "d": 2, "e": 1, "f": 0, "g": 3}
+    hits = [{}, {"a": 4}, {"c": 16, "e": 16}, {name: 1 for name in "abcdefgpq"}, {"a": 1, "b": 17, "c": 33, "p": 40},
+            {"b": 2, "d": 2, "f": 2, "g": 9}, {name: 1 + number % 3 for number, name in enumerate("abcdefg")}]
+    checked = 0
+    for cost in (0.0, 16.0, 256.0):
+        policy = KVAware(request_cost_tokens=cost)
+        for device in hits:
+            for store_blocks in (0, 8):
+                for key in range(4):
+                    state = cache(num_tokens=520, key=key, device_blocks=Held.of(device), store_blocks=store_blocks)
+                    candidates = named(**loads)
+                    expected = sorted(_rotated(candidates, key), key=lambda engine: engine.outstanding * cost
+                                      - policy.saved_tokens(engine.name, state))  # fmt: skip
+                    assert names(policy.order_cached(candidates, state)) == names(expected)
+                    checked += 1
+    assert checked == 168
 
 
 def test_without_token_ids_it_orders_by_load() -> None:

@@ -63,6 +63,23 @@ def test_load_outweighs_a_small_cache_advantage() -> None:
     assert router.order([busy, idle], prompt) == [idle, busy]  # 16 cached tokens < 256 per request in flight
 
 
+def test_a_prompt_keeps_its_holders_while_the_index_changes() -> None:
+    """The door orders a PD request's decode engines again after its prefill leg: by what
+    the index said when the request came, even if engines left and came since."""
+    router = _router()
+    tokens = list(range(4 * B + 1))
+    router.index.apply("d0", [_stored(tokens[: 4 * B])])
+    router.index.apply("d1", [_stored(tokens[:B])])
+    prompt = router.prompt({"prompt": tokens})
+    assert prompt is not None
+    router.index.remove("d0")
+    router.index.apply("d2", [_stored(tokens[: 2 * B])])  # takes d0's id
+    d0, d1, d2 = _engine("d0"), _engine("d1"), _engine("d2")
+    assert router.order([d2, d1, d0], prompt) == [d0, d1, d2]  # 64, 16 and 0 cached tokens
+    assert prompt.cache.device_blocks == {"d0": 4, "d1": 1}
+    assert router.policy.saved_tokens("d2", prompt.cache) == 0
+
+
 def test_tokenizer_gives_the_engines_token_ids() -> None:
     model = ensure_embedded_model(PROJECT_ROOT / ".cache" / "models")
     tokenize = PromptTokenizer(str(model))
