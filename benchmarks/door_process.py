@@ -5,7 +5,7 @@ door-overhead benchmark's door)::
 
 The door is built as deploy/serve.py builds it, with a default deployment's settings
 (routing policy, metrics, admission, stream migrations), but without a Controller: the
-routing table is fixed. Uvicorn serves it with uvloop and httptools until SIGTERM.
+routing table is fixed. Uvicorn serves it (uvloop) until SIGTERM.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import uvicorn
 
 from controller.admission import Admission, AdmissionConfig
 from controller.door_metrics import DoorMetrics
-from controller.frontdoor import create_app, tune_gc_for_serving
+from controller.frontdoor import FrontDoor, tune_gc_for_serving
 from controller.policies import make_policy
 from controller.routing import RoutingTable
 from deploy.config import ROUTING_POLICIES, SETTINGS
@@ -61,12 +61,11 @@ def main(argv: list[str] | None = None) -> None:
             queue_timeout_s=float(str(_DEFAULTS["DOOR_QUEUE_TIMEOUT_S"])),
         )
     )
-    app = create_app(table, args.served_model_name, metrics=metrics, admission=admission,
+    door = FrontDoor(table, args.served_model_name, metrics=metrics, admission=admission,
                      stream_migrations=int(str(_DEFAULTS["STREAM_MIGRATIONS"])))  # fmt: skip
     tune_gc_for_serving()  # as deploy/serve.py does
     logger.info("door on port %d: %s", args.port, ", ".join(f"{e['name']}={e['role']}" for e in engines))
-    uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning", access_log=False,
-                loop="uvloop", http="httptools")  # fmt: skip
+    uvicorn.Server(door.uvicorn_config("127.0.0.1", args.port, drain_timeout_s=5.0)).run()
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The OpenAI-compatible front door (FastAPI under Uvicorn).
+"""The OpenAI-compatible front door.
 
 ``/v1/completions`` and ``/v1/chat/completions``, streamed (SSE chunks relayed as they
 arrive) or not. In a PD deployment a request first goes to a prefill engine with
@@ -6,6 +6,11 @@ arrive) or not. In a PD deployment a request first goes to a prefill engine with
 the data system, and the client's request goes to a decode engine with the
 ``kv_transfer_params`` the prefill returned. With colocated instances it goes straight
 to one of them.
+
+Uvicorn serves the door. These two endpoints are answered by the door's own HTTP layer
+(controller/http_server.py, the protocol Uvicorn runs; controller/engine_client.py,
+the engines' side: asyncio protocols and httptools on both); the others (``/health``,
+``/metrics``, ``/v1/models``, ``/admin/...``) by the door's FastAPI app.
 
 Per request the door only reads its routing table (no actor call). Engines are tried
 in the policy's order: an engine that fails before answering (unreachable, 5xx) is
@@ -24,18 +29,20 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
-import aiohttp
+import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from controller.admin import add_admin_routes
 from controller.admission import Admission
 from controller.door_metrics import DoorMetrics
+from controller.engine_client import EngineClient, EngineUnreachable, StreamCut, Upstream
+from controller.http_server import Exchange, door_protocol, error_body
 from controller.kv_router import KVRouter, RoutedPrompt
 from controller.migration import StreamFollower, migratable, with_token_ids
 from controller.policies import EngineLoad, affinity_key
@@ -52,17 +59,12 @@ KV_SCRAPE_EVERY = 5  # refreshes between scrapes of the engines' KV token counte
 # request's own failure, and one bad request must not empty the table.
 _RETRYABLE_STATUS = (500, 502, 503, 504)
 _UNAVAILABLE_STATUS = (502, 503, 504)
-_TRANSPORT_ERRORS = (aiohttp.ClientConnectionError, asyncio.TimeoutError)
-_STREAM_BROKEN = (aiohttp.ClientPayloadError, *_TRANSPORT_ERRORS)  # an engine's stream cut short
-_JSON = {"Content-Type": "application/json"}
+_JSON = "application/json"
+_CLIENT_CLOSED = 499  # counted when the client left before its answer (nginx's code)
 
 # A callable returning the Controller's engine list (and its version), run off the
 # event loop; None for a fixed table.
 Refresh = Callable[[], tuple[int, Sequence[Mapping[str, object]]]]
-
-
-class ClientGone(Exception):
-    """The client closed its connection before the answer was ready."""
 
 
 # The door makes many short-lived objects per request; Python's default thresholds
@@ -81,7 +83,8 @@ def tune_gc_for_serving() -> None:
 
 def openai_error(status: int, message: str, error_type: str, param: str | None = None, request_id: str = "",
                  headers: Mapping[str, str] | None = None) -> JSONResponse:  # fmt: skip
-    body = {"error": {"message": message, "type": error_type, "param": param, "code": status}}
+    """An OpenAI-form error as a FastAPI response (the door's less frequent endpoints)."""
+    body = json.loads(error_body(status, message, error_type, param))
     all_headers = {**({REQUEST_ID_HEADER: request_id} if request_id else {}), **(headers or {})}
     return JSONResponse(status_code=status, content=body, headers=all_headers or None)
 
@@ -105,18 +108,20 @@ def decode_request(body: dict[str, Any], kv_transfer_params: dict[str, Any] | No
     return leg
 
 
-def create_app(
-    table: RoutingTable,
-    served_model_name: str,
-    metrics: DoorMetrics | None = None,
-    refresh: Refresh | None = None,
-    admission: Admission | None = None,
-    api_key: str | None = None,
-    stream_migrations: int = 1,
-    kv_router: KVRouter | None = None,
-    scaler: Scaler | None = None,
-) -> FastAPI:
-    """``admission``: overload control (None: no limit on requests in flight).
+class _Refused(Exception):
+    """A request answered with an error before any engine saw it."""
+
+    def __init__(self, status: int, message: str, error_type: str, param: str | None = None,
+                 headers: Iterable[tuple[str, str]] = ()) -> None:  # fmt: skip
+        super().__init__(message)
+        self.status, self.error_type, self.param, self.headers = status, error_type, param, tuple(headers)
+
+
+class FrontDoor:
+    """The door: routing table, engine client, the FastAPI app and the HTTP protocol
+    Uvicorn serves them with (``uvicorn_config``).
+
+    ``admission``: overload control (None: no limit on requests in flight).
     ``stream_migrations``: how many times one completions stream may be continued on
     another engine when its engine's stream breaks (controller/migration.py); 0: never.
     ``api_key``: when set, every /v1 request must carry ``Authorization: Bearer <key>``
@@ -125,61 +130,82 @@ def create_app(
     table's policy, and every PD request takes both legs.
     ``scaler``: adds and removes engines at runtime behind ``POST /admin/scale``
     (controller/admin.py); None: that endpoint answers 501."""
-    metrics = metrics or DoorMetrics()
-    refreshing = asyncio.Lock()  # the periodic refresh and the Scaler's: one at a time, in order
 
-    def _unauthorized(request: Request) -> Response | None:
-        if api_key is None:
-            return None
-        given = request.headers.get("Authorization", "")
-        if hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-            return None
-        return openai_error(401, "Incorrect or missing API key: send 'Authorization: Bearer <API_KEY>'",
-                            "invalid_request_error", request_id=request.headers.get(REQUEST_ID_HEADER, ""))  # fmt: skip
+    def __init__(
+        self,
+        table: RoutingTable,
+        served_model_name: str,
+        metrics: DoorMetrics | None = None,
+        refresh: Refresh | None = None,
+        admission: Admission | None = None,
+        api_key: str | None = None,
+        stream_migrations: int = 1,
+        kv_router: KVRouter | None = None,
+        scaler: Scaler | None = None,
+    ) -> None:
+        self.table = table
+        self.served_model_name = served_model_name
+        self.metrics = metrics or DoorMetrics()
+        self.refresh = refresh
+        self.admission = admission
+        self.stream_migrations = stream_migrations
+        self.kv_router = kv_router
+        self.client = EngineClient()
+        self._bearer = f"Bearer {api_key}".encode() if api_key is not None else None
+        self._refreshing: asyncio.Lock | None = None  # made on the door's loop
+        self.app = self._fallback_app(scaler)
+        self.protocol = door_protocol(
+            {"/v1/completions": functools.partial(self._handle, endpoint="completions", required="prompt"),
+             "/v1/chat/completions": functools.partial(self._handle, endpoint="chat/completions", required="messages")}
+        )  # fmt: skip
+
+    def uvicorn_config(self, host: str, port: int, drain_timeout_s: float) -> uvicorn.Config:
+        """Uvicorn serving this door. On SIGTERM / Ctrl-C it stops accepting, lets requests
+        in flight finish (at most ``drain_timeout_s``), then stops following the engines."""
+        return uvicorn.Config(self.app, host=host, port=port, http=self.protocol, log_level="warning",
+                              access_log=False, timeout_graceful_shutdown=max(1, round(drain_timeout_s)))  # fmt: skip
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        # One pooled keep-alive client for every engine (aiohttp: ~0.4 ms a round trip here,
-        # httpx ~0.9 ms).
-        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60)
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=5)
-        async with aiohttp.ClientSession(connector=connector, timeout=timeout) as client:
-            app.state.client = client
-            if kv_router is not None:
-                await kv_router.start()
-                kv_router.follow(table.all_engines())
-            refresher = asyncio.create_task(_refresh_loop(client)) if refresh is not None else None
-            try:
-                yield
-            finally:
-                if refresher is not None:
-                    refresher.cancel()
-                    await asyncio.gather(refresher, return_exceptions=True)
-                if kv_router is not None:
-                    await kv_router.close()
+    async def _lifespan(self, app: FastAPI) -> AsyncIterator[None]:
+        """Follow the engines (KV events, the Controller's table) while the door serves."""
+        self._refreshing = asyncio.Lock()  # the periodic refresh and the Scaler's: one at a time, in order
+        if self.kv_router is not None:
+            await self.kv_router.start()
+            self.kv_router.follow(self.table.all_engines())
+        refresher = asyncio.create_task(self._refresh_loop()) if self.refresh is not None else None
+        try:
+            yield
+        finally:
+            if refresher is not None:
+                refresher.cancel()
+                await asyncio.gather(refresher, return_exceptions=True)
+            if self.kv_router is not None:
+                await self.kv_router.close()
+            self.client.close()
 
-    async def _refresh_once() -> None:
+    # -- the Controller's table --------------------------------------------------------
+    async def refresh_once(self) -> None:
         """Copy the Controller's engine list into the table if it changed."""
-        if refresh is None:
+        if self.refresh is None:
             return
-        async with refreshing:
-            version, engines = await asyncio.to_thread(refresh)
-            if version != table.version:
-                table.update(engines, version)
-                if kv_router is not None:
-                    kv_router.follow(table.all_engines())
+        assert self._refreshing is not None
+        async with self._refreshing:
+            version, engines = await asyncio.to_thread(self.refresh)
+            if version != self.table.version:
+                self.table.update(engines, version)
+                if self.kv_router is not None:
+                    self.kv_router.follow(self.table.all_engines())
                 logger.info("routing table v%d: %s", version, ", ".join(f"{e['name']}={e['state']}" for e in engines))
 
-    async def _refresh_loop(client: aiohttp.ClientSession) -> None:
-        assert refresh is not None
+    async def _refresh_loop(self) -> None:
         rounds = 0
         while True:
             try:
-                await _refresh_once()
-                if kv_router is not None:
-                    kv_router.publish()
+                await self.refresh_once()
+                if self.kv_router is not None:
+                    self.kv_router.publish()
                 if rounds % KV_SCRAPE_EVERY == 0:
-                    await _scrape_kv_tokens(client, table, metrics)
+                    await self._scrape_kv_tokens()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # the table stays as it was; try again
@@ -187,176 +213,192 @@ def create_app(
             rounds += 1
             await asyncio.sleep(REFRESH_S)
 
-    app = FastAPI(title="vLLM on openYuanrong", lifespan=lifespan)
+    async def _scrape_kv_tokens(self) -> None:
+        """Copy each engine's prompt-tokens-by-source counters (KV hits) into the door's metrics."""
+        for engine in self.table.all_engines():
+            try:
+                status, body = await self.client.get(engine.host, engine.port, "/metrics", timeout_s=2.0)
+            except (EngineUnreachable, StreamCut, TimeoutError):
+                continue
+            if status != 200:
+                continue
+            for line in body.decode(errors="replace").splitlines():
+                if line.startswith("vllm:prompt_tokens_by_source_total{") and 'source="' in line:
+                    source = line.split('source="', 1)[1].split('"', 1)[0]
+                    self.metrics.kv_hit_tokens.labels(engine.name, source).set(float(line.rsplit(" ", 1)[1]))
 
-    @app.get("/health")
-    async def health() -> Response:
-        if not table.ready:
-            return openai_error(503, "no healthy engine can serve a request", "service_unavailable")
-        return JSONResponse({"status": "ok"})
+    # -- the less frequent endpoints (FastAPI) -----------------------------------------
+    def _authorized(self, authorization: str) -> bool:
+        return self._bearer is None or hmac.compare_digest(authorization.encode(), self._bearer)
 
-    @app.get("/metrics")
-    async def prometheus() -> Response:
-        table.publish_health()  # an engine's suspect time may have run out since
-        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+    def _unauthorized(self, request: Request) -> Response | None:
+        if self._authorized(request.headers.get("Authorization", "")):
+            return None
+        return openai_error(401, _UNAUTHORIZED, "invalid_request_error", request_id=request.headers.get(REQUEST_ID_HEADER, ""))
 
-    @app.get("/v1/models")
-    async def models(request: Request) -> Response:
-        if (refused := _unauthorized(request)) is not None:
-            return refused
-        model = {"id": served_model_name, "object": "model", "created": int(time.time()), "owned_by": "vllm-on-yr"}
-        return JSONResponse({"object": "list", "data": [model]})
+    def _fallback_app(self, scaler: Scaler | None) -> FastAPI:
+        app = FastAPI(title="vLLM on openYuanrong", lifespan=self._lifespan)
+        table, metrics = self.table, self.metrics
 
-    add_admin_routes(app, table, scaler, metrics, _unauthorized, _refresh_once, openai_error)
+        @app.get("/health")
+        async def health() -> Response:
+            if not table.ready:
+                return openai_error(503, "no healthy engine can serve a request", "service_unavailable")
+            return JSONResponse({"status": "ok"})
 
-    @app.post("/v1/completions")
-    async def completions(request: Request) -> Response:
-        return await _handle(request, "completions", "prompt")
+        @app.get("/metrics")
+        async def prometheus() -> Response:
+            table.publish_health()  # an engine's suspect time may have run out since
+            return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request) -> Response:
-        return await _handle(request, "chat/completions", "messages")
+        @app.get("/v1/models")
+        async def models(request: Request) -> Response:
+            if (refused := self._unauthorized(request)) is not None:
+                return refused
+            model = {"id": self.served_model_name, "object": "model", "created": int(time.time()), "owned_by": "vllm-on-yr"}
+            return JSONResponse({"object": "list", "data": [model]})
 
-    async def _handle(request: Request, endpoint: str, required: str) -> Response:
+        add_admin_routes(app, table, scaler, metrics, self._unauthorized, self.refresh_once, openai_error)
+        return app
+
+    # -- completions (the door's own HTTP layer) ---------------------------------------
+    async def _handle(self, exchange: Exchange, endpoint: str, required: str) -> None:
         started = time.perf_counter()
-        request_id = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
-        response = _unauthorized(request) or await _validated(request, endpoint, required, request_id)
-        metrics.requests.labels(endpoint, str(response.status_code)).inc()
-        if not isinstance(response, StreamingResponse):
-            elapsed = time.perf_counter() - started
-            metrics.ttft.labels(endpoint).observe(elapsed)
-            metrics.latency.labels(endpoint).observe(elapsed)
-        return response
-
-    async def _validated(request: Request, endpoint: str, required: str, request_id: str) -> Response:
+        request_id = exchange.headers.get("x-request-id") or uuid.uuid4().hex
+        status = _CLIENT_CLOSED
         try:
-            body = json.loads(await request.body())
+            status = await self._admitted(exchange, endpoint, required, request_id, started)
+        except _Refused as refused:
+            status = refused.status
+            exchange.send(status, error_body(status, str(refused), refused.error_type, refused.param),
+                          headers=((REQUEST_ID_HEADER, request_id), *refused.headers))  # fmt: skip
+        except asyncio.CancelledError:
+            if exchange.client_gone:
+                self.metrics.cancelled.inc()
+                logger.info("[request=%s] client disconnected; cancelled on the engines", request_id)
+            raise
+        finally:
+            self.metrics.requests.labels(endpoint, str(status)).inc()
+        if status != 200 or not exchange.streamed:
+            elapsed = time.perf_counter() - started
+            self.metrics.ttft.labels(endpoint).observe(elapsed)
+            self.metrics.latency.labels(endpoint).observe(elapsed)
+
+    def _parsed(self, exchange: Exchange, required: str) -> dict[str, Any]:
+        if not self._authorized(exchange.headers.get("authorization", "")):
+            raise _Refused(401, _UNAUTHORIZED, "invalid_request_error")
+        try:
+            body = json.loads(exchange.body)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            return openai_error(400, f"request body is not valid JSON: {exc}", "invalid_request_error", request_id=request_id)
+            raise _Refused(400, f"request body is not valid JSON: {exc}", "invalid_request_error") from None
         if not isinstance(body, dict):
-            return openai_error(400, "request body must be a JSON object", "invalid_request_error", request_id=request_id)
+            raise _Refused(400, "request body must be a JSON object", "invalid_request_error")
         if required not in body:
-            return openai_error(400, f"'{required}' is required", "invalid_request_error", required, request_id)
+            raise _Refused(400, f"'{required}' is required", "invalid_request_error", required)
         model = body.get("model")
         if model in (None, ""):
-            body["model"] = served_model_name
-        elif model != served_model_name:
-            message = f"The model `{model}` does not exist; this service serves `{served_model_name}`"
-            return openai_error(404, message, "NotFoundError", "model", request_id)
-        refusal = await admission.enter(table.serving_engines()) if admission is not None else None
-        if refusal is not None:
-            assert admission is not None
-            metrics.refused.labels(refusal.value).inc()
-            message = (f"the service is at capacity ({admission.in_flight} requests in flight, "
-                       f"{admission.waiting} waiting; {refusal.value.replace('_', ' ')}); retry later")  # fmt: skip
-            return openai_error(429, message, "rate_limit_exceeded", request_id=request_id,
-                                headers={"Retry-After": str(admission.retry_after_s)})  # fmt: skip
-        try:
-            async with _cancel_on_disconnect(request):
-                response = await _route(request, endpoint, body, request_id)
-        except ClientGone:
-            metrics.cancelled.inc()
-            logger.info("[request=%s] client disconnected; cancelled on the engines", request_id)
-            response = Response(status_code=499)
-        except BaseException:
-            if admission is not None:
-                await admission.leave()
-            raise
-        if admission is not None:
-            if isinstance(response, StreamingResponse):  # the slot is held until the stream ends
-                response.body_iterator = _leaving_after(response.body_iterator, admission)
-            else:
-                await admission.leave()
-        return response
+            body["model"] = self.served_model_name
+        elif model != self.served_model_name:
+            message = f"The model `{model}` does not exist; this service serves `{self.served_model_name}`"
+            raise _Refused(404, message, "NotFoundError", "model")
+        return body
 
-    async def _route(request: Request, endpoint: str, body: dict[str, Any], request_id: str) -> Response:
-        client: aiohttp.ClientSession = request.app.state.client
-        headers = {REQUEST_ID_HEADER: request_id}
-        key = affinity_key(body)
-        path = f"/v1/{endpoint}"
+    async def _admitted(self, exchange: Exchange, endpoint: str, required: str, request_id: str, started: float) -> int:
+        body = self._parsed(exchange, required)
+        admission = self.admission
+        if admission is not None:
+            refusal = await admission.enter(self.table.serving_engines())
+            if refusal is not None:
+                self.metrics.refused.labels(refusal.value).inc()
+                message = (f"the service is at capacity ({admission.in_flight} requests in flight, "
+                           f"{admission.waiting} waiting; {refusal.value.replace('_', ' ')}); retry later")  # fmt: skip
+                raise _Refused(429, message, "rate_limit_exceeded", headers=(("Retry-After", str(admission.retry_after_s)),))
+        try:
+            return await self._route(exchange, endpoint, body, request_id, started)
+        finally:
+            if admission is not None:  # a stream holds its slot until it ends
+                await admission.leave()
+
+    async def _route(self, exchange: Exchange, endpoint: str, body: dict[str, Any], request_id: str, started: float) -> int:
+        table, kv_router = self.table, self.kv_router
+        leg = _Leg(exchange, f"/v1/{endpoint}", endpoint, request_id, affinity_key(body), started)
         prompt = kv_router.prompt(body) if kv_router is not None and _single_prompt(body) else None
         ranker = None if prompt is None else functools.partial(kv_router.order, prompt=prompt)  # type: ignore[union-attr]
         if not table.disaggregated:
-            engines = table.order("colocated", key, ranker)
-            _predicted(engines, prompt)
-            return await _answer(client, engines, path, body, headers, "colocated", key)
+            engines = table.order("colocated", leg.key, ranker)
+            self._predicted(engines, prompt)
+            return await self._answer(engines, body, leg, "colocated")
         if not table.healthy("decode") and table.healthy("prefill"):
             # One dead role is not an outage: a prefill engine can compute the whole request.
-            metrics.whole_on_prefill.inc()
+            self.metrics.whole_on_prefill.inc()
             logger.warning("[request=%s] no healthy decode engine; a prefill engine serves the whole request", request_id)
-            return await _answer(client, table.order("prefill", key, ranker), path, body, headers, "prefill", key)
-        decodes = table.order("decode", key, ranker) if prompt is not None else []
+            return await self._answer(table.order("prefill", leg.key, ranker), body, leg, "prefill")
+        decodes = table.order("decode", leg.key, ranker) if prompt is not None else []
         if decodes and kv_router.skip_prefill(decodes[0], prompt):  # type: ignore[union-attr,arg-type]
-            metrics.prefill_skipped.inc()
+            self.metrics.prefill_skipped.inc()
             logger.debug("[request=%s] %d prompt tokens, %s lacks at most %d: no prefill leg",
                          request_id, prompt.tokens, decodes[0].name, kv_router.selective_pd_tokens)  # type: ignore[union-attr]  # fmt: skip
-            _predicted(decodes, prompt)
-            return await _answer(client, decodes, path, body, headers, "decode", key)
+            self._predicted(decodes, prompt)
+            return await self._answer(decodes, body, leg, "decode")
         if _single_prompt(body):
-            prefills = table.order("prefill", key, ranker)
-            _predicted(prefills, prompt)
-            outcome = await _prefill(client, prefills, path, body, headers)
-            if isinstance(outcome, Response):
+            prefills = table.order("prefill", leg.key, ranker)
+            self._predicted(prefills, prompt)
+            outcome = await self._prefill(prefills, body, leg)
+            if isinstance(outcome, int):
                 return outcome  # the prefill refused the request itself (4xx): that is the answer
             if outcome is None:
-                metrics.fallbacks.inc()
+                self.metrics.fallbacks.inc()
                 logger.warning("[request=%s] no prefill engine answered; the decode engine computes the prompt", request_id)
             else:
                 body = decode_request(body, outcome)
-        return await _answer(client, table.order("decode", key, ranker), path, body, headers, "decode", key)
+        return await self._answer(table.order("decode", leg.key, ranker), body, leg, "decode")
 
-    def _predicted(engines: list[EngineLoad], prompt: RoutedPrompt | None) -> None:
+    def _predicted(self, engines: list[EngineLoad], prompt: RoutedPrompt | None) -> None:
         if prompt is not None and engines:
-            kv_router.predicted(engines[0], prompt)  # type: ignore[union-attr]
+            self.kv_router.predicted(engines[0], prompt)  # type: ignore[union-attr]
 
-    async def _prefill(
-        client: aiohttp.ClientSession, engines: list[EngineLoad], path: str, body: dict[str, Any], headers: dict[str, str]
-    ) -> dict[str, Any] | Response | None:
-        """The prefill's kv_transfer_params; a client error as a Response; None if no engine answered."""
+    async def _prefill(self, engines: list[EngineLoad], body: dict[str, Any], leg: _Leg) -> dict[str, Any] | int | None:
+        """The prefill's kv_transfer_params; a client error's status (relayed as the
+        answer); None if no engine answered."""
         payload = json.dumps(prefill_request(body)).encode()
         for attempt, engine in enumerate(engines):
             if attempt:
-                metrics.retries.labels("prefill").inc()
+                self.metrics.retries.labels("prefill").inc()
             try:
-                with table.track(engine):
-                    async with client.post(f"{engine.url}{path}", data=payload, headers={**headers, **_JSON}) as response:
-                        status, content = response.status, await response.read()
-                        content_type = response.headers.get("Content-Type", "application/json")
-            except _TRANSPORT_ERRORS as exc:
-                _failed(engine, headers, exc)
+                with self.table.track(engine):
+                    upstream = await self._post(engine, leg, payload)
+                    try:
+                        content = await upstream.read()
+                    finally:
+                        upstream.release()
+            except (EngineUnreachable, StreamCut) as exc:
+                self._failed(engine, leg.request_id, exc)
                 continue
-            if status == 200:
+            if upstream.status == 200:
                 params = json.loads(content).get("kv_transfer_params")
                 return params if isinstance(params, dict) else {}
-            if status in _RETRYABLE_STATUS:
-                _failed(engine, headers, f"HTTP {status}", unavailable=status in _UNAVAILABLE_STATUS)
+            if upstream.status in _RETRYABLE_STATUS:
+                self._failed(engine, leg.request_id, f"HTTP {upstream.status}", unavailable=upstream.status in _UNAVAILABLE_STATUS)
                 continue
-            return Response(content=content, status_code=status, media_type=content_type, headers=headers)
+            leg.exchange.send(upstream.status, content, upstream.content_type, leg.headers)
+            return upstream.status
         return None
 
-    async def _answer(
-        client: aiohttp.ClientSession,
-        engines: list[EngineLoad],
-        path: str,
-        body: dict[str, Any],
-        headers: dict[str, str],
-        leg: str,
-        key: bytes,
-    ) -> Response:
+    async def _answer(self, engines: list[EngineLoad], body: dict[str, Any], leg: _Leg, role: str) -> int:
         """Send the request to the first engine that answers; relay its answer."""
-        started = time.perf_counter()
+        table = self.table
         last_failure = "no healthy engine"
-        follow = stream_migrations > 0 and migratable(path.removeprefix("/v1/"), body)
+        follow = self.stream_migrations > 0 and migratable(leg.endpoint, body)
         payload = json.dumps(with_token_ids(body) if follow else body).encode()
         for attempt, engine in enumerate(engines):
             if attempt:
-                metrics.retries.labels(leg).inc()
-            table.acquire(engine)  # released when the answer is relayed, or here on failure
+                self.metrics.retries.labels(role).inc()
+            table.acquire(engine)  # released once the answer is relayed, or here on failure
             try:
-                upstream = await client.post(f"{engine.url}{path}", data=payload, headers={**headers, **_JSON})
-            except _TRANSPORT_ERRORS as exc:
+                upstream = await self._post(engine, leg, payload)
+            except EngineUnreachable as exc:
                 table.release(engine)
-                _failed(engine, headers, exc)
+                self._failed(engine, leg.request_id, exc)
                 last_failure = f"{engine.name} unreachable"
                 continue
             except BaseException:
@@ -365,182 +407,149 @@ def create_app(
             if upstream.status in _RETRYABLE_STATUS and attempt + 1 < len(engines):
                 upstream.close()
                 table.release(engine)
-                _failed(engine, headers, f"HTTP {upstream.status}", unavailable=upstream.status in _UNAVAILABLE_STATUS)
+                self._failed(engine, leg.request_id, f"HTTP {upstream.status}", unavailable=upstream.status in _UNAVAILABLE_STATUS)
                 continue
             if not body.get("stream") or upstream.status != 200:
                 try:
                     content = await upstream.read()
+                except StreamCut as exc:
+                    upstream.close()
+                    table.release(engine)
+                    self._failed(engine, leg.request_id, exc)
+                    last_failure = f"{engine.name} cut its answer short"
+                    continue
                 except BaseException:
                     upstream.close()  # on cancellation this drops the connection: vLLM aborts the request
-                    raise
-                finally:
                     table.release(engine)
-                upstream.release()  # the connection goes back to the pool
-                return Response(content=content, status_code=upstream.status,
-                                media_type=upstream.headers.get("Content-Type", "application/json"), headers=headers)  # fmt: skip
+                    raise
+                upstream.release()
+                table.release(engine)
+                leg.exchange.send(upstream.status, content, upstream.content_type, leg.headers)
+                return upstream.status
+            leg.exchange.streamed = True
+            leg.exchange.start(200, "text/event-stream", leg.headers)
             if follow:
-                chunks = _follow(client, upstream, engine, path, started, body, headers, key)
+                await self._follow(upstream, engine, body, leg)
             else:
-                chunks = _relay(upstream, engine, path, started)
-            return StreamingResponse(chunks, media_type="text/event-stream", headers=headers)
-        return openai_error(503, f"no engine could take the request ({last_failure})", "service_unavailable",
-                            request_id=headers[REQUEST_ID_HEADER])  # fmt: skip
+                await self._relay(upstream, engine, leg)
+            return 200
+        raise _Refused(503, f"no engine could take the request ({last_failure})", "service_unavailable")
 
-    async def _relay(upstream: aiohttp.ClientResponse, engine: EngineLoad, path: str, started: float) -> AsyncIterator[bytes]:
-        endpoint = path.removeprefix("/v1/")
+    async def _post(self, engine: EngineLoad, leg: _Leg, payload: bytes) -> Upstream:
+        return await self.client.request("POST", engine.host, engine.port, leg.path, payload, leg.engine_headers)
+
+    async def _relay(self, upstream: Upstream, engine: EngineLoad, leg: _Leg) -> None:
         first, complete = True, False
         try:
-            async for chunk in upstream.content.iter_any():
+            async for chunk in upstream.chunks():
                 if first:
-                    metrics.ttft.labels(endpoint).observe(time.perf_counter() - started)
+                    self.metrics.ttft.labels(leg.endpoint).observe(time.perf_counter() - leg.started)
                     first = False
-                yield chunk
+                await leg.exchange.write(chunk)
             complete = True
+            leg.exchange.end()
+        except StreamCut as exc:
+            logger.warning("[request=%s engine=%s] stream broke (%s); not continued", leg.request_id, engine.name, exc)
+            leg.exchange.abort()
         finally:
             # Done: the connection goes back to the pool. Client gone: closing it makes
             # vLLM abort the request.
             upstream.release() if complete else upstream.close()
-            table.release(engine)
-            metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
+            self.table.release(engine)
+            self.metrics.latency.labels(leg.endpoint).observe(time.perf_counter() - leg.started)
 
-    async def _follow(
-        client: aiohttp.ClientSession,
-        upstream: aiohttp.ClientResponse,
-        engine: EngineLoad,
-        path: str,
-        started: float,
-        body: dict[str, Any],
-        headers: dict[str, str],
-        key: bytes,
-    ) -> AsyncIterator[bytes]:
+    async def _follow(self, upstream: Upstream, engine: EngineLoad, body: dict[str, Any], leg: _Leg) -> None:
         """``_relay``, for a stream that is continued on another engine if it breaks."""
-        endpoint = path.removeprefix("/v1/")
         follower = StreamFollower(body)
-        first, migrations_left = True, stream_migrations
+        first, migrations_left = True, self.stream_migrations
         try:
             while True:
                 complete, broken = False, None
                 try:
-                    async for chunk in upstream.content.iter_any():
+                    async for chunk in upstream.chunks():
                         relayed = follower.feed(chunk)
                         if relayed and first:
-                            metrics.ttft.labels(endpoint).observe(time.perf_counter() - started)
+                            self.metrics.ttft.labels(leg.endpoint).observe(time.perf_counter() - leg.started)
                             first = False
                         if relayed:
-                            yield relayed
+                            await leg.exchange.write(relayed)
                     complete = follower.finished
-                    broken = None if complete else aiohttp.ClientPayloadError("the stream ended before its last event")
-                except _STREAM_BROKEN as exc:
+                    broken = None if complete else StreamCut("the stream ended before its last event")
+                except StreamCut as exc:
                     broken = exc
                 finally:
                     upstream.release() if complete else upstream.close()
-                    table.release(engine)
+                    self.table.release(engine)
                 if broken is None:
+                    leg.exchange.end()
                     return
                 if follower.finished:  # cut after its last token: end the client's stream
                     if not follower.done_sent:
-                        yield b"data: [DONE]\n\n"
+                        await leg.exchange.write(b"data: [DONE]\n\n")
+                    leg.exchange.end()
                     return
-                table.mark_failed(engine)
+                self.table.mark_failed(engine)
                 continuation = follower.continuation() if migrations_left else None
-                opened = None if continuation is None else await _open_stream(client, engine, path, continuation, headers, key)
+                opened = None if continuation is None else await self._open_stream(engine, continuation, leg)
                 if opened is None:
-                    metrics.migrations.labels("failed").inc()
+                    self.metrics.migrations.labels("failed").inc()
                     logger.warning("[request=%s engine=%s] stream broke after %d tokens (%s); not continued",
-                                   headers[REQUEST_ID_HEADER], engine.name, len(follower.generated), broken)  # fmt: skip
-                    raise broken
+                                   leg.request_id, engine.name, len(follower.generated), broken)  # fmt: skip
+                    leg.exchange.abort()  # the client sees its stream end without its last chunk
+                    return
                 logger.warning("[request=%s engine=%s] stream broke after %d tokens (%s); continued on %s",
-                               headers[REQUEST_ID_HEADER], engine.name, len(follower.generated), broken, opened[1].name)  # fmt: skip
-                metrics.migrations.labels("continued").inc()
+                               leg.request_id, engine.name, len(follower.generated), broken, opened[1].name)  # fmt: skip
+                self.metrics.migrations.labels("continued").inc()
                 migrations_left -= 1
                 upstream, engine = opened
         finally:
-            metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
+            self.metrics.latency.labels(leg.endpoint).observe(time.perf_counter() - leg.started)
 
-    async def _open_stream(
-        client: aiohttp.ClientSession,
-        broken: EngineLoad,
-        path: str,
-        body: dict[str, Any],
-        headers: dict[str, str],
-        key: bytes,
-    ) -> tuple[aiohttp.ClientResponse, EngineLoad] | None:
+    async def _open_stream(self, broken: EngineLoad, body: dict[str, Any], leg: _Leg) -> tuple[Upstream, EngineLoad] | None:
         """A continuation's stream from the first other engine that takes it (any engine
         can compute a whole request: decode engines first, then prefill engines)."""
+        table = self.table
         roles = ("decode", "prefill") if table.disaggregated else ("colocated",)
         payload = json.dumps(body).encode()
-        for engine in (engine for role in roles for engine in table.order(role, key) if engine is not broken):
+        for engine in (engine for role in roles for engine in table.order(role, leg.key) if engine is not broken):
             table.acquire(engine)
             try:
-                upstream = await client.post(f"{engine.url}{path}", data=payload, headers={**headers, **_JSON})
-            except _TRANSPORT_ERRORS as exc:
+                upstream = await self._post(engine, leg, payload)
+            except EngineUnreachable as exc:
                 table.release(engine)
-                _failed(engine, headers, exc)
+                self._failed(engine, leg.request_id, exc)
                 continue
+            except BaseException:
+                table.release(engine)
+                raise
             if upstream.status == 200:
                 return upstream, engine
             upstream.close()
             table.release(engine)
-            _failed(engine, headers, f"HTTP {upstream.status}", unavailable=upstream.status in _UNAVAILABLE_STATUS)
+            self._failed(engine, leg.request_id, f"HTTP {upstream.status}", unavailable=upstream.status in _UNAVAILABLE_STATUS)
         return None
 
-    def _failed(engine: EngineLoad, headers: dict[str, str], reason: object, unavailable: bool = True) -> None:
+    def _failed(self, engine: EngineLoad, request_id: str, reason: object, unavailable: bool = True) -> None:
         if unavailable:
-            table.mark_failed(engine)
+            self.table.mark_failed(engine)
         logger.warning("[request=%s engine=%s] failed before answering (%s); trying another engine%s",
-                       headers[REQUEST_ID_HEADER], engine.name, reason,
+                       request_id, engine.name, reason,
                        f" (engine skipped for {SUSPECT_S:.0f} s)" if unavailable else "")  # fmt: skip
 
-    return app
+
+_UNAUTHORIZED = "Incorrect or missing API key: send 'Authorization: Bearer <API_KEY>'"
 
 
-async def _leaving_after(chunks: AsyncIterator[Any], admission: Admission) -> AsyncIterator[Any]:
-    try:
-        async for chunk in chunks:
-            yield chunk
-    finally:
-        await admission.leave()
+class _Leg:
+    """What every engine call of one request shares."""
 
+    __slots__ = ("exchange", "path", "endpoint", "request_id", "key", "started", "headers", "engine_headers")
 
-@asynccontextmanager
-async def _cancel_on_disconnect(request: Request) -> AsyncIterator[None]:
-    """Cancel the enclosed work (raising ClientGone) if the client disconnects meanwhile.
-
-    One watcher task per request waits for the ASGI ``http.disconnect`` message; the
-    request's body has been read already, so nothing else is on that channel."""
-    current = asyncio.current_task()
-    assert current is not None
-    gone = asyncio.Event()
-
-    async def watch() -> None:
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
-        gone.set()
-        current.cancel()
-
-    watcher = asyncio.create_task(watch())
-    try:
-        yield
-    except asyncio.CancelledError:
-        if gone.is_set():
-            raise ClientGone() from None
-        raise
-    finally:
-        watcher.cancel()
-
-
-async def _scrape_kv_tokens(client: aiohttp.ClientSession, table: RoutingTable, metrics: DoorMetrics) -> None:
-    """Copy each engine's prompt-tokens-by-source counters (KV hits) into the door's metrics."""
-    for engine in table.all_engines():
-        try:
-            async with client.get(f"{engine.url}/metrics", timeout=aiohttp.ClientTimeout(total=2.0)) as response:
-                text = await response.text()
-        except (aiohttp.ClientError, asyncio.TimeoutError):
-            continue
-        for line in text.splitlines():
-            if line.startswith("vllm:prompt_tokens_by_source_total{") and 'source="' in line:
-                source = line.split('source="', 1)[1].split('"', 1)[0]
-                metrics.kv_hit_tokens.labels(engine.name, source).set(float(line.rsplit(" ", 1)[1]))
+    def __init__(self, exchange: Exchange, path: str, endpoint: str, request_id: str, key: bytes, started: float) -> None:
+        self.exchange, self.path, self.endpoint = exchange, path, endpoint
+        self.request_id, self.key, self.started = request_id, key, started
+        self.headers = ((REQUEST_ID_HEADER, request_id),)  # on the client's answer
+        self.engine_headers = {REQUEST_ID_HEADER: request_id, "Content-Type": _JSON}
 
 
 def _single_prompt(body: dict[str, Any]) -> bool:

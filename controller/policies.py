@@ -35,6 +35,7 @@ class EngineLoad:
     outstanding: int = 0
     state: str = "healthy"  # the Controller's word: healthy, unhealthy (alive, missed probes), restarting, ...
     host: str = ""
+    port: int = 0
     events_port: int = 0  # where the engine publishes its KV events (0: it does not)
     restarts: int = 0
 

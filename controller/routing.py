@@ -44,7 +44,8 @@ class RoutingTable:
             name = str(engine["name"])
             known = self._engines.get(name) or EngineLoad(name=name, url="", role="")
             known.host = str(engine["host"])
-            known.url = f"http://{known.host}:{engine['port']}"
+            known.port = int(engine["port"])  # type: ignore[call-overload]
+            known.url = f"http://{known.host}:{known.port}"
             known.events_port = int(engine.get("events_port", 0) or 0)  # type: ignore[call-overload]
             known.restarts = int(engine.get("restarts", 0) or 0)  # type: ignore[call-overload]
             known.role = str(engine["role"])

@@ -27,7 +27,7 @@ import yr
 from controller.admission import Admission
 from controller.controller import CONTROLLER_CONCURRENCY, Controller
 from controller.door_metrics import DoorMetrics
-from controller.frontdoor import create_app, tune_gc_for_serving
+from controller.frontdoor import FrontDoor, tune_gc_for_serving
 from controller.kv_events import KVEventSubscriber
 from controller.kv_index import KVIndex
 from controller.kv_policy import KVAware
@@ -144,14 +144,11 @@ def serve(config: ServiceConfig, adopt: bool = False) -> int:
         kv_router = _kv_router(config, str(model_path), metrics) if config.kv_events else None
         scaler = Scaler(ActorControl(controller, config.engine_start_timeout_s), config, model_path,
                         state.served_model_name, ds_addresses, specs)  # fmt: skip
-        app = create_app(table, state.served_model_name, metrics, refresh, Admission(config.admission), config.api_key,
+        door = FrontDoor(table, state.served_model_name, metrics, refresh, Admission(config.admission), config.api_key,
                          config.stream_migrations, kv_router, scaler)  # fmt: skip
         # On SIGTERM / Ctrl-C Uvicorn stops accepting, lets requests in flight finish (at most
         # DRAIN_TIMEOUT_S), then returns; the engines are stopped after that, below.
-        server = uvicorn.Server(
-            uvicorn.Config(app, host=config.server_ip, port=config.server_port, log_level="warning", access_log=False,
-                           timeout_graceful_shutdown=int(config.drain_timeout_s))  # fmt: skip
-        )
+        server = uvicorn.Server(door.uvicorn_config(config.server_ip, config.server_port, config.drain_timeout_s))
         tune_gc_for_serving()
         logger.info("%s %s", READY_MARKER, state.endpoint)
         server.run()

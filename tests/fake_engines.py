@@ -146,9 +146,9 @@ class FakeEngine:
 
 
 @contextmanager
-def serving(app: FastAPI, port: int) -> Iterator[None]:
-    """Run ``app`` under Uvicorn in a thread until the block ends."""
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
+def serving(app: FastAPI, port: int, config: uvicorn.Config | None = None) -> Iterator[None]:
+    """Run ``app`` (or what ``config`` says) under Uvicorn in a thread until the block ends."""
+    server = uvicorn.Server(config or uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 10

@@ -1,5 +1,5 @@
 """The door's admin endpoints and the ``scale`` verb against real HTTP servers: the door
-(create_app under Uvicorn) with a real Scaler, fake engines (tests/fake_engines.py), and a
+(the FrontDoor serving) with a real Scaler, fake engines (tests/fake_engines.py), and a
 fake Controller that starts more fake engines when asked. What is checked: auth, bad
 input, 409 while an operation runs, a failed start, the table following scale-out and
 scale-in, a drain that waits for requests in flight before removing the engine (the
@@ -22,7 +22,7 @@ import pytest
 
 import deploy.admin_client as admin_client
 from controller.door_metrics import DoorMetrics
-from controller.frontdoor import create_app
+from controller.frontdoor import FrontDoor
 from controller.placement import plan_engines
 from controller.policies import make_policy
 from controller.routing import RoutingTable
@@ -120,9 +120,9 @@ def admin_door(settings: dict[str, str] | None = None, api_key: str | None = Non
         table = RoutingTable(infos, make_policy("round_robin"), metrics)
         table.version = version
         scaler = Scaler(controller, config, MODEL, "m", WORKERS, specs, cores=(0, 1, 2, 3)) if with_scaler else None
-        app = create_app(table, "m", metrics, refresh=controller.snapshot, api_key=api_key, scaler=scaler)
+        door = FrontDoor(table, "m", metrics, refresh=controller.snapshot, api_key=api_key, scaler=scaler)
         port = free_port()
-        stack.enter_context(serving(app, port))
+        stack.enter_context(serving(door.app, port, door.uvicorn_config("127.0.0.1", port, drain_timeout_s=5)))
         yield Door(f"http://127.0.0.1:{port}", controller, events, {"Authorization": f"Bearer {api_key}"} if api_key else {})
 
 

@@ -14,7 +14,7 @@ import pytest
 
 from controller.admission import Admission, AdmissionConfig
 from controller.door_metrics import DoorMetrics
-from controller.frontdoor import create_app
+from controller.frontdoor import FrontDoor
 from controller.policies import EngineLoad, LeastOutstanding, PrefixAffinity, RoundRobin, affinity_key, make_policy
 from controller.routing import RoutingTable
 from tests.fake_engines import FakeEngine, serving
@@ -32,8 +32,8 @@ def door(
     with ExitStack() as stack:
         for engine in engines:
             stack.enter_context(serving(engine.app(), engine.port))
-        app = create_app(table, "m", metrics, admission=Admission(admission) if admission is not None else None, api_key=api_key)
-        stack.enter_context(serving(app, port))
+        door = FrontDoor(table, "m", metrics, admission=Admission(admission) if admission is not None else None, api_key=api_key)
+        stack.enter_context(serving(door.app, port, door.uvicorn_config("127.0.0.1", port, drain_timeout_s=5)))
         yield f"http://127.0.0.1:{port}", table
 
 

@@ -1,0 +1,179 @@
+"""The door's own HTTP layer (controller/http_server.py under Uvicorn, and
+controller/engine_client.py) against stand-in engines on real sockets: what curl and
+other HTTP/1.1 clients do that a framework used to handle for us."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+
+import httpx
+import pytest
+import uvicorn
+
+import controller.http_server as http_server
+from controller.door_metrics import DoorMetrics
+from controller.frontdoor import FrontDoor
+from controller.policies import make_policy
+from controller.routing import RoutingTable
+from tests.fake_engines import FakeEngine, serving
+from tests.helpers import free_port
+
+
+@contextmanager
+def door_over(engines: list[FakeEngine], engine_keep_alive_s: int = 5) -> Iterator[tuple[int, DoorMetrics]]:
+    metrics = DoorMetrics()
+    door = FrontDoor(RoutingTable([e.info for e in engines], make_policy("round_robin"), metrics), "m", metrics)
+    port = free_port()
+    with ExitStack() as stack:
+        for engine in engines:
+            config = uvicorn.Config(engine.app(), host="127.0.0.1", port=engine.port, log_level="warning",
+                                    timeout_keep_alive=engine_keep_alive_s)  # fmt: skip
+            stack.enter_context(serving(engine.app(), engine.port, config))
+        stack.enter_context(serving(door.app, port, door.uvicorn_config("127.0.0.1", port, drain_timeout_s=5)))
+        yield port, metrics
+
+
+def _request(body: bytes, extra: str = "") -> bytes:
+    return (f"POST /v1/completions HTTP/1.1\r\nHost: door\r\nContent-Type: application/json\r\n{extra}"
+            f"Content-Length: {len(body)}\r\n\r\n").encode() + body  # fmt: skip
+
+
+def _read_answers(sock: socket.socket, count: int) -> list[tuple[int, dict[str, str], bytes]]:
+    """``count`` whole answers (Content-Length bodies) from ``sock``."""
+    buffer, answers = b"", []
+    sock.settimeout(10)
+    while len(answers) < count:
+        while b"\r\n\r\n" not in buffer:
+            data = sock.recv(65536)
+            assert data, f"the door closed the connection after {len(answers)} answer(s)"
+            buffer += data
+        head, buffer = buffer.split(b"\r\n\r\n", 1)
+        lines = head.decode().split("\r\n")
+        status = int(lines[0].split()[1])
+        headers = {name.lower(): value.strip() for name, _, value in (line.partition(":") for line in lines[1:])}
+        length = int(headers.get("content-length", "0"))
+        while len(buffer) < length:
+            data = sock.recv(65536)
+            assert data, "the door closed the connection in an answer's body"
+            buffer += data
+        answers.append((status, headers, buffer[:length]))
+        buffer = buffer[length:]
+    return answers
+
+
+def _counter(metrics: DoorMetrics, name: str, **labels: str) -> float:
+    value = metrics.registry.get_sample_value(name, labels)
+    return 0.0 if value is None else value
+
+
+def test_expect_100_continue_is_answered_before_the_body() -> None:
+    engine = FakeEngine("c0", "colocated")
+    with door_over([engine]) as (port, _), socket.create_connection(("127.0.0.1", port)) as sock:
+        body = json.dumps({"prompt": "x" * 2000}).encode()  # curl sends Expect: 100-continue above 1 KiB
+        head = _request(body, "Expect: 100-continue\r\n")[: -len(body)]
+        sock.sendall(head)
+        sock.settimeout(5)
+        assert sock.recv(1024) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        sock.sendall(body)
+        [(status, _, answer)] = _read_answers(sock, 1)
+    assert status == 200
+    assert json.loads(answer)["choices"][0]["text"] == "c0"
+    assert engine.received[0]["body"]["prompt"] == "x" * 2000
+
+
+def test_pipelined_requests_are_answered_in_order_on_one_connection() -> None:
+    engines = [FakeEngine("c0", "colocated"), FakeEngine("c1", "colocated")]
+    with door_over(engines) as (port, _), socket.create_connection(("127.0.0.1", port)) as sock:
+        requests = [_request(json.dumps({"prompt": f"p{i}"}).encode(), f"X-Request-Id: r{i}\r\n") for i in range(3)]
+        sock.sendall(b"".join(requests))
+        answers = _read_answers(sock, 3)
+    assert [status for status, _, _ in answers] == [200, 200, 200]
+    assert [headers["x-request-id"] for _, headers, _ in answers] == ["r0", "r1", "r2"]
+    assert [json.loads(body)["id"] for _, _, body in answers] == ["r0", "r1", "r2"]  # each its own engine answer
+    assert [json.loads(body)["choices"][0]["text"] for _, _, body in answers] == ["c0", "c1", "c0"]
+
+
+def test_a_malformed_request_gets_400_in_openai_form_and_the_connection_closes() -> None:
+    with door_over([FakeEngine("c0", "colocated")]) as (port, _), socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nContent-Length: nope\r\n\r\n")
+        [(status, headers, body)] = _read_answers(sock, 1)
+        assert sock.recv(1024) == b""  # closed
+    assert status == 400
+    assert headers["connection"] == "close"
+    error = json.loads(body)["error"]
+    assert (error["type"], error["code"]) == ("invalid_request_error", 400)
+    assert error["message"].startswith("malformed HTTP request")
+
+
+def test_a_body_over_the_limit_gets_413(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(http_server, "MAX_BODY_BYTES", 1000)
+    engine = FakeEngine("c0", "colocated")
+    with door_over([engine]) as (port, _):
+        answer = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json={"prompt": "x" * 2000}, timeout=10)
+        small = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json={"prompt": "x"}, timeout=10)
+    assert answer.status_code == 413
+    assert answer.json()["error"]["message"] == "the request body is over 1000 bytes"
+    assert small.status_code == 200
+    assert len(engine.received) == 1
+
+
+def test_a_large_body_reaches_the_engine_whole() -> None:
+    engine = FakeEngine("c0", "colocated")
+    prompt = "".join(chr(ord("a") + i % 26) for i in range(3_000_000))  # written in more than one piece
+    with door_over([engine]) as (port, _):
+        answer = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json={"prompt": prompt}, timeout=30)
+    assert answer.status_code == 200
+    assert engine.received[0]["body"]["prompt"] == prompt
+
+
+def test_an_engine_closing_idle_connections_costs_no_retry_and_no_suspicion() -> None:
+    """vLLM's Uvicorn closes a keep-alive connection idle for its timeout; the door must
+    not take that for a failed engine."""
+    engine = FakeEngine("c0", "colocated")
+    with door_over([engine], engine_keep_alive_s=1) as (port, metrics):
+        url = f"http://127.0.0.1:{port}/v1/completions"
+        statuses = [httpx.post(url, json={"prompt": "a"}, timeout=10).status_code]
+        time.sleep(1.5)  # the engine has closed the door's connection
+        statuses += [httpx.post(url, json={"prompt": "b"}, timeout=10).status_code for _ in range(3)]
+        healthy = _counter(metrics, "frontdoor_engine_healthy", engine="c0", role="colocated")
+        retries = _counter(metrics, "frontdoor_retries_total", leg="colocated")
+    assert statuses == [200, 200, 200, 200]
+    assert (healthy, retries) == (1.0, 0.0)
+    assert len(engine.received) == 4
+
+
+def test_shutdown_lets_a_request_in_flight_finish_and_refuses_new_connections() -> None:
+    engine = FakeEngine("c0", "colocated", delay_s=1.0)
+    metrics = DoorMetrics()
+    door = FrontDoor(RoutingTable([engine.info], make_policy("round_robin"), metrics), "m", metrics)
+    port = free_port()
+    with serving(engine.app(), engine.port):
+        server = uvicorn.Server(door.uvicorn_config("127.0.0.1", port, drain_timeout_s=10))
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 10
+        while not server.started:
+            assert time.monotonic() < deadline, "the door did not start"
+            time.sleep(0.02)
+        answers: list[httpx.Response] = []
+        slow = threading.Thread(target=lambda: answers.append(
+            httpx.post(f"http://127.0.0.1:{port}/v1/completions", json={"prompt": "slow"}, timeout=10)))  # fmt: skip
+        slow.start()
+        while not engine.received:
+            assert time.monotonic() < deadline, "the request never reached the engine"
+            time.sleep(0.02)
+        server.should_exit = True
+        time.sleep(0.3)  # Uvicorn has closed its listening socket
+        with pytest.raises(httpx.ConnectError):
+            httpx.post(f"http://127.0.0.1:{port}/v1/completions", json={"prompt": "late"}, timeout=2)
+        slow.join(10)
+        thread.join(10)
+    assert [answer.status_code for answer in answers] == [200]
+    assert answers[0].headers["connection"] == "close"
+    assert not thread.is_alive()
+    assert len(engine.received) == 1
