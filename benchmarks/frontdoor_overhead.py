@@ -10,7 +10,7 @@ the run ends, fails or is interrupted:
 - stand-in engines, one process each (``python -m tests.fake_engines``: FastAPI under
   Uvicorn answering at once like a vLLM server's HTTP layer, no model): c0 (colocated),
   p0 (prefill: it answers with ``kv_transfer_params``) and d0 (decode);
-- our door, twice (``python -m benchmarks.door_process``, uvloop + httptools, a default
+- our door, twice (``python -m benchmarks.door_process``, served as a deployment serves it, a default
   deployment's settings): one in front of c0, one in front of p0 + d0;
 - vllm-router (``vllm-router`` on PyPI, the vLLM project's Rust router) in PD mode in
   front of p0 + d0, once per ``--router-policies`` entry; installed by this benchmark
