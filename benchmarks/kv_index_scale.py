@@ -1,7 +1,7 @@
 """The KV index at scale: 256 engines, ~1M indexed blocks from synthetic vLLM events;
 a routing decision's latency and the index's memory.
 
-    .venv/bin/python -m benchmarks.kv_index_scale [--engines 256] [--decisions 3000] [--store]
+    .venv/bin/python -m benchmarks.kv_index_scale [--engines 256] [--decisions 3000] [--store] [--in-flight N]
 
 Workload (block size 16, 2048-token prompts = 128 blocks): every engine holds a common
 256-token system prompt; 128 groups each add a 768-token prefix, 8 groups per engine;
@@ -16,11 +16,17 @@ Decision = ``KVIndex.match`` + ``KVAware.order_cached`` over all 256 engines (ra
 loads, a data-system count of 64 blocks), each part also timed apart; hashing the prompt
 (``KVIndex.hashes``) is reported apart. ``--store``: the index also tracks the data
 system (``track_store=True``, as with prefix reuse), and the decision includes the door's
-``KVIndex.store_match`` (its count replaces the 64). Wall-clock percentiles are also given
-as this thread's CPU time (``thread_time``), which leaves out the time a busy machine's
-other processes take the core. Memory: tracemalloc's count of what the index holds after
-the events are freed, and the process's RSS growth. Results:
-benchmarks/results/kv_index_scale.json (``kv_index_scale_store.json`` with ``--store``).
+``KVIndex.store_match`` (its count replaces the 64). ``--in-flight N``: provisional
+holdings too, as the door makes them (``KVIndex.hold``): before the decisions, the first N
+decision prompts are held by random engines (requests in flight whose events have not
+come: a decision on such a prompt finds its engine holding all 128 blocks), and after
+each decision its prompt is held by the first engine of the order (timed apart,
+``hold_us``); tracemalloc's count over the N gives the memory per provisional claim.
+Wall-clock percentiles are also given as this thread's CPU time (``thread_time``), which
+leaves out the time a busy machine's other processes take the core. Memory: tracemalloc's
+count of what the index holds after the events are freed, and the process's RSS growth.
+Results: benchmarks/results/kv_index_scale.json (``kv_index_scale_store.json`` with
+``--store``, ``_in_flight`` added with ``--in-flight``).
 """
 
 from __future__ import annotations
@@ -90,6 +96,20 @@ def fill(index: KVIndex, engines: int, common: list[int], group_tokens: list[lis
     return blocks, applying
 
 
+def hold_in_flight(index: KVIndex, prompts: list[list[int]], engines: int, rng: random.Random) -> dict[str, float]:
+    """Each prompt held by a random engine; what that costs in memory, per claim."""
+    gc.collect()
+    tracemalloc.start()
+    for prompt in prompts:
+        index.hold(f"engine-{rng.randrange(engines)}", index.hashes(prompt))
+    gc.collect()
+    traced, _ = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    claims = index.provisional()
+    return {"in_flight": len(prompts), "provisional_claims": claims,
+            "bytes_per_provisional_claim": round(traced / claims, 1) if claims else 0.0}  # fmt: skip
+
+
 def percentile(samples: list[float], fraction: float) -> float:
     ordered = sorted(samples)
     return ordered[min(int(fraction * len(ordered)), len(ordered) - 1)]
@@ -105,6 +125,8 @@ def main() -> None:
     parser.add_argument("--engines", type=int, default=256)
     parser.add_argument("--decisions", type=int, default=3000)
     parser.add_argument("--store", action="store_true", help="track the data system; store_match in the decision")
+    parser.add_argument("--in-flight", type=int, default=0,
+                        help="N prompts held provisionally before the decisions; each decision's held after it")  # fmt: skip
     args = parser.parse_args()
 
     common = tokens("common", COMMON)
@@ -135,6 +157,7 @@ def main() -> None:
         else:
             tail = tokens(("new", number), CONVERSATION)
         prompts.append(common + group_tokens[group] + tail)
+    in_flight = hold_in_flight(index, prompts[: args.in_flight], args.engines, rng) if args.in_flight else {}
 
     hashing_us: list[float] = []
     decision_us: list[float] = []
@@ -142,6 +165,7 @@ def main() -> None:
     match_us: list[float] = []
     store_us: list[float] = []
     order_us: list[float] = []
+    hold_us: list[float] = []
     held: list[int] = []
     for prompt in prompts:
         t0 = time.perf_counter_ns()
@@ -164,6 +188,10 @@ def main() -> None:
         order_us.append((t2 - t_store) / 1000)
         held.append(max(device.values()))
         assert len(order) == args.engines
+        if args.in_flight:
+            t3 = time.perf_counter_ns()
+            index.hold(order[0].name, hashes)
+            hold_us.append((time.perf_counter_ns() - t3) / 1000)
 
     stats = index.stats()
     result = {
@@ -182,6 +210,7 @@ def main() -> None:
         **spread("match_us", match_us),
         **(spread("store_match_us", store_us) if args.store else {}),
         **spread("order_us", order_us),
+        **({**in_flight, **spread("hold_us", hold_us), "provisional_after": index.provisional()} if args.in_flight else {}),
         "load_average_1m": round(os.getloadavg()[0], 1),
         "cpus": os.cpu_count(),
         **spread("hashing_us", hashing_us),
@@ -189,7 +218,7 @@ def main() -> None:
         "held_blocks_of_128": {"full": held.count(128), "group": held.count(64)},
     }
     print(json.dumps(result, indent=2))
-    path = RESULTS / ("kv_index_scale_store.json" if args.store else "kv_index_scale.json")
+    path = RESULTS / f"kv_index_scale{'_store' if args.store else ''}{'_in_flight' if args.in_flight else ''}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
 
 

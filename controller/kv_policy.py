@@ -2,10 +2,12 @@
 queue first (pure, no I/O).
 
 For one prompt, the door knows (``PromptCache``): its length, how many of its leading
-blocks each engine holds in its device cache (``KVIndex.match``) and in a host offload
-tier (``KVIndex.match(..., MEDIUM_CPU)``), and how many the data system holds
-(``KVIndex.store_match``, estimated from the same events; every engine that reuses
-prefixes can load them). Each candidate's score, in prompt tokens:
+blocks each engine holds in its device cache (``KVIndex.match``: by its events, or
+provisionally, a prompt the door sent it whose events have not come yet; both count
+alike here) and in a host offload tier (``KVIndex.match(..., MEDIUM_CPU)``), and how
+many the data system holds (``KVIndex.store_match``, estimated from the same events;
+every engine that reuses prefixes can load them). Each candidate's score, in prompt
+tokens:
 
     saved = device*B + max(host - device, 0)*B*(1 - host_load_cost)
             + max(store - max(device, host), 0)*B*(1 - store_load_cost)

@@ -20,6 +20,13 @@ is credited with it (at ``KVAware.store_load_cost``); without prefix reuse it is
 What the door does not know: the store's evictions (TTL, a full store: such blocks are
 computed after all), and prompts with images (their blocks carry multimodal hashes the
 door cannot compute: such prompts match only up to their first image).
+
+Provisional holdings (``routed``): the door tells the router which engine will compute
+a prompt (the colocated engine, the prefill engine, or the decode engine when the
+prefill leg is skipped), and the index counts that engine as holding the prompt's full
+blocks at once (``KVIndex.hold``), before the engine's events say so, so that
+concurrent requests sharing the prompt's head go where it is being computed. The
+engine's events confirm the blocks, or the index's ``provisional_ttl_s`` ends them.
 """
 
 from __future__ import annotations
@@ -47,6 +54,7 @@ class RoutedPrompt:
 
     tokens: int
     cache: PromptCache
+    hashes: list[int]  # the chained hashes of its full blocks (``KVIndex.hashes``)
 
 
 class PromptTokenizer:
@@ -105,7 +113,11 @@ class KVRouter:
     def follow(self, engines: Sequence[EngineLoad]) -> None:
         """Watch the engines of the routing table: a new one is subscribed to (its
         history replayed), a restarted or moved one starts from scratch, a gone one is
-        dropped from the index."""
+        dropped from the index (also one that publishes no events, known to the index
+        by its provisional holdings)."""
+        listed = {engine.name for engine in engines}
+        for name in [name for name in self.index.engines() if name not in listed]:
+            self.index.remove(name)
         if self._subscriber is None:
             return
         current = {engine.name: (engine.host, engine.events_port, engine.restarts) for engine in engines if engine.events_port}
@@ -121,7 +133,11 @@ class KVRouter:
                 logger.info("[engine=%s] following its KV events at %s:%d", name, host, port)
 
     def publish(self) -> None:
-        """Each engine's indexed blocks into the door's metrics."""
+        """Each engine's indexed blocks into the door's metrics; provisional holdings past
+        their time-to-live end (the door calls this once a second)."""
+        expired = self.index.expire()
+        if expired:
+            logger.debug("KV index: %d provisional blocks expired unconfirmed", expired)
         if self._metrics is not None:
             for name in self._watched:
                 self._metrics.kv_indexed_blocks.labels(name).set(self.index.entries(name))
@@ -138,7 +154,7 @@ class KVRouter:
         key = hashes[0] if hashes else 0
         cache = PromptCache(len(tokens), self.index.block_size, self.index.match(hashes),
                             store_blocks=self.index.store_match(hashes), key=key)  # fmt: skip
-        return RoutedPrompt(len(tokens), cache)
+        return RoutedPrompt(len(tokens), cache, hashes)
 
     def order(self, candidates: Sequence[EngineLoad], prompt: RoutedPrompt) -> list[EngineLoad]:
         return self.policy.order_cached(candidates, prompt.cache)
@@ -149,6 +165,13 @@ class KVRouter:
             return False
         uncached = prompt.tokens - self.policy.saved_tokens(decode.name, prompt.cache)
         return uncached <= self.selective_pd_tokens
+
+    def routed(self, engine: EngineLoad, prompt: RoutedPrompt) -> None:
+        """The door sends ``prompt`` to ``engine``, which will compute it: the index counts
+        ``engine`` as holding its full blocks until its events confirm them or the index's
+        time-to-live ends them (``KVIndex.hold``). The ``prompt`` itself keeps what the
+        index said when it came."""
+        self.index.hold(engine.name, prompt.hashes)
 
     def predicted(self, engine: EngineLoad, prompt: RoutedPrompt) -> None:
         """Count the prompt tokens ``engine`` is expected to find in its device cache."""

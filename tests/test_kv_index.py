@@ -302,3 +302,171 @@ def test_the_store_tier_forgets_its_oldest_blocks_past_the_cap() -> None:
 
     assert index.store_match(index.hashes(newer)) == 3
     assert index.store_match(index.hashes(older)) == 0  # its first block was the oldest: forgotten
+
+
+class Clock:
+    """A clock the tests move by hand."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def provisional_index(**settings: object) -> tuple[KVIndex, Clock]:
+    clock = Clock()
+    return KVIndex(block_size=B, provisional_ttl_s=10.0, clock=clock, **settings), clock  # type: ignore[arg-type]
+
+
+def test_a_held_prompt_counts_as_held_until_its_time_to_live_passes() -> None:
+    index, clock = provisional_index()
+    tokens = prompt(0, 4)
+    hashes = index.hashes(tokens)
+    assert index.hold("a", hashes) == 4
+    assert index.match(hashes) == {"a": 4}
+    assert index.match(index.hashes(tokens[: 2 * B] + [9] * B)) == {"a": 2}
+    assert index.match(hashes, MEDIUM_CPU) == {}  # a device holding only
+    assert (index.provisional(), index.provisional("a"), index.entries()) == (4, 4, 0)
+    clock.now = 9.99
+    assert index.match(hashes) == {"a": 4}
+    clock.now = 10.0
+    assert index.match(hashes) == {}  # expired by the lookup itself
+    stats = index.stats()
+    assert (stats.provisional_entries, stats.expired_provisional, stats.confirmed_provisional) == (0, 4, 0)
+    assert stats.blocks_by_medium == {"GPU": 0}  # no phantom holders left
+    assert index.hold("a", []) == 0 and index.expire() == 0
+
+
+def test_expire_ends_due_claims_without_a_lookup() -> None:
+    index, clock = provisional_index()
+    first, second = index.hashes(prompt(0, 3)), index.hashes(prompt(100, 2))
+    index.hold("a", first)
+    clock.now = 4.0
+    index.hold("b", second)
+    clock.now = 10.0
+    assert index.expire() == 3
+    assert (index.provisional("a"), index.provisional("b")) == (0, 2)
+    clock.now = 14.0
+    assert index.expire() == 2 and index.provisional() == 0
+
+
+def test_the_engines_own_events_confirm_held_blocks() -> None:
+    index, clock = provisional_index()
+    tokens = prompt(0, 4)
+    hashes = index.hashes(tokens)
+    index.hold("a", hashes)
+    event = stored(tokens[: 3 * B])
+    index.apply("a", [event])  # blocks 0-2 computed; block 3 not announced (yet)
+    assert index.match(hashes) == {"a": 4}
+    assert (index.provisional("a"), index.entries("a"), index.stats().confirmed_provisional) == (1, 3, 3)
+    clock.now = 10.0
+    assert index.match(hashes) == {"a": 3}  # the confirmed ones outlive the TTL; block 3 expired
+    assert index.stats().expired_provisional == 1
+    index.apply("a", [BlockRemoved(block_hashes=[event.block_hashes[1]])])  # confirmed: ordinary entries
+    assert index.match(hashes) == {"a": 1}
+
+
+def test_other_engines_and_other_media_do_not_confirm_a_claim() -> None:
+    index, clock = provisional_index()
+    tokens = prompt(0, 2)
+    hashes = index.hashes(tokens)
+    index.hold("a", hashes)
+    index.apply("b", [stored(tokens, salt="b")])
+    index.apply("a", [stored(tokens, medium=MEDIUM_CPU)])
+    assert index.match(hashes) == {"a": 2, "b": 2}
+    assert index.stats().confirmed_provisional == 0
+    clock.now = 10.0
+    assert index.match(hashes) == {"b": 2}
+    assert index.match(hashes, MEDIUM_CPU) == {"a": 2}
+
+
+def test_blocks_held_by_events_are_not_claimed_and_stay_past_the_ttl() -> None:
+    index, clock = provisional_index()
+    tokens = prompt(0, 4)
+    hashes = index.hashes(tokens)
+    event = stored(tokens[: 2 * B])
+    index.apply("a", [event])
+    assert index.hold("a", hashes) == 2  # blocks 2 and 3
+    assert index.match(hashes) == {"a": 4}
+    clock.now = 10.0
+    assert index.match(hashes) == {"a": 2}
+    assert index.stats().expired_provisional == 2
+    index.apply("a", [BlockRemoved(block_hashes=event.block_hashes)])
+    assert index.match(hashes) == {} and index.stats().blocks_by_medium == {"GPU": 0}
+
+
+def test_routing_a_prompt_again_renews_its_claims() -> None:
+    index, clock = provisional_index()
+    tokens = prompt(0, 4)
+    hashes = index.hashes(tokens)
+    index.hold("a", hashes[:2])
+    clock.now = 5.0
+    assert index.hold("a", hashes) == 4  # blocks 0-1 claimed anew, 2-3 new
+    assert index.provisional("a") == 4
+    clock.now = 10.0
+    assert index.match(hashes) == {"a": 4}  # the first claim's turn: its blocks belong to the second
+    assert index.stats().expired_provisional == 0
+    clock.now = 15.0
+    assert index.match(hashes) == {}
+    assert index.stats().expired_provisional == 4
+
+
+def test_dropping_an_engine_ends_its_claims_and_old_claims_end_nothing_new() -> None:
+    index, clock = provisional_index()
+    tokens = prompt(0, 3)
+    hashes = index.hashes(tokens)
+    index.hold("a", hashes)
+    index.hold("b", hashes[:1])
+    assert index.drop("a") == 0  # no entries from events; its provisional ones go too
+    assert index.match(hashes) == {"b": 1} and index.provisional() == 1
+    clock.now = 5.0
+    index.hold("a", hashes)
+    clock.now = 10.0
+    assert index.match(hashes) == {"a": 3}  # the dropped claim's deadline ends nothing of the new one
+    index.apply("a", [AllBlocksCleared()])
+    assert index.match(hashes) == {} and index.provisional() == 0
+    assert index.stats().blocks_by_medium == {"GPU": 0}
+
+
+def test_a_removed_engines_claims_go_and_its_id_comes_back_clean() -> None:
+    index, clock = provisional_index()
+    tokens = prompt(0, 2)
+    hashes = index.hashes(tokens)
+    index.hold("a", hashes)  # id 0
+    index.remove("a")
+    assert index.match(hashes) == {} and index.engines() == []
+    index.hold("c", hashes[:1])  # takes id 0
+    clock.now = 10.0
+    assert index.expire() == 1  # c's claim; a's queued claim ended nothing
+    assert index.provisional() == 0 and index.stats().blocks_by_medium == {"GPU": 0}
+
+
+def test_the_cap_ends_the_oldest_claims_first() -> None:
+    index, clock = provisional_index(max_provisional=6)
+    older, newer = index.hashes(prompt(0, 4)), index.hashes(prompt(100, 3))
+    index.hold("a", older)
+    index.hold("b", newer)  # 7 claims > 6: a's claim of 4 ends
+    assert index.match(older) == {} and index.match(newer) == {"b": 3}
+    stats = index.stats()
+    assert (stats.provisional_entries, stats.expired_provisional) == (3, 4)
+    assert index.hold("c", index.hashes(prompt(200, 7))) == 7  # alone over the cap: ends itself
+    assert index.provisional() == 0 and index.match(newer) == {}
+    assert KVIndex(block_size=B, max_provisional=0).hold("a", older) == 0  # off
+
+
+def test_a_claim_renewed_counts_again_for_the_cap() -> None:
+    index, clock = provisional_index(max_provisional=5)
+    hashes = index.hashes(prompt(0, 3))
+    index.hold("a", hashes[:2])
+    index.hold("a", hashes)  # 2 + 3 claims: within the cap
+    assert index.provisional() == 3 and index.stats().expired_provisional == 0
+    index.hold("a", hashes[:1])  # 6: the first claim is ended, but its blocks belong to the second
+    assert index.match(hashes) == {"a": 3} and index.stats().expired_provisional == 0
+
+
+def test_bad_provisional_settings_are_refused() -> None:
+    with pytest.raises(ValueError, match="provisional_ttl_s=0"):
+        KVIndex(block_size=B, provisional_ttl_s=0)
+    with pytest.raises(ValueError, match="max_provisional=-1"):
+        KVIndex(block_size=B, max_provisional=-1)

@@ -9,6 +9,7 @@ import hashlib
 
 import pytest
 
+from controller.door_metrics import DoorMetrics
 from controller.kv_events import KVEventSubscriber
 from controller.kv_index import KVIndex
 from controller.kv_policy import KVAware
@@ -31,8 +32,18 @@ def _engine(name: str, role: str = "decode", outstanding: int = 0, events_port: 
                       events_port=events_port, restarts=restarts)  # fmt: skip
 
 
-def _router(selective_pd_tokens: int = 40) -> KVRouter:
-    return KVRouter(KVIndex(B), tokenize=lambda body: body.get("prompt"), selective_pd_tokens=selective_pd_tokens)
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _router(selective_pd_tokens: int = 40, clock: _Clock | None = None, metrics: DoorMetrics | None = None) -> KVRouter:
+    index = KVIndex(B, provisional_ttl_s=10.0, clock=clock or _Clock())
+    return KVRouter(index, tokenize=lambda body: body.get("prompt"), selective_pd_tokens=selective_pd_tokens,
+                    metrics=metrics)  # fmt: skip
 
 
 def test_the_engine_holding_the_prompt_comes_first_and_decides_the_prefill_skip() -> None:
@@ -142,3 +153,66 @@ def test_with_prefix_reuse_an_idle_engine_loading_from_the_store_beats_a_busy_ho
         # loaded from the store at 5% of their compute (without the store: nothing)
         order = router.order([_engine("busy", outstanding=1), _engine("idle")], prompt)
         assert [engine.name for engine in order] == expected
+
+
+def _predicted_tokens(metrics: DoorMetrics, engine: str) -> float:
+    return metrics.registry.get_sample_value("frontdoor_kv_predicted_cached_tokens_total", {"engine": engine}) or 0.0
+
+
+def test_a_routed_prompt_draws_the_same_prompt_to_its_engine_before_its_events_come() -> None:
+    clock, metrics = _Clock(), DoorMetrics()
+    router = _router(selective_pd_tokens=40, clock=clock, metrics=metrics)
+    tokens = list(range(100, 100 + 6 * B + 10))  # 6 full blocks + 10 tokens
+    d0, d1, d2 = _engine("d0"), _engine("d1", outstanding=1), _engine("d2")
+    first = router.prompt({"prompt": tokens})
+    assert first is not None and len(first.hashes) == 6
+    chosen, other, busy = router.order([d0, d1, d2], first)  # nothing cached: by load, ties rotated from the key
+    assert {chosen.name, other.name} == {"d0", "d2"} and busy is d1
+    router.predicted(chosen, first)
+    router.routed(chosen, first)  # the door sends it there
+    assert first.cache.device_blocks == {}  # the first prompt keeps what the index said when it came
+    second = router.prompt({"prompt": tokens})
+    assert second is not None and second.cache.device_blocks == {chosen.name: 6}
+    assert router.order([d0, d1, d2], second) == router.order([d2, d1, d0], second) == [chosen, other, d1]
+    assert router.policy.saved_tokens(chosen.name, second.cache) == 96  # 6 blocks; the last token is computed
+    assert router.skip_prefill(chosen, second) and not router.skip_prefill(other, second)
+    router.predicted(chosen, second)
+    assert _predicted_tokens(metrics, chosen.name) == 96
+    assert router.index.stats().provisional_entries == 6
+    # its events never come (the request failed): the holding ends after the TTL
+    clock.now = 10.0
+    third = router.prompt({"prompt": tokens})
+    assert third is not None and third.cache.device_blocks == {}
+    assert router.policy.saved_tokens(chosen.name, third.cache) == 0 and not router.skip_prefill(chosen, third)
+    assert router.index.stats().expired_provisional == 6
+
+
+def test_the_engines_events_confirm_a_routed_prompt() -> None:
+    clock = _Clock()
+    router = _router(clock=clock)
+    tokens = list(range(4 * B + 1))
+    prompt = router.prompt({"prompt": tokens})
+    assert prompt is not None
+    router.routed(_engine("p0", role="prefill"), prompt)
+    router.index.apply("p0", [_stored(tokens[: 4 * B])])
+    clock.now = 60.0
+    router.publish()
+    again = router.prompt({"prompt": tokens})
+    assert again is not None and again.cache.device_blocks == {"p0": 4}
+    stats = router.index.stats()
+    assert (stats.confirmed_provisional, stats.expired_provisional, stats.entries) == (4, 0, 4)
+
+
+def test_publish_ends_expired_holdings_and_follow_forgets_engines_that_left() -> None:
+    clock = _Clock()
+    router = _router(clock=clock)
+    short, long = router.prompt({"prompt": list(range(B))}), router.prompt({"prompt": list(range(3 * B))})
+    assert short is not None and long is not None
+    router.routed(_engine("d0"), long)
+    clock.now = 5.0
+    router.routed(_engine("d1"), short)
+    clock.now = 10.0
+    router.publish()
+    assert (router.index.provisional("d0"), router.index.provisional("d1")) == (0, 1)
+    router.follow([_engine("d0")])  # d1 left the table: it publishes no events, but the index knew it
+    assert router.index.engines() == ["d0"] and router.index.provisional() == 0
