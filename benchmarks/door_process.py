@@ -18,16 +18,32 @@ import uvicorn
 from controller.admission import Admission, AdmissionConfig
 from controller.door_metrics import DoorMetrics
 from controller.frontdoor import FrontDoor, tune_gc_for_serving
+from controller.kv_index import KVIndex
+from controller.kv_policy import KVAware
+from controller.kv_router import KVRouter, PromptTokenizer
 from controller.policies import make_policy
 from controller.routing import RoutingTable
 from deploy.config import ROUTING_POLICIES, SETTINGS
+from deploy.embedded_model import ensure_embedded_model
+from tests.helpers import PROJECT_ROOT
 
 logger = logging.getLogger(__name__)
 
 ROLES = ("prefill", "decode", "colocated")
-POLICIES = tuple(policy for policy in ROUTING_POLICIES if policy != "kv_aware")  # kv_aware needs the engines' KV events
+POLICIES = ROUTING_POLICIES
 _DEFAULTS = {setting.env: setting.default for setting in SETTINGS}
 DEFAULT_POLICY = str(_DEFAULTS["ROUTING_POLICY"])
+CPU_BLOCK_SIZE = 128  # vLLM's KV block size on CPU (a deployment's default here)
+
+
+def kv_router_without_events() -> KVRouter:
+    """``kv_aware`` as a deployment builds it (the embedded model's tokenizer, an index,
+    the policy) but following no events: stand-in engines publish none, so the index
+    stays empty and what shows is the door's per-request cost of KV-aware routing
+    (tokenizing, hashing, matching, ordering), not its choices. No selective PD: every PD
+    request takes both legs, as the benchmark checks."""
+    model = ensure_embedded_model(PROJECT_ROOT / ".cache" / "models")
+    return KVRouter(KVIndex(CPU_BLOCK_SIZE), PromptTokenizer(str(model)), KVAware(), selective_pd_tokens=0)
 
 
 def engine_info(spec: str, host: str = "127.0.0.1") -> dict[str, object]:
@@ -61,8 +77,9 @@ def main(argv: list[str] | None = None) -> None:
             queue_timeout_s=float(str(_DEFAULTS["DOOR_QUEUE_TIMEOUT_S"])),
         )
     )
+    kv_router = kv_router_without_events() if args.policy == "kv_aware" else None
     door = FrontDoor(table, args.served_model_name, metrics=metrics, admission=admission,
-                     stream_migrations=int(str(_DEFAULTS["STREAM_MIGRATIONS"])))  # fmt: skip
+                     stream_migrations=int(str(_DEFAULTS["STREAM_MIGRATIONS"])), kv_router=kv_router)  # fmt: skip
     tune_gc_for_serving()  # as deploy/serve.py does
     logger.info("door on port %d: %s", args.port, ", ".join(f"{e['name']}={e['role']}" for e in engines))
     uvicorn.Server(door.uvicorn_config("127.0.0.1", args.port, drain_timeout_s=5.0)).run()

@@ -601,7 +601,8 @@ def main() -> None:
         "settings": {**load.__dict__, "rounds": args.rounds, "warmup": WARMUP, "body": BODY},
         "machine": {"cpus": os.cpu_count(), "load_average_before": [round(x, 2) for x in load_before],
                     "load_average_after": [round(x, 2) for x in load_after]},  # fmt: skip
-        "door": {"policy": args.door_policy, "server": "uvicorn, uvloop, httptools; one process"},
+        "door": {"policy": args.door_policy,
+                 "server": "uvicorn running the door's own protocol (controller/http_server.py), uvloop; one process"},
         "vllm_router": {"note": router_note, "argv": {policy: ["vllm-router", *argv[1:]]
                                                       for policy, argv in setup.router_argv.items()}},  # fmt: skip
         "paths": {name: {figure: _spread_json(spread, 1 if figure == "req_s" else 3) for figure, spread in row.items()}

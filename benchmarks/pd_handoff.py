@@ -138,6 +138,7 @@ def main() -> None:
         DS_SHARED_MEMORY_MB="2048",
         VLLM_SERVER_DEV_MODE="1",  # engines expose /reset_prefix_cache
         SERVER_PORT=str(free_port()),
+        ROUTING_POLICY="prefix_affinity",  # every request takes both legs: the handoff is what is measured
     )
     results: dict[str, Any] = {"model": BENCH_MODEL_NAME, "rounds": args.rounds, "by_prompt_tokens": {}}
     rng = random.Random(0)

@@ -59,13 +59,20 @@ from tests.helpers import isolated_env
 
 RESULTS = Path(__file__).resolve().parent / "results" / "seed000.json"
 ARMS: dict[str, dict[str, str]] = {
-    "vanilla": {"PREFILL_INS_NUM": "2", "DECODE_INS_NUM": "0", "USING_PREFIX_CONNECTOR": "0", "KV_CONNECTOR": "none"},
-    "colocated": {"PREFILL_INS_NUM": "2", "DECODE_INS_NUM": "0", "USING_PREFIX_CONNECTOR": "0"},
-    "colocated+reuse": {"PREFILL_INS_NUM": "2", "DECODE_INS_NUM": "0", "USING_PREFIX_CONNECTOR": "1"},
-    "1p1d+reuse": {"PREFILL_INS_NUM": "1", "DECODE_INS_NUM": "1", "USING_PREFIX_CONNECTOR": "1"},
-    "1p1d": {"PREFILL_INS_NUM": "1", "DECODE_INS_NUM": "1", "USING_PREFIX_CONNECTOR": "0"},
+    # Arms without a -kv or -rr suffix route by prefix affinity (the default before
+    # kv_aware), so that their figures compare with the runs before it became the default.
+    "vanilla": {"PREFILL_INS_NUM": "2", "DECODE_INS_NUM": "0", "USING_PREFIX_CONNECTOR": "0", "KV_CONNECTOR": "none",
+                "ROUTING_POLICY": "prefix_affinity"},
+    "colocated": {"PREFILL_INS_NUM": "2", "DECODE_INS_NUM": "0", "USING_PREFIX_CONNECTOR": "0",
+                  "ROUTING_POLICY": "prefix_affinity"},
+    "colocated+reuse": {"PREFILL_INS_NUM": "2", "DECODE_INS_NUM": "0", "USING_PREFIX_CONNECTOR": "1",
+                        "ROUTING_POLICY": "prefix_affinity"},
+    "1p1d+reuse": {"PREFILL_INS_NUM": "1", "DECODE_INS_NUM": "1", "USING_PREFIX_CONNECTOR": "1",
+                   "ROUTING_POLICY": "prefix_affinity"},
+    "1p1d": {"PREFILL_INS_NUM": "1", "DECODE_INS_NUM": "1", "USING_PREFIX_CONNECTOR": "0",
+             "ROUTING_POLICY": "prefix_affinity"},
     "1p1d-example": {"PREFILL_INS_NUM": "1", "DECODE_INS_NUM": "1", "USING_PREFIX_CONNECTOR": "0",
-                     "KV_CONNECTOR": "ExampleConnector"},
+                     "KV_CONNECTOR": "ExampleConnector", "ROUTING_POLICY": "prefix_affinity"},
     # A group's prompts spread over both instances: a prefix one instance computed is
     # computed again by the other, unless the data system hands it over.
     "colocated-rr": {"PREFILL_INS_NUM": "2", "DECODE_INS_NUM": "0", "USING_PREFIX_CONNECTOR": "0",

@@ -71,8 +71,10 @@ class ArmSpec:
     through_router: bool = False  # load through vllm-router in front of the engines, not through our door
 
 
+# Every request takes both PD legs (seed 002 measures disaggregation): a policy without
+# selective PD, which would send its short random prompts straight to the decode.
 PD_1P1D = {"PREFILL_INS_NUM": "1", "DECODE_INS_NUM": "1", "CPU_CORES_PER_RANK": "1", "USING_PREFIX_CONNECTOR": "0",
-           "KV_CONNECTOR": "yuanrong"}  # fmt: skip
+           "KV_CONNECTOR": "yuanrong", "ROUTING_POLICY": "prefix_affinity"}  # fmt: skip
 ARMS: dict[str, ArmSpec] = {
     "1p1d": ArmSpec(PD_1P1D),
     "1p1d-vllm-router": ArmSpec(PD_1P1D, through_router=True),

@@ -332,7 +332,9 @@ class FrontDoor:
             # One dead role is not an outage: a prefill engine can compute the whole request.
             self.metrics.whole_on_prefill.inc()
             logger.warning("[request=%s] no healthy decode engine; a prefill engine serves the whole request", request_id)
-            return await self._answer(table.order("prefill", leg.key, ranker), body, leg, "prefill")
+            prefills = table.order("prefill", leg.key, ranker)
+            self._predicted(prefills, prompt)
+            return await self._answer(prefills, body, leg, "prefill")
         decodes = table.order("decode", leg.key, ranker) if prompt is not None else []
         if decodes and kv_router.skip_prefill(decodes[0], prompt):  # type: ignore[union-attr,arg-type]
             self.metrics.prefill_skipped.inc()
@@ -354,8 +356,12 @@ class FrontDoor:
         return await self._answer(table.order("decode", leg.key, ranker), body, leg, "decode")
 
     def _predicted(self, engines: list[EngineLoad], prompt: RoutedPrompt | None) -> None:
+        """``engines[0]`` is to compute ``prompt``: count what it should find cached, and
+        hold the prompt's blocks as its own until its KV events confirm them (a prompt
+        sharing the head routed meanwhile meets it there)."""
         if prompt is not None and engines:
             self.kv_router.predicted(engines[0], prompt)  # type: ignore[union-attr]
+            self.kv_router.routed(engines[0], prompt)  # type: ignore[union-attr]
 
     async def _prefill(self, engines: list[EngineLoad], body: dict[str, Any], leg: _Leg) -> dict[str, Any] | int | None:
         """The prefill's kv_transfer_params; a client error's status (relayed as the

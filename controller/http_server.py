@@ -56,9 +56,6 @@ class Exchange:
     # request); the ASGI app's run to their end, as under Uvicorn (a scale operation).
     cancel_on_disconnect: bool = False
 
-    def header(self, name: str, default: str = "") -> str:
-        return self.headers.get(name, default)
-
     def send(self, status: int, body: bytes, content_type: str = "application/json",
              headers: Iterable[tuple[str, str]] = ()) -> None:  # fmt: skip
         """A whole answer."""

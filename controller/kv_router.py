@@ -151,7 +151,9 @@ class KVRouter:
             return None
         salt = body.get("cache_salt")
         hashes = self.index.hashes(tokens, cache_salt=salt if isinstance(salt, str) else None)
-        key = hashes[0] if hashes else 0
+        # Where equal candidates start (the policy rotates them by it): the first block's
+        # hash, or for a prompt shorter than a block its tokens', so short prompts spread.
+        key = hashes[0] if hashes else hash(tuple(tokens)) & 0x7FFFFFFFFFFFFFFF
         cache = PromptCache(len(tokens), self.index.block_size, self.index.match(hashes),
                             store_blocks=self.index.store_match(hashes), key=key)  # fmt: skip
         return RoutedPrompt(len(tokens), cache, hashes)

@@ -292,8 +292,9 @@ SETTINGS: tuple[_Setting, ...] = (
     _Setting("DS_EXCLUSIVE_CONNECTIONS", "1", "1: each engine's data system client gets its own connection to the worker "
              "(a worker takes 128; 3 per engine); 0: the SDK's shared connection, whose worker threads busy-loop on a saturated CPU"),
     _Setting("KV_HANDOFF_WAIT_MS", "2000", "how long a decode waits for a prefill's KV blocks to appear"),
-    _Setting("ROUTING_POLICY", "prefix_affinity", "prefill/colocated routing: round_robin, least_outstanding, prefix_affinity, "
-             "kv_aware (engines publish KV events; the door routes by the prompt tokens each engine holds, decode too)"),
+    _Setting("ROUTING_POLICY", "kv_aware", "prefill/colocated routing: round_robin, least_outstanding, prefix_affinity, "
+             "kv_aware (engines publish KV events; the door routes by the prompt tokens each engine holds, decode too); "
+             "unset with DP_MODE=vllm and PDP or DDP > 1: prefix_affinity (vLLM picks the rank, the door cannot see its KV)"),
     _Setting("SELECTIVE_PD_TOKENS", "256", "kv_aware, PD: a request whose prompt the chosen decode engine lacks at most this many "
              "tokens of skips the prefill leg; 0: every request takes both legs"),
     _Setting("MAX_IN_FLIGHT_PER_ENGINE", "128", "requests the door lets each serving (decode or colocated) engine have at once"),
@@ -324,12 +325,15 @@ def build_config(
     """Merge environment and flags, parse and validate every value. ``master_answers``
     checks that the master in yr start's master info accepts a connection."""
     raw: dict[str, str | None] = {}
+    given: set[str] = set()  # set by the environment or a flag, not by default
     for setting in SETTINGS:
         value = getattr(overrides, setting.dest, None) if overrides is not None else None
         if value is None:
             value = environ.get(setting.env)
         if value is None or (value == "" and setting.default is None):
             value = setting.default
+        else:
+            given.add(setting.env)
         raw[setting.env] = value
 
     prefill_instances = _int(raw, "PREFILL_INS_NUM", minimum=1)
@@ -366,7 +370,7 @@ def build_config(
             kind=_connector(raw),
             vllm_extra=_connector_extra(raw),
         ),
-        routing_policy=_choice(raw, "ROUTING_POLICY", ROUTING_POLICIES),
+        routing_policy=_routing_policy(raw, given="ROUTING_POLICY" in given),
         selective_pd_tokens=_int(raw, "SELECTIVE_PD_TOKENS", minimum=0),
         admission=AdmissionConfig(
             max_in_flight_per_engine=_int(raw, "MAX_IN_FLIGHT_PER_ENGINE", minimum=1),
@@ -387,6 +391,16 @@ def build_config(
     )
     _check_consistency(config)
     return config
+
+
+def _routing_policy(raw: Mapping[str, str | None], given: bool) -> str:
+    """ROUTING_POLICY; by default kv_aware, except where vLLM's own DP balancer hides
+    which rank holds what (DP_MODE=vllm with DP > 1): prefix_affinity there."""
+    policy = _choice(raw, "ROUTING_POLICY", ROUTING_POLICIES)
+    vllm_dp = str(raw["DP_MODE"]).strip().lower() == "vllm" and max(_int(raw, "PDP", minimum=1), _int(raw, "DDP", minimum=1)) > 1
+    if not given and vllm_dp:
+        return "prefix_affinity"
+    return policy
 
 
 def _fail(name: str, value: object, allowed: str) -> ConfigError:

@@ -274,6 +274,15 @@ def test_kv_aware_routing_is_refused_with_vllms_data_parallelism() -> None:
                          "ROUTING_POLICY": "kv_aware", **LOCAL}).dp_mode == "vllm"  # fmt: skip
 
 
+def test_routing_defaults_to_kv_aware_except_under_vllms_data_parallelism() -> None:
+    cpu = {"ACCELERATOR": "cpu", "VISIBLE_DEVICES": "0-2", **LOCAL}
+    assert build_config(cpu).routing_policy == "kv_aware"
+    assert build_config({**cpu, "DDP": "2"}).routing_policy == "kv_aware"  # independent ranks: the door sees each
+    assert build_config({**cpu, "DDP": "2", "DP_MODE": "vllm"}).routing_policy == "prefix_affinity"
+    assert build_config({**cpu, "DP_MODE": "vllm"}).routing_policy == "kv_aware"  # DP=1: nothing hidden
+    assert build_config({**cpu, "DDP": "2", "DP_MODE": "vllm", "ROUTING_POLICY": "round_robin"}).routing_policy == "round_robin"
+
+
 def test_cluster_mode_refuses_an_instance_the_plan_spreads_over_nodes() -> None:
     config = build_config({"ACCELERATOR": "cuda", "DECODE_INS_NUM": "0", "PTP": "4", "PDP": "4", "DP_MODE": "vllm",
                            **CLUSTER})  # fmt: skip

@@ -40,7 +40,9 @@ pytestmark = pytest.mark.e2e
 
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
-    with deployed(tmp_path_factory.mktemp("pd")) as running:
+    # Every request takes both legs (SELECTIVE_PD_TOKENS=0): the handoff is what these
+    # tests check; selective PD has its own (tests/test_e2e_kv_routing.py).
+    with deployed(tmp_path_factory.mktemp("pd"), SELECTIVE_PD_TOKENS="0") as running:
         yield running
 
 

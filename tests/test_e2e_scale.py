@@ -47,7 +47,8 @@ _SERVING = re.compile(r"^serving ([\d.]+) s after the request \(engine start ([\
 
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
-    with deployed(tmp_path_factory.mktemp("scale"), PREFILL_INS_NUM="1", DECODE_INS_NUM="1") as running:
+    # SELECTIVE_PD_TOKENS=0: every request takes both legs, so a new prefill engine gets traffic.
+    with deployed(tmp_path_factory.mktemp("scale"), PREFILL_INS_NUM="1", DECODE_INS_NUM="1", SELECTIVE_PD_TOKENS="0") as running:
         yield running
 
 

@@ -39,7 +39,9 @@ NODE_ADDRESS = {"prefill-0": simulated_node_address(0), "decode-0": simulated_no
 
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
-    with deployed(tmp_path_factory.mktemp("simulated-nodes"), SIMULATED_NODES="2", VISIBLE_DEVICES="0,1") as running:
+    # SELECTIVE_PD_TOKENS=0: every request takes both legs, across the two nodes' workers.
+    with deployed(tmp_path_factory.mktemp("simulated-nodes"), SIMULATED_NODES="2", VISIBLE_DEVICES="0,1",
+                  SELECTIVE_PD_TOKENS="0") as running:
         yield running
 
 

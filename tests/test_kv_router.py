@@ -216,3 +216,20 @@ def test_publish_ends_expired_holdings_and_follow_forgets_engines_that_left() ->
     assert (router.index.provisional("d0"), router.index.provisional("d1")) == (0, 1)
     router.follow([_engine("d0")])  # d1 left the table: it publishes no events, but the index knew it
     assert router.index.engines() == ["d0"] and router.index.provisional() == 0
+
+
+def test_prompts_shorter_than_a_block_spread_over_equal_engines() -> None:
+    """Nothing to match in a prompt under one block: equal engines are taken in a
+    rotation that starts from the prompt's own tokens, not always from the first."""
+    router = _router()
+    engines = [_engine("d0"), _engine("d1"), _engine("d2")]
+    firsts = []
+    for length in (3, 4, 5, 6, 7, 8):
+        tokens = list(range(length))
+        prompt = router.prompt({"prompt": tokens})
+        assert prompt is not None and prompt.hashes == []
+        start = (hash(tuple(tokens)) & 0x7FFFFFFFFFFFFFFF) % 3
+        order = router.order(engines, prompt)
+        assert order == engines[start:] + engines[:start]
+        firsts.append(order[0].name)
+    assert len(set(firsts)) > 1
