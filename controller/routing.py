@@ -13,6 +13,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
+from typing import Any
 
 from controller.door_metrics import DoorMetrics
 from controller.policies import EngineLoad, LeastOutstanding, Policy, RoundRobin
@@ -31,6 +32,7 @@ class RoutingTable:
         self._engines: dict[str, EngineLoad] = {}
         self._suspect_until: dict[str, float] = {}
         self._roles_seen: set[str] = set()
+        self._in_flight: dict[tuple[str, str], Any] = {}  # (engine, role) -> its in-flight gauge child, made once
         self.version = -1
         self.update(engines)
 
@@ -64,6 +66,7 @@ class RoutingTable:
         if self._metrics is None:
             return
         for engine in gone:
+            self._in_flight.pop((engine.name, engine.role), None)
             for gauge in (self._metrics.healthy, self._metrics.in_flight):
                 try:
                     gauge.remove(engine.name, engine.role)
@@ -134,12 +137,20 @@ class RoutingTable:
         """Count one more request in flight on ``engine``; ``release`` when it is answered."""
         engine.outstanding += 1
         if self._metrics is not None:
-            self._metrics.in_flight.labels(engine.name, engine.role).inc()
+            self._in_flight_gauge(engine).inc()
 
     def release(self, engine: EngineLoad) -> None:
         engine.outstanding -= 1
         if self._metrics is not None and self._engines.get(engine.name) is engine:  # a removed engine has no gauge
-            self._metrics.in_flight.labels(engine.name, engine.role).dec()
+            self._in_flight_gauge(engine).dec()
+
+    def _in_flight_gauge(self, engine: EngineLoad) -> Any:
+        key = (engine.name, engine.role)
+        gauge = self._in_flight.get(key)
+        if gauge is None:
+            assert self._metrics is not None
+            gauge = self._in_flight[key] = self._metrics.in_flight.labels(*key)
+        return gauge
 
     @contextmanager
     def track(self, engine: EngineLoad) -> Iterator[None]:

@@ -99,6 +99,8 @@ def test_tokenizer_gives_the_engines_token_ids() -> None:
     reference = AutoTokenizer.from_pretrained(model)
     text = "def main():\n    return 42\n"
     assert tokenize({"prompt": text}) == reference.encode(text)
+    for other in ("", " ", "Introduce Beijing Forbidden City", "naïve café — 北京 故宫 🙂", "x" * 3000):
+        assert tokenize({"prompt": other}) == reference.encode(other)
     assert tokenize({"prompt": [text]}) == reference.encode(text)
     assert tokenize({"prompt": [5, 6, 7]}) == [5, 6, 7]
     messages = [{"role": "user", "content": "hello"}]
