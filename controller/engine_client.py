@@ -129,7 +129,6 @@ class _Connection(asyncio.Protocol):
         self.upstream: Upstream | None = None
         self.content_type = b""
         self.idle_since = 0.0
-        self.reused = False  # has served a request before: may be closing under us
         self.closed = False
         self.paused = False
 
@@ -178,7 +177,6 @@ class _Connection(asyncio.Protocol):
     def finished(self, reusable: bool) -> None:
         self.upstream = None
         if reusable and not self.closed and not self.paused:
-            self.reused = True
             self.idle_since = time.monotonic()
             self.pool.idle.append(self)
         else:
@@ -216,7 +214,7 @@ class _HostPool:
     def __init__(self, host: str, port: int) -> None:
         self.host, self.port = host, port
         self.idle: list[_Connection] = []
-        self.host_header = f"{host}:{port}".encode()
+        self.host_header = f"{host}:{port}"
 
     def take_idle(self) -> _Connection | None:
         now = time.monotonic()
@@ -244,7 +242,7 @@ class EngineClient:
         if pool is None:
             pool = self._pools[(host, port)] = _HostPool(host, port)
         extra = "".join(f"{name}: {value}\r\n" for name, value in headers.items()) if headers else ""
-        head = (f"{method} {path} HTTP/1.1\r\nHost: {pool.host_header.decode()}\r\n{extra}"
+        head = (f"{method} {path} HTTP/1.1\r\nHost: {pool.host_header}\r\n{extra}"
                 f"Content-Length: {len(payload)}\r\n\r\n").encode("latin-1")  # fmt: skip
         connection = pool.take_idle()
         if connection is not None:
