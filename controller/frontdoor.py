@@ -42,7 +42,7 @@ from controller.admin import add_admin_routes
 from controller.admission import Admission
 from controller.door_metrics import DoorMetrics
 from controller.engine_client import EngineClient, EngineUnreachable, StreamCut, Upstream
-from controller.http_server import Exchange, door_protocol, error_body
+from controller.http_server import Exchange, door_protocol, error_body, error_object
 from controller.kv_router import KVRouter, RoutedPrompt
 from controller.migration import StreamFollower, migratable, with_token_ids
 from controller.policies import EngineLoad, affinity_key
@@ -84,7 +84,7 @@ def tune_gc_for_serving() -> None:
 def openai_error(status: int, message: str, error_type: str, param: str | None = None, request_id: str = "",
                  headers: Mapping[str, str] | None = None) -> JSONResponse:  # fmt: skip
     """An OpenAI-form error as a FastAPI response (the door's less frequent endpoints)."""
-    body = json.loads(error_body(status, message, error_type, param))
+    body = error_object(status, message, error_type, param)
     all_headers = {**({REQUEST_ID_HEADER: request_id} if request_id else {}), **(headers or {})}
     return JSONResponse(status_code=status, content=body, headers=all_headers or None)
 

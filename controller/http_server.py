@@ -89,9 +89,13 @@ def _reason(status: int) -> bytes:
         return b"Unknown"
 
 
+def error_object(status: int, message: str, error_type: str, param: str | None = None) -> dict[str, Any]:
+    """OpenAI's error form."""
+    return {"error": {"message": message, "type": error_type, "param": param, "code": status}}
+
+
 def error_body(status: int, message: str, error_type: str, param: str | None = None) -> bytes:
-    """An answer in OpenAI's error form."""
-    return json.dumps({"error": {"message": message, "type": error_type, "param": param, "code": status}}).encode()
+    return json.dumps(error_object(status, message, error_type, param)).encode()
 
 
 class DoorProtocol(asyncio.Protocol):
