@@ -231,10 +231,13 @@ class DoorProtocol(asyncio.Protocol):
 
     async def _serve(self, exchange: Exchange) -> None:
         try:
-            handler = self.handlers.get(exchange.path) if exchange.method == "POST" else None
-            if handler is not None:
+            handler = self.handlers.get(exchange.path)
+            if handler is not None and exchange.method == "POST":
                 exchange.cancel_on_disconnect = True
                 await handler(exchange)
+            elif handler is not None:
+                message = f"{exchange.method} is not allowed on {exchange.path}: send POST"
+                exchange.send(405, error_body(405, message, "invalid_request_error"), headers=(("allow", "POST"),))
             else:
                 await _asgi_call(self.app, exchange, self.app_state)
             if not exchange.answered:

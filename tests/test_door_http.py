@@ -110,6 +110,17 @@ def test_a_malformed_request_gets_400_in_openai_form_and_the_connection_closes()
     assert error["message"].startswith("malformed HTTP request")
 
 
+def test_another_method_on_a_completions_path_gets_405_in_openai_form() -> None:
+    engine = FakeEngine("c0", "colocated")
+    with door_over([engine]) as (port, _):
+        answer = httpx.get(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=10)
+    assert answer.status_code == 405
+    assert answer.headers["allow"] == "POST"
+    assert answer.json()["error"] == {"message": "GET is not allowed on /v1/chat/completions: send POST",
+                                      "type": "invalid_request_error", "param": None, "code": 405}  # fmt: skip
+    assert engine.received == []
+
+
 def test_a_body_over_the_limit_gets_413(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(http_server, "MAX_BODY_BYTES", 1000)
     engine = FakeEngine("c0", "colocated")
