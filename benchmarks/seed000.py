@@ -58,32 +58,30 @@ from benchmarks.models import BenchModel, add_model_options, bench_model
 from tests.helpers import isolated_env
 
 RESULTS = Path(__file__).resolve().parent / "results" / "seed000.json"
+
+
+def _arm(prefill: int, decode: int, reuse: bool, policy: str, **extra: str) -> dict[str, str]:
+    return {"PREFILL_INS_NUM": str(prefill), "DECODE_INS_NUM": str(decode), "USING_PREFIX_CONNECTOR": str(int(reuse)),
+            "ROUTING_POLICY": policy, **extra}  # fmt: skip
+
+
+# Arms without a -kv or -rr suffix route by prefix affinity (the default before kv_aware),
+# so that their figures compare with the runs before it became the default.
+PA = "prefix_affinity"
 ARMS: dict[str, dict[str, str]] = {
-    # Arms without a -kv or -rr suffix route by prefix affinity (the default before
-    # kv_aware), so that their figures compare with the runs before it became the default.
-    "vanilla": {"PREFILL_INS_NUM": "2", "DECODE_INS_NUM": "0", "USING_PREFIX_CONNECTOR": "0", "KV_CONNECTOR": "none",
-                "ROUTING_POLICY": "prefix_affinity"},
-    "colocated": {"PREFILL_INS_NUM": "2", "DECODE_INS_NUM": "0", "USING_PREFIX_CONNECTOR": "0",
-                  "ROUTING_POLICY": "prefix_affinity"},
-    "colocated+reuse": {"PREFILL_INS_NUM": "2", "DECODE_INS_NUM": "0", "USING_PREFIX_CONNECTOR": "1",
-                        "ROUTING_POLICY": "prefix_affinity"},
-    "1p1d+reuse": {"PREFILL_INS_NUM": "1", "DECODE_INS_NUM": "1", "USING_PREFIX_CONNECTOR": "1",
-                   "ROUTING_POLICY": "prefix_affinity"},
-    "1p1d": {"PREFILL_INS_NUM": "1", "DECODE_INS_NUM": "1", "USING_PREFIX_CONNECTOR": "0",
-             "ROUTING_POLICY": "prefix_affinity"},
-    "1p1d-example": {"PREFILL_INS_NUM": "1", "DECODE_INS_NUM": "1", "USING_PREFIX_CONNECTOR": "0",
-                     "KV_CONNECTOR": "ExampleConnector", "ROUTING_POLICY": "prefix_affinity"},
+    "vanilla": _arm(2, 0, False, PA, KV_CONNECTOR="none"),
+    "colocated": _arm(2, 0, False, PA),
+    "colocated+reuse": _arm(2, 0, True, PA),
+    "1p1d+reuse": _arm(1, 1, True, PA),
+    "1p1d": _arm(1, 1, False, PA),
+    "1p1d-example": _arm(1, 1, False, PA, KV_CONNECTOR="ExampleConnector"),
     # A group's prompts spread over both instances: a prefix one instance computed is
     # computed again by the other, unless the data system hands it over.
-    "colocated-rr": {"PREFILL_INS_NUM": "2", "DECODE_INS_NUM": "0", "USING_PREFIX_CONNECTOR": "0",
-                     "ROUTING_POLICY": "round_robin"},
-    "colocated+reuse-rr": {"PREFILL_INS_NUM": "2", "DECODE_INS_NUM": "0", "USING_PREFIX_CONNECTOR": "1",
-                           "ROUTING_POLICY": "round_robin"},
+    "colocated-rr": _arm(2, 0, False, "round_robin"),
+    "colocated+reuse-rr": _arm(2, 0, True, "round_robin"),
     # KV-aware routing: device hits, prefixes the data system holds, and load, weighed.
-    "colocated-kv": {"PREFILL_INS_NUM": "2", "DECODE_INS_NUM": "0", "USING_PREFIX_CONNECTOR": "0",
-                     "ROUTING_POLICY": "kv_aware"},
-    "colocated+reuse-kv": {"PREFILL_INS_NUM": "2", "DECODE_INS_NUM": "0", "USING_PREFIX_CONNECTOR": "1",
-                           "ROUTING_POLICY": "kv_aware"},
+    "colocated-kv": _arm(2, 0, False, "kv_aware"),
+    "colocated+reuse-kv": _arm(2, 0, True, "kv_aware"),
 }
 # Arms whose load goes through vllm-router, by (the arm whose deployment they use, the router's policy).
 ROUTER_ARMS: dict[str, tuple[str, str]] = {

@@ -329,29 +329,30 @@ class FrontDoor:
     async def _route(self, exchange: Exchange, endpoint: str, body: dict[str, Any], request_id: str, started: float) -> int:
         table, kv_router = self.table, self.kv_router
         leg = _Leg(exchange, f"/v1/{endpoint}", endpoint, request_id, affinity_key(body), started)
-        prompt = kv_router.prompt(body) if kv_router is not None and _single_prompt(body) else None
+        single = _single_prompt(body)
+        prompt = kv_router.prompt(body) if kv_router is not None and single else None
         ranker = None if prompt is None else functools.partial(kv_router.order, prompt=prompt)  # type: ignore[union-attr]
         if not table.disaggregated:
             engines = table.order("colocated", leg.key, ranker)
-            self._predicted(engines, prompt)
+            self._computed_by(engines, prompt)
             return await self._answer(engines, body, leg, "colocated")
         if not table.healthy("decode") and table.healthy("prefill"):
             # One dead role is not an outage: a prefill engine can compute the whole request.
             self.metrics.whole_on_prefill.inc()
             logger.warning("[request=%s] no healthy decode engine; a prefill engine serves the whole request", request_id)
             prefills = table.order("prefill", leg.key, ranker)
-            self._predicted(prefills, prompt)
+            self._computed_by(prefills, prompt)
             return await self._answer(prefills, body, leg, "prefill")
         decodes = table.order("decode", leg.key, ranker) if prompt is not None else []
         if decodes and kv_router.skip_prefill(decodes[0], prompt):  # type: ignore[union-attr,arg-type]
             self.metrics.prefill_skipped.inc()
             logger.debug("[request=%s] %d prompt tokens, %s lacks at most %d: no prefill leg",
                          request_id, prompt.tokens, decodes[0].name, kv_router.selective_pd_tokens)  # type: ignore[union-attr]  # fmt: skip
-            self._predicted(decodes, prompt)
+            self._computed_by(decodes, prompt)
             return await self._answer(decodes, body, leg, "decode")
-        if _single_prompt(body):
+        if single:
             prefills = table.order("prefill", leg.key, ranker)
-            self._predicted(prefills, prompt)
+            self._computed_by(prefills, prompt)
             outcome = await self._prefill(prefills, body, leg)
             if isinstance(outcome, int):
                 return outcome  # the prefill refused the request itself (4xx): that is the answer
@@ -362,7 +363,7 @@ class FrontDoor:
                 body = decode_request(body, outcome)
         return await self._answer(table.order("decode", leg.key, ranker), body, leg, "decode")
 
-    def _predicted(self, engines: list[EngineLoad], prompt: RoutedPrompt | None) -> None:
+    def _computed_by(self, engines: list[EngineLoad], prompt: RoutedPrompt | None) -> None:
         """``engines[0]`` is to compute ``prompt``: count what it should find cached, and
         hold the prompt's blocks as its own until its KV events confirm them (a prompt
         sharing the head routed meanwhile meets it there)."""

@@ -13,6 +13,7 @@ is allowed.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import enum
 import ipaddress
 import json
@@ -370,7 +371,7 @@ def build_config(
             kind=_connector(raw),
             vllm_extra=_connector_extra(raw),
         ),
-        routing_policy=_routing_policy(raw, given="ROUTING_POLICY" in given),
+        routing_policy=_choice(raw, "ROUTING_POLICY", ROUTING_POLICIES),
         selective_pd_tokens=_int(raw, "SELECTIVE_PD_TOKENS", minimum=0),
         admission=AdmissionConfig(
             max_in_flight_per_engine=_int(raw, "MAX_IN_FLIGHT_PER_ENGINE", minimum=1),
@@ -389,18 +390,11 @@ def build_config(
         simulated_nodes=simulated_nodes,
         dp_mode=_choice(raw, "DP_MODE", DP_MODES),
     )
+    if "ROUTING_POLICY" not in given and config.dp_mode == "vllm" and max(config.prefill_dp, config.decode_dp) > 1:
+        # vLLM's own DP balancer picks the rank, so the door cannot see what a rank holds.
+        config = dataclasses.replace(config, routing_policy="prefix_affinity")
     _check_consistency(config)
     return config
-
-
-def _routing_policy(raw: Mapping[str, str | None], given: bool) -> str:
-    """ROUTING_POLICY; by default kv_aware, except where vLLM's own DP balancer hides
-    which rank holds what (DP_MODE=vllm with DP > 1): prefix_affinity there."""
-    policy = _choice(raw, "ROUTING_POLICY", ROUTING_POLICIES)
-    vllm_dp = str(raw["DP_MODE"]).strip().lower() == "vllm" and max(_int(raw, "PDP", minimum=1), _int(raw, "DDP", minimum=1)) > 1
-    if not given and vllm_dp:
-        return "prefix_affinity"
-    return policy
 
 
 def _fail(name: str, value: object, allowed: str) -> ConfigError:
