@@ -16,6 +16,12 @@ BLOCK_SIZE = 128  # vLLM's CPU block size
 # one token, shorter than, exactly, and longer than a block
 PROMPT_LENGTHS = (1, BLOCK_SIZE // 2, BLOCK_SIZE, 3 * BLOCK_SIZE + 17)
 PROMPT_IDS = ["one-token", "short", "one-block", "many-blocks"]
+# vLLM arguments of every engine a test judges by greedy equality. In bfloat16, batching
+# and a TP=2 engine's reduction order move logits by a few hundredths and flip near ties
+# (a fresh clone's CI failed so, on KV that was right); float32 moves them by ~1e-6, far
+# below any tie seen, while a wrong block still changes them by whole units.
+FLOAT32 = ("--dtype", "float32")
+ENGINE_PARAMS = " ".join(("--enforce-eager", *FLOAT32))
 
 
 @dataclass
@@ -37,9 +43,10 @@ def deployed(tmp: Path, **settings: str) -> Iterator[Deployment]:
     """Deploy with ``bash run_vllm_on_yr.sh deploy``; always ``clean`` afterwards."""
     # Tests that count handed-over tokens exactly allow a slow moment of a shared 2-core
     # machine: a decode waits up to 10 s for a prefill's blocks, a store call up to 5 s.
+    # Engines compute in float32 (ENGINE_PARAMS): the tests judge KV by greedy equality.
     settings = {
-        "PREFILL_STARTUP_PARAMS": "--enforce-eager",
-        "DECODE_STARTUP_PARAMS": "--enforce-eager",
+        "PREFILL_STARTUP_PARAMS": ENGINE_PARAMS,
+        "DECODE_STARTUP_PARAMS": ENGINE_PARAMS,
         "KV_HANDOFF_WAIT_MS": "10000",
         "KV_REQUEST_TIMEOUT_MS": "5000",
         **settings,

@@ -30,13 +30,13 @@ import httpx
 
 from deploy.config import build_config
 from deploy.datasystem import start_worker, stop_worker, worker_home
-from tests.e2e import BLOCK_SIZE, Deployment, deployed, metric
+from tests.e2e import BLOCK_SIZE, ENGINE_PARAMS, Deployment, deployed, metric
 
 HANDOFF_WAIT_MS = 1500
 # 16 blocks of 128 tokens on the decode: a few concurrent requests fill it, vLLM preempts.
 TORTURE_SETTINGS = {
-    "PREFILL_STARTUP_PARAMS": "--enforce-eager --dtype float32 --max-model-len 1024",
-    "DECODE_STARTUP_PARAMS": "--enforce-eager --dtype float32 --max-model-len 1024 --num-gpu-blocks-override 16",
+    "PREFILL_STARTUP_PARAMS": f"{ENGINE_PARAMS} --max-model-len 1024",
+    "DECODE_STARTUP_PARAMS": f"{ENGINE_PARAMS} --max-model-len 1024 --num-gpu-blocks-override 16",
     "KV_HANDOFF_WAIT_MS": str(HANDOFF_WAIT_MS),
     "KV_REQUEST_TIMEOUT_MS": "500",
 }

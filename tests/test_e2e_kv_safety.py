@@ -23,7 +23,11 @@ PROMPT = token_prompt(3 * BLOCK_SIZE + 17)
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
     # The default store timeout: this module measures how long a request takes without a store.
-    settings = {"PREFILL_STARTUP_PARAMS": "--enforce-eager --dtype float32", "KV_REQUEST_TIMEOUT_MS": "2000"}
+    settings = {
+        "PREFILL_STARTUP_PARAMS": "--enforce-eager --dtype float32",
+        "DECODE_STARTUP_PARAMS": "--enforce-eager --dtype bfloat16",
+        "KV_REQUEST_TIMEOUT_MS": "2000",
+    }
     with deployed(tmp_path_factory.mktemp("kv-safety"), **settings) as running:
         yield running
 

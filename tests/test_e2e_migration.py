@@ -21,11 +21,11 @@ import httpx
 import pytest
 
 from deploy.state import DeploymentState
-from tests.e2e import deployed, metric, token_prompt
+from tests.e2e import ENGINE_PARAMS, deployed, metric, token_prompt
 
 pytestmark = pytest.mark.e2e
 
-ENGINE_PARAMS = "--enforce-eager --dtype float32 --max-model-len 1024"
+LONG_ENGINE_PARAMS = f"{ENGINE_PARAMS} --max-model-len 1024"
 
 
 def _stream(url: str, body: dict[str, object], on_event: Callable[[int], None] | None = None) -> tuple[list[dict], str]:
@@ -44,7 +44,7 @@ def _stream(url: str, body: dict[str, object], on_event: Callable[[int], None] |
 
 
 def test_a_stream_whose_decode_engine_dies_goes_on_with_the_same_text(tmp_path_factory: pytest.TempPathFactory) -> None:
-    settings = {"PREFILL_STARTUP_PARAMS": ENGINE_PARAMS, "DECODE_STARTUP_PARAMS": ENGINE_PARAMS}
+    settings = {"PREFILL_STARTUP_PARAMS": LONG_ENGINE_PARAMS, "DECODE_STARTUP_PARAMS": LONG_ENGINE_PARAMS}
     with deployed(tmp_path_factory.mktemp("migration"), **settings) as deployment:
         body = {"model": deployment.state.served_model_name, "prompt": token_prompt(200), "max_tokens": 300,
                 "temperature": 0, "ignore_eos": True, "stream": True}  # fmt: skip

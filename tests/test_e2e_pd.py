@@ -133,7 +133,8 @@ def test_connector_numbers_are_on_the_engines_metrics(deployment: Deployment) ->
     saved = metric(prefill_url, "vllm:yuanrong_kv_blocks_total", op="save")
     loaded = metric(decode_url, "vllm:yuanrong_kv_blocks_total", op="load")
     assert saved >= 3 and loaded >= 3
-    assert metric(decode_url, "vllm:yuanrong_kv_bytes_total", op="load") == loaded * 131072  # 2 layers x 64 KiB
+    # 2 layers x K,V x 2 KV heads x 128 tokens x 64 x 4 bytes (float32)
+    assert metric(decode_url, "vllm:yuanrong_kv_bytes_total", op="load") == loaded * 262144
     assert metric(decode_url, "vllm:yuanrong_kv_op_seconds_count", op="load") >= 1
     assert metric(decode_url, "vllm:external_prefix_cache_hits_total") >= loaded * BLOCK_SIZE
 

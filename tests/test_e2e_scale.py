@@ -26,7 +26,7 @@ import pytest
 
 from deploy.config import Accelerator, Role
 from deploy.state import DeploymentState, pid_alive
-from tests.e2e import Deployment, deployed, metric, token_prompt
+from tests.e2e import ENGINE_PARAMS, Deployment, deployed, metric, token_prompt
 from tests.helpers import PROJECT_ROOT, free_port, run_cli
 from workers.engine_process import (
     EngineSpec,
@@ -190,7 +190,7 @@ def test_scale_out_time_against_a_bare_vllm_start(deployment: Deployment, tmp_pa
     spec = EngineSpec(
         name="bare", instance="bare", role=Role.DECODE, accelerator=Accelerator.CPU, tensor_parallel=1, devices=(0,),
         model_path=deployment.state.served_model_name, served_model_name=deployment.state.served_model_name,
-        startup_params=("--enforce-eager",), ds_worker_address="", prefix_reuse=False, project_root=str(PROJECT_ROOT),
+        startup_params=tuple(ENGINE_PARAMS.split()), ds_worker_address="", prefix_reuse=False, project_root=str(PROJECT_ROOT),
         cache_root=str(PROJECT_ROOT / ".cache" / "vllm"), cpu_kvcache_gb=1, connector="none",
     )  # fmt: skip
     port = free_port()

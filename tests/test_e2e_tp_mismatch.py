@@ -45,6 +45,7 @@ from deploy.embedded_model import ensure_embedded_model
 from deploy.errors import StartupError
 from tests.e2e import (
     BLOCK_SIZE,
+    FLOAT32,
     PROMPT_IDS,
     PROMPT_LENGTHS,
     complete,
@@ -101,7 +102,7 @@ def _spec(name: str, role: Role, tensor_parallel: int, devices: tuple[int, ...],
         devices=devices,  # CPU: VLLM_CPU_OMP_THREADS_BIND, one core list per rank ("0|1")
         model_path=str(model),
         served_model_name=str(model),  # as deploy/serve.py names the embedded model
-        startup_params=("--enforce-eager",),
+        startup_params=("--enforce-eager", *FLOAT32),
         ds_worker_address=ds_worker.address,
         prefix_reuse=False,  # the decode loads only what a handoff announces
         project_root=str(PROJECT_ROOT),

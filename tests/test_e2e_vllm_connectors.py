@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import pytest
 
-from tests.e2e import complete, deployed, external_kv_tokens, same_greedy_output, token_prompt
+from tests.e2e import ENGINE_PARAMS, complete, deployed, external_kv_tokens, same_greedy_output, token_prompt
 
 pytestmark = pytest.mark.e2e
 
-ENGINE_PARAMS = "--enforce-eager --dtype float32 --max-model-len 1024"
+LONG_ENGINE_PARAMS = f"{ENGINE_PARAMS} --max-model-len 1024"
 LOADED_TOKENS = 256  # the 300-token prompt's full 128-token blocks
 
 

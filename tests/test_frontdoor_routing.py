@@ -23,7 +23,7 @@ from tests.helpers import free_port
 
 @contextmanager
 def door(
-    engines: list[FakeEngine], policy: str = "round_robin", admission: AdmissionConfig | None = None,
+    engines: list[FakeEngine], policy: str = "round_robin", admission: AdmissionConfig | Admission | None = None,
     api_key: str | None = None,
 ) -> Iterator[tuple[str, RoutingTable]]:  # fmt: skip
     metrics = DoorMetrics()
@@ -32,7 +32,9 @@ def door(
     with ExitStack() as stack:
         for engine in engines:
             stack.enter_context(serving(engine.app(), engine.port))
-        door = FrontDoor(table, "m", metrics, admission=Admission(admission) if admission is not None else None, api_key=api_key)
+        if isinstance(admission, AdmissionConfig):
+            admission = Admission(admission)
+        door = FrontDoor(table, "m", metrics, admission=admission, api_key=api_key)
         stack.enter_context(serving(door.app, port, door.uvicorn_config("127.0.0.1", port, drain_timeout_s=5)))
         yield f"http://127.0.0.1:{port}", table
 
@@ -245,9 +247,13 @@ def test_health_gauge_returns_to_1_when_an_engine_is_no_longer_suspect(monkeypat
         assert _metric(url, gauge) == 1  # routable again, and the gauge says so
 
 
-def _concurrent_posts(url: str, bodies: list[dict[str, object]]) -> list[tuple[httpx.Response, float]]:
-    """Send ``bodies`` at once; each answer with the seconds it took."""
+def _concurrent_posts(url: str, bodies: list[dict[str, object]], admission: Admission) -> list[tuple[httpx.Response, float]]:
+    """Send ``bodies`` at once, in this order: each is sent once the door has taken the one
+    before it (given a slot, queued or answered); each answer with the seconds it took."""
     results: list[tuple[httpx.Response, float]] = [None] * len(bodies)  # type: ignore[list-item]
+
+    def taken() -> int:
+        return admission.in_flight + admission.waiting + sum(result is not None for result in results)
 
     def post(index: int) -> None:
         started = time.monotonic()
@@ -255,9 +261,12 @@ def _concurrent_posts(url: str, bodies: list[dict[str, object]]) -> list[tuple[h
         results[index] = (response, time.monotonic() - started)
 
     threads = [threading.Thread(target=post, args=(i,)) for i in range(len(bodies))]
-    for thread in threads:
+    for sent, thread in enumerate(threads, start=1):
         thread.start()
-        time.sleep(0.05)  # in this order
+        deadline = time.monotonic() + 10
+        while taken() < sent:
+            assert time.monotonic() < deadline, f"the door did not take request {sent - 1} within 10 s"
+            time.sleep(0.002)
     for thread in threads:
         thread.join()
     return results
@@ -266,8 +275,9 @@ def _concurrent_posts(url: str, bodies: list[dict[str, object]]) -> list[tuple[h
 def test_overload_gets_429_with_retry_after_and_no_request_waits_past_the_queue_timeout() -> None:
     slow = FakeEngine("c0", "colocated", delay_s=3.0)
     limits = AdmissionConfig(max_in_flight_per_engine=2, queue_size=2, queue_timeout_s=0.5)
-    with door([slow], admission=limits) as (url, _):
-        results = _concurrent_posts(url, [{"prompt": f"p{i}"} for i in range(8)])
+    admission = Admission(limits)
+    with door([slow], admission=admission) as (url, _):
+        results = _concurrent_posts(url, [{"prompt": f"p{i}"} for i in range(8)], admission)
         refused = [(response, seconds) for response, seconds in results if response.status_code == 429]
         assert [response.status_code for response, _ in results] == [200, 200] + [429] * 6
         assert all(r.headers["Retry-After"] == "1" and r.json()["error"]["type"] == "rate_limit_exceeded" for r, _ in refused)
@@ -280,9 +290,10 @@ def test_overload_gets_429_with_retry_after_and_no_request_waits_past_the_queue_
 def test_queued_requests_are_served_as_slots_free() -> None:
     engine = FakeEngine("c0", "colocated", delay_s=0.5, stream_chunks=2, chunk_delay_s=0.25)
     limits = AdmissionConfig(max_in_flight_per_engine=1, queue_size=4, queue_timeout_s=10)
-    with door([engine], admission=limits) as (url, _):
+    admission = Admission(limits)
+    with door([engine], admission=admission) as (url, _):
         started = time.monotonic()
-        results = _concurrent_posts(url, [{"prompt": f"p{i}", "stream": i == 0} for i in range(3)])
+        results = _concurrent_posts(url, [{"prompt": f"p{i}", "stream": i == 0} for i in range(3)], admission)
         assert [response.status_code for response, _ in results] == [200, 200, 200]
         # One at a time: the stream (0.5 s + 2 x 0.25 s) holds its slot to its end, then 2 x 0.5 s.
         assert time.monotonic() - started >= 1.95
