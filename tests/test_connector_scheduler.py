@@ -7,6 +7,7 @@ with just the fields the connector reads."""
 from __future__ import annotations
 
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from types import SimpleNamespace
@@ -221,3 +222,24 @@ def test_finished_requests_leave_no_state(ds_worker: DataSystemConfig) -> None:
     colocated.request_finished(request, [])  # type: ignore[arg-type]
     for state in ("_hashes", "_lookups", "_planned_loads", "_saving", "_announced", "_loaded_blocks", "_with_saves", "_arrived"):
         assert not getattr(colocated, state), state
+
+
+def test_one_scheduling_pass_waits_for_lookups_once_not_once_per_request(ds_worker: DataSystemConfig) -> None:
+    """100 new prompts arrive while the lookup thread is busy (a slow store): the pass
+    that asks about them all waits the budget (5 ms) once, not 100 times (0.5 s added to
+    a step of every running decode); the next pass has a budget of its own."""
+    colocated = _scheduler(ds_worker.address, "pass-budget", role="colocated", prefix_reuse=True)
+    gate = threading.Event()
+    colocated._lookup_pool = ThreadPoolExecutor(1)
+    colocated._lookup_pool.submit(gate.wait, 30)  # the lookup thread is busy until the gate opens
+    requests = [FakeRequest(f"burst-{i}", list(range(i, i + 2 * BLOCK + 1))) for i in range(100)]
+    try:
+        for _ in range(2):  # two passes
+            started = time.monotonic()
+            answers = [colocated.get_num_new_matched_tokens(request, 0) for request in requests]
+            waited = time.monotonic() - started
+            colocated.build_connector_meta(_step())
+            assert answers == [(None, False)] * 100  # each stays queued until its lookup is answered
+            assert waited < 0.1, f"one pass waited {waited * 1000:.0f} ms for lookups (a budget per request: >= 500 ms)"
+    finally:
+        gate.set()

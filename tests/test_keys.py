@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from pathlib import Path
 
-from patch.yuanrong_connector.keys import KVLayout, block_key, block_keys, chained_block_hashes
+from patch.yuanrong_connector.keys import KVLayout, block_key, block_keys, chained_block_hashes, model_identity, model_options
 
 LAYOUT = KVLayout("m", "torch.bfloat16", 128, 2, 64, 2, 1)
 
@@ -44,3 +45,56 @@ def test_engines_of_other_tp_sizes_compute_each_others_shard_keys() -> None:
     assert block_keys(tp1.with_tp(2), (0, 1), hashes) == written_by_tp2
     assert block_keys(tp2.with_tp(1), (0,), hashes) == [block_key(tp1.fingerprint(), 0, h) for h in hashes]
     assert tp1.with_tp(2) == tp2 and tp1.fingerprint() != tp2.fingerprint()  # TP still tells the values apart
+
+
+def _engine_layout(model: str, dtype: str = "float32", cache_dtype: str = "auto", **options: object) -> KVLayout:
+    """The layout a real vLLM engine of these settings computes keys with."""
+    from vllm.config import CacheConfig, DeviceConfig, ModelConfig, VllmConfig
+
+    from patch.yuanrong_connector.settings import layout_of
+
+    model_config = ModelConfig(model=model, max_model_len=1024, dtype=dtype, **options)  # type: ignore[arg-type]
+    return layout_of(VllmConfig(model_config=model_config, cache_config=CacheConfig(block_size=128, cache_dtype=cache_dtype),
+                                device_config=DeviceConfig("cpu")))  # fmt: skip
+
+
+def test_engine_options_that_change_weights_or_compute_change_keys() -> None:
+    """Two engines of one model folder whose options change the weights or the KV they
+    compute never share blocks: the compute dtype (also under one fp8 KV-cache dtype),
+    --quantization, --revision, --hf-overrides."""
+    from deploy.embedded_model import ensure_embedded_model
+    from tests.helpers import PROJECT_ROOT
+
+    model = str(ensure_embedded_model(PROJECT_ROOT / ".cache" / "models"))
+    plain = _engine_layout(model)
+    variants = {
+        "bfloat16": _engine_layout(model, dtype="bfloat16"),
+        "fp8 cache, float32": _engine_layout(model, cache_dtype="fp8"),
+        "fp8 cache, bfloat16": _engine_layout(model, dtype="bfloat16", cache_dtype="fp8"),
+        "quantization fp8": _engine_layout(model, dtype="bfloat16", quantization="fp8"),
+        "revision": _engine_layout(model, revision="v2"),
+        "hf-overrides": _engine_layout(model, hf_overrides={"rope_theta": 5000.0}),
+    }
+    assert _engine_layout(model).fingerprint() == plain.fingerprint()  # the same settings: the same keys
+    fingerprints = {name: layout.fingerprint() for name, layout in variants.items()}
+    assert len({plain.fingerprint(), *fingerprints.values()}) == 1 + len(variants), fingerprints
+    assert variants["quantization fp8"].fingerprint() != variants["bfloat16"].fingerprint()
+
+
+def test_model_identity_covers_the_weight_index(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "model-00001-of-00002.safetensors").write_bytes(b"\0" * 64)
+    (tmp_path / "model-00002-of-00002.safetensors").write_bytes(b"\0" * 64)
+    index = tmp_path / "model.safetensors.index.json"
+    index.write_text('{"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}')
+    before = model_identity(str(tmp_path))
+    index.write_text('{"weight_map": {"a": "model-00002-of-00002.safetensors", "b": "model-00001-of-00002.safetensors"}}')
+    assert model_identity(str(tmp_path)) != before  # the same files, tensors found elsewhere
+
+
+def test_model_options_name_a_callable_override_by_its_name_not_its_address() -> None:
+    def override(config: object) -> object:
+        return config
+
+    assert model_options("torch.float32", hf_overrides=override) == model_options("torch.float32", hf_overrides=override)
+    assert "test_model_options_name_a_callable_override" in model_options("torch.float32", hf_overrides=override)

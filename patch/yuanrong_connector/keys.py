@@ -6,9 +6,11 @@ A block's key is ``<layout>_<rank>_<chain>``:
   that covers whatever else changes a block's KV for the same tokens (LoRA adapter,
   ``cache_salt``, multimodal inputs): requests that differ there never share blocks;
 - ``layout``: a fingerprint of everything that changes the bytes of a block (model
-  identity, dtype, block size, the model's KV heads, head size, layer count, TP size,
-  and the device family whose paged-cache layout and value format the bytes follow),
-  so engines whose layouts differ never find each other's blocks;
+  identity, KV-cache dtype, block size, the model's KV heads, head size, layer count, TP
+  size, the device family whose paged-cache layout and value format the bytes follow,
+  and the options that change the weights or the computation without changing the model
+  folder: compute dtype, quantization, revision, hf-overrides, rope scaling), so engines
+  whose layouts differ never find each other's blocks;
 - ``rank``: the TP rank whose shard of the heads the value holds.
 
 Everything in a layout but the TP size is the same for two engines of one model that
@@ -22,12 +24,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import json
 import struct
 from collections.abc import Sequence
 from pathlib import Path
 
 _ROOT = b"yuanrong-kv-v1"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
+_INDEX_SUFFIX = ".index.json"  # which tensor lies in which weight file: read whole
 _SAMPLE_BYTES = 1 << 20
 
 
@@ -41,6 +45,7 @@ class KVLayout:
     num_layers: int
     tp_size: int
     device_family: str = "cpu"  # cpu | cuda | npu: paged-cache layout and value format
+    options: str = ""  # model_options(): what changes weights or compute beside the folder
 
     @functools.cache  # noqa: B019  # frozen and hashable: one entry per layout, computed once
     def fingerprint(self) -> str:
@@ -53,6 +58,7 @@ class KVLayout:
             self.num_layers,
             self.tp_size,
             self.device_family,
+            self.options,
         )
         return hashlib.sha256("|".join(str(part) for part in parts).encode()).hexdigest()[:16]
 
@@ -64,15 +70,17 @@ class KVLayout:
 def model_identity(model: str) -> str:
     """A name for the model's weights that does not depend on where they are mounted.
 
-    For a local folder: SHA-256 over config.json and, per weight file, its name, size,
-    first and last MiB (cheap, and different for two fine-tunes of one architecture).
-    Anything else (a hub name) is used as given.
+    For a local folder: SHA-256 over config.json, every weight index file whole and, per
+    weight file, its name, size, first and last MiB (cheap, and different for two
+    fine-tunes of one architecture). Anything else (a hub name) is used as given.
     """
     folder = Path(model)
     config = folder / "config.json"
     if not config.is_file():
         return model
     digest = hashlib.sha256(config.read_bytes())
+    for index in sorted(p for p in folder.iterdir() if p.name.endswith(_INDEX_SUFFIX) and p.is_file()):
+        digest.update(index.name.encode() + b"\0" + index.read_bytes())
     for weight in sorted(p for p in folder.iterdir() if p.suffix in _WEIGHT_SUFFIXES and p.is_file()):
         size = weight.stat().st_size
         digest.update(f"{weight.name}:{size}".encode())
@@ -81,6 +89,33 @@ def model_identity(model: str) -> str:
             handle.seek(max(size - _SAMPLE_BYTES, 0))
             digest.update(handle.read(_SAMPLE_BYTES))
     return digest.hexdigest()[:24]
+
+
+def model_options(
+    compute_dtype: str,
+    quantization: str | None = None,
+    revision: str | None = None,
+    hf_overrides: object = None,
+    rope_scaling: object = None,
+) -> str:
+    """What changes a model's weights or computation without changing its folder (so
+    ``model_identity`` cannot see it): the dtype it computes in (a float32 and a bfloat16
+    engine write different KV even with an fp8 KV cache), ``--quantization``,
+    ``--revision``, ``--hf-overrides`` and the rope scaling in effect, as canonical JSON
+    (a callable override by its qualified name: its repr names an address)."""
+    options = {
+        "compute_dtype": compute_dtype,
+        "quantization": quantization,
+        "revision": revision,
+        "hf_overrides": hf_overrides or None,
+        "rope_scaling": rope_scaling or None,
+    }
+    return json.dumps(options, sort_keys=True, default=_canonical)
+
+
+def _canonical(value: object) -> str:
+    name = getattr(value, "__qualname__", None)
+    return f"{getattr(value, '__module__', '')}.{name}" if callable(value) and name else str(value)
 
 
 def chain_root(lora_name: str | None = None, cache_salt: str | None = None, mm_identifiers: Sequence[str] = ()) -> bytes:

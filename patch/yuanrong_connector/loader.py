@@ -138,13 +138,18 @@ class BackgroundLoader:
                 loads = list(self._pending.values())
             try:
                 ready, decided = self._ready(loads)
-                for load, present in ready:
-                    self._finish(load, present, waited=decided - load.submitted)
             except Exception:
-                logger.exception("[connector] loading failed; vLLM recomputes the blocks")
-                ready = [(load, 0) for load in loads]
-                for load, _ in ready:
+                logger.exception("[connector] asking the store for %d loads failed; vLLM recomputes their blocks", len(loads))
+                ready, decided = [(load, 0) for load in loads], time.monotonic()
+                for load in loads:
                     self._report(load, LoadOutcome(load.request_id, set(load.block_ids)))
+            else:
+                for load, present in ready:
+                    try:
+                        self._finish(load, present, waited=decided - load.submitted)
+                    except Exception:
+                        logger.exception("[connector req=%s] loading failed; vLLM recomputes its blocks", load.request_id)
+                        self._report(load, LoadOutcome(load.request_id, set(load.block_ids)))
             if len(ready) < len(loads):
                 decided_ids = {load.request_id for load, _ in ready}
                 nearest_deadline = min(load.deadline for load in loads if load.request_id not in decided_ids)
@@ -206,8 +211,11 @@ class BackgroundLoader:
         self._report(load, LoadOutcome(load.request_id, failed))
 
     def _report(self, load: _Load, outcome: LoadOutcome) -> None:
+        """Report a load's outcome to vLLM, once: a load no longer pending was reported."""
         with self._lock:
-            self._pending.pop(load.request_id, None)
+            if self._pending.get(load.request_id) is not load:
+                return
+            del self._pending[load.request_id]
             self._outcomes.append(outcome)
             self._lock.notify_all()
 

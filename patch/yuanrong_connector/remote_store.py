@@ -8,9 +8,8 @@ a busy host, calls stuck for 60-80 s froze both engines. Here each engine thread
 uses the store (the saver, the loader, the scheduler's lookups) talks to its own helper
 process (``store_process``), which makes the SDK calls. The engine thread waits for the
 answer on a socket, with the GIL released, and for a bounded time: an answer later than
-the request timeout (per SDK call) plus ``_SLACK_S`` makes that call a miss, and the
-calls after it are misses until the late answer has come (the helper serves one request
-at a time). Block bytes cross through a shared memory arena (a memfd both processes
+the request timeout (per SDK call) plus ``_SLACK_S`` makes that call a miss, and its
+helper is replaced (see Fencing below). Block bytes cross through a shared memory arena (a memfd both processes
 map): one more host copy per block each way than a zero-copy SDK call, in exchange for
 an engine that never waits on the store longer than that bound. A CPU engine's KV cache
 can be shared with its helpers instead (``shared_cache``): then ``get_into`` and
@@ -18,6 +17,14 @@ can be shared with its helpers instead (``shared_cache``): then ``get_into`` and
 
 A helper that dies is replaced on the first call ``retry_s`` later; meanwhile every call
 is a miss (vLLM computes). A helper exits when the engine's end of its socket closes.
+
+Fencing: a call that misses its bound may still be at work in the helper, on memory the
+engine is about to hand back (a late ``get_into`` writing blocks vLLM gave to another
+request, a late ``put_from`` publishing blocks vLLM freed). So before such a miss is
+reported, the helper is killed (SIGKILL, then reaped: from then on it touches no memory)
+and a replacement is started at once; calls are misses until it has connected. Killing
+costs a helper start on a path only a stuck call takes; copying through helper-owned
+memory instead would cost every on-time load a second copy.
 """
 
 from __future__ import annotations
@@ -90,7 +97,8 @@ class RemoteBlockStore:
         self._helper: subprocess.Popen[bytes] | None = None
         self._conn: Connection | None = None
         self._arena: memoryview | None = None
-        self._owed = 0  # answers the helper still owes (calls that ran past their bound)
+        self._owed = 0  # answers the helper still owes (a replacement's connect)
+        self._fenced = 0  # helpers killed because a call ran past its bound
         self._down_until = 0.0
         self._full_until = 0.0
         self._late_logged_until = 0.0
@@ -113,6 +121,11 @@ class RemoteBlockStore:
     @property
     def takes_saves(self) -> bool:
         return self.available and time.monotonic() >= self._full_until
+
+    @property
+    def fenced(self) -> int:
+        """Helpers killed so far because a call ran past its bound."""
+        return self._fenced
 
     @property
     def helper_pid(self) -> int | None:
@@ -242,8 +255,7 @@ class RemoteBlockStore:
         try:
             self._conn.send(request)
             if not self._conn.poll(bound_s):
-                self._owed += 1
-                self._log_late(request[0], bound_s)
+                self._fence(request[0], bound_s)
                 return _MISS
             answer = self._conn.recv()
         except (EOFError, OSError) as exc:
@@ -251,6 +263,26 @@ class RemoteBlockStore:
             return _MISS
         result = self._absorb(answer)
         return _MISS if isinstance(result, Exception) else result
+
+    def _fence(self, op: str, bound_s: float) -> None:
+        """A call ran past its bound: kill its helper before the miss is reported (so the
+        call can no longer touch the KV cache or publish), and start a replacement whose
+        connect answer is owed (calls are misses until it comes)."""
+        helper = self._helper
+        if helper is not None:
+            helper.kill()
+            helper.wait()
+        self._fenced += 1
+        self._log_late(op, bound_s)
+        self._stop_helper()
+        if self._closed or not self._start():
+            return
+        assert self._conn is not None
+        try:
+            self._conn.send(("connect",))
+            self._owed = 1
+        except OSError as exc:
+            self._lost(f"replacement helper: {exc!r}")
 
     def _usable(self) -> bool:
         """A helper is running (started if need be) and owes no answer."""
@@ -341,8 +373,9 @@ class RemoteBlockStore:
             return
         self._late_logged_until = now + self._retry_s
         logger.warning(
-            "[store=%s] %s: no answer within %.1f s; that call is a miss, and calls are misses until the answer "
-            "comes (this message at most every %.0f s)",
+            "[store=%s] %s: no answer within %.1f s; that call is a miss, its helper was killed so that it cannot "
+            "touch KV blocks handed back to vLLM, and calls are misses until a new helper has connected (this "
+            "message at most every %.0f s)",
             self._address,
             op,
             bound_s,

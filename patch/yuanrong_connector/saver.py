@@ -46,6 +46,7 @@ class BackgroundSaver:
         self._device_store = device_store  # Ascend: device-to-host in the data system
         self._max_pending_blocks = max_pending_blocks
         self._jobs: queue.Queue[SaveJob | None] = queue.Queue()
+        self._dropping: set[str] = set()  # preempted: their queued saves are dropped, not run
         self._lock = threading.Condition()
         self._pending_blocks = 0
         self._pending_by_request: dict[str, int] = {}
@@ -92,16 +93,21 @@ class BackgroundSaver:
             done, self._done = self._done, set()
             return done
 
-    def wait_for(self, request_ids: set[str], timeout_s: float) -> None:
-        """Block until saves of ``request_ids`` are done (before their blocks are reused)."""
-        deadline = time.monotonic() + timeout_s
+    def release(self, request_ids: set[str], warn_after_s: float) -> None:
+        """Before the blocks of ``request_ids`` are reused (preempted): their saves not yet
+        started are dropped, and a save under way is waited for, however long it takes (a
+        store call is bounded, and a late one is fenced: ``remote_store``). Returning
+        earlier would let the forward pass overwrite blocks a queued save then publishes
+        under the old prefix's key."""
+        warned = False
         with self._lock:
+            self._dropping |= request_ids
             while any(self._pending_by_request.get(r, 0) for r in request_ids):
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    logger.warning("[connector] saves of %s still running after %.0f s", sorted(request_ids), timeout_s)
-                    return
-                self._lock.wait(remaining)
+                if not self._lock.wait(warn_after_s) and not warned:
+                    warned = True
+                    logger.warning("[connector] saves of %s still running after %.0f s; the step waits for them",
+                                   sorted(request_ids), warn_after_s)  # fmt: skip
+            self._dropping -= request_ids
 
     def wait_idle(self, timeout_s: float) -> bool:
         """Block until every submitted save is done; False on timeout."""
@@ -128,8 +134,13 @@ class BackgroundSaver:
             job = self._jobs.get()
             if job is None:
                 return
+            with self._lock:
+                dropped = job.request_id in self._dropping
+                if dropped:
+                    self._stats.add("blocks_save_dropped", len(job.keys))
             try:
-                self._save(job)
+                if not dropped:
+                    self._save(job)
             except Exception:
                 logger.exception("[connector req=%s] saving %d blocks failed", job.request_id, len(job.keys))
                 with self._lock:

@@ -14,9 +14,10 @@ It never waits for the store on the engine loop:
   second asynchronous load (that stalls vLLM 0.32's scheduler, see
   ``get_num_new_matched_tokens``).
 - **Prefix reuse.** Which leading blocks the store holds is asked in one batched
-  ``exist`` call run by a lookup thread; the scheduler waits for its answer at most
-  ``_LOOKUP_BUDGET_S`` per pass (the request stays queued while a slow store answers,
-  bounded by the store's request timeout), then loads the blocks asynchronously too.
+  ``exist`` call run by a lookup thread; one scheduling pass waits for lookups at most
+  ``_LOOKUP_BUDGET_S`` in all, whatever the number of new requests (a request whose
+  answer has not come stays queued and is asked about again next pass, bounded by the
+  store's request timeout), then loads the blocks asynchronously too.
 - **Another TP size.** A prefill of another TP size (same model, dtype, block size,
   device family) announces its TP size; its blocks are loaded and each rank assembles
   its heads from the prefill's shards (tp_layout.py). Prefix reuse asks about the TP
@@ -54,8 +55,9 @@ if TYPE_CHECKING:
 
 logger = init_logger(f"vllm.{__name__}")
 
-# How long one scheduling pass waits for a prefix lookup before moving on (the lookup
-# goes on; the request is asked about again in the next pass).
+# How long one scheduling pass waits for prefix lookups, all its requests together, before
+# moving on (the lookups go on; their requests are asked about again in the next pass). A
+# budget per request would let a burst of 100 new prompts add 0.5 s to a step.
 _LOOKUP_BUDGET_S = 0.005
 
 
@@ -110,6 +112,7 @@ class YuanRongScheduler:
     _warned_layout: bool = False
     _told_reshard: bool = False
     _lookup_pool: ThreadPoolExecutor | None = None
+    _pass_lookup_deadline: float | None = None  # this pass's lookup budget ends then (set by its first wait)
 
     @property
     def block_size(self) -> int:
@@ -185,8 +188,10 @@ class YuanRongScheduler:
             entry = (first_block, self._lookup_pool.submit(self._count_stored, hashes[first_block:loadable]))
             self._lookups[request_id] = entry
         asked_from, lookup = entry
+        if self._pass_lookup_deadline is None:
+            self._pass_lookup_deadline = time.monotonic() + _LOOKUP_BUDGET_S
         try:
-            present, source_tp = lookup.result(timeout=_LOOKUP_BUDGET_S)
+            present, source_tp = lookup.result(timeout=max(0.0, self._pass_lookup_deadline - time.monotonic()))
         except FutureTimeout:
             return None
         del self._lookups[request_id]
@@ -272,6 +277,7 @@ class YuanRongScheduler:
             self._saves_paused = meta.saves_paused
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> YuanRongConnectorMetadata:
+        self._pass_lookup_deadline = None  # the pass is over: the next one has its own budget
         meta = YuanRongConnectorMetadata(
             loads=self._ready_loads,
             preempted=sorted(scheduler_output.preempted_req_ids or ()),

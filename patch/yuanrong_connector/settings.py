@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from patch.yuanrong_connector.keys import KVLayout, model_identity
+from patch.yuanrong_connector.keys import KVLayout, model_identity, model_options
 from patch.yuanrong_connector.tp_layout import TPLayoutError, check_tp_size
 
 if TYPE_CHECKING:
@@ -96,6 +96,9 @@ def layout_of(vllm_config: VllmConfig) -> KVLayout:
     parallel = vllm_config.parallel_config
     cache = vllm_config.cache_config
     dtype = str(model.dtype) if cache.cache_dtype == "auto" else str(cache.cache_dtype)
+    text_config = model.hf_text_config
+    rope = getattr(text_config, "rope_scaling", None) or getattr(text_config, "rope_parameters", None)
+    options = model_options(str(model.dtype), model.quantization, model.revision, model.hf_overrides, rope)
     return KVLayout(
         model=model_identity(str(model.model)),
         dtype=dtype,
@@ -106,4 +109,5 @@ def layout_of(vllm_config: VllmConfig) -> KVLayout:
         num_layers=int(model.get_num_layers(parallel)),
         tp_size=int(parallel.tensor_parallel_size),
         device_family=str(current_platform.device_type),
+        options=options,
     )

@@ -2,7 +2,10 @@
 loop by vLLM, logged with its periodic stats and exported on the engine's /metrics.
 
 Prometheus names (per engine, label ``engine``):
-- ``vllm:yuanrong_kv_blocks_total{op="save"|"load"|"save_skipped"|"save_present"|"load_failed"|"save_failed"}``
+- ``vllm:yuanrong_kv_blocks_total{op="save"|"load"|"save_skipped"|"save_present"|"load_failed"|"save_failed"|
+  "save_dropped"|"load_corrupt"}`` (``save_dropped``: queued saves of a preempted request,
+  dropped before its blocks were reused; ``load_corrupt``: stored blocks that failed their
+  integrity check, computed instead)
 - ``vllm:yuanrong_kv_bytes_total{op="save"|"load"}``
 - ``vllm:yuanrong_kv_op_seconds{op=...}`` (histograms): ``save`` and ``load`` (one
   batched store call and its copies), ``handoff_wait`` (a decode's wait for a
@@ -24,7 +27,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (
     PromMetricT,
 )
 
-BLOCK_OPS = ("save", "load", "save_skipped", "save_present", "save_failed", "load_failed")
+BLOCK_OPS = ("save", "load", "save_skipped", "save_present", "save_failed", "save_dropped", "load_failed", "load_corrupt")
 BYTE_OPS = ("save", "load")
 TIMED_OPS = ("save", "load", "handoff_wait", "publish")
 

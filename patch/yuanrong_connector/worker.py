@@ -123,9 +123,10 @@ class YuanRongWorker:
     # ---- per step ----
     def release_preempted(self, preempted: list[str]) -> None:
         """Called before the forward pass: preempted requests' blocks are reused in this
-        very step, so their saves must have finished reading them."""
+        very step, so their queued saves are dropped and a save under way has finished
+        reading them."""
         if preempted and self._saver is not None:
-            self._saver.wait_for(set(preempted), self.timeout_s)
+            self._saver.release(set(preempted), self.timeout_s)
 
     def start_load(self, meta: YuanRongConnectorMetadata) -> None:
         if self._loader is None:
