@@ -128,6 +128,7 @@ class ConnectorConfig:
     request_timeout_ms: int  # bound on each data system call; slower means a miss, recompute
     handoff_wait_ms: int  # how long a decode waits for a prefill's blocks to be published
     exclusive_connection: bool = True  # each store client its own connection to the worker (see store.py)
+    check_bytes: bool = True  # loads check each block's checksum, not only its key and length (integrity.py)
     kind: str = YUANRONG_CONNECTOR  # one of KV_CONNECTORS
     vllm_extra: Mapping[str, object] = field(default_factory=dict)  # a vLLM connector's extra config
 
@@ -139,6 +140,7 @@ class ConnectorConfig:
             "request_timeout_ms": self.request_timeout_ms,
             "handoff_wait_ms": self.handoff_wait_ms,
             "exclusive_connection": self.exclusive_connection,
+            "check_bytes": self.check_bytes,
         }
 
 
@@ -293,6 +295,8 @@ SETTINGS: tuple[_Setting, ...] = (
     _Setting("DS_EXCLUSIVE_CONNECTIONS", "1", "1: each engine's data system client gets its own connection to the worker "
              "(a worker takes 128; 3 per engine); 0: the SDK's shared connection, whose worker threads busy-loop on a saturated CPU"),
     _Setting("KV_HANDOFF_WAIT_MS", "2000", "how long a decode waits for a prefill's KV blocks to appear"),
+    _Setting("KV_CHECKSUM", "1", "1: a loaded KV block's checksum is checked before the model sees it (a mismatch is "
+             "computed instead, vllm:yuanrong_kv_blocks_total{op=\"load_corrupt\"}); 0: only its key and length"),
     _Setting("ROUTING_POLICY", "kv_aware", "prefill/colocated routing: round_robin, least_outstanding, prefix_affinity, "
              "kv_aware (engines publish KV events; the door routes by the prompt tokens each engine holds, decode too); "
              "unset with DP_MODE=vllm and PDP or DDP > 1: prefix_affinity (vLLM picks the rank, the door cannot see its KV)"),
@@ -368,6 +372,7 @@ def build_config(
             request_timeout_ms=_int(raw, "KV_REQUEST_TIMEOUT_MS", minimum=1),
             handoff_wait_ms=_int(raw, "KV_HANDOFF_WAIT_MS", minimum=0),
             exclusive_connection=_flag(raw, "DS_EXCLUSIVE_CONNECTIONS"),
+            check_bytes=_flag(raw, "KV_CHECKSUM"),
             kind=_connector(raw),
             vllm_extra=_connector_extra(raw),
         ),

@@ -83,6 +83,7 @@ class YuanRongConnector(KVConnectorBase_V1):
             ttl_s=settings.ttl_s,
             retry_s=settings.store_retry_s,
             exclusive_connection=settings.exclusive_connection,
+            check_bytes=settings.check_bytes,
         )
         self._scheduler: YuanRongScheduler | None = None
         self._worker: YuanRongWorker | None = None

@@ -192,7 +192,9 @@ class BackgroundLoader:
         failed |= self._copy_in(load.keys[: present * load.keys_per_block], load.block_ids[:present], load.plan)
         seconds = time.perf_counter() - started
         loaded = len(load.block_ids) - len(failed)
+        corrupt = self._store.take_corrupt()
         with self._lock:
+            self._stats.add("blocks_load_corrupt", corrupt)
             self._stats.add("blocks_load", loaded)
             self._stats.add("bytes_load", loaded * self._staging.cache.block_bytes)
             self._stats.add("blocks_load_failed", len(failed))

@@ -86,9 +86,12 @@ class RemoteBlockStore:
         retry_s: float = 5.0,
         arena_bytes: int = ARENA_BYTES,
         exclusive_connection: bool = True,
+        check_bytes: bool = True,
     ) -> None:
         self._address = address
         self._exclusive = exclusive_connection
+        self._check_bytes = check_bytes
+        self._corrupt = 0  # values the helper found corrupt, not yet taken
         self._timeout_ms = request_timeout_ms
         self._ttl_s = ttl_s
         self._retry_s = retry_s
@@ -134,7 +137,8 @@ class RemoteBlockStore:
 
     def sibling(self) -> RemoteBlockStore:
         """The same store for another thread: its own helper, arena and back-off state."""
-        twin = RemoteBlockStore(self._address, self._timeout_ms, self._ttl_s, self._retry_s, self.arena_bytes, self._exclusive)
+        twin = RemoteBlockStore(self._address, self._timeout_ms, self._ttl_s, self._retry_s, self.arena_bytes, self._exclusive,
+                                self._check_bytes)  # fmt: skip
         twin.arena_pinner = self.arena_pinner
         twin._shared_cache = self._shared_cache
         return twin
@@ -149,6 +153,11 @@ class RemoteBlockStore:
         with self._lock:
             self._shared_cache = region
             self._stop_helper()
+
+    def take_corrupt(self) -> int:
+        """Values read since the last call whose seal did not match (not loaded)."""
+        corrupt, self._corrupt = self._corrupt, 0
+        return corrupt
 
     def max_blocks_per_move(self, value_size: int) -> int:
         """How many values of ``value_size`` bytes one ``get`` may return (the arena's room)."""
@@ -313,6 +322,7 @@ class RemoteBlockStore:
                 "--arena-bytes", str(self.arena_bytes), "--address", self._address,
                 "--request-timeout-ms", str(self._timeout_ms), "--ttl-s", str(self._ttl_s),
                 "--retry-s", str(self._retry_s), *(["--exclusive-connection"] if self._exclusive else []),
+                *([] if self._check_bytes else ["--no-check-bytes"]),
             ]  # fmt: skip
             fds = [child_end.fileno(), arena_fd]
             if self._shared_cache is not None:
@@ -360,8 +370,9 @@ class RemoteBlockStore:
         finally:
             self._lock.release()
 
-    def _absorb(self, answer: tuple[float, float, Any]) -> Any:
-        down_s, full_s, result = answer
+    def _absorb(self, answer: tuple[float, float, Any, int]) -> Any:
+        down_s, full_s, result, corrupt = answer
+        self._corrupt += corrupt
         now = time.monotonic()
         self._down_until = max(self._down_until, now + down_s) if down_s else self._down_until
         self._full_until = now + full_s

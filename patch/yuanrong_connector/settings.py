@@ -28,6 +28,7 @@ class ConnectorSettings:
     max_pending_save_blocks: int = 4096  # save backlog beyond this is skipped (and counted)
     store_retry_s: float = 5.0  # after a store failure, calls are skipped (miss) this long
     exclusive_connection: bool = True  # each store client gets its own connection to the worker (store.py)
+    check_bytes: bool = True  # loads check each block's checksum, not only its key and length (integrity.py)
     # Prefix reuse: TP sizes of other engines of this model whose blocks are looked up
     # (and resharded on load) when this engine's own TP size has fewer; a handoff says its own.
     peer_tp_sizes: tuple[int, ...] = ()
@@ -58,6 +59,7 @@ class ConnectorSettings:
             max_pending_save_blocks=_non_negative(extra, "max_pending_save_blocks", 4096),
             store_retry_s=float(extra.get("store_retry_s", 5.0)),
             exclusive_connection=bool(extra.get("exclusive_connection", True)),
+            check_bytes=bool(extra.get("check_bytes", True)),
             peer_tp_sizes=peer_tp_sizes(extra.get("peer_tp_sizes", ()), layout),
         )
 

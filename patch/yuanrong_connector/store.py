@@ -9,6 +9,10 @@ miss) instead of making every request wait out the timeout again; after an out-o
 refusal, saves are skipped for the same time while reads go on. A call the worker
 answered too late is only that call's miss: one late answer (a busy machine) must not
 turn into seconds of recomputed prompts for every request.
+
+Every value is sealed when written and checked when read (integrity.py): ``get`` gives
+only values whose seal matches their key and bytes, counts the others (``take_corrupt``)
+and deletes them, so the next save of that block writes it anew.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from patch.yuanrong_connector.integrity import SEAL_BYTES, seal, unseal
 from patch.yuanrong_connector.sdk_threads import calm_sdk_threads
 
 # A child of vLLM's logger (its handlers and level apply); plain logging, so the module
@@ -51,8 +56,10 @@ class BlockStore:
         ttl_s: int = 0,
         retry_s: float = 5.0,
         exclusive_connection: bool = True,
+        check_bytes: bool = True,
     ) -> None:
-        """``exclusive_connection``: the SDK's own connection to the worker for this client
+        """``check_bytes``: reads check each value's checksum, not only its key and length
+        (``KV_CHECKSUM``). ``exclusive_connection``: the SDK's own connection to the worker for this client
         (``enable_exclusive_connection``) instead of the shared one. With the shared one,
         measured on 2 busy cores, the worker's ZmqEpoll threads fell into a busy loop
         (recv, EAGAIN, again; 1.8 cores for minutes) once engines saturated the CPU, and
@@ -69,6 +76,8 @@ class BlockStore:
         self._down_until = 0.0
         self._full_until = 0.0
         self._slow_logged_until = 0.0
+        self._check_bytes = check_bytes
+        self._corrupt = 0  # values read whose seal did not match, not yet taken
 
     @property
     def address(self) -> str:
@@ -127,6 +136,11 @@ class BlockStore:
     def close(self) -> None:
         """Nothing to stop: the SDK client goes with the process."""
 
+    def take_corrupt(self) -> int:
+        """Values read since the last call whose seal did not match (not loaded)."""
+        corrupt, self._corrupt = self._corrupt, 0
+        return corrupt
+
     def _failed(self, what: str, exc: Exception) -> None:
         """A call failed. A worker that answered too late is slow, not down: that call is a
         miss (bounded by the request timeout) and the next one is tried; anything else
@@ -176,7 +190,7 @@ class BlockStore:
 
     def put(self, keys: Sequence[str], value_size: int, fill: Callable[[int, list[memoryview]], None]) -> PutResult:
         """Create ``keys`` in shared memory, let ``fill(first, buffers)`` write the values of
-        ``keys[first : first + len(buffers)]`` (one call per batch), publish them.
+        ``keys[first : first + len(buffers)]`` (one call per batch), seal and publish them.
 
         A value becomes visible only when published, so readers never see half a block.
         """
@@ -191,8 +205,12 @@ class BlockStore:
                 failed += len(chunk)
                 continue
             try:
-                buffers = client.mcreate(chunk, [value_size] * len(chunk), ttl_second=self._ttl_s)
-                fill(start, [buffer.MutableData() for buffer in buffers])
+                buffers = client.mcreate(chunk, [value_size + SEAL_BYTES] * len(chunk), ttl_second=self._ttl_s)
+                values = [memoryview(buffer.MutableData()) for buffer in buffers]
+                fill(start, [value[:value_size] for value in values])
+                for value, key in zip(values, chunk):
+                    seal(value, key)
+                del values
                 client.mset_buffer(buffers)
                 stored += len(chunk)
             except Exception as exc:
@@ -210,8 +228,9 @@ class BlockStore:
         return PutResult(stored, skipped, failed)
 
     def get(self, keys: Sequence[str], value_size: int = 0) -> list[Any | None]:
-        """Zero-copy read buffers (``.immutable_data()`` gives a memoryview); ``None`` where a
-        key is missing or the store failed. Keep the list referenced while reading the views.
+        """Zero-copy read buffers (``.immutable_data()`` gives a memoryview of the value's
+        data, its seal checked); ``None`` where a key is missing, its seal does not match or
+        the store failed. Keep the list referenced while reading the views.
         (``value_size`` is what the caller expects; the caller checks it.)
         """
         client = self._connected() if keys else None
@@ -227,7 +246,41 @@ class BlockStore:
                     self._failed(f"loading {len(chunk)} blocks", exc)
                     return buffers + [None] * (len(keys) - len(buffers))
                 buffers.extend([None] * len(chunk))
-        return buffers
+        return self._checked(client, keys, buffers)
+
+    def _checked(self, client: Any, keys: Sequence[str], buffers: list[Any | None]) -> list[Any | None]:
+        """``buffers`` with each value's seal checked; a value that fails is counted, left
+        out and deleted (best effort: a later save of its block then writes it anew)."""
+        checked: list[Any | None] = []
+        corrupt: list[str] = []
+        for key, buffer in zip(keys, buffers):
+            data = None if buffer is None else unseal(memoryview(buffer.immutable_data()), key, self._check_bytes)
+            if buffer is not None and data is None:
+                corrupt.append(key)
+            checked.append(None if data is None else _Checked(buffer, data))
+        if corrupt:
+            self._corrupt += len(corrupt)
+            logger.warning("[store=%s] %d stored blocks failed their integrity check (e.g. %s): computed, and deleted",
+                           self.address, len(corrupt), corrupt[0])  # fmt: skip
+            try:
+                client.delete(corrupt)
+            except Exception as exc:  # the TTL ends them in any case
+                logger.info("[store=%s] deleting %d corrupt blocks failed: %s", self.address, len(corrupt), _first_line(str(exc)))
+        return checked
+
+
+class _Checked:
+    """A read buffer whose seal matched: ``immutable_data()`` is its data, the seal left
+    out (the SDK buffer is held while the view is in use)."""
+
+    __slots__ = ("_buffer", "_data")
+
+    def __init__(self, buffer: Any, data: memoryview) -> None:
+        self._buffer = buffer
+        self._data = data
+
+    def immutable_data(self) -> memoryview:
+        return self._data
 
 
 def leading_blocks(present: Sequence[bool], keys_per_block: int) -> int:

@@ -141,7 +141,8 @@ def answer(store: BlockStore, arena: memoryview, request: tuple[Any, ...], copie
 
 def serve(conn: Connection, store: BlockStore, arena: memoryview, copier: Copier, cache: memoryview | None = None) -> None:
     """Answer requests until the engine closes its end; each answer carries the store's
-    back-off state: (seconds left marked down, seconds left skipping saves, result).
+    back-off state and what it found corrupt: (seconds left marked down, seconds left
+    skipping saves, result, values whose seal did not match).
     A helper that moves blocks fills its page tables of the store's memory once
     (``store_mapping``), after its first request that maps it."""
     unfilled_tries = 5
@@ -157,7 +158,7 @@ def serve(conn: Connection, store: BlockStore, arena: memoryview, copier: Copier
             result = exc
         down_s, full_s = store.backoff_s()
         try:
-            conn.send((down_s, full_s, result))
+            conn.send((down_s, full_s, result, store.take_corrupt()))
         except (EOFError, OSError):
             return
         if unfilled_tries and request[0] != "exists":  # once the SDK has mapped the store's memory
@@ -174,6 +175,7 @@ def main() -> None:
     parser.add_argument("--ttl-s", type=int, required=True)
     parser.add_argument("--retry-s", type=float, required=True)
     parser.add_argument("--exclusive-connection", action="store_true")
+    parser.add_argument("--no-check-bytes", action="store_true", help="check seals' keys and lengths, not checksums")
     parser.add_argument("--cache-fd", type=int, default=None, help="the engine's KV cache memfd (shared_cache)")
     parser.add_argument("--cache-bytes", type=int, default=0)
     args = parser.parse_args()
@@ -186,7 +188,8 @@ def main() -> None:
         # this a fresh 2K-token load, 24 MiB, took 15 ms instead of 9).
         cache = memoryview(mmap.mmap(args.cache_fd, args.cache_bytes, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE))
         os.close(args.cache_fd)
-    store = BlockStore(args.address, args.request_timeout_ms, args.ttl_s, args.retry_s, args.exclusive_connection)
+    store = BlockStore(args.address, args.request_timeout_ms, args.ttl_s, args.retry_s, args.exclusive_connection,
+                       check_bytes=not args.no_check_bytes)  # fmt: skip
     with memoryview(arena) as view:
         serve(Connection(args.conn_fd), store, view, Copier(), cache)
 

@@ -1,0 +1,124 @@
+"""Integrity: a stored KV block is loaded only when it is what its key claims. A second
+client of the same real data system worker (a process of its own) flips bytes of a stored block, or stores one
+block's value under another block's key; the engine's loader then computes that block
+instead (vLLM recomputes), counts it, and the bad value is deleted so the next save
+writes it anew. With ``KV_CHECKSUM=0`` only the key and length are checked."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from deploy.config import DataSystemConfig
+from patch.yuanrong_connector.integrity import SEAL_BYTES, seal, unseal
+from patch.yuanrong_connector.paged_cache import PagedKVCache
+from patch.yuanrong_connector.remote_store import RemoteBlockStore
+from patch.yuanrong_connector.shared_cache import share_cache_storage
+from patch.yuanrong_connector.staging import HostStaging
+
+BLOCKS = 4
+
+
+class _Engine:
+    def __init__(self, address: str, fill: bool, check_bytes: bool = True) -> None:
+        self.cache = torch.randn(BLOCKS, 2, 16, 2, 32) if fill else torch.zeros(BLOCKS, 2, 16, 2, 32)
+        self.staging = HostStaging(PagedKVCache.register({"model.layers.0.self_attn.attn": self.cache}, BLOCKS))
+        self.store = RemoteBlockStore(address, request_timeout_ms=2000, check_bytes=check_bytes)
+        region = share_cache_storage({"model.layers.0.self_attn.attn": self.cache})
+        assert region is not None
+        self.store.share_cache(region)
+
+
+@pytest.fixture
+def engines(ds_worker: DataSystemConfig) -> Iterator[tuple[_Engine, _Engine]]:
+    source, target = _Engine(ds_worker.address, fill=True), _Engine(ds_worker.address, fill=False)
+    try:
+        yield source, target
+    finally:
+        source.store.close()
+        target.store.close()
+
+
+_STRAY_WRITER = """
+import sys
+from yr.datasystem import KVClient
+host, port, op, key, other = sys.argv[1:]
+client = KVClient(host, int(port))
+client.init()
+(value,) = client.get([other if op == "copy" else key])
+value = bytearray(value)
+if op == "flip":
+    value[100] ^= 0x10  # one bit of the block's data
+client.delete([key])  # the worker keeps a key's write mode: delete, then set
+client.set(key, bytes(value))
+"""
+
+
+def _stray_write(address: str, op: str, key: str, other: str = "") -> None:
+    """Another client of the worker, in a process of its own, rewrites ``key``'s stored
+    value: ``flip`` one bit of its data, or ``copy`` ``other``'s value over it."""
+    host, _, port = address.rpartition(":")
+    subprocess.run([sys.executable, "-c", _STRAY_WRITER, host, port, op, key, other], check=True, timeout=60)
+
+
+def test_seal_names_the_key_the_length_and_the_bytes() -> None:
+    value = memoryview(bytearray(64 + SEAL_BYTES))
+    value[:64] = bytes(range(64))
+    seal(value, "k")
+    assert bytes(unseal(value, "k") or b"") == bytes(range(64))
+    assert unseal(value, "other") is None  # another key's value
+    assert unseal(value[:-1], "k") is None  # torn
+    value[3] ^= 0x01
+    assert unseal(value, "k") is None  # one bit flipped
+    assert unseal(value, "k", check_bytes=False) is not None  # without the checksum: key and length only
+
+
+def test_a_block_whose_bytes_were_flipped_is_computed_counted_and_deleted(
+    engines: tuple[_Engine, _Engine]
+) -> None:
+    source, target = engines
+    keys = [f"integrity-{uuid.uuid4().hex}" for _ in range(3)]
+    assert source.staging.save(source.store, keys, [0, 1, 2], None).stored == 3
+    _stray_write(source.store.address, "flip", keys[1])
+
+    failed = target.staging.load(target.store, keys, [3, 2, 1])
+
+    assert failed == {2, 1}  # from the bad block on, vLLM computes
+    assert torch.equal(target.cache[3], source.cache[0])
+    assert target.store.take_corrupt() == 1
+    assert target.store.exists(keys) == [True, False, True]  # deleted: the next save writes it anew
+    assert source.staging.save(source.store, [keys[1]], [1], None).stored == 1
+    assert target.staging.load(target.store, keys[:2], [3, 2]) == set()
+    assert torch.equal(target.cache[2], source.cache[1])
+
+
+def test_a_value_stored_under_another_blocks_key_is_never_loaded(
+    engines: tuple[_Engine, _Engine]
+) -> None:
+    source, target = engines
+    first, second = (f"integrity-{uuid.uuid4().hex}" for _ in range(2))
+    assert source.staging.save(source.store, [first, second], [0, 1], None).stored == 2
+    _stray_write(source.store.address, "copy", second, first)  # right bytes, wrong block
+    assert target.staging.load(target.store, [second], [3]) == {3}
+    assert target.store.take_corrupt() == 1
+    assert float(target.cache[3].abs().sum()) == 0
+
+
+def test_without_the_checksum_keys_and_lengths_are_still_checked(ds_worker: DataSystemConfig) -> None:
+    source, target = _Engine(ds_worker.address, fill=True), _Engine(ds_worker.address, fill=False, check_bytes=False)
+    try:
+        first, second = (f"integrity-{uuid.uuid4().hex}" for _ in range(2))
+        assert source.staging.save(source.store, [first, second], [0, 1], None).stored == 2
+        _stray_write(ds_worker.address, "flip", first)
+        _stray_write(ds_worker.address, "copy", second, first)
+        assert target.staging.load(target.store, [first], [3]) == set()  # bytes unchecked: loaded
+        assert target.staging.load(target.store, [second], [2]) == {2}  # another key's value: never
+        assert target.store.take_corrupt() == 1
+    finally:
+        source.store.close()
+        target.store.close()
