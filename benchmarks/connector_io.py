@@ -18,7 +18,9 @@ heads x 128 tokens x 2 x 64 x 2 bytes = 1.5 MiB, so the store sees 1.5 MiB value
   Both as engines run them (store calls in a helper process, which copies blocks
   between the store and the KV cache, shared with it as vLLM's single CPU allocation
   is: one copy each way) and with the SDK called in-process (zero-copy, but every call
-  holds the GIL while it waits: what engines did before the helper).
+  holds the GIL while it waits: what engines did before the helper); and as engines
+  run them with ``KV_CHECKSUM=0`` (each block's seal checked for key and length, not
+  its checksum), which gives the checksum's cost on a load.
 - ExampleConnector: its real save_kv_layer/wait_for_save and start_load_kv/
   wait_for_layer_load (benchmarks/example_connector_io.py), files under /tmp.
 
@@ -32,6 +34,7 @@ Results go to benchmarks/results/connector_io.json.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import shutil
 import tempfile
@@ -99,10 +102,11 @@ class ConnectorArm:
     """A producer and a consumer worker half on one kind of store, run one repeat at a time
     (the arms take turns, so that the machine's drift falls on both)."""
 
-    def __init__(self, address: str, caches: dict[str, torch.Tensor], block_ids: list[int], open_store: Callable[[str], Store]) -> None:
+    def __init__(self, label: str, address: str, caches: dict[str, torch.Tensor], block_ids: list[int],
+                 open_store: Callable[[str], Store]) -> None:  # fmt: skip
         num_blocks = next(iter(caches.values())).shape[0]
         # Keys differ per store kind (the layout is part of every key): each arm writes fresh blocks.
-        layout = KVLayout(f"bench-{open_store.__name__}", "torch.bfloat16", BLOCK_SIZE, KV_HEADS, HEAD, len(caches), 1)
+        layout = KVLayout(f"bench-{label}", "torch.bfloat16", BLOCK_SIZE, KV_HEADS, HEAD, len(caches), 1)
         settings = ConnectorSettings(address, saves=True, prefix_reuse=False, loads_remote_prefill=True, layout=layout)
         self.caches, self.block_ids = caches, block_ids
         self.producer = YuanRongWorker(settings, open_store(address), tp_rank=0, num_blocks=num_blocks)
@@ -162,8 +166,9 @@ def main() -> None:
             [torch.cat([t[b].reshape(-1).view(torch.uint8) for t in caches.values()]) for b in block_ids]
         )
         raw_put, raw_get = measure_raw(client, values, args.repeats)
-        arms = [ConnectorArm(ds.address, caches, block_ids, RemoteBlockStore),
-                ConnectorArm(ds.address, caches, block_ids, BlockStore)]  # fmt: skip
+        arms = [ConnectorArm("helper", ds.address, caches, block_ids, RemoteBlockStore),
+                ConnectorArm("in-process", ds.address, caches, block_ids, BlockStore),
+                ConnectorArm("unchecked", ds.address, caches, block_ids, functools.partial(RemoteBlockStore, check_bytes=False))]  # fmt: skip
         try:
             for repeat in range(args.repeats):
                 for arm in arms if repeat % 2 == 0 else arms[::-1]:
@@ -171,9 +176,9 @@ def main() -> None:
         finally:
             for arm in arms:
                 arm.close()
-        ours, in_process = ({name: _best(times) for name, times in arm.times.items()} for arm in arms)
+        ours, in_process, unchecked = ({name: _best(times) for name, times in arm.times.items()} for arm in arms)
         spreads = {label: {name: [round(total / t / 1e9, 2) for t in (max(times), min(times))] for name, times in arm.times.items() if name != "handover_s"}
-                   for label, arm in zip(("helper", "in_process"), arms)}  # fmt: skip
+                   for label, arm in zip(("helper", "in_process", "helper_no_checksum"), arms)}  # fmt: skip
     finally:
         stop_worker(ds.address)
         shutil.rmtree(home, ignore_errors=True)
@@ -184,6 +189,7 @@ def main() -> None:
         "data system raw put/get": (gbps(raw_put), gbps(raw_get)),
         "YuanRongConnector save/load": (gbps(ours["save_s"]), gbps(ours["load_s"])),
         "  same, SDK calls in-process": (gbps(in_process["save_s"]), gbps(in_process["load_s"])),
+        "  same, KV_CHECKSUM=0": (gbps(unchecked["save_s"]), gbps(unchecked["load_s"])),
         "ExampleConnector save/load": (example["save_gbps"], example["load_gbps"]),
     }
     result = {
@@ -197,6 +203,8 @@ def main() -> None:
         "connector_vs_example": {"save": round(rows["YuanRongConnector save/load"][0] / example["save_gbps"], 2),
                                  "load": round(rows["YuanRongConnector save/load"][1] / example["load_gbps"], 2)},
         "connector_step_held_ms": round(ours["handover_s"] * 1000, 3),
+        # what checking each loaded block's checksum adds to a load (KV_CHECKSUM=1 against 0)
+        "checksum_load_cost": round(ours["load_s"] / unchecked["load_s"] - 1, 3),
         "connector_gbps_min_max": spreads,
     }  # fmt: skip
     print(f"{len(block_ids)} blocks x {block_bytes / 2**20:.2f} MiB = {total / 2**20:.0f} MiB per run, best of {args.repeats}")
@@ -206,6 +214,8 @@ def main() -> None:
     print(f"connector / raw:     save {result['connector_vs_raw']['save']}x  load {result['connector_vs_raw']['load']}x")
     print(f"connector / Example: save {result['connector_vs_example']['save']}x  load {result['connector_vs_example']['load']}x")
     print(f"connector GB/s, worst and best repeat: {spreads}")
+    print(f"checking checksums adds {result['checksum_load_cost']:.1%} to a load ({ours['load_s'] * 1000:.2f} ms against "
+          f"{unchecked['load_s'] * 1000:.2f} ms with KV_CHECKSUM=0)")
     print(f"the step is held {result['connector_step_held_ms']} ms by the hand-over of a save (the rest runs in the background)")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")

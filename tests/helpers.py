@@ -92,3 +92,61 @@ def cluster_engine_spec(**fields: Any) -> EngineSpec:
     )  # fmt: skip
     base.update(fields)
     return EngineSpec(**base)
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and every process descended from it (read from /proc now)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(parent, []).append(int(entry.name))
+    tree, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        tree.append(current)
+        todo.extend(children.get(current, []))
+    return tree
+
+
+def listening_addresses(pids: list[int]) -> set[tuple[str, int]]:
+    """(address, port) of every TCP socket in LISTEN state that one of ``pids`` holds open
+    (IPv4 and IPv6, from /proc: a probe by connecting could reach another process's
+    socket, or connect to itself when nothing listens)."""
+    inodes: set[str] = set()
+    for pid in pids:
+        try:
+            fds = list(Path(f"/proc/{pid}/fd").iterdir())
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                link = os.readlink(fd)
+            except OSError:  # closed meanwhile
+                continue
+            if link.startswith("socket:["):
+                inodes.add(link[8:-1])
+    found: set[tuple[str, int]] = set()
+    for table, width in (("/proc/net/tcp", 8), ("/proc/net/tcp6", 32)):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            local, state, inode = fields[1], fields[3], fields[9]
+            if state != "0A" or inode not in inodes:  # 0A: TCP_LISTEN
+                continue
+            address, port = local.split(":")
+            found.add((_proc_address(address, width), int(port, 16)))
+    return found
+
+
+def _proc_address(hex_address: str, width: int) -> str:
+    """/proc/net/tcp's address notation (little-endian 32-bit words) as text."""
+    raw = b"".join(bytes.fromhex(hex_address[i : i + 8])[::-1] for i in range(0, width, 8))
+    return socket.inet_ntop(socket.AF_INET if width == 8 else socket.AF_INET6, raw)

@@ -30,7 +30,7 @@ from tests.e2e import (
     same_greedy_output,
     token_prompt,
 )
-from tests.helpers import pids_matching, run_cli
+from tests.helpers import listening_addresses, pids_matching, process_tree, run_cli
 
 pytestmark = pytest.mark.e2e
 
@@ -69,7 +69,8 @@ def test_engines_run_on_their_nodes_and_attach_to_their_workers(deployment: Depl
     log_dir = Path(deployment.env["YR_SESSIONS_DIR"]) / "latest" / "log"
     for engine in deployment.state.engines:
         name, engine_port = str(engine["name"]), int(engine["port"])  # type: ignore[call-overload]
-        assert _listens(str(engine["host"]), engine_port) and not _listens("127.0.0.1", engine_port)
+        listening = {address for address in listening_addresses(process_tree(int(engine["pid"]))) if address[1] == engine_port}  # type: ignore[call-overload]
+        assert listening == {(str(engine["host"]), engine_port)}
         match = re.search(r"\[connector rank=0\] registered .* store (\S+)", (log_dir / f"{name}.log").read_text())
         assert match and match.group(1) == f"{NODE_ADDRESS[name]}:{port}"
     assert deployment.state.ds_worker_address == f"127.0.0.2:{port},127.0.0.3:{port}"
