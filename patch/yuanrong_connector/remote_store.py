@@ -9,9 +9,10 @@ uses the store (the saver, the loader, the scheduler's lookups) talks to its own
 process (``store_process``), which makes the SDK calls. The engine thread waits for the
 answer on a socket, with the GIL released, and for a bounded time: an answer later than
 the request timeout (per SDK call) plus ``_SLACK_S`` makes that call a miss, and its
-helper is replaced (see Fencing below). Block bytes cross through a shared memory arena (a memfd both processes
-map): one more host copy per block each way than a zero-copy SDK call, in exchange for
-an engine that never waits on the store longer than that bound. A CPU engine's KV cache
+helper is replaced (see Fencing below). Block bytes cross through a shared memory arena
+(a memfd both processes map): one more host copy per block each way than a zero-copy
+SDK call, in exchange for an engine that never waits on the store longer than that
+bound. A CPU engine's KV cache
 can be shared with its helpers instead (``shared_cache``): then ``get_into`` and
 ``put_from`` copy blocks between the cache and the store in the helper, one copy each way.
 

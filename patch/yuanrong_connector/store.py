@@ -58,12 +58,13 @@ class BlockStore:
         exclusive_connection: bool = True,
         check_bytes: bool = True,
     ) -> None:
-        """``check_bytes``: reads check each value's checksum, not only its key and length
-        (``KV_CHECKSUM``). ``exclusive_connection``: the SDK's own connection to the worker for this client
+        """``exclusive_connection``: the SDK's own connection to the worker for this client
         (``enable_exclusive_connection``) instead of the shared one. With the shared one,
         measured on 2 busy cores, the worker's ZmqEpoll threads fell into a busy loop
         (recv, EAGAIN, again; 1.8 cores for minutes) once engines saturated the CPU, and
-        store calls went unanswered; with it, none did. A worker takes at most 128."""
+        store calls went unanswered; with it, none did. A worker takes at most 128.
+        ``check_bytes``: reads check each value's checksum, not only its key and length
+        (``KV_CHECKSUM``)."""
         host, _, port = address.rpartition(":")
         self._host = host
         self._port = int(port)
