@@ -74,6 +74,7 @@ def test_engine_argv_owns_address_parallelism_and_connector() -> None:
         "request_timeout_ms": 2000,
         "handoff_wait_ms": 2000,
         "exclusive_connection": True,
+        "check_bytes": True,
     }
     assert build_engine_env(prefill, {})["CUDA_VISIBLE_DEVICES"] == "4,5"
     assert build_engine_env(decode, {})["CUDA_VISIBLE_DEVICES"] == "6,7"

@@ -150,7 +150,8 @@ def _vllm_config(tp_size: int, use_mla: bool = False) -> Any:
     """The fields of vLLM's config that layout_of reads."""
     model = SimpleNamespace(model="/no/such/model", dtype="torch.bfloat16", use_mla=use_mla,
                             get_total_num_kv_heads=lambda: 8, get_head_size=lambda: 64,
-                            get_num_layers=lambda parallel: 2)  # fmt: skip
+                            get_num_layers=lambda parallel: 2, quantization=None, revision=None, hf_overrides=None,
+                            hf_text_config=SimpleNamespace(rope_scaling=None))  # fmt: skip
     return SimpleNamespace(model_config=model, parallel_config=SimpleNamespace(tensor_parallel_size=tp_size),
                            cache_config=SimpleNamespace(cache_dtype="auto", block_size=16))  # fmt: skip
 

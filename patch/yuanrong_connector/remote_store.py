@@ -17,7 +17,10 @@ can be shared with its helpers instead (``shared_cache``): then ``get_into`` and
 ``put_from`` copy blocks between the cache and the store in the helper, one copy each way.
 
 A helper that dies is replaced on the first call ``retry_s`` later; meanwhile every call
-is a miss (vLLM computes). A helper exits when the engine's end of its socket closes.
+is a miss (vLLM computes). A new helper connects on its own (it imports the SDK and
+reaches the worker, seconds on a loaded host); a call waits for that at most its own
+bound, and is a miss if it does not come, so a slow start is never fenced as a stuck
+call. A helper exits when the engine's end of its socket closes.
 
 Fencing: a call that misses its bound may still be at work in the helper, on memory the
 engine is about to hand back (a late ``get_into`` writing blocks vLLM gave to another
@@ -101,7 +104,8 @@ class RemoteBlockStore:
         self._helper: subprocess.Popen[bytes] | None = None
         self._conn: Connection | None = None
         self._arena: memoryview | None = None
-        self._owed = 0  # answers the helper still owes (a replacement's connect)
+        self._owed = 0  # answers the helper still owes (a new helper's connect)
+        self._connected = False  # the helper's connect answer said it reached the worker
         self._fenced = 0  # helpers killed because a call ran past its bound
         self._down_until = 0.0
         self._full_until = 0.0
@@ -168,7 +172,7 @@ class RemoteBlockStore:
     def connect(self) -> bool:
         """Start the helper and connect it now (engine start); False if the store is unreachable."""
         with self._lock:
-            return self._call(("connect",), 1) is True
+            return self._usable(_START_TIMEOUT_S) and self._connected
 
     def exists(self, keys: Sequence[str]) -> list[bool]:
         """Which keys are stored; all False if the store cannot say in time."""
@@ -194,7 +198,7 @@ class RemoteBlockStore:
                 if time.monotonic() < self._full_until:
                     skipped += len(chunk)
                     continue
-                arena = self._arena_for(value_size)
+                arena = self._arena_for(value_size, self._bound_s(2 * -(-len(chunk) // _MAX_KEYS_PER_WRITE)))
                 if arena is None:
                     failed += len(chunk)
                     continue
@@ -215,7 +219,7 @@ class RemoteBlockStore:
         if not keys:
             return []
         with self._lock:
-            arena = self._arena_for(value_size)
+            arena = self._arena_for(value_size, self._bound_s(-(-len(keys) // _MAX_KEYS_PER_READ)))
             result = _MISS if arena is None else self._call(("get", list(keys), value_size), -(-len(keys) // _MAX_KEYS_PER_READ))
             if result is _MISS or arena is None:
                 return [None] * len(keys)
@@ -258,10 +262,10 @@ class RemoteBlockStore:
     # ---- the helper (all below with self._lock held) ----
     def _call(self, request: tuple[Any, ...], sdk_calls: int) -> Any:
         """The helper's result, or _MISS (down, no helper, a late or lost answer)."""
-        if not self._usable():
+        bound_s = self._bound_s(sdk_calls)
+        if not self._usable(bound_s):
             return _MISS
         assert self._conn is not None
-        bound_s = _START_TIMEOUT_S if request[0] == "connect" else sdk_calls * self._timeout_ms / 1000 + _SLACK_S
         try:
             self._conn.send(request)
             if not self._conn.poll(bound_s):
@@ -274,10 +278,13 @@ class RemoteBlockStore:
         result = self._absorb(answer)
         return _MISS if isinstance(result, Exception) else result
 
+    def _bound_s(self, sdk_calls: int) -> float:
+        return sdk_calls * self._timeout_ms / 1000 + _SLACK_S
+
     def _fence(self, op: str, bound_s: float) -> None:
         """A call ran past its bound: kill its helper before the miss is reported (so the
-        call can no longer touch the KV cache or publish), and start a replacement whose
-        connect answer is owed (calls are misses until it comes)."""
+        call can no longer touch the KV cache or publish), and start a replacement (calls
+        are misses until it has connected)."""
         helper = self._helper
         if helper is not None:
             helper.kill()
@@ -285,30 +292,25 @@ class RemoteBlockStore:
         self._fenced += 1
         self._log_late(op, bound_s)
         self._stop_helper()
-        if self._closed or not self._start():
-            return
-        assert self._conn is not None
-        try:
-            self._conn.send(("connect",))
-            self._owed = 1
-        except OSError as exc:
-            self._lost(f"replacement helper: {exc!r}")
+        if not self._closed:
+            self._start()
 
-    def _usable(self) -> bool:
-        """A helper is running (started if need be) and owes no answer."""
+    def _usable(self, wait_s: float = 0.0) -> bool:
+        """A helper is running (started if need be) and has connected, waiting for that up
+        to ``wait_s``: a call waits for a new helper's start at most its own bound."""
         if self._closed or time.monotonic() < self._down_until:
             return False
         if self._conn is None and not self._start():
             return False
-        return self._collect_owed()
+        return self._collect_owed(wait_s)
 
-    def _arena_for(self, value_size: int) -> memoryview | None:
+    def _arena_for(self, value_size: int, wait_s: float) -> memoryview | None:
         """The arena, once the helper is usable and the arena holds a value of this size."""
         if value_size > self.arena_bytes:
             logger.info("[store=%s] values of %d bytes: moving to a larger arena", self._address, value_size)
             self._stop_helper()
             self.arena_bytes = value_size
-        return self._arena if self._usable() else None
+        return self._arena if self._usable(wait_s) else None
 
     def _start(self) -> bool:
         parent_end, child_end = socket.socketpair()
@@ -341,21 +343,29 @@ class RemoteBlockStore:
             child_end.close()
             os.close(arena_fd)
         self._conn = Connection(parent_end.detach())
-        self._owed = 0
+        try:
+            self._conn.send(("connect",))  # the helper imports the SDK and connects; answered when done
+        except OSError as exc:
+            self._lost(f"new helper: {exc!r}")
+            return False
+        self._owed = 1
+        self._connected = False
         logger.info("[store=%s] store helper pid %d started (arena %d MiB)", self._address, self._helper.pid,
                     self.arena_bytes >> 20)  # fmt: skip
         return True
 
-    def _collect_owed(self) -> bool:
-        """Take late answers that have come; True when none is owed any more."""
+    def _collect_owed(self, wait_s: float = 0.0) -> bool:
+        """Take a new helper's connect answer if it has come (waiting up to ``wait_s``);
+        True when none is owed any more."""
+        deadline = time.monotonic() + wait_s
         while self._owed:
             assert self._conn is not None
             try:
-                if not self._conn.poll(0):
+                if not self._conn.poll(max(0.0, deadline - time.monotonic())):
                     return False
-                self._absorb(self._conn.recv())
+                self._connected = self._absorb(self._conn.recv()) is True
             except (EOFError, OSError) as exc:
-                self._lost(f"late answer: {exc!r}")
+                self._lost(f"connect answer: {exc!r}")
                 return False
             self._owed -= 1
         return True
