@@ -232,17 +232,24 @@ def _kill_worker(deployment: Deployment, stop: threading.Event, rng: random.Rand
 
 
 @contextmanager
-def _injecting(fault: Callable[[threading.Event], int], report: PhaseReport) -> Iterator[threading.Thread]:
+def _injecting(fault: Callable[[threading.Event], int], report: PhaseReport) -> Iterator[Callable[[bool], None]]:
+    """Run ``fault`` beside the block; what it yields waits for the fault to end (told to
+    stop first, or not: a fault that ends by itself)."""
     stop = threading.Event()
     count: list[int] = []
     thread = threading.Thread(target=lambda: count.append(fault(stop)), name="fault", daemon=True)
-    thread.start()
-    try:
-        yield thread
-    finally:
-        stop.set()
+
+    def end(stop_now: bool = True) -> None:
+        if stop_now:
+            stop.set()
         thread.join(timeout=120)
         report.faults = count[0] if count else 0
+
+    thread.start()
+    try:
+        yield end
+    finally:
+        end()
 
 
 # ---- one phase ----
@@ -340,13 +347,14 @@ def run_phase(deployment: Deployment, phase: str, requests: int, concurrency: in
         "worker-killed": lambda stop: _kill_worker(deployment, stop, rng),
         "dtype-mix": lambda stop: 0,
     }
-    # worker-killed: the last third is sent once the worker is back, so that blocks are
-    # stored (and reused) in the restarted one too
-    first = 2 * len(prompts) // 3 if phase == "worker-killed" else len(prompts)
-    with _injecting(faults[phase], report) as fault:
+    # Where a fault stops saves for a while (a helper being replaced, the worker down), the
+    # last third of the requests is sent once it has ended (the worker is back, the
+    # helpers frozen no longer), so that blocks are also stored after it, and checked.
+    first = 2 * len(prompts) // 3 if phase in ("frozen-helper", "worker-killed") else len(prompts)
+    with _injecting(faults[phase], report) as end_fault:
         asyncio.run(_send_all(deployment, prompts[:first], lengths[:first], expected[:first], concurrency, sent, report))
         if first < len(prompts):
-            fault.join(timeout=120)
+            end_fault(phase == "frozen-helper")  # the worker's kill and restart end by themselves
             asyncio.run(_send_all(deployment, prompts[first:], lengths[first:], expected[first:], concurrency, sent, report))
     if phase == "worker-killed":
         store = _Store(store_address(deployment))  # the first client's worker is gone
