@@ -48,7 +48,9 @@ def test_a_stream_whose_decode_engine_dies_goes_on_with_the_same_text(tmp_path_f
     with deployed(tmp_path_factory.mktemp("migration"), **settings) as deployment:
         body = {"model": deployment.state.served_model_name, "prompt": token_prompt(200), "max_tokens": 300,
                 "temperature": 0, "ignore_eos": True, "stream": True}  # fmt: skip
-        _, reference = _stream(deployment.url, body)
+        # The prefill engine computing alone (a cache_salt of its own: nothing reused or
+        # loaded): a wrong block handed over would change the door's text, not this one.
+        _, reference = _stream(deployment.engine_url("prefill"), {**body, "cache_salt": "alone"})
         decode = next(engine for engine in deployment.state.engines if engine["role"] == "decode")
         killed_at: list[int] = []
 
