@@ -44,7 +44,10 @@ def _stream(url: str, body: dict[str, object], on_event: Callable[[int], None] |
 
 
 def test_a_stream_whose_decode_engine_dies_goes_on_with_the_same_text(tmp_path_factory: pytest.TempPathFactory) -> None:
-    settings = {"PREFILL_STARTUP_PARAMS": LONG_ENGINE_PARAMS, "DECODE_STARTUP_PARAMS": LONG_ENGINE_PARAMS}
+    # Both legs for every request (SELECTIVE_PD_TOKENS=0): the 200-token prompt is handed
+    # over, so a wrong block would show in the text before the cut.
+    settings = {"PREFILL_STARTUP_PARAMS": LONG_ENGINE_PARAMS, "DECODE_STARTUP_PARAMS": LONG_ENGINE_PARAMS,
+                "SELECTIVE_PD_TOKENS": "0"}  # fmt: skip
     with deployed(tmp_path_factory.mktemp("migration"), **settings) as deployment:
         body = {"model": deployment.state.served_model_name, "prompt": token_prompt(200), "max_tokens": 300,
                 "temperature": 0, "ignore_eos": True, "stream": True}  # fmt: skip
