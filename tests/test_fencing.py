@@ -19,55 +19,22 @@ import pytest
 import torch
 
 from deploy.config import DataSystemConfig
-from patch.yuanrong_connector.paged_cache import PagedKVCache
 from patch.yuanrong_connector.remote_store import RemoteBlockStore
 from patch.yuanrong_connector.saver import BackgroundSaver
-from patch.yuanrong_connector.shared_cache import share_cache_storage
-from patch.yuanrong_connector.staging import HostStaging
+from tests.cache_engine import CacheEngine
 
-LAYERS, BLOCKS = 2, 6
 TIMEOUT_MS = 500  # a call's bound: 0.5 s per SDK call + 0.5 s (the SDK refuses less)
 
 
-def _cache(fill: bool) -> dict[str, torch.Tensor]:
-    """Every layer a view of one allocation, as vLLM's allocate_kv_cache makes it."""
-    per_layer = BLOCKS * 2 * 16 * 2 * 32
-    backing = torch.zeros(LAYERS * per_layer, dtype=torch.float32)
-    if fill:
-        backing.normal_()
-    return {f"model.layers.{i}.self_attn.attn": backing[i * per_layer : (i + 1) * per_layer].view(BLOCKS, 2, 16, 2, 32)
-            for i in range(LAYERS)}  # fmt: skip
-
-
-class _Engine:
-    """One engine's KV cache, shared with a store helper of its own."""
-
-    def __init__(self, address: str, fill: bool) -> None:
-        self.cache = _cache(fill)
-        self.staging = HostStaging(PagedKVCache.register(self.cache, BLOCKS))
-        self.store = RemoteBlockStore(address, request_timeout_ms=TIMEOUT_MS)
-        region = share_cache_storage(self.cache)
-        assert region is not None
-        self.store.share_cache(region)
-        assert self.store.connect()
-
-    def block(self, block_id: int) -> list[torch.Tensor]:
-        return [tensor[block_id].clone() for tensor in self.cache.values()]
-
-    def reuse(self, block_id: int) -> None:
-        """What vLLM does with a block it gave to another request: new bytes in it."""
-        for tensor in self.cache.values():
-            tensor[block_id].fill_(7.0)
-
-
 @pytest.fixture
-def engines(ds_worker: DataSystemConfig) -> Iterator[tuple[_Engine, _Engine]]:
-    source, target = _Engine(ds_worker.address, fill=True), _Engine(ds_worker.address, fill=False)
+def engines(ds_worker: DataSystemConfig) -> Iterator[tuple[CacheEngine, CacheEngine]]:
+    source = CacheEngine(ds_worker.address, fill=True, request_timeout_ms=TIMEOUT_MS)
+    target = CacheEngine(ds_worker.address, fill=False, request_timeout_ms=TIMEOUT_MS)
     try:
         yield source, target
     finally:
-        source.store.close()
-        target.store.close()
+        source.close()
+        target.close()
 
 
 @contextlib.contextmanager
@@ -96,7 +63,7 @@ def _keys(count: int) -> list[str]:
     return [f"fence-{uuid.uuid4().hex}" for _ in range(count)]
 
 
-def test_a_late_load_never_writes_into_the_cache_after_its_miss(engines: tuple[_Engine, _Engine]) -> None:
+def test_a_late_load_never_writes_into_the_cache_after_its_miss(engines: tuple[CacheEngine, CacheEngine]) -> None:
     source, target = engines
     (key,) = _keys(1)
     assert source.staging.save(source.store, [key], [1], None).stored == 1
@@ -114,7 +81,7 @@ def test_a_late_load_never_writes_into_the_cache_after_its_miss(engines: tuple[_
     assert all(torch.equal(loaded, stored) for loaded, stored in zip(target.block(4), source.block(1)))
 
 
-def test_a_late_save_never_publishes_blocks_handed_back(engines: tuple[_Engine, _Engine]) -> None:
+def test_a_late_save_never_publishes_blocks_handed_back(engines: tuple[CacheEngine, CacheEngine]) -> None:
     source, target = engines
     (key,) = _keys(1)
     with _frozen(source.store) as helper:
@@ -126,7 +93,7 @@ def test_a_late_save_never_publishes_blocks_handed_back(engines: tuple[_Engine, 
     assert target.staging.load(target.store, [key], [0]) == {0}
 
 
-def test_a_preempted_requests_queued_save_never_runs_after_its_blocks_are_reused(engines: tuple[_Engine, _Engine]) -> None:
+def test_a_preempted_requests_queued_save_never_runs_after_its_blocks_are_reused(engines: tuple[CacheEngine, CacheEngine]) -> None:
     source, target = engines
     first, preempted = _keys(2)
     saver = BackgroundSaver(source.store, source.staging, max_pending_blocks=100)

@@ -16,32 +16,17 @@ import torch
 
 from deploy.config import DataSystemConfig
 from patch.yuanrong_connector.integrity import SEAL_BYTES, seal, unseal
-from patch.yuanrong_connector.paged_cache import PagedKVCache
-from patch.yuanrong_connector.remote_store import RemoteBlockStore
-from patch.yuanrong_connector.shared_cache import share_cache_storage
-from patch.yuanrong_connector.staging import HostStaging
-
-BLOCKS = 4
-
-
-class _Engine:
-    def __init__(self, address: str, fill: bool, check_bytes: bool = True) -> None:
-        self.cache = torch.randn(BLOCKS, 2, 16, 2, 32) if fill else torch.zeros(BLOCKS, 2, 16, 2, 32)
-        self.staging = HostStaging(PagedKVCache.register({"model.layers.0.self_attn.attn": self.cache}, BLOCKS))
-        self.store = RemoteBlockStore(address, request_timeout_ms=2000, check_bytes=check_bytes)
-        region = share_cache_storage({"model.layers.0.self_attn.attn": self.cache})
-        assert region is not None
-        self.store.share_cache(region)
+from tests.cache_engine import CacheEngine
 
 
 @pytest.fixture
-def engines(ds_worker: DataSystemConfig) -> Iterator[tuple[_Engine, _Engine]]:
-    source, target = _Engine(ds_worker.address, fill=True), _Engine(ds_worker.address, fill=False)
+def engines(ds_worker: DataSystemConfig) -> Iterator[tuple[CacheEngine, CacheEngine]]:
+    source, target = CacheEngine(ds_worker.address, fill=True), CacheEngine(ds_worker.address, fill=False)
     try:
         yield source, target
     finally:
-        source.store.close()
-        target.store.close()
+        source.close()
+        target.close()
 
 
 _STRAY_WRITER = """
@@ -79,7 +64,7 @@ def test_seal_names_the_key_the_length_and_the_bytes() -> None:
 
 
 def test_a_block_whose_bytes_were_flipped_is_computed_counted_and_deleted(
-    engines: tuple[_Engine, _Engine]
+    engines: tuple[CacheEngine, CacheEngine]
 ) -> None:
     source, target = engines
     keys = [f"integrity-{uuid.uuid4().hex}" for _ in range(3)]
@@ -89,16 +74,16 @@ def test_a_block_whose_bytes_were_flipped_is_computed_counted_and_deleted(
     failed = target.staging.load(target.store, keys, [3, 2, 1])
 
     assert failed == {2, 1}  # from the bad block on, vLLM computes
-    assert torch.equal(target.cache[3], source.cache[0])
+    assert all(torch.equal(a, b) for a, b in zip(target.block(3), source.block(0)))
     assert target.store.take_corrupt() == 1
     assert target.store.exists(keys) == [True, False, True]  # deleted: the next save writes it anew
     assert source.staging.save(source.store, [keys[1]], [1], None).stored == 1
     assert target.staging.load(target.store, keys[:2], [3, 2]) == set()
-    assert torch.equal(target.cache[2], source.cache[1])
+    assert all(torch.equal(a, b) for a, b in zip(target.block(2), source.block(1)))
 
 
 def test_a_value_stored_under_another_blocks_key_is_never_loaded(
-    engines: tuple[_Engine, _Engine]
+    engines: tuple[CacheEngine, CacheEngine]
 ) -> None:
     source, target = engines
     first, second = (f"integrity-{uuid.uuid4().hex}" for _ in range(2))
@@ -106,11 +91,11 @@ def test_a_value_stored_under_another_blocks_key_is_never_loaded(
     _stray_write(source.store.address, "copy", second, first)  # right bytes, wrong block
     assert target.staging.load(target.store, [second], [3]) == {3}
     assert target.store.take_corrupt() == 1
-    assert float(target.cache[3].abs().sum()) == 0
+    assert all(float(layer.abs().sum()) == 0 for layer in target.block(3))
 
 
 def test_without_the_checksum_keys_and_lengths_are_still_checked(ds_worker: DataSystemConfig) -> None:
-    source, target = _Engine(ds_worker.address, fill=True), _Engine(ds_worker.address, fill=False, check_bytes=False)
+    source, target = CacheEngine(ds_worker.address, fill=True), CacheEngine(ds_worker.address, fill=False, check_bytes=False)
     try:
         first, second = (f"integrity-{uuid.uuid4().hex}" for _ in range(2))
         assert source.staging.save(source.store, [first, second], [0, 1], None).stored == 2
@@ -120,5 +105,5 @@ def test_without_the_checksum_keys_and_lengths_are_still_checked(ds_worker: Data
         assert target.staging.load(target.store, [second], [2]) == {2}  # another key's value: never
         assert target.store.take_corrupt() == 1
     finally:
-        source.store.close()
-        target.store.close()
+        source.close()
+        target.close()

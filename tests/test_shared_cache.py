@@ -16,6 +16,7 @@ from patch.yuanrong_connector.paged_cache import PagedKVCache
 from patch.yuanrong_connector.remote_store import RemoteBlockStore
 from patch.yuanrong_connector.shared_cache import share_cache_storage, share_memory
 from patch.yuanrong_connector.staging import HostStaging
+from tests.cache_engine import vllm_like_cache
 
 LAYERS, BLOCKS = 4, 10
 
@@ -40,13 +41,7 @@ def test_moved_memory_keeps_its_bytes_and_is_shared_both_ways() -> None:
 
 
 def _vllm_like_cache(fill: bool) -> dict[str, torch.Tensor]:
-    """Every layer a view of one allocation, as vLLM's allocate_kv_cache makes it."""
-    per_layer = BLOCKS * 2 * 16 * 2 * 32
-    backing = torch.zeros(LAYERS * per_layer, dtype=torch.bfloat16)
-    if fill:
-        backing.normal_()
-    return {f"model.layers.{i}.self_attn.attn": backing[i * per_layer : (i + 1) * per_layer].view(BLOCKS, 2, 16, 2, 32)
-            for i in range(LAYERS)}  # fmt: skip
+    return vllm_like_cache(LAYERS, BLOCKS, fill, torch.bfloat16)
 
 
 def _shared_store(address: str, cache: dict[str, torch.Tensor]) -> RemoteBlockStore:
