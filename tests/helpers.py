@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 import socket
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +76,27 @@ def pids_matching(text: str) -> list[int]:
         if text in cmdline and int(entry.name) != os.getpid():
             found.append(int(entry.name))
     return found
+
+
+def freeze(pid: int, timeout_s: float = 5.0) -> None:
+    """SIGSTOP ``pid`` and return once every thread of it has stopped. The signal is
+    delivered asynchronously: on a busy host a thread can still answer a call made right
+    after ``kill`` (seen in CI: a "frozen" worker answered ``exist``)."""
+    os.kill(pid, signal.SIGSTOP)
+    deadline = time.monotonic() + timeout_s
+    while not all(_thread_state(task) in ("T", "t", None) for task in Path(f"/proc/{pid}/task").glob("*")):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"process {pid} did not stop within {timeout_s} s of SIGSTOP")
+        time.sleep(0.002)
+
+
+def _thread_state(task: Path) -> str | None:
+    """A thread's state letter from its /proc stat line; None once it is gone."""
+    try:
+        stat = (task / "stat").read_text()
+    except OSError:
+        return None
+    return stat[stat.rindex(")") + 2]
 
 
 def port_open(port: int) -> bool:

@@ -57,7 +57,7 @@ from deploy.datasystem import start_worker, worker_home
 from patch.yuanrong_connector.integrity import SEAL_BYTES, unseal
 from patch.yuanrong_connector.keys import block_key, chain_root, chained_block_hashes
 from tests.e2e import BLOCK_SIZE, ENGINE_PARAMS, Deployment, deployed, metric
-from tests.helpers import pids_matching, process_tree
+from tests.helpers import freeze, pids_matching, process_tree
 from tests.kv_torture import make_prompts
 
 PHASES = ("frozen-helper", "flipped-block", "worker-killed", "dtype-mix")
@@ -182,7 +182,7 @@ def _freeze_helpers(deployment: Deployment, stop: threading.Event, rng: random.R
         if helpers:
             helper = rng.choice(helpers)
             try:
-                os.kill(helper, signal.SIGSTOP)
+                freeze(helper)
                 frozen += 1
                 stop.wait(HELPER_BOUND_S + 0.2)
             except ProcessLookupError:

@@ -20,7 +20,7 @@ from patch.yuanrong_connector.settings import ConnectorSettings
 from patch.yuanrong_connector.remote_store import ARENA_BYTES, RemoteBlockStore
 from patch.yuanrong_connector.store import BlockStore
 from patch.yuanrong_connector.worker import YuanRongWorker
-from tests.helpers import free_port, pids_matching
+from tests.helpers import free_port, freeze, pids_matching
 
 NUM_BLOCKS, KV_HEADS, BLOCK, HEAD = 8, 2, 16, 64
 BLOCK_BYTES = 2 * KV_HEADS * BLOCK * 2 * HEAD * 2  # 2 layers, K and V, bfloat16
@@ -186,7 +186,7 @@ def test_a_worker_that_answers_late_is_slow_not_down(tmp_path_factory: pytest.Te
         store.put(["late"], 8, lambda first, buffers: buffers[0].__setitem__(slice(0, 8), b"12345678"))
         assert store.exists(["late"]) == [True]
         (pid,) = pids_matching(f"--worker_address={settings.address}")
-        os.kill(pid, signal.SIGSTOP)
+        freeze(pid)
         try:
             started = time.monotonic()
             assert store.exists(["late"]) == [False]  # a miss...

@@ -22,6 +22,7 @@ from deploy.config import DataSystemConfig
 from patch.yuanrong_connector.remote_store import RemoteBlockStore
 from patch.yuanrong_connector.saver import BackgroundSaver
 from tests.cache_engine import CacheEngine
+from tests.helpers import freeze
 
 TIMEOUT_MS = 500  # a call's bound: 0.5 s per SDK call + 0.5 s (the SDK refuses less)
 
@@ -42,7 +43,7 @@ def _frozen(store: RemoteBlockStore) -> Iterator[int]:
     """The store's helper stopped (SIGSTOP) for the block; let go (SIGCONT) after, if alive."""
     helper = store.helper_pid
     assert helper is not None
-    os.kill(helper, signal.SIGSTOP)
+    freeze(helper)
     try:
         yield helper
     finally:

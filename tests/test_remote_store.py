@@ -20,7 +20,7 @@ from deploy.datasystem import start_worker, stop_worker
 from patch.yuanrong_connector.remote_store import RemoteBlockStore, Store
 from patch.yuanrong_connector.sdk_threads import thread_niceness
 from patch.yuanrong_connector.store import BlockStore
-from tests.helpers import free_port, pids_matching
+from tests.helpers import free_port, freeze, pids_matching
 
 
 def _fill(first: int, buffers: list[memoryview]) -> None:
@@ -69,7 +69,7 @@ def own_worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[DataS
 def _frozen_call_share(store: Store, worker_pid: int) -> tuple[float, float, list[bool]]:
     store.put(["frozen"], 8, _fill)
     assert store.exists(["frozen"]) == [True]
-    os.kill(worker_pid, signal.SIGSTOP)
+    freeze(worker_pid)
     try:
         answer: list[list[bool]] = []
         seconds, share = _other_thread_share(lambda: answer.append(store.exists(["frozen"])))
@@ -104,7 +104,7 @@ def test_a_helper_that_answers_late_is_replaced_and_calls_are_misses_until_the_n
         assert store.put(["late-helper"], 8, _fill).stored == 1
         helper = store.helper_pid
         assert helper is not None
-        os.kill(helper, signal.SIGSTOP)
+        freeze(helper)
         started = time.monotonic()
         assert store.exists(["late-helper"]) == [False]  # bounded: 0.5 s per SDK call + 0.5 s
         assert 0.9 < time.monotonic() - started < 1.7
