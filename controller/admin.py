@@ -1,4 +1,4 @@
-"""The door's admin endpoints (behind the API key when one is set, like /v1):
+"""The door's admin endpoints (behind the API key when one is set, like every path but /health):
 
 - ``GET /admin/engines``: the routing table: each engine's name, role, url, state,
   requests in flight and restarts, with the table's version.
@@ -33,7 +33,6 @@ logger = logging.getLogger(__name__)
 
 DOOR_CALL_TIMEOUT_S = 90.0  # a refresh calls the Controller (its own bound is 60 s)
 
-Unauthorized = Callable[[Request], "Response | None"]
 ErrorResponse = Callable[..., JSONResponse]
 
 
@@ -61,32 +60,27 @@ def add_admin_routes(
     table: RoutingTable,
     scaler: Scaler | None,
     metrics: DoorMetrics,
-    unauthorized: Unauthorized,
     refresh_once: Callable[[], Awaitable[None]],
     error: ErrorResponse,
 ) -> None:
     """``error``: the door's OpenAI-form error response (``openai_error``)."""
 
-    def scale_refused(request: Request) -> Response | None:
-        """The answer when this request may not scale here: no key, or no scaler."""
-        if (refused := unauthorized(request)) is not None:
-            return refused
+    def scale_refused() -> Response | None:
+        """The answer when this door cannot scale: it has no scaler."""
         if scaler is None:
             return error(501, "scaling is not available on this door (it runs without a Controller to start engines)",
                          "not_implemented")  # fmt: skip
         return None
 
     @app.get("/admin/engines")
-    async def engines(request: Request) -> Response:
-        if (refused := unauthorized(request)) is not None:
-            return refused
+    async def engines() -> Response:
         rows = [{"name": e.name, "role": e.role, "url": e.url, "state": e.state, "in_flight": e.outstanding,
                  "restarts": e.restarts} for e in table.all_engines()]  # fmt: skip
         return JSONResponse({"version": table.version, "engines": rows})
 
     @app.get("/admin/scale")
-    async def scale_progress(request: Request) -> Response:
-        if (refused := scale_refused(request)) is not None:
+    async def scale_progress() -> Response:
+        if (refused := scale_refused()) is not None:
             return refused
         assert scaler is not None
         progress = scaler.progress
@@ -97,7 +91,7 @@ def add_admin_routes(
 
     @app.post("/admin/scale")
     async def scale(request: Request) -> Response:
-        if (refused := scale_refused(request)) is not None:
+        if (refused := scale_refused()) is not None:
             return refused
         assert scaler is not None
         try:

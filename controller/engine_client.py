@@ -229,9 +229,11 @@ class _HostPool:
 class EngineClient:
     """Pooled keep-alive connections to every engine the door talks to."""
 
-    def __init__(self, connect_timeout_s: float = CONNECT_TIMEOUT_S) -> None:
+    def __init__(self, connect_timeout_s: float = CONNECT_TIMEOUT_S, api_key: str | None = None) -> None:
+        """``api_key``: sent with every request (the deployment's engines require it)."""
         self._pools: dict[tuple[str, int], _HostPool] = {}
         self._connect_timeout_s = connect_timeout_s
+        self._authorization = f"Authorization: Bearer {api_key}\r\n" if api_key else ""
 
     async def request(self, method: str, host: str, port: int, path: str, payload: bytes = b"",
                       headers: Mapping[str, str] | None = None) -> Upstream:  # fmt: skip
@@ -242,7 +244,7 @@ class EngineClient:
         if pool is None:
             pool = self._pools[(host, port)] = _HostPool(host, port)
         extra = "".join(f"{name}: {value}\r\n" for name, value in headers.items()) if headers else ""
-        head = (f"{method} {path} HTTP/1.1\r\nHost: {pool.host_header}\r\n{extra}"
+        head = (f"{method} {path} HTTP/1.1\r\nHost: {pool.host_header}\r\n{self._authorization}{extra}"
                 f"Content-Length: {len(payload)}\r\n\r\n").encode("latin-1")  # fmt: skip
         connection = pool.take_idle()
         if connection is not None:

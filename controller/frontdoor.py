@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import gc
-import hmac
 import json
 import logging
 import time
@@ -48,6 +47,7 @@ from controller.migration import StreamFollower, migratable, with_token_ids
 from controller.policies import EngineLoad, affinity_key
 from controller.routing import SUSPECT_S, RoutingTable
 from controller.scaling import Scaler
+from workers.api_key_guard import UNAUTHORIZED_MESSAGE, BearerCheck, KeyGuard
 
 logger = logging.getLogger(__name__)
 
@@ -124,8 +124,9 @@ class FrontDoor:
     ``admission``: overload control (None: no limit on requests in flight).
     ``stream_migrations``: how many times one completions stream may be continued on
     another engine when its engine's stream breaks (controller/migration.py); 0: never.
-    ``api_key``: when set, every /v1 request must carry ``Authorization: Bearer <key>``
-    (as ``vllm serve --api-key``); /health and /metrics stay open for probes and scrapers.
+    ``api_key``: when set, every request must carry ``Authorization: Bearer <key>``
+    (workers/api_key_guard.py), /health excepted, and /metrics with ``metrics_public``;
+    the door sends the key to its engines, which require it too.
     ``kv_router``: KV-aware routing and selective PD (controller/kv_router.py); None: the
     table's policy, and every PD request takes both legs.
     ``scaler``: adds and removes engines at runtime behind ``POST /admin/scale``
@@ -142,6 +143,7 @@ class FrontDoor:
         stream_migrations: int = 1,
         kv_router: KVRouter | None = None,
         scaler: Scaler | None = None,
+        metrics_public: bool = False,
     ) -> None:
         self.table = table
         self.served_model_name = served_model_name
@@ -150,14 +152,16 @@ class FrontDoor:
         self.admission = admission
         self.stream_migrations = stream_migrations
         self.kv_router = kv_router
-        self.client = EngineClient()
+        self.client = EngineClient(api_key=api_key)
         # Labelled metric children made once (a ``labels()`` call costs ~1 us, per request several).
         self._ttft = {endpoint: self.metrics.ttft.labels(endpoint) for endpoint in _ENDPOINTS}
         self._latency = {endpoint: self.metrics.latency.labels(endpoint) for endpoint in _ENDPOINTS}
         self._counted: dict[tuple[str, int], Any] = {}
-        self._bearer = f"Bearer {api_key}".encode() if api_key is not None else None
+        self._bearer = BearerCheck(api_key) if api_key is not None else None
         self._refreshing: asyncio.Lock | None = None  # made on the door's loop
         self.app = self._fallback_app(scaler)
+        if api_key is not None:
+            self.app.add_middleware(KeyGuard, api_key=api_key, metrics_public=metrics_public)
         self.protocol = door_protocol(
             {"/v1/completions": functools.partial(self._handle, endpoint="completions", required="prompt"),
              "/v1/chat/completions": functools.partial(self._handle, endpoint="chat/completions", required="messages")}
@@ -233,12 +237,7 @@ class FrontDoor:
 
     # -- the less frequent endpoints (FastAPI) -----------------------------------------
     def _authorized(self, authorization: str) -> bool:
-        return self._bearer is None or hmac.compare_digest(authorization.encode(), self._bearer)
-
-    def _unauthorized(self, request: Request) -> Response | None:
-        if self._authorized(request.headers.get("Authorization", "")):
-            return None
-        return openai_error(401, _UNAUTHORIZED, "invalid_request_error", request_id=request.headers.get(REQUEST_ID_HEADER, ""))
+        return self._bearer is None or self._bearer(authorization.encode("latin-1"))
 
     def _fallback_app(self, scaler: Scaler | None) -> FastAPI:
         app = FastAPI(title="vLLM on openYuanrong", lifespan=self._lifespan)
@@ -256,13 +255,11 @@ class FrontDoor:
             return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
         @app.get("/v1/models")
-        async def models(request: Request) -> Response:
-            if (refused := self._unauthorized(request)) is not None:
-                return refused
+        async def models() -> Response:
             model = {"id": self.served_model_name, "object": "model", "created": int(time.time()), "owned_by": "vllm-on-yr"}
             return JSONResponse({"object": "list", "data": [model]})
 
-        add_admin_routes(app, table, scaler, metrics, self._unauthorized, self.refresh_once, openai_error)
+        add_admin_routes(app, table, scaler, metrics, self.refresh_once, openai_error)
         return app
 
     # -- completions (the door's own HTTP layer) ---------------------------------------
@@ -293,7 +290,7 @@ class FrontDoor:
 
     def _parsed(self, exchange: Exchange, required: str) -> dict[str, Any]:
         if not self._authorized(exchange.headers.get("authorization", "")):
-            raise _Refused(401, _UNAUTHORIZED, "invalid_request_error")
+            raise _Refused(401, UNAUTHORIZED_MESSAGE, "invalid_request_error")
         try:
             body = json.loads(exchange.body)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -551,7 +548,6 @@ class FrontDoor:
                        f" (engine skipped for {SUSPECT_S:.0f} s)" if unavailable else "")  # fmt: skip
 
 
-_UNAUTHORIZED = "Incorrect or missing API key: send 'Authorization: Bearer <API_KEY>'"
 _ENDPOINTS = ("completions", "chat/completions")
 
 

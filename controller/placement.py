@@ -161,11 +161,13 @@ def engine_specs(
                 project_root=str(Path(__file__).resolve().parents[1]),
                 cache_root=str(config.model_cache_dir.parent / "vllm"),
                 cpu_kvcache_gb=config.cpu_kvcache_gb,
-                bind_host="0.0.0.0" if config.cluster_mode else placement.node_address,
+                bind_host="" if config.cluster_mode else placement.node_address,  # "": its node's address
                 node_id=placement.node_id,
                 runtime_placed=config.cluster_mode,
                 kv_events=config.kv_events,
                 data_parallel=engine.data_parallel,
+                api_key=config.api_key,
+                metrics_public=config.metrics_public,
             )
         )
     return specs

@@ -169,7 +169,8 @@ class ServiceConfig:
     admission: AdmissionConfig  # the door's overload control
     stream_migrations: int  # times one completions stream may be continued on another engine
     drain_timeout_s: float  # on clean / SIGTERM / Ctrl-C: how long requests in flight may finish
-    api_key: str | None  # set: /v1 requests must carry "Authorization: Bearer <key>"
+    api_key: str | None  # set: every HTTP port of the deployment (door, engines) needs "Authorization: Bearer <key>"
+    metrics_public: bool  # with api_key: /metrics answers without the key too (/health always does)
     run_dir: Path  # deploy.log, deploy.pid, state.json
     sessions_dir: Path  # /tmp/yr_sessions: engine logs go to <sessions_dir>/latest/log
     model_cache_dir: Path
@@ -307,7 +308,9 @@ SETTINGS: tuple[_Setting, ...] = (
     _Setting("DOOR_QUEUE_TIMEOUT_S", "30", "seconds a request may wait at the door for a slot; then 429"),
     _Setting("STREAM_MIGRATIONS", "1", "times a /v1/completions stream whose engine dies is continued on another engine; 0: never"),
     _Setting("DRAIN_TIMEOUT_S", "30", "on clean, SIGTERM or Ctrl-C: seconds requests in flight may take to finish"),
-    _Setting("API_KEY", None, "when set, /v1 requests must carry 'Authorization: Bearer <API_KEY>'; unset: open"),
+    _Setting("API_KEY", None, "when set, every HTTP port of the deployment (the door and each engine) needs "
+             "'Authorization: Bearer <API_KEY>', /health excepted; unset: open"),
+    _Setting("METRICS_PUBLIC", "0", "with API_KEY: 1 serves /metrics without the key (scrapers without a token); 0: behind it"),
     _Setting("RUN_DIR", None, "where deploy.log, deploy.pid and state.json live; unset: project root"),
     _Setting("YR_SESSIONS_DIR", "/tmp/yr_sessions", "openYuanrong session folder (engine logs in latest/log)"),
     _Setting("MODEL_CACHE_DIR", None, "where the embedded model is built; unset: <project>/.cache/models"),
@@ -386,6 +389,7 @@ def build_config(
         stream_migrations=_int(raw, "STREAM_MIGRATIONS", minimum=0, maximum=10),
         drain_timeout_s=float(_int(raw, "DRAIN_TIMEOUT_S", minimum=0, maximum=600)),
         api_key=raw["API_KEY"] or None,
+        metrics_public=_flag(raw, "METRICS_PUBLIC"),
         run_dir=Path(raw["RUN_DIR"] or PROJECT_ROOT),
         sessions_dir=sessions_dir,
         model_cache_dir=Path(raw["MODEL_CACHE_DIR"] or PROJECT_ROOT / ".cache" / "models"),
@@ -650,7 +654,11 @@ def describe(config: ServiceConfig) -> Sequence[str]:
                                           "rank-0 node)" if config.dp_mode == "vllm" else "one vLLM server per rank"))
     lines.append(f"model: {config.model_path or 'embedded random-weight Qwen2 (gibberish by design)'}")
     lines.append(f"routing: {config.routing_policy} (decode by least outstanding requests)")
-    lines.append(f"API key: {'required on /v1 (Authorization: Bearer)' if config.api_key else 'off (open door)'}")
+    if config.api_key:
+        lines.append("API key: required on every port, door and engines (Authorization: Bearer); /health open"
+                     + (", /metrics open (METRICS_PUBLIC=1)" if config.metrics_public else ""))  # fmt: skip
+    else:
+        lines.append("API key: off (door and engines open)")
     lines.append(
         f"overload: {config.admission.max_in_flight_per_engine} requests in flight per serving engine, "
         f"{config.admission.queue_size} waiting at most {config.admission.queue_timeout_s:.0f} s, then 429"

@@ -98,7 +98,8 @@ class FakeEngine:
             request_id = request.headers.get("X-Request-Id", "")
             self.counts.count(body)
             if self.keep_received:
-                self.received.append({"path": request.url.path, "body": body, "request_id": request_id})
+                self.received.append({"path": request.url.path, "body": body, "request_id": request_id,
+                                      "authorization": request.headers.get("Authorization", "")})  # fmt: skip
             deadline = time.monotonic() + self.delay_s
             while time.monotonic() < deadline:  # like vLLM: a client that goes away aborts the request
                 if await request.is_disconnected():

@@ -329,7 +329,14 @@ def _values(data: bytes, dtype: str) -> np.ndarray:
 
 def run_phase(deployment: Deployment, phase: str, requests: int, concurrency: int, seed: int) -> PhaseReport:
     rng = random.Random(f"{phase}-{seed}")
-    prompts = make_prompts(requests, seed * 100 + PHASES.index(phase))
+    # Where a fault stops saves for a while (a helper being replaced, the worker down), the
+    # last third of the requests is sent once it has ended (the worker is back, the
+    # helpers frozen no longer), so that blocks are also stored after it, and checked. Those
+    # prompts have prefix groups of their own: heads the prefill engine already holds in its
+    # device cache are not computed, so not saved, again (seen: a phase with 0 blocks checked).
+    first = 2 * requests // 3 if phase in ("frozen-helper", "worker-killed") else requests
+    prompt_seed = seed * 100 + PHASES.index(phase)
+    prompts = make_prompts(first, prompt_seed) + make_prompts(requests - first, prompt_seed + 50)
     lengths = [rng.randrange(4, 32) for _ in prompts]
     model = deployment.state.served_model_name
     reference_url = deployment.engine_url("decode" if phase == "dtype-mix" else "prefill")
@@ -347,10 +354,6 @@ def run_phase(deployment: Deployment, phase: str, requests: int, concurrency: in
         "worker-killed": lambda stop: _kill_worker(deployment, stop, rng),
         "dtype-mix": lambda stop: 0,
     }
-    # Where a fault stops saves for a while (a helper being replaced, the worker down), the
-    # last third of the requests is sent once it has ended (the worker is back, the
-    # helpers frozen no longer), so that blocks are also stored after it, and checked.
-    first = 2 * len(prompts) // 3 if phase in ("frozen-helper", "worker-killed") else len(prompts)
     with _injecting(faults[phase], report) as end_fault:
         asyncio.run(_send_all(deployment, prompts[:first], lengths[:first], expected[:first], concurrency, sent, report))
         if first < len(prompts):

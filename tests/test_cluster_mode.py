@@ -43,7 +43,8 @@ def test_runtime_placed_engine_keeps_the_runtimes_devices(accelerator: Accelerat
 def test_cluster_mode_specs_carry_no_devices_and_leave_the_variable_alone() -> None:
     config = build_config({"ACCELERATOR": "cuda", "PTP": "2", "DTP": "2", **CLUSTER})
     prefill, decode = plan_engines(config, MODEL, "m", ())
-    assert (prefill.devices, prefill.runtime_placed, prefill.bind_host) == ((), True, "0.0.0.0")
+    assert (prefill.devices, prefill.runtime_placed, prefill.bind_host) == ((), True, "")
+    assert resolve_on_node(prefill, "10.0.0.7").bind_host == "10.0.0.7"  # its node's address, never 0.0.0.0
     assert build_engine_env(decode, {"CUDA_VISIBLE_DEVICES": "6,7"})["CUDA_VISIBLE_DEVICES"] == "6,7"
 
 

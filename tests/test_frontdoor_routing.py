@@ -313,17 +313,35 @@ def test_engines_in_doubt_are_tried_last_rather_than_answering_503() -> None:
         assert len(good.received) == 3  # a restarting engine is not asked
 
 
-def test_api_key_guards_v1_and_leaves_probes_open() -> None:
+def test_api_key_guards_every_path_but_health_and_goes_to_the_engines() -> None:
     engine = FakeEngine("c0", "colocated")
     with door([engine], api_key="s3cret") as (url, _):
-        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}, {"Authorization": "Bearer s3cret2"}):
             refused = httpx.post(f"{url}/v1/completions", json={"prompt": "p"}, headers=headers, timeout=10)
             assert refused.status_code == 401 and refused.json()["error"]["type"] == "invalid_request_error"
-            assert httpx.get(f"{url}/v1/models", headers=headers, timeout=10).status_code == 401
+            for path in ("/v1/models", "/metrics", "/admin/engines", "/no-such-path"):
+                refused = httpx.get(f"{url}{path}", headers=headers, timeout=10)
+                assert (refused.status_code, refused.json()["error"]["code"]) == (401, 401), path
         assert engine.received == []  # refused requests never reach an engine
         key = {"Authorization": "Bearer s3cret"}
         assert httpx.post(f"{url}/v1/completions", json={"prompt": "p"}, headers=key, timeout=10).status_code == 200
         assert httpx.post(f"{url}/v1/chat/completions", json={"messages": []}, headers=key, timeout=10).status_code == 200
+        assert [r["authorization"] for r in engine.received] == ["Bearer s3cret"] * 2  # the engines need it too
         assert httpx.get(f"{url}/v1/models", headers=key, timeout=10).status_code == 200
+        assert httpx.get(f"{url}/metrics", headers=key, timeout=10).status_code == 200
         assert httpx.get(f"{url}/health", timeout=10).status_code == 200
-        assert httpx.get(f"{url}/metrics", timeout=10).status_code == 200
+
+
+def test_metrics_public_opens_metrics_alone() -> None:
+    engine = FakeEngine("c0", "colocated")
+    metrics = DoorMetrics()
+    table = RoutingTable([engine.info], make_policy("round_robin"), metrics)
+    door_ = FrontDoor(table, "m", metrics, api_key="s3cret", metrics_public=True)
+    port = free_port()
+    with serving(engine.app(), engine.port), serving(door_.app, port, door_.uvicorn_config("127.0.0.1", port, 5)):
+        assert httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).status_code == 200
+        assert httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=10).status_code == 401
+    without_key = FakeEngine("c1", "colocated")
+    with door([without_key]) as (url, _):  # no API_KEY: nothing sent
+        assert httpx.post(f"{url}/v1/completions", json={"prompt": "p"}, timeout=10).status_code == 200
+        assert without_key.received[0]["authorization"] == ""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -19,7 +20,7 @@ import zmq
 from controller.kv_events import KVEventSubscriber
 from controller.kv_index import KVIndex, request_extra_keys
 from controller.kv_wire import BlockRemoved, BlockStored, decode_batch
-from tests.helpers import free_port
+from tests.helpers import free_port, listening_addresses
 from workers.kv_events_config import event_endpoints, kv_events_args, kv_events_config
 
 kv_events = pytest.importorskip("vllm.distributed.kv_events")  # pulls in torch: the door does not
@@ -307,7 +308,19 @@ def test_the_engine_arguments_parse_as_vllm_config() -> None:
     assert argv[0] == "--kv-events-config"
     config = kv_events.KVEventsConfig(**msgspec.json.decode(argv[1]))
     assert (config.enable_kv_cache_events, config.publisher, config.topic) == (True, "zmq", ENGINE)
-    assert (config.endpoint, config.replay_endpoint) == ("tcp://*:5557", "tcp://10.0.0.5:5558")
+    assert (config.endpoint, config.replay_endpoint) == ("tcp://[::ffff:10.0.0.5]:5557", "tcp://10.0.0.5:5558")
     assert event_endpoints("10.0.0.5", 5557) == ("tcp://10.0.0.5:5557", "tcp://10.0.0.5:5558")
     with pytest.raises(ValueError, match="topic"):
         kv_events_config(5557, "")
+    for wildcard in ("0.0.0.0", "::", "fe80::1", "node-1"):
+        with pytest.raises(ValueError, match=f"kv events bind host {wildcard}"):
+            kv_events_config(5557, ENGINE, bind_host=wildcard)
+
+
+def test_the_publisher_listens_on_its_bind_host_alone() -> None:
+    """vLLM's own publisher, configured as an engine is: its PUB socket listens on the
+    engine's address, not on every interface (the events carry prompts' token ids)."""
+    port = free_port()
+    with publisher(port, free_port()):
+        listening = {address for address in listening_addresses([os.getpid()]) if address[1] == port}
+    assert listening == {("127.0.0.1", port)}

@@ -141,7 +141,7 @@ def test_kv_aware_routing_turns_engine_kv_events_on() -> None:
     spec = plan_engines(config, MODEL, "m", ("127.0.0.1:31501",))[0]
     argv = build_engine_argv(spec, 8000, events_port=9100)
     events = json.loads(argv[argv.index("--kv-events-config") + 1])
-    assert events["endpoint"] == "tcp://*:9100"
+    assert events["endpoint"] == "tcp://[::ffff:127.0.0.1]:9100"  # bound on loopback alone, as vLLM reads it
     assert events["replay_endpoint"] == "tcp://127.0.0.1:9101"
     assert events["topic"] == spec.name
     assert config.kv_block_size == 128
@@ -163,3 +163,16 @@ def test_prefix_reuse_across_tp_sizes_gives_every_engine_both_sizes() -> None:
     for other in (same_tp, no_reuse):
         for spec in plan_engines(other, MODEL, "m", ("127.0.0.1:31501",)):
             assert "peer_tp_sizes" not in _kv_config(build_engine_argv(spec, 8000))["kv_connector_extra_config"]  # type: ignore[operator]
+
+
+def test_engines_get_the_api_key_by_environment_and_guard_every_path() -> None:
+    config = build_config({"ACCELERATOR": "cpu", "VISIBLE_DEVICES": "0,1", "API_KEY": "s3cret"})
+    spec = plan_engines(config, MODEL, "m", ("127.0.0.1:31501",))[0]
+    argv = build_engine_argv(spec, 8000)
+    assert argv[argv.index("--middleware") + 1] == "workers.api_key_guard.EngineKeyGuard"
+    assert not any("s3cret" in arg for arg in argv) and "s3cret" not in repr(spec)  # never on a command line or in a log
+    env = build_engine_env(spec, {"VLLM_API_KEY": "the-callers-own"})
+    assert (env["VLLM_API_KEY"], env["YR_METRICS_PUBLIC"]) == ("s3cret", "0")
+    open_spec = plan_engines(build_config({"ACCELERATOR": "cpu", "VISIBLE_DEVICES": "0,1"}), MODEL, "m", ("127.0.0.1:31501",))[0]
+    assert "--middleware" not in build_engine_argv(open_spec, 8000)
+    assert "VLLM_API_KEY" not in build_engine_env(open_spec, {"VLLM_API_KEY": "the-callers-own"})

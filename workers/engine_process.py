@@ -26,6 +26,7 @@ from pathlib import Path
 from deploy.config import Accelerator, Role
 from deploy.errors import StartupError
 from deploy.state import pid_alive
+from workers.api_key_guard import ENGINE_MIDDLEWARE, KEY_VARIABLE, METRICS_PUBLIC_VARIABLE
 from workers.kv_events_config import kv_events_args
 
 logger = logging.getLogger(__name__)
@@ -69,6 +70,9 @@ class EngineSpec:
     project_root: str
     cache_root: str
     cpu_kvcache_gb: int
+    # Where the engine's HTTP server and KV event sockets listen: loopback or a simulated
+    # node's address in local mode; "" (cluster mode): its node's address (resolve_on_node).
+    # Never every interface.
     bind_host: str = "127.0.0.1"
     connector: str = "yuanrong"  # or "none", or a vLLM connector's name (deploy.config.KV_CONNECTORS)
     connector_options: Mapping[str, object] = field(default_factory=dict)  # more kv_connector_extra_config
@@ -80,6 +84,8 @@ class EngineSpec:
     runtime_placed: bool = False
     kv_events: bool = False  # publish KV cache events (the door's kv_aware routing follows them)
     data_parallel: VllmDataParallel | None = None  # DP_MODE=vllm with DP > 1; None: one rank, its own server
+    api_key: str | None = field(default=None, repr=False)  # set: every path but /health needs it (api_key_guard)
+    metrics_public: bool = False  # with api_key: /metrics served without it
 
     @property
     def headless(self) -> bool:
@@ -94,9 +100,12 @@ class EngineSpec:
 
 def resolve_on_node(spec: EngineSpec, node_address: str) -> EngineSpec:
     """The spec with what is known only once the engine actor runs on its node, completed
-    with the node's address: a host-less data system worker address (":31501", the worker
+    with the node's address: an empty bind host (cluster mode: the engine listens on its
+    node's address alone), a host-less data system worker address (":31501", the worker
     on the engine's own node: openYuanrong runs one per node), and an empty DP address (a
     head whose instance has no headless engine: its ranks meet on its own node)."""
+    if not spec.bind_host:
+        spec = replace(spec, bind_host=node_address)
     if spec.ds_worker_address.startswith(":"):
         spec = replace(spec, ds_worker_address=f"{node_address}{spec.ds_worker_address}")
     if spec.data_parallel is not None and not spec.data_parallel.address:
@@ -143,6 +152,7 @@ def build_engine_argv(spec: EngineSpec, port: int, python: str = sys.executable,
     lower_priority = ["nice", "-n", str(CPU_ENGINE_NICENESS)] if spec.accelerator is Accelerator.CPU else []
     entry = ["vllm.entrypoints.cli.main", "serve"] if spec.headless else ["vllm.entrypoints.openai.api_server"]
     http = [] if spec.headless else ["--host", spec.bind_host, "--port", str(port)]
+    guarded = ["--middleware", ENGINE_MIDDLEWARE] if spec.api_key and not spec.headless else []
     return [
         *lower_priority,
         python,
@@ -153,6 +163,7 @@ def build_engine_argv(spec: EngineSpec, port: int, python: str = sys.executable,
         "--served-model-name",
         spec.served_model_name,
         *http,
+        *guarded,
         "--tensor-parallel-size",
         str(spec.tensor_parallel),
         *data_parallel_args(spec.data_parallel),
@@ -210,6 +221,13 @@ def build_engine_env(spec: EngineSpec, base_env: Mapping[str, str]) -> dict[str,
     env["PYTHONPATH"] = os.pathsep.join(python_path)
     env["VLLM_CACHE_ROOT"] = spec.cache_root
     env["PYTHONUNBUFFERED"] = "1"
+    # The key goes by the environment, never the command line (``ps`` shows that to anyone);
+    # a VLLM_API_KEY of the caller's own is not the deployment's key.
+    env.pop(KEY_VARIABLE, None)
+    env.pop(METRICS_PUBLIC_VARIABLE, None)
+    if spec.api_key:
+        env[KEY_VARIABLE] = spec.api_key
+        env[METRICS_PUBLIC_VARIABLE] = "1" if spec.metrics_public else "0"
     if spec.accelerator is Accelerator.CPU:
         env["VLLM_CPU_KVCACHE_SPACE"] = str(spec.cpu_kvcache_gb)
     if spec.devices:
