@@ -14,6 +14,19 @@ Per connection, requests are answered in order (keep-alive; pipelined ones wait 
 turn). A client that closes its connection cancels its request's handler task (for the
 door's own handlers), with ``Exchange.client_gone`` set, so the door can tell that from
 a shutdown.
+
+Limits, so that no client holds the door's memory or descriptors for ever:
+- a request must arrive whole within ``READ_TIMEOUT_S`` of its first byte (a deadline, not
+  an idle timer that each byte resets): a client that sends part of a head or body and
+  stops (a slowloris) gets 408 and the connection closes;
+- at most ``MAX_QUEUED`` pipelined requests, or ``MAX_QUEUED_BYTES`` of their bodies, wait
+  behind the one being answered; beyond that the connection is not read (the client's
+  sends block in its kernel) until they are answered;
+- an answer is written only as fast as the client reads it: a stream waits for room
+  (``WRITE_HIGH_WATER``), and the next pipelined request is served only once the previous
+  answer has left the buffer;
+- an HTTP/1.0 client gets a streamed answer as raw bytes ended by closing the
+  connection (HTTP/1.0 has no chunked encoding).
 """
 
 from __future__ import annotations
@@ -35,6 +48,9 @@ logger = logging.getLogger(__name__)
 MAX_HEAD_BYTES = 64 << 10
 MAX_BODY_BYTES = 64 << 20
 WRITE_HIGH_WATER = 256 << 10
+READ_TIMEOUT_S = 60.0  # a whole request (64 MiB at most) from its first byte
+MAX_QUEUED = 8  # pipelined requests waiting behind the one being answered
+MAX_QUEUED_BYTES = 8 << 20  # their bodies
 
 
 @dataclass
@@ -49,6 +65,7 @@ class Exchange:
     body: bytes
     connection: DoorProtocol = field(repr=False)
     keep_alive: bool = True
+    http10: bool = False  # an HTTP/1.0 client: no chunked encoding
     client_gone: bool = False
     answered: bool = False  # a response has been started
     streamed: bool = False  # its answer is (being) relayed piece by piece
@@ -102,6 +119,7 @@ class DoorProtocol(asyncio.Protocol):
     """One client connection. Bind the door's handlers with ``door_protocol``."""
 
     handlers: dict[str, Handler] = {}  # exact path -> handler, for POST
+    read_timeout_s: float = READ_TIMEOUT_S
 
     def __init__(self, config: Any, server_state: Any, app_state: dict[str, Any],
                  _loop: asyncio.AbstractEventLoop | None = None) -> None:  # fmt: skip
@@ -121,6 +139,9 @@ class DoorProtocol(asyncio.Protocol):
         self.keep_alive = True
         self.shutting_down = False
         self.idle_timer: asyncio.TimerHandle | None = None
+        self.read_timer: asyncio.TimerHandle | None = None  # armed while a request is partly received
+        self.reading_paused = False
+        self.chunked = True  # the answer being streamed uses chunked encoding
         self.writable: asyncio.Future[None] | None = None
         # the request being parsed
         self._url = b""
@@ -138,6 +159,7 @@ class DoorProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._cancel_idle_timer()
+        self._arm_read_timer()
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -152,6 +174,7 @@ class DoorProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
         self._cancel_idle_timer()
+        self._cancel_read_timer()
         self.server_state.connections.discard(self)
         if self.current is not None and self.task is not None and not self.task.done():
             self.current.client_gone = True
@@ -172,6 +195,7 @@ class DoorProtocol(asyncio.Protocol):
     # -- httptools -----------------------------------------------------------------------
     def on_message_begin(self) -> None:
         self._url, self._headers, self._head_bytes, self._body, self._body_bytes = b"", [], 0, [], 0
+        self._arm_read_timer()
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -208,10 +232,17 @@ class DoorProtocol(asyncio.Protocol):
             body=self._body[0] if len(self._body) == 1 else b"".join(self._body),
             connection=self,
             keep_alive=self.parser.should_keep_alive(),
+            http10=self.parser.get_http_version() == "1.0",
         )
+        self._cancel_read_timer()
         self.pending.append(exchange)
         if self.task is None:
             self._next()
+        elif self.transport is not None and not self.reading_paused and (
+            len(self.pending) >= MAX_QUEUED or sum(len(e.body) for e in self.pending) >= MAX_QUEUED_BYTES
+        ):
+            self.reading_paused = True
+            self.transport.pause_reading()
 
     # -- answering -----------------------------------------------------------------------
     def _next(self) -> None:
@@ -222,6 +253,9 @@ class DoorProtocol(asyncio.Protocol):
                 self._arm_idle_timer()
             return
         exchange = self.pending.popleft()
+        if self.reading_paused and self.transport is not None:
+            self.reading_paused = False
+            self.transport.resume_reading()
         self.current = exchange
         self.keep_alive = exchange.keep_alive and not self.shutting_down
         self.server_state.total_requests += 1
@@ -256,7 +290,10 @@ class DoorProtocol(asyncio.Protocol):
                 self.close()  # the answer is cut short; the client sees the connection end
         if not self.keep_alive:
             self.close()
-        elif not self.closing:
+            return
+        if self.writable is not None and not self.writable.done():
+            await self.writable  # the next answer waits until the client has taken this one
+        if not self.closing:
             self._next()
 
     def write_response(self, status: int, body: bytes, content_type: str, headers: Iterable[tuple[str, str]]) -> None:
@@ -272,10 +309,14 @@ class DoorProtocol(asyncio.Protocol):
     def write_head(self, status: int, content_type: str, headers: Iterable[tuple[str, str]]) -> None:
         if self.transport is None or self.closing:
             return
+        self.chunked = not (self.current is not None and self.current.http10)
+        if not self.chunked:
+            self.keep_alive = False  # the body ends when the connection does
         extra = "".join(f"{name}: {value}\r\n" for name, value in headers)
+        framing = "transfer-encoding: chunked\r\n" if self.chunked else ""
         self.transport.write(
             (f"HTTP/1.1 {status} ").encode() + _reason(status)
-            + (f"\r\ncontent-type: {content_type}\r\ntransfer-encoding: chunked\r\n{extra}"
+            + (f"\r\ncontent-type: {content_type}\r\n{framing}{extra}"
                f"{'' if self.keep_alive else 'connection: close' + chr(13) + chr(10)}\r\n").encode("latin-1")
         )  # fmt: skip
 
@@ -284,14 +325,14 @@ class DoorProtocol(asyncio.Protocol):
         if self.closing or self.transport is None:
             raise asyncio.CancelledError()
         if piece:
-            self.transport.write(b"%x\r\n%b\r\n" % (len(piece), piece))
+            self.transport.write(b"%x\r\n%b\r\n" % (len(piece), piece) if self.chunked else piece)
         if self.writable is not None and not self.writable.done():
             await self.writable
             if self.closing:
                 raise asyncio.CancelledError()
 
     def end_chunks(self) -> None:
-        if self.transport is not None and not self.closing:
+        if self.transport is not None and not self.closing and self.chunked:
             self.transport.write(b"0\r\n\r\n")
 
     # -- closing -------------------------------------------------------------------------
@@ -324,6 +365,21 @@ class DoorProtocol(asyncio.Protocol):
         if self.idle_timer is not None:
             self.idle_timer.cancel()
             self.idle_timer = None
+
+    def _arm_read_timer(self) -> None:
+        """From a request's first byte: it must arrive whole within ``read_timeout_s``."""
+        if self.read_timer is None and not self.closing:
+            self.read_timer = self.loop.call_later(self.read_timeout_s, self._read_timed_out)
+
+    def _cancel_read_timer(self) -> None:
+        if self.read_timer is not None:
+            self.read_timer.cancel()
+            self.read_timer = None
+
+    def _read_timed_out(self) -> None:
+        self.read_timer = None
+        logger.info("a client sent part of a request and not the rest within %.0f s; connection closed", self.read_timeout_s)
+        self._refuse(408, f"the request did not arrive whole within {self.read_timeout_s:.0f} s")
 
 
 class _TooLarge(Exception):

@@ -188,3 +188,72 @@ def test_shutdown_lets_a_request_in_flight_finish_and_refuses_new_connections() 
     assert answers[0].headers["connection"] == "close"
     assert not thread.is_alive()
     assert len(engine.received) == 1
+
+
+def _closed_by_door(sock: socket.socket, timeout_s: float) -> bytes:
+    """Everything the door sends until it closes the connection (AssertionError if it
+    keeps it open past ``timeout_s``)."""
+    sock.settimeout(timeout_s)
+    received = b""
+    try:
+        while data := sock.recv(65536):
+            received += data
+    except TimeoutError:
+        raise AssertionError(f"the door kept the connection open {timeout_s} s; received {received[:200]!r}") from None
+    return received
+
+
+def test_a_request_that_stops_half_way_gets_408_and_the_connection_closes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A slowloris: part of a head, or a head and part of its body, then nothing (or a byte
+    now and then, which must not buy more time)."""
+    monkeypatch.setattr(http_server.DoorProtocol, "read_timeout_s", 1.0)
+    engine = FakeEngine("c0", "colocated")
+    with door_over([engine]) as (port, _), ExitStack() as stack:
+        partial_head = b"POST /v1/completions HTTP/1.1\r\nHost: door\r\n"
+        partial_body = _request(b'{"prompt": "a long prompt"}')[:-10]
+        socks = [stack.enter_context(socket.create_connection(("127.0.0.1", port))) for _ in range(20)]
+        started = time.monotonic()
+        for index, sock in enumerate(socks):
+            sock.sendall(partial_head if index % 2 else partial_body)
+        socks[0].sendall(b"x")  # later bytes do not restart the clock
+        for sock in socks:
+            answer = _closed_by_door(sock, 5)
+            assert answer.startswith(b"HTTP/1.1 408 "), answer[:100]
+            assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]["code"] == 408
+        assert time.monotonic() - started < 3
+        assert engine.received == []
+        with socket.create_connection(("127.0.0.1", port)) as sock:  # a whole request is served as before
+            sock.sendall(_request(b'{"prompt": "p"}'))
+            assert _read_answers(sock, 1)[0][0] == 200
+
+
+def test_a_pipelining_flood_is_not_read_faster_than_it_is_answered() -> None:
+    """60 pipelined 1 MiB requests behind slow answers: the door stops reading the
+    connection (the client's send blocks) instead of holding them all, and answers every
+    one, in order, as the client reads."""
+    engine = FakeEngine("c0", "colocated", delay_s=0.05)
+    body = json.dumps({"prompt": "y" * (1 << 20)}).encode()
+    with door_over([engine]) as (port, _), socket.create_connection(("127.0.0.1", port)) as sock:
+        sent = threading.Event()
+        sender = threading.Thread(target=lambda: (sock.sendall(_request(body) * 60), sent.set()), daemon=True)
+        sender.start()
+        time.sleep(1.5)
+        assert not sent.is_set(), "the door read 60 MiB of pipelined requests it had not answered"
+        assert len(engine.received) < 30
+        answers = _read_answers(sock, 60)
+        sender.join(timeout=30)
+        assert sent.is_set() and [status for status, _, _ in answers] == [200] * 60
+        assert len(engine.received) == 60
+
+
+def test_an_http10_client_gets_its_stream_unchunked_and_the_connection_closed() -> None:
+    engine = FakeEngine("c0", "colocated", stream_chunks=2)
+    with door_over([engine]) as (port, _), socket.create_connection(("127.0.0.1", port)) as sock:
+        body = b'{"prompt": "p", "stream": true}'
+        sock.sendall(f"POST /v1/completions HTTP/1.0\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+        head, _, content = _closed_by_door(sock, 10).partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 ") and b"transfer-encoding" not in head.lower()
+        assert b"connection: close" in head.lower()
+        events = [event.removeprefix(b"data: ") for event in content.split(b"\n\n") if event]
+        assert [json.loads(event)["choices"][0]["text"] for event in events[:-1]] == ["c0-0", "c0-1"]
+        assert events[-1] == b"[DONE]"  # the raw events, no chunk sizes between them
