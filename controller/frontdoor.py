@@ -346,7 +346,8 @@ class FrontDoor:
             logger.debug("[request=%s] %d prompt tokens, %s lacks at most %d: no prefill leg",
                          request_id, prompt.tokens, decodes[0].name, kv_router.selective_pd_tokens)  # type: ignore[union-attr]  # fmt: skip
             self._computed_by(decodes, prompt)
-            return await self._answer(decodes, body, leg, "decode")
+            return await self._decode_or_whole(decodes, body, body, leg, ranker)
+        decode_body = body
         if single:
             prefills = table.order("prefill", leg.key, ranker)
             self._computed_by(prefills, prompt)
@@ -357,8 +358,24 @@ class FrontDoor:
                 self.metrics.fallbacks.inc()
                 logger.warning("[request=%s] no prefill engine answered; the decode engine computes the prompt", request_id)
             else:
-                body = decode_request(body, outcome)
-        return await self._answer(table.order("decode", leg.key, ranker), body, leg, "decode")
+                decode_body = decode_request(body, outcome)
+        return await self._decode_or_whole(table.order("decode", leg.key, ranker), decode_body, body, leg, ranker)
+
+    async def _decode_or_whole(self, decodes: list[EngineLoad], decode_body: dict[str, Any], body: dict[str, Any],
+                               leg: _Leg, ranker: Any) -> int:  # fmt: skip
+        """The decode leg; when no decode engine takes it (each found dead, or none left)
+        before anything reached the client, a prefill engine serves the whole request: a
+        healthy engine never leaves a request with 503."""
+        try:
+            return await self._answer(decodes, decode_body, leg, "decode")
+        except _Refused as refused:
+            prefills = self.table.order("prefill", leg.key, ranker)
+            if refused.status != 503 or leg.exchange.answered or not prefills:
+                raise
+            self.metrics.whole_on_prefill.inc()
+            logger.warning("[request=%s] no decode engine took the request (%s); a prefill engine serves it whole",
+                           leg.request_id, refused)  # fmt: skip
+            return await self._answer(prefills, body, leg, "prefill")
 
     def _computed_by(self, engines: list[EngineLoad], prompt: RoutedPrompt | None) -> None:
         """``engines[0]`` is to compute ``prompt``: count what it should find cached, and

@@ -192,6 +192,22 @@ def test_no_decode_left_means_a_prefill_serves_the_whole_request() -> None:
         assert _metric(url, "frontdoor_decode_fallbacks_total") == 2
 
 
+def test_a_decode_found_dead_costs_no_request_while_a_prefill_can_serve_it() -> None:
+    """The only decode engine was killed and the table still calls it healthy: the first
+    request finds it dead after its prefill leg, and the prefill serves it whole (no 503)."""
+    prefill, decode = FakeEngine("p0", "prefill"), FakeEngine("d0", "decode")
+    with door([prefill, decode]) as (url, table):
+        table.update([prefill.info, {**decode.info, "port": free_port()}], version=1)  # nothing listens there
+        for index in range(3):
+            response = httpx.post(f"{url}/v1/completions", json={"prompt": f"p{index}", "max_tokens": 4}, timeout=10)
+            assert (response.status_code, response.json()["choices"][0]["text"]) == (200, "p0"), response.text
+        first = [r["body"] for r in prefill.received[:2]]
+        assert first[0]["max_tokens"] == 1 and "kv_transfer_params" in first[0]  # the prefill leg, then
+        assert first[1] == {"prompt": "p0", "max_tokens": 4, "model": "m"}  # the client's own request, whole
+        assert decode.received == []
+        assert _metric(url, "frontdoor_decode_fallbacks_total") == 3  # the first after its prefill leg, the rest at once
+
+
 def test_malformed_bodies_get_openai_4xx() -> None:
     with door([FakeEngine("c0", "colocated")]) as (url, _):
         cases = [(b"{oops", 400), (b"[1, 2]", 400), (b'{"model": "m"}', 400)]
