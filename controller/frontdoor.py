@@ -130,7 +130,9 @@ class FrontDoor:
     ``kv_router``: KV-aware routing and selective PD (controller/kv_router.py); None: the
     table's policy, and every PD request takes both legs.
     ``scaler``: adds and removes engines at runtime behind ``POST /admin/scale``
-    (controller/admin.py); None: that endpoint answers 501."""
+    (controller/admin.py); None: that endpoint answers 501.
+    ``prefill_timeout_s``: a prefill leg not answered within it is abandoned (the engine
+    aborts it and is suspected) and the decode engine computes the prompt itself."""
 
     def __init__(
         self,
@@ -144,6 +146,7 @@ class FrontDoor:
         kv_router: KVRouter | None = None,
         scaler: Scaler | None = None,
         metrics_public: bool = False,
+        prefill_timeout_s: float = 120.0,
     ) -> None:
         self.table = table
         self.served_model_name = served_model_name
@@ -151,6 +154,7 @@ class FrontDoor:
         self.refresh = refresh
         self.admission = admission
         self.stream_migrations = stream_migrations
+        self.prefill_timeout_s = prefill_timeout_s
         self.kv_router = kv_router
         self.client = EngineClient(api_key=api_key)
         # Labelled metric children made once (a ``labels()`` call costs ~1 us, per request several).
@@ -394,14 +398,18 @@ class FrontDoor:
                 self.metrics.retries.labels("prefill").inc()
             try:
                 with self.table.track(engine):
-                    upstream = await self._post(engine, leg, payload)
-                    try:
-                        content = await upstream.read()
-                    finally:
-                        upstream.release()
+                    async with asyncio.timeout(self.prefill_timeout_s):
+                        upstream = await self._post(engine, leg, payload)
+                        try:
+                            content = await upstream.read()
+                        finally:
+                            upstream.release()  # unread: the connection is dropped and vLLM aborts the leg
             except (EngineUnreachable, StreamCut) as exc:
                 self._failed(engine, leg.request_id, exc)
                 continue
+            except TimeoutError:
+                self._failed(engine, leg.request_id, f"no answer within {self.prefill_timeout_s:g} s (PREFILL_TIMEOUT_S)")
+                return None  # a stuck prefill: the decode computes the prompt rather than wait on another
             if upstream.status == 200:
                 params = json.loads(content).get("kv_transfer_params")
                 return params if isinstance(params, dict) else {}

@@ -8,6 +8,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
+from typing import Any
 
 import httpx
 import pytest
@@ -24,7 +25,7 @@ from tests.helpers import free_port
 @contextmanager
 def door(
     engines: list[FakeEngine], policy: str = "round_robin", admission: AdmissionConfig | Admission | None = None,
-    api_key: str | None = None,
+    api_key: str | None = None, **door_options: Any,
 ) -> Iterator[tuple[str, RoutingTable]]:  # fmt: skip
     metrics = DoorMetrics()
     table = RoutingTable([e.info for e in engines], make_policy(policy), metrics)
@@ -34,7 +35,7 @@ def door(
             stack.enter_context(serving(engine.app(), engine.port))
         if isinstance(admission, AdmissionConfig):
             admission = Admission(admission)
-        door = FrontDoor(table, "m", metrics, admission=admission, api_key=api_key)
+        door = FrontDoor(table, "m", metrics, admission=admission, api_key=api_key, **door_options)
         stack.enter_context(serving(door.app, port, door.uvicorn_config("127.0.0.1", port, drain_timeout_s=5)))
         yield f"http://127.0.0.1:{port}", table
 
@@ -206,6 +207,22 @@ def test_a_decode_found_dead_costs_no_request_while_a_prefill_can_serve_it() -> 
         assert first[1] == {"prompt": "p0", "max_tokens": 4, "model": "m"}  # the client's own request, whole
         assert decode.received == []
         assert _metric(url, "frontdoor_decode_fallbacks_total") == 3  # the first after its prefill leg, the rest at once
+
+
+def test_a_stuck_prefill_is_abandoned_and_the_decode_computes_the_prompt() -> None:
+    prefill, decode = FakeEngine("p0", "prefill", delay_s=5), FakeEngine("d0", "decode")
+    with door([prefill, decode], prefill_timeout_s=0.5) as (url, table):
+        started = time.monotonic()
+        response = httpx.post(f"{url}/v1/completions", json={"prompt": "p", "max_tokens": 4}, timeout=10)
+        assert (response.status_code, response.json()["choices"][0]["text"]) == (200, "d0")
+        assert time.monotonic() - started < 2
+        assert [r["body"] for r in decode.received] == [{"prompt": "p", "max_tokens": 4, "model": "m"}]  # computes it all
+        deadline = time.monotonic() + 5
+        while not prefill.cancelled and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert prefill.cancelled == [prefill.received[0]["request_id"]]  # the abandoned leg was aborted
+        assert not table.healthy("prefill")  # suspected
+        assert _metric(url, "frontdoor_prefill_fallbacks_total") == 1
 
 
 def test_malformed_bodies_get_openai_4xx() -> None:
