@@ -77,7 +77,22 @@ ensure_env() {
   echo "environment ready: $VENV" >&2
 }
 
+# status, logs and clean of a checkout that never deployed (a fresh clone) answer at once,
+# without setting up the environment first: there is nothing of theirs to look at.
+nothing_deployed() {
+  local arg run_dir="${RUN_DIR:-$ROOT}"
+  for arg in "$@"; do [[ "$arg" == --run-dir* ]] && return 1; done
+  [[ ! -x "$VENV/bin/python" && ! -e "$run_dir/deploy.pid" && ! -e "$run_dir/state.json" ]]
+}
+
 verb="${1:-}"
+if [[ "$verb" =~ ^(status|logs|clean)$ ]] && nothing_deployed "$@"; then
+  case "$verb" in
+    status) echo "no deployment is running (deploy with: bash run_vllm_on_yr.sh deploy)"; exit 1 ;;
+    logs) echo "no logs: nothing was deployed from ${RUN_DIR:-$ROOT}"; exit 0 ;;
+    clean) echo "nothing was running"; exit 0 ;;
+  esac
+fi
 case "$verb" in
   deploy|status|logs|clean|scale)
     ensure_env

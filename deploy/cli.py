@@ -132,7 +132,7 @@ def clean(config: ServiceConfig) -> int:
     if config.cluster_mode:  # the detached Controller outlives the deploy process, with its engines on every node
         stopped_anything = _stop_cluster_controller(config) or stopped_anything
     # Whatever the deploy process could not stop, stop here by the PIDs it recorded.
-    for pid_path, engine_pid in _engine_pid_files(state, config):
+    for pid_path, engine_pid in _engine_pid_files(state):
         if engine_pid is not None:
             print(f"stopping engine {pid_path.stem} (pid {engine_pid})", flush=True)
             try:
@@ -176,10 +176,11 @@ def _stop_cluster_controller(config: ServiceConfig) -> bool:
     return stopped
 
 
-def _engine_pid_files(state: DeploymentState | None, config: ServiceConfig) -> list[tuple[Path, int | None]]:
-    """Each engine pid file the deployment left, with the pid of its engine while that runs."""
-    log_dir = Path(state.log_dir) if state is not None else config.log_dir
-    pid_files = sorted(log_dir.glob("*.pid")) if log_dir.is_dir() else []
+def _engine_pid_files(state: DeploymentState | None) -> list[tuple[Path, int | None]]:
+    """Each engine pid file this deployment left (in the session its state.json names;
+    never another deployment's), with the pid of its engine while that runs."""
+    log_dir = Path(state.log_dir) if state is not None and state.log_dir else None
+    pid_files = sorted(log_dir.glob("*.pid")) if log_dir is not None and log_dir.is_dir() else []
     return [(path, pid if (pid := read_pid(path)) is not None and pid_alive(pid) else None) for path in pid_files]
 
 
@@ -187,7 +188,7 @@ def status(config: ServiceConfig) -> int:
     state = DeploymentState.read(config.state_file)
     pid = read_pid(config.pid_file)
     if state is None or pid is None or not pid_alive(pid):
-        orphans = [f"{path.stem} (pid {pid})" for path, pid in _engine_pid_files(state, config) if pid is not None]
+        orphans = [f"{path.stem} (pid {pid})" for path, pid in _engine_pid_files(state) if pid is not None]
         if orphans:
             print(f"the deploy process is gone (front door and Controller down), but engines still run: {', '.join(orphans)}; "
                   "stop them with: bash run_vllm_on_yr.sh clean")  # fmt: skip
@@ -226,7 +227,10 @@ def status(config: ServiceConfig) -> int:
 
 
 def logs(config: ServiceConfig, name: str | None, lines: int) -> int:
-    files = [config.deploy_log] + (sorted(config.log_dir.glob("*.log")) if config.log_dir.is_dir() else [])
+    """The deploy log and the engine logs of this deployment's session (state.json)."""
+    state = DeploymentState.read(config.state_file)
+    log_dir = Path(state.log_dir) if state is not None and state.log_dir else None
+    files = [config.deploy_log] + (sorted(log_dir.glob("*.log")) if log_dir is not None and log_dir.is_dir() else [])
     if name:
         files = [f for f in files if f.stem == name]
         if not files:

@@ -173,13 +173,16 @@ class ServiceConfig:
     api_key: str | None  # set: every HTTP port of the deployment (door, engines) needs "Authorization: Bearer <key>"
     metrics_public: bool  # with api_key: /metrics answers without the key too (/health always does)
     run_dir: Path  # deploy.log, deploy.pid, state.json
-    sessions_dir: Path  # /tmp/yr_sessions: engine logs go to <sessions_dir>/latest/log
+    sessions_dir: Path  # /tmp/yr_sessions: each deployment's engine logs go to <sessions_dir>/<its session>/log
     model_cache_dir: Path
     yr_server_address: str | None  # set: cluster mode
     yr_ds_address: str | None  # this node's data system worker as yr start recorded it (given to yr.init)
     cpu_cores_per_rank: int  # CPU engines: cores per TP rank
     simulated_nodes: int = 0  # local mode: engines spread over this many simulated nodes; 0: one node (this machine)
     dp_mode: str = "independent"  # one of DP_MODES
+    # This deployment's own session folder under sessions_dir (deploy.serve sets it);
+    # None: before one is made (log_dir then names ``latest``, the newest session).
+    session_dir: Path | None = None
 
     @property
     def disaggregated(self) -> bool:
@@ -226,7 +229,7 @@ class ServiceConfig:
 
     @property
     def log_dir(self) -> Path:
-        return self.sessions_dir / "latest" / "log"
+        return (self.session_dir or self.sessions_dir / "latest") / "log"
 
     @property
     def deploy_log(self) -> Path:
@@ -315,7 +318,7 @@ SETTINGS: tuple[_Setting, ...] = (
              "'Authorization: Bearer <API_KEY>', /health excepted; unset: open"),
     _Setting("METRICS_PUBLIC", "0", "with API_KEY: 1 serves /metrics without the key (scrapers without a token); 0: behind it"),
     _Setting("RUN_DIR", None, "where deploy.log, deploy.pid and state.json live; unset: project root"),
-    _Setting("YR_SESSIONS_DIR", "/tmp/yr_sessions", "openYuanrong session folder (engine logs in latest/log)"),
+    _Setting("YR_SESSIONS_DIR", "/tmp/yr_sessions", "openYuanrong session folder: each deployment logs to a session of its own in it (latest: the newest)"),
     _Setting("MODEL_CACHE_DIR", None, "where the embedded model is built; unset: <project>/.cache/models"),
     _Setting("YR_SERVER_ADDRESS", None, "openYuanrong cluster address; unset: read yr start's master info "
              f"(<YR_SESSIONS_DIR>/{MASTER_INFO_NAME}, refused when its master does not answer)"),

@@ -13,6 +13,7 @@ answer are taken over as they are (no model reload, their KV kept) instead of st
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import signal
@@ -48,17 +49,20 @@ from deploy.state import READY_MARKER, DeploymentState, read_pid
 
 logger = logging.getLogger(__name__)
 
-def prepare_session(config: ServiceConfig) -> Path:
-    """Make <sessions>/latest/log, pointing ``latest`` at a new session if there is none."""
-    latest = config.sessions_dir / "latest"
-    if not latest.exists():
-        session = config.sessions_dir / time.strftime("vllm-%Y%m%d-%H%M%S")
-        session.mkdir(parents=True, exist_ok=True)
-        if latest.is_symlink():
-            latest.unlink()
-        latest.symlink_to(session.name)
-    config.log_dir.mkdir(parents=True, exist_ok=True)
-    return config.log_dir
+def prepare_session(config: ServiceConfig, previous: DeploymentState | None) -> Path:
+    """This deployment's own session folder: the one a killed deploy process recorded
+    (adoption), else a new ``<sessions>/vllm-<time>-<pid>``, with ``latest`` pointed at it
+    (as openYuanrong does: the newest session). Other deployments' sessions are never
+    used: their logs and pid files are theirs."""
+    if previous is not None and previous.log_dir and Path(previous.log_dir).is_dir():
+        return Path(previous.log_dir).parent
+    session = config.sessions_dir / f"{time.strftime('vllm-%Y%m%d-%H%M%S')}-{os.getpid()}"
+    (session / "log").mkdir(parents=True, exist_ok=True)
+    staging = config.sessions_dir / f".latest-{os.getpid()}"
+    staging.unlink(missing_ok=True)
+    staging.symlink_to(session.name)
+    os.replace(staging, config.sessions_dir / "latest")  # atomic: readers see the old or the new one
+    return session
 
 
 def _raise_on_sigterm(signum: int, frame: FrameType | None) -> None:
@@ -68,7 +72,8 @@ def _raise_on_sigterm(signum: int, frame: FrameType | None) -> None:
 def serve(config: ServiceConfig, adopt: bool = False) -> int:
     signal.signal(signal.SIGTERM, _raise_on_sigterm)
     previous = DeploymentState.read(config.state_file) if adopt else None
-    log_dir = prepare_session(config)
+    config = dataclasses.replace(config, session_dir=prepare_session(config, previous))
+    log_dir = config.log_dir
     for line in config_module.describe(config):
         logger.info("%s", line)
     mode = init_yr(config)

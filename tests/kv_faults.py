@@ -166,6 +166,27 @@ def _keys(fingerprint: str, prompt: list[int], salt: str | None = None) -> list[
     return [block_key(fingerprint, 0, block_hash) for block_hash in chained_block_hashes(prompt, BLOCK_SIZE, root)]
 
 
+def _until_saves_resume(deployment: Deployment, fingerprint: str, report: PhaseReport, timeout_s: float = 90) -> None:
+    """Once a fault has ended: until the prefill engine's saves reach the store again (a
+    probe prompt of 2 blocks, under a salt of its own, is found there), so that the
+    requests sent after the fault store blocks to check (seen: a restarted worker, and
+    the engines' stores still backing off from it, took none of the last third's saves)."""
+    store = _Store(store_address(deployment))
+    model, prefill = deployment.state.served_model_name, deployment.engine_url("prefill")
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        salt, prompt = _salt(), [random.randrange(10, 4000) for _ in range(2 * BLOCK_SIZE)]
+        httpx.post(f"{prefill}/v1/completions", json=prefill_request(_body(model, prompt, 1, salt)), timeout=180).raise_for_status()
+        keys = _keys(fingerprint, prompt, salt)
+        probe_deadline = time.monotonic() + 3
+        while time.monotonic() < probe_deadline:
+            if all(store.present(keys)):
+                store.delete(keys)
+                return
+            time.sleep(0.1)
+    report.errors.append(f"the prefill's saves did not reach the store within {timeout_s:.0f} s of the fault's end")
+
+
 def _recomputed_blocks(deployment: Deployment) -> float:
     return sum(metric(deployment.engine_url(role), "vllm:yuanrong_kv_blocks_total", op=op)
                for role in ("prefill", "decode") for op in ("load_failed", "load_corrupt"))  # fmt: skip
@@ -358,6 +379,7 @@ def run_phase(deployment: Deployment, phase: str, requests: int, concurrency: in
         asyncio.run(_send_all(deployment, prompts[:first], lengths[:first], expected[:first], concurrency, sent, report))
         if first < len(prompts):
             end_fault(phase == "frozen-helper")  # the worker's kill and restart end by themselves
+            _until_saves_resume(deployment, fingerprint, report)
             asyncio.run(_send_all(deployment, prompts[first:], lengths[first:], expected[first:], concurrency, sent, report))
     if phase == "worker-killed":
         store = _Store(store_address(deployment))  # the first client's worker is gone

@@ -81,13 +81,24 @@ def test_a_port_left_in_time_wait_by_a_stopped_door_is_free() -> None:
     check_port_free("127.0.0.1", port)  # as `deploy` right after `clean` does: no error
 
 
+def _recorded_session(tmp_path: Path) -> Path:
+    """The session log folder a deployment in ``tmp_path`` recorded in its state.json."""
+    from deploy.state import DeploymentState
+
+    log_dir = tmp_path / "yr_sessions" / "vllm-20261205-000000-1" / "log"
+    log_dir.mkdir(parents=True)
+    (tmp_path / "run").mkdir()
+    DeploymentState(pid=999999999, endpoint="http://127.0.0.1:1", yr_mode="local", served_model_name="m",
+                    ds_worker_address="127.0.0.1:1", ds_started_here=False, log_dir=str(log_dir)).write(tmp_path / "run" / "state.json")  # fmt: skip
+    return log_dir
+
+
 def test_clean_spares_a_process_that_reused_a_recorded_engine_pid(tmp_path: Path) -> None:
     from deploy.state import process_start_ticks
 
     bystander = subprocess.Popen(["sleep", "120"], start_new_session=True)  # not ours: its own process group
     try:
-        log_dir = tmp_path / "yr_sessions" / "latest" / "log"
-        log_dir.mkdir(parents=True)
+        log_dir = _recorded_session(tmp_path)
         start = process_start_ticks(bystander.pid)
         assert start is not None
         # A leftover pid file whose engine is long gone; the pid now belongs to the bystander.
@@ -108,10 +119,8 @@ def test_status_tells_of_engines_left_running_by_a_dead_deploy_process(tmp_path:
 
     engine = subprocess.Popen(["sleep", "120"], start_new_session=True)  # stands for an engine left running
     try:
-        log_dir = tmp_path / "yr_sessions" / "latest" / "log"
-        log_dir.mkdir(parents=True)
+        log_dir = _recorded_session(tmp_path)
         write_pid(log_dir / "decode-0-dp0.pid", engine.pid)
-        (tmp_path / "run").mkdir()
         (tmp_path / "run" / "deploy.pid").write_text("999999999 1\n")  # the deploy process, killed
 
         result = run_cli("status", isolated_env(tmp_path), timeout=60)
