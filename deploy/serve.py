@@ -65,6 +65,23 @@ def prepare_session(config: ServiceConfig, previous: DeploymentState | None) -> 
     return session
 
 
+def initial_state(config: ServiceConfig, previous: DeploymentState | None, mode: str, ds_addresses: tuple[str, ...]) -> DeploymentState:
+    """What state.json says while this process starts. Adopting (``previous``: what a killed
+    deploy process left), the engines and the data system workers stay recorded as this
+    deployment's until this process has them: killed again meanwhile, the keeper still
+    restarts it, and ``clean`` still stops them."""
+    return DeploymentState(
+        pid=os.getpid(),
+        endpoint=f"http://{config.server_ip}:{config.server_port}",
+        yr_mode=mode,
+        served_model_name=previous.served_model_name if previous is not None else "",
+        ds_worker_address=",".join(ds_addresses) or f"each node's, port {config.datasystem.node_worker_port}",
+        ds_started_here=previous is not None and previous.ds_started_here,
+        log_dir=str(config.log_dir),
+        engines=list(previous.engines) if previous is not None else [],
+    )
+
+
 def _raise_on_sigterm(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(128 + signum)
 
@@ -81,15 +98,7 @@ def serve(config: ServiceConfig, adopt: bool = False) -> int:
     controller = None
     # Locally deploy starts its own workers; in a cluster each engine uses its node's worker.
     ds_addresses = config.datasystem.addresses if not config.cluster_mode else ()
-    state = DeploymentState(
-        pid=os.getpid(),
-        endpoint=f"http://{config.server_ip}:{config.server_port}",
-        yr_mode=mode,
-        served_model_name="",
-        ds_worker_address=",".join(ds_addresses) or f"each node's, port {config.datasystem.node_worker_port}",
-        ds_started_here=False,
-        log_dir=str(log_dir),
-    )
+    state = initial_state(config, previous, mode, ds_addresses)
     state.write(config.state_file)
     try:
         placements = place_engines(config, ds_addresses, _cluster_inventory(config))

@@ -163,3 +163,15 @@ def test_scale_without_a_deployment(tmp_path: Path) -> None:
     assert result.stderr.strip().splitlines() == [
         f"error: no deployment is running in RUN_DIR={tmp_path / 'run'}; deploy first: bash run_vllm_on_yr.sh deploy"
     ]
+
+
+def test_status_logs_and_clean_of_a_checkout_that_never_deployed_answer_without_setting_up(tmp_path: Path) -> None:
+    """A fresh clone: nothing deployed from it, no environment. The three verbs answer at
+    once and set nothing up (it took 83 s to install everything, then say nothing ran)."""
+    env = {**isolated_env(tmp_path), "VENV_DIR": str(tmp_path / "no-venv")}
+    answers = {verb: run_cli(verb, env, timeout=30) for verb in ("status", "logs", "clean")}
+    assert (answers["status"].returncode, answers["status"].stdout) == (1, "no deployment is running (deploy with: bash run_vllm_on_yr.sh deploy)\n")
+    assert (answers["logs"].returncode, answers["logs"].stdout) == (0, f"no logs: nothing was deployed from {env['RUN_DIR']}\n")
+    assert (answers["clean"].returncode, answers["clean"].stdout) == (0, "nothing was running\n")
+    assert all(answer.stderr == "" for answer in answers.values())
+    assert not (tmp_path / "no-venv").exists()

@@ -4,9 +4,11 @@ itself. Its greedy outputs are recorded for test_e2e_pd to compare PD against.""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
+from deploy.state import pid_alive
 from tests.e2e import PROMPT_LENGTHS, Deployment, complete, deployed, token_prompt
 from tests.helpers import run_cli
 
@@ -28,3 +30,25 @@ def test_one_colocated_instance_serves(colocated: Deployment, colocated_outputs:
         choice = complete(colocated.url, body)["choices"][0]  # type: ignore[index]
         assert choice["finish_reason"] == "length"
         colocated_outputs[length] = choice
+
+
+def test_two_deployments_side_by_side_keep_to_themselves(colocated: Deployment, tmp_path: Path) -> None:
+    """A second deployment on other ports, sharing the first one's sessions folder (as two
+    checkouts share /tmp/yr_sessions): each has its own session; status and logs show
+    only their own engines; cleaning the second leaves the first serving."""
+    sessions = colocated.env["YR_SESSIONS_DIR"]
+    first_pid = int(colocated.state.engines[0]["pid"])  # type: ignore[call-overload]
+    with deployed(tmp_path / "second", YR_SESSIONS_DIR=sessions, DECODE_INS_NUM="0", PREFILL_INS_NUM="1") as second:
+        second_pid = int(second.state.engines[0]["pid"])  # type: ignore[call-overload]
+        assert Path(second.state.log_dir).parent != Path(colocated.state.log_dir).parent
+        assert Path(second.state.log_dir).parent.parent == Path(sessions)
+        assert (Path(sessions) / "latest").resolve() == Path(second.state.log_dir).parent.resolve()  # the newest
+        for deployment, own, other in ((colocated, first_pid, second_pid), (second, second_pid, first_pid)):
+            status = run_cli("status", deployment.env, timeout=120).stdout
+            logs = run_cli("logs", deployment.env, "-n", "1", timeout=120).stdout
+            assert f" {own} " in status and f" {other} " not in status
+            engine_logs = [line for line in logs.splitlines() if line.startswith("==> ") and "colocated-0.log" in line]
+            assert engine_logs == [f"==> {deployment.state.log_dir}/colocated-0.log <=="]
+    assert run_cli("status", second.env, timeout=120).returncode == 1  # the second is gone...
+    assert pid_alive(first_pid) and not pid_alive(second_pid)
+    complete(colocated.url, {"prompt": token_prompt(20), "max_tokens": 2})  # ...the first serves on
