@@ -6,6 +6,7 @@ nothing running."""
 from __future__ import annotations
 
 import os
+import subprocess
 import signal
 import sys
 import time
@@ -18,7 +19,7 @@ import pytest
 import workers.engine_actor as engine_actor
 from deploy.config import Accelerator, Role
 from workers.engine_actor import EngineActor
-from workers.engine_process import EngineSpec
+from workers.engine_process import AdoptedProcess, EngineSpec, stop_process_group
 from tests.helpers import pids_matching
 
 
@@ -103,3 +104,23 @@ def test_an_adopted_engine_keeps_its_kv_events_port(tmp_path: Path, monkeypatch:
     finally:
         for pid in pids_matching(marker):
             os.kill(pid, signal.SIGKILL)
+
+
+def test_an_adopted_engine_is_known_by_pid_and_start_time() -> None:
+    """An adopted engine that exited and whose pid a new process got: not signalled (the
+    supervisor used to stop whatever process group bore the pid)."""
+    bystander = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        reused = AdoptedProcess(bystander.pid)
+        assert reused.started is not None
+        reused.started -= 1  # as if the engine adopted had started earlier: the pid now names another process
+        assert reused.pid_reused and reused.poll() == -1
+        stop_process_group(reused, grace_s=1)
+        assert bystander.poll() is None  # left alone
+        engine = AdoptedProcess(bystander.pid)  # the very process: stopped with its group
+        assert not engine.pid_reused and engine.poll() is None
+        stop_process_group(engine, grace_s=5)
+        assert bystander.wait(timeout=5) == -signal.SIGTERM
+    finally:
+        bystander.kill()
+        bystander.wait()

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from deploy.config import Accelerator, Role
 from deploy.errors import StartupError
-from deploy.state import pid_alive
+from deploy.state import pid_alive, process_start_ticks
 from workers.api_key_guard import ENGINE_MIDDLEWARE, KEY_VARIABLE, METRICS_PUBLIC_VARIABLE
 from workers.kv_events_config import kv_events_args
 
@@ -255,14 +255,22 @@ def start_process(argv: list[str], env: Mapping[str, str], log_path: Path) -> su
 
 class AdoptedProcess:
     """An engine server started by an earlier deploy process (not this process's child):
-    what the supervisor needs of a ``Popen`` (pid, poll, wait), from /proc."""
+    what the supervisor needs of a ``Popen`` (pid, poll, wait), from /proc. It is known by
+    its pid and its start time: once it has exited, another process given the same pid is
+    not it (a ``Popen`` child's pid cannot be reused before it is reaped; this one's can)."""
 
     def __init__(self, pid: int) -> None:
         self.pid = pid
+        self.started = process_start_ticks(pid)
         self.returncode: int | None = None
 
+    @property
+    def pid_reused(self) -> bool:
+        """The pid now names another process."""
+        return pid_alive(self.pid) and process_start_ticks(self.pid) != self.started
+
     def poll(self) -> int | None:
-        if self.returncode is None and not pid_alive(self.pid):
+        if self.returncode is None and (not pid_alive(self.pid) or self.pid_reused):
             self.returncode = -1  # its exit status went to the process that started it
         return self.returncode
 
@@ -282,6 +290,10 @@ EngineProcess = subprocess.Popen[bytes] | AdoptedProcess
 def stop_process_group(process: EngineProcess, grace_s: float = 20.0) -> int | None:
     """SIGTERM the whole group, wait up to ``grace_s``, then SIGKILL what is left."""
     pgid = process.pid  # start_new_session made the child its group's leader
+    if isinstance(process, AdoptedProcess) and process.pid_reused:
+        # Its group is gone with it (a pid is not reused while a group bears its number):
+        # the pid's new owner is not ours to signal.
+        return process.poll()
     _signal_group(pgid, signal.SIGTERM)
     try:
         process.wait(timeout=grace_s)
