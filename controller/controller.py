@@ -129,12 +129,16 @@ class Controller:
             with self._lock:
                 self._adding.difference_update(names)
 
-    def set_draining(self, name: str) -> None:
+    def set_draining(self, name: str, draining: bool = True) -> None:
         """From now on the snapshot reports ``name`` as draining: the door sends it nothing
-        new, and the requests it has finish."""
+        new, and the requests it has finish. ``draining=False``: it serves again (a scale-in
+        that was aborted)."""
         with self._lock:
             self._index_of(name)
-            self._draining.add(name)
+            if draining:
+                self._draining.add(name)
+            else:
+                self._draining.discard(name)
 
     def remove_engine(self, name: str) -> dict[str, object]:
         """Drop ``name`` from the engine list (the snapshot's version changes), then stop its

@@ -59,7 +59,7 @@ class EngineControl(Protocol):
 
     def add_engines(self, specs: Sequence[EngineSpec]) -> list[dict[str, object]]: ...
 
-    def set_draining(self, name: str) -> None: ...
+    def set_draining(self, name: str, draining: bool = True) -> None: ...
 
     def remove_engine(self, name: str) -> dict[str, object]: ...
 
@@ -84,8 +84,8 @@ class ActorControl:
     def add_engines(self, specs: Sequence[EngineSpec]) -> list[dict[str, object]]:
         return list(yr.get(self._handle.add_engines.invoke(list(specs)), timeout=self._start_timeout_s))
 
-    def set_draining(self, name: str) -> None:
-        yr.get(self._handle.set_draining.invoke(name), timeout=60)
+    def set_draining(self, name: str, draining: bool = True) -> None:
+        yr.get(self._handle.set_draining.invoke(name, draining), timeout=60)
 
     def remove_engine(self, name: str) -> dict[str, object]:
         return dict(yr.get(self._handle.remove_engine.invoke(name), timeout=CALL_MARGIN_S))
@@ -203,6 +203,24 @@ class Scaler:
     def _scale_in(self, role: Role, count: int, door: DoorView, started: float) -> ScaleResult:
         instances = instances_to_remove(role, self._specs, count)
         names = [spec.name for spec in self._specs if spec.instance in instances]
+        removed: list[dict[str, object]] = []
+        try:
+            return self._drain_and_remove(role, count, names, removed, door, started)
+        except BaseException:
+            # Aborted (a Controller call failed, the door went away): the engines it did not
+            # remove serve again instead of staying drained, unused, for ever.
+            for name in names[len(removed):]:
+                try:
+                    self._controller.set_draining(name, False)
+                    logger.warning("[scale %s -%d] aborted: %s serves again", role.value, count, name)
+                except Exception as exc:
+                    logger.error("[scale %s -%d] aborted, and %s could not be taken out of draining: %s",
+                                 role.value, count, name, exc)  # fmt: skip
+            raise
+
+    def _drain_and_remove(self, role: Role, count: int, names: list[str], removed: list[dict[str, object]],
+                          door: DoorView, started: float) -> ScaleResult:  # fmt: skip
+        """``removed`` gets each engine as it is removed (the caller un-drains the rest if this raises)."""
         for name in names:
             self._controller.set_draining(name)
         logger.info("[scale %s -%d] draining %s (at most DRAIN_TIMEOUT_S=%.0f s)", role.value, count, ", ".join(names),
@@ -218,7 +236,6 @@ class Scaler:
             logger.warning("[scale %s -%d] %s", role.value, count, warnings[-1])
         drained_at = self._clock()
         self._phase(f"stopping {', '.join(names)}")
-        removed = []
         for name in names:
             info = self._controller.remove_engine(name)
             self._specs = [spec for spec in self._specs if spec.name != name]

@@ -72,10 +72,10 @@ class FakeController:
             self._version += 1
         return [{**engine.info, "pid": 4242, "devices": list(spec.devices)} for engine, spec in zip(added, specs)]
 
-    def set_draining(self, name: str) -> None:
-        self._events.append(f"draining {name}")
+    def set_draining(self, name: str, draining: bool = True) -> None:
+        self._events.append(f"draining {name}" if draining else f"serving again {name}")
         with self._lock:
-            self._draining.add(name)
+            (self._draining.add if draining else self._draining.discard)(name)
             self._version += 1
 
     def remove_engine(self, name: str) -> dict[str, object]:

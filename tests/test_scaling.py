@@ -184,11 +184,13 @@ class RecordingControl:
         return [{"name": s.name, "host": "127.0.0.1", "port": 9000 + i, "pid": 100 + i, "devices": list(s.devices)}
                 for i, s in enumerate(specs)]  # fmt: skip
 
-    def set_draining(self, name: str) -> None:
-        self.events.append(f"draining {name}")
+    def set_draining(self, name: str, draining: bool = True) -> None:
+        self.events.append(f"draining {name}" if draining else f"serving again {name}")
 
     def remove_engine(self, name: str) -> dict[str, object]:
         self.events.append(f"remove {name}")
+        if self.fail:
+            raise RuntimeError("the Controller did not answer")
         return {"name": name, "pid": 7}
 
 
@@ -238,6 +240,16 @@ def test_a_drain_that_runs_out_of_time_removes_anyway_and_says_how_many_were_cut
     assert result.removed == [{"name": "decode-1", "pid": 7, "in_flight_at_stop": 1}]
     assert result.warnings == ["decode-1 did not drain within DRAIN_TIMEOUT_S=3 s: 1 request(s) still in flight are cut"]
     assert events.index("remove decode-1") > events.index("draining decode-1")
+
+
+def test_an_aborted_scale_in_puts_what_it_did_not_remove_back_in_service() -> None:
+    events: list[str] = []
+    scaler = _scaler(events, {"VISIBLE_DEVICES": "0-3", "DECODE_INS_NUM": "2"}, fail=True)
+    door = ScriptedDoor(events, [{"decode-1": ("draining", 0)}])
+    with pytest.raises(RuntimeError, match="the Controller did not answer"):
+        scaler.scale("decode", -1, door)
+    assert events == ["draining decode-1", "refresh", "remove decode-1", "serving again decode-1"]
+    assert [s.name for s in scaler.specs] == ["prefill-0", "decode-0", "decode-1"]  # still the deployment's
 
 
 def test_scale_out_reports_the_engines_once_the_door_routes_to_them() -> None:
