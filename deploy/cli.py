@@ -197,6 +197,7 @@ def status(config: ServiceConfig) -> int:
         return 1
     door = "healthy" if is_healthy(_probe_host(config), config.server_port) else "not answering"
     print(f"front door {state.endpoint}  pid {state.pid}  {door}  (openYuanrong {state.yr_mode} mode)")
+    print(f"keeper pid {pid} (deploy.pid: restarts the front door's process, pid {state.pid}, if it is killed)")
     print(f"model {state.served_model_name}  data system worker(s) {state.ds_worker_address}")
     # ADDRESS: where the door reaches the engine (its node's address with simulated nodes
     # or in a cluster); "-" for a headless DP engine, which serves through its head.

@@ -71,6 +71,8 @@ def test_a_killed_deploy_process_is_restarted_and_adopts_the_running_engines(tmp
         assert external_kv_tokens(decode) - loaded_before == 256  # a PD handoff through the adopted engines
         status = run_cli("status", deployment.env, timeout=60)
         assert status.returncode == 0 and all(str(pid) in status.stdout for pid in engine_pids.values()), status.stdout
+        assert f"front door {after.endpoint}  pid {after.pid}  healthy" in status.stdout
+        assert f"keeper pid {keeper} (deploy.pid: restarts the front door's process, pid {after.pid}, if it is killed)" in status.stdout
     assert not any(pid_alive(int(pid)) for pid in engine_pids.values())  # type: ignore[arg-type]
     assert keeper is not None and not pid_alive(keeper)
     assert pids_matching(str(tmp_path)) == []
