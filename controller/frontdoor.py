@@ -41,7 +41,7 @@ from controller.admin import add_admin_routes
 from controller.admission import Admission
 from controller.door_metrics import DoorMetrics
 from controller.engine_client import EngineClient, EngineUnreachable, StreamCut, Upstream
-from controller.http_server import Exchange, door_protocol, error_body, error_object
+from controller.http_server import READ_TIMEOUT_S, Exchange, door_protocol, error_body, error_object
 from controller.kv_router import KVRouter, RoutedPrompt
 from controller.migration import StreamFollower, migratable, with_token_ids
 from controller.policies import EngineLoad, affinity_key
@@ -132,7 +132,8 @@ class FrontDoor:
     ``scaler``: adds and removes engines at runtime behind ``POST /admin/scale``
     (controller/admin.py); None: that endpoint answers 501.
     ``prefill_timeout_s``: a prefill leg not answered within it is abandoned (the engine
-    aborts it and is suspected) and the decode engine computes the prompt itself."""
+    aborts it and is suspected) and the decode engine computes the prompt itself.
+    ``read_timeout_s``: a client's request must arrive whole within it (http_server.py)."""
 
     def __init__(
         self,
@@ -147,6 +148,7 @@ class FrontDoor:
         scaler: Scaler | None = None,
         metrics_public: bool = False,
         prefill_timeout_s: float = 120.0,
+        read_timeout_s: float = READ_TIMEOUT_S,
     ) -> None:
         self.table = table
         self.served_model_name = served_model_name
@@ -168,7 +170,8 @@ class FrontDoor:
             self.app.add_middleware(KeyGuard, api_key=api_key, metrics_public=metrics_public)
         self.protocol = door_protocol(
             {"/v1/completions": functools.partial(self._handle, endpoint="completions", required="prompt"),
-             "/v1/chat/completions": functools.partial(self._handle, endpoint="chat/completions", required="messages")}
+             "/v1/chat/completions": functools.partial(self._handle, endpoint="chat/completions", required="messages")},
+            read_timeout_s,
         )  # fmt: skip
 
     def uvicorn_config(self, host: str, port: int, drain_timeout_s: float) -> uvicorn.Config:

@@ -48,7 +48,7 @@ logger = logging.getLogger(__name__)
 MAX_HEAD_BYTES = 64 << 10
 MAX_BODY_BYTES = 64 << 20
 WRITE_HIGH_WATER = 256 << 10
-READ_TIMEOUT_S = 60.0  # a whole request (64 MiB at most) from its first byte
+READ_TIMEOUT_S = 60.0  # a whole request (64 MiB at most) from its first byte (DOOR_READ_TIMEOUT_S)
 MAX_QUEUED = 8  # pipelined requests waiting behind the one being answered
 MAX_QUEUED_BYTES = 8 << 20  # their bodies
 
@@ -211,6 +211,8 @@ class DoorProtocol(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         for name, value in self._headers:
+            if name == b"content-length" and value.isdigit() and int(value) > MAX_BODY_BYTES:
+                raise _TooLarge(413, f"the request body is over {MAX_BODY_BYTES} bytes")  # said before it is sent
             if name == b"expect" and value.lower() == b"100-continue" and self.transport is not None:
                 self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
@@ -388,9 +390,9 @@ class _TooLarge(Exception):
         self.status = status
 
 
-def door_protocol(handlers: dict[str, Handler]) -> type[DoorProtocol]:
+def door_protocol(handlers: dict[str, Handler], read_timeout_s: float = READ_TIMEOUT_S) -> type[DoorProtocol]:
     """A protocol class for ``uvicorn.Config(http=...)`` serving ``handlers`` itself."""
-    return type("BoundDoorProtocol", (DoorProtocol,), {"handlers": dict(handlers)})
+    return type("BoundDoorProtocol", (DoorProtocol,), {"handlers": dict(handlers), "read_timeout_s": read_timeout_s})
 
 
 async def _asgi_call(app: ASGIApp, exchange: Exchange, app_state: dict[str, Any]) -> None:

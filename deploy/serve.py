@@ -160,7 +160,7 @@ def serve(config: ServiceConfig, adopt: bool = False) -> int:
                         state.served_model_name, ds_addresses, specs)  # fmt: skip
         door = FrontDoor(table, state.served_model_name, metrics, refresh, Admission(config.admission), config.api_key,
                          config.stream_migrations, kv_router, scaler, config.metrics_public,
-                         config.prefill_timeout_s)  # fmt: skip
+                         config.prefill_timeout_s, config.door_read_timeout_s)  # fmt: skip
         # On SIGTERM / Ctrl-C Uvicorn stops accepting, lets requests in flight finish (at most
         # DRAIN_TIMEOUT_S), then returns; the engines are stopped after that, below.
         server = uvicorn.Server(door.uvicorn_config(config.server_ip, config.server_port, config.drain_timeout_s))

@@ -25,9 +25,11 @@ from tests.helpers import free_port
 
 
 @contextmanager
-def door_over(engines: list[FakeEngine], engine_keep_alive_s: int = 5) -> Iterator[tuple[int, DoorMetrics]]:
+def door_over(engines: list[FakeEngine], engine_keep_alive_s: int = 5,
+              read_timeout_s: float = http_server.READ_TIMEOUT_S) -> Iterator[tuple[int, DoorMetrics]]:  # fmt: skip
     metrics = DoorMetrics()
-    door = FrontDoor(RoutingTable([e.info for e in engines], make_policy("round_robin"), metrics), "m", metrics)
+    table = RoutingTable([e.info for e in engines], make_policy("round_robin"), metrics)
+    door = FrontDoor(table, "m", metrics, read_timeout_s=read_timeout_s)
     port = free_port()
     with ExitStack() as stack:
         for engine in engines:
@@ -133,6 +135,14 @@ def test_a_body_over_the_limit_gets_413(monkeypatch: pytest.MonkeyPatch) -> None
     assert len(engine.received) == 1
 
 
+def test_a_body_announced_over_the_limit_gets_413_before_it_is_sent() -> None:
+    engine = FakeEngine("c0", "colocated")
+    with door_over([engine]) as (port, _), socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: door\r\nContent-Length: {(64 << 20) + 1}\r\n\r\n".encode())
+        answer = _closed_by_door(sock, 10)  # no byte of the body sent
+    assert answer.startswith(b"HTTP/1.1 413 ") and engine.received == []
+
+
 def test_a_large_body_reaches_the_engine_whole() -> None:
     engine = FakeEngine("c0", "colocated")
     prompt = "".join(chr(ord("a") + i % 26) for i in range(3_000_000))  # written in more than one piece
@@ -203,12 +213,11 @@ def _closed_by_door(sock: socket.socket, timeout_s: float) -> bytes:
     return received
 
 
-def test_a_request_that_stops_half_way_gets_408_and_the_connection_closes(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_request_that_stops_half_way_gets_408_and_the_connection_closes() -> None:
     """A slowloris: part of a head, or a head and part of its body, then nothing (or a byte
     now and then, which must not buy more time)."""
-    monkeypatch.setattr(http_server.DoorProtocol, "read_timeout_s", 1.0)
     engine = FakeEngine("c0", "colocated")
-    with door_over([engine]) as (port, _), ExitStack() as stack:
+    with door_over([engine], read_timeout_s=1.0) as (port, _), ExitStack() as stack:
         partial_head = b"POST /v1/completions HTTP/1.1\r\nHost: door\r\n"
         partial_body = _request(b'{"prompt": "a long prompt"}')[:-10]
         socks = [stack.enter_context(socket.create_connection(("127.0.0.1", port))) for _ in range(20)]

@@ -3,6 +3,9 @@ itself. Its greedy outputs are recorded for test_e2e_pd to compare PD against.""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,14 +13,15 @@ import pytest
 
 from deploy.state import pid_alive
 from tests.e2e import PROMPT_LENGTHS, Deployment, complete, deployed, token_prompt
-from tests.helpers import run_cli
+from tests.helpers import PROJECT_ROOT, run_cli
 
 pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
 def colocated(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
-    with deployed(tmp_path_factory.mktemp("colocated"), DECODE_INS_NUM="0", PREFILL_INS_NUM="1") as running:
+    # DOOR_READ_TIMEOUT_S=3: the attack command's short variant waits that long for its slowloris clients.
+    with deployed(tmp_path_factory.mktemp("colocated"), DECODE_INS_NUM="0", PREFILL_INS_NUM="1", DOOR_READ_TIMEOUT_S="3") as running:
         yield running
 
 
@@ -52,3 +56,18 @@ def test_two_deployments_side_by_side_keep_to_themselves(colocated: Deployment, 
     assert run_cli("status", second.env, timeout=120).returncode == 1  # the second is gone...
     assert pid_alive(first_pid) and not pid_alive(second_pid)
     complete(colocated.url, {"prompt": token_prompt(20), "max_tokens": 2})  # ...the first serves on
+
+
+def test_the_door_withstands_the_attack_command(colocated: Deployment) -> None:
+    """The short variant of ``python -m tests.door_attack``: 20 slowloris connections, 2
+    pipelining floods of 10 x 1 MiB, 260 malformed requests (20 of each kind), while a
+    normal client goes on. Latency is reported, not judged, here (a shared 2-core box)."""
+    command = [sys.executable, "-m", "tests.door_attack", "--url", colocated.url, "--door-pid", str(colocated.state.pid),
+               "--read-timeout-s", "3", "--slowloris", "20", "--floods", "2", "--pipelined", "10", "--malformed", "260",
+               "--probes", "10", "--p99-limit", "0"]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=PROJECT_ROOT,
+                            env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)})  # fmt: skip
+    print(result.stdout)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "| slowloris connections closed by the door | | 20 of 20," in result.stdout
+    assert result.stdout.splitlines()[-1] == "passed"
