@@ -204,7 +204,8 @@ def test_status_prints_the_engine_table_then_the_nodes(tmp_path: Path, capsys: p
         ("prefill-0", "prefill", "0", f"127.0.0.1:{engines[0]['port']}", "unhealthy"),
         ("decode-0", "decode", "1", f"127.0.0.1:{engines[1]['port']}", "unhealthy"),
     ]  # fmt: skip
-    assert lines[2].split() == ["INSTANCE", "ROLE", "DEVICES", "ADDRESS", "PID", "HEALTH", "RESTARTS", "LOG"]
+    assert lines[1] == f"keeper pid {os.getpid()} (deploy.pid: restarts the front door's process, pid {os.getpid()}, if it is killed)"
+    assert lines[3].split() == ["INSTANCE", "ROLE", "DEVICES", "ADDRESS", "PID", "HEALTH", "RESTARTS", "LOG"]
     expected = table_lines([NODE_HEADER, ("local", "127.0.0.1", "0,1", ",".join(workers),
                                           f"not answering: {workers[1]}", "prefill-0,decode-0")])  # fmt: skip
     assert lines[-3:] == ["", *expected]  # local mode: no yr status
