@@ -513,7 +513,10 @@ class FrontDoor:
                         if relayed:
                             await leg.exchange.write(relayed)
                     complete = follower.finished
-                    broken = None if complete else StreamCut("the stream ended before its last event")
+                    broken = None if complete else StreamCut(
+                        f"the engine sent an error event: {follower.engine_error}" if follower.engine_error
+                        else "the stream ended before its last event"
+                    )  # fmt: skip
                 except StreamCut as exc:
                     broken = exc
                 finally:
@@ -541,6 +544,7 @@ class FrontDoor:
                 self.metrics.migrations.labels("continued").inc()
                 migrations_left -= 1
                 upstream, engine = opened
+                follower.restart()
         finally:
             self._latency[leg.endpoint].observe(time.perf_counter() - leg.started)
 

@@ -13,6 +13,13 @@ Only single-prompt, single-choice ``/v1/completions`` streams without ``echo`` o
 ``best_of`` are followed (chat streams would need the chat template's tokens and chat
 events: not done). The token id fields are removed again from what the client gets,
 unless the client asked for them.
+
+What the client gets stays one valid stream across a cut: each continuation is parsed
+from a clean state (``restart``: the broken engine's partial event is dropped, never
+glued to the next engine's first), its events carry the original completion id and
+never the continuation's prompt ids. A server error event (what vLLM's API server sends
+when its EngineCore dies, then ``[DONE]``) is a cut, not an end: it is not relayed, and
+the stream is continued like a broken one.
 """
 
 from __future__ import annotations
@@ -57,7 +64,13 @@ class StreamFollower:
         self.generated: list[int] = []
         self.finished = False  # a finish reason or [DONE] came
         self.done_sent = False  # [DONE] came
+        self.engine_error: str | None = None  # a server error event came: the engine failed
         self._completion_id: str | None = None
+
+    def restart(self) -> None:
+        """A continuation's stream starts: nothing of the broken one's is carried over."""
+        self._pending = b""
+        self.engine_error = None
 
     def feed(self, chunk: bytes) -> bytes:
         """The complete events in ``chunk`` (with what came before), as the client gets them."""
@@ -65,18 +78,23 @@ class StreamFollower:
         events, _, self._pending = self._pending.rpartition(_EVENT_END)
         if not events:
             return b""
-        return b"".join(self._event(event) + _EVENT_END for event in (events + _EVENT_END).split(_EVENT_END)[:-1])
+        relayed = (self._event(event) for event in (events + _EVENT_END).split(_EVENT_END)[:-1])
+        return b"".join(event + _EVENT_END for event in relayed if event)
 
     def _event(self, event: bytes) -> bytes:
         if not event.startswith(b"data: "):
             return event
         if event.strip() == _DONE:
+            if self.engine_error is not None:
+                return b""  # the [DONE] after a server error: the stream goes on elsewhere
             self.finished = self.done_sent = True
             return event
         try:
             data = json.loads(event[6:])
         except ValueError:
             return event
+        if self._server_error(data):
+            return b""
         choices = data.get("choices") if isinstance(data, dict) else None
         if not choices:
             return event  # a usage event
@@ -92,12 +110,24 @@ class StreamFollower:
         continued = data.get("id") != self._completion_id
         if continued:
             data["id"] = self._completion_id  # the client keeps one completion id
+            choice.pop("prompt_token_ids", None)  # the continuation's prompt: the client's prompt and what it got
         elif self._keep_token_ids:
             return event
         if not self._keep_token_ids:
             for field in _TOKEN_FIELDS:
                 choice.pop(field, None)
         return b"data: " + json.dumps(data, separators=(",", ":")).encode()
+
+    def _server_error(self, data: Any) -> bool:
+        """An error event of the engine's own failure (code 500 and up): noted, not relayed."""
+        error = data.get("error") if isinstance(data, dict) else None
+        if not isinstance(error, dict):
+            return False
+        code = error.get("code")
+        if not (isinstance(code, int) and code >= 500):
+            return False
+        self.engine_error = str(error.get("message") or error)
+        return True
 
     def continuation(self) -> dict[str, Any] | None:
         """The request that generates the rest on another engine; None if it cannot be made

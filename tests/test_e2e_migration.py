@@ -3,10 +3,11 @@ process group) in the middle of a greedy completions stream. The front door cont
 the stream on another engine (here the prefill engine, the only one left) with the
 prompt's and the generated tokens' ids; the client reads the same text as an
 uninterrupted run, under one completion id, without the token id fields it did not ask
-for; requests after it succeed. The decode engine comes back; then the prefill engine is
-killed, and a request still gets the same text (the decode computes the prompt). A
-float32 model, so that recomputing the same tokens' KV on another engine gives the same
-greedy choices."""
+for; requests after it succeed. The decode engine comes back; its EngineCore alone is then
+killed mid-stream (the API server sends an error event and [DONE]: a cut, continued the
+same way); then the prefill engine is killed, and a request still gets the same text
+(the decode computes the prompt). A float32 model, so that recomputing the same tokens'
+KV on another engine gives the same greedy choices."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import pytest
 
 from deploy.state import DeploymentState
 from tests.e2e import ENGINE_PARAMS, deployed, metric, token_prompt
+from tests.helpers import process_tree
 
 pytestmark = pytest.mark.e2e
 
@@ -41,6 +43,20 @@ def _stream(url: str, body: dict[str, object], on_event: Callable[[int], None] |
             if on_event is not None:
                 on_event(len(events))
     return events, text
+
+
+def _engine_core(server_pid: int) -> int:
+    """The EngineCore process under an engine's API server."""
+    cores = [pid for pid in process_tree(server_pid) if _comm(pid).startswith("VLLM::EngineCor")]
+    assert len(cores) == 1, f"EngineCore processes under {server_pid}: {cores}"
+    return cores[0]
+
+
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
 
 
 def test_a_stream_whose_decode_engine_dies_goes_on_with_the_same_text(tmp_path_factory: pytest.TempPathFactory) -> None:
@@ -82,6 +98,27 @@ def test_a_stream_whose_decode_engine_dies_goes_on_with_the_same_text(tmp_path_f
             if engines["decode"]["state"] == "healthy" and engines["decode"]["pid"] != decode["pid"]:
                 break
             assert time.monotonic() < deadline, f"the decode engine did not come back: {engines['decode']}"
+            time.sleep(1)
+        # Its EngineCore killed mid-stream (the OOM killer's usual target), the API server
+        # alive: it sends an error event and [DONE], which the door takes as a cut.
+        core = _engine_core(int(engines["decode"]["pid"]))  # type: ignore[arg-type]
+        core_killed: list[int] = []
+
+        def kill_core_at_event_20(count: int) -> None:
+            if count == 20 and not core_killed:
+                os.kill(core, signal.SIGKILL)
+                core_killed.append(count)
+
+        events, text = _stream(deployment.url, body, kill_core_at_event_20)
+        assert core_killed == [20] and text == reference
+        assert len({event["id"] for event in events}) == 1 and events[-1]["choices"][0]["finish_reason"] == "length"
+        assert metric(deployment.url, "frontdoor_stream_migrations_total", outcome="continued") == 2.0
+        deadline = time.monotonic() + 300
+        while True:  # the supervisor replaces the engine whose core died
+            engines = {e["role"]: e for e in DeploymentState.read(state_file).engines}  # type: ignore[union-attr]
+            if engines["decode"]["state"] == "healthy" and _engine_core(int(engines["decode"]["pid"])) != core:  # type: ignore[arg-type]
+                break
+            assert time.monotonic() < deadline, f"the decode engine did not come back after its core died: {engines['decode']}"
             time.sleep(1)
         # ... and with the prefill engine killed, requests still succeed: the decode engine
         # computes the prompt itself, with the same greedy text.

@@ -65,3 +65,34 @@ def test_no_continuation_without_the_prompt_ids_or_with_nothing_left() -> None:
     assert follower.continuation() is None  # the prompt's ids never came
     follower.feed(_event("cmpl-a", "B", [8], prompt_ids=[1]))
     assert follower.continuation() is None  # max_tokens reached
+
+
+def test_a_continuation_starts_clean_after_a_partial_event() -> None:
+    """The broken engine's last event arrived in part: it is dropped, not glued to the next
+    engine's first event (which gave the client invalid JSON with the continuation's id
+    and prompt ids, and left its first token uncounted)."""
+    follower = StreamFollower({"prompt": "hi", "stream": True, "max_tokens": 10})
+    relayed = follower.feed(_event("cmpl-a", "A", [7], prompt_ids=[1, 2]) + _event("cmpl-a", "lo", [8])[:30])
+    follower.restart()  # the door opened the continuation's stream
+    relayed += follower.feed(_event("cmpl-b", "B", [9], prompt_ids=[1, 2, 7]) + _event("cmpl-b", "", [], finish="length"))
+    events = [e for e in relayed.split(b"\n\n") if e]
+    assert all(e.startswith(b"data: {") for e in events)
+    parsed = [json.loads(e[6:]) for e in events]  # every event valid JSON
+    assert [(d["id"], d["choices"][0]["text"]) for d in parsed] == [("cmpl-a", "A"), ("cmpl-a", "B"), ("cmpl-a", "")]
+    assert all("prompt_token_ids" not in d["choices"][0] and "token_ids" not in d["choices"][0] for d in parsed)
+    assert follower.generated == [7, 9]  # the continuation's first token counted: a second migration goes on from it
+
+
+def test_a_server_error_event_is_a_cut_not_an_end() -> None:
+    """What vLLM's API server sends when its EngineCore dies: an error event, then [DONE]."""
+    follower = StreamFollower({"prompt": "hi", "stream": True, "max_tokens": 10, "return_token_ids": True})
+    error = b'data: {"error": {"message": "EngineCore encountered an issue", "type": "InternalServerError", "code": 500}}\n\n'
+    relayed = follower.feed(_event("cmpl-a", "A", [7], prompt_ids=[1]) + error + b"data: [DONE]\n\n")
+    assert relayed == _event("cmpl-a", "A", [7], prompt_ids=[1])  # neither the error nor [DONE] reaches the client
+    assert not follower.finished and follower.engine_error == "EngineCore encountered an issue"
+    assert follower.continuation() == {"prompt": [1, 7], "stream": True, "max_tokens": 9, "return_token_ids": True}
+    follower.restart()
+    relayed = follower.feed(_event("cmpl-b", "B", [8], prompt_ids=[1, 7]))
+    assert json.loads(relayed[6:])["choices"][0] == {"index": 0, "text": "B", "finish_reason": None, "token_ids": [8]}
+    client_error = b'data: {"error": {"message": "bad request", "type": "BadRequestError", "code": 400}}\n\n'
+    assert StreamFollower({"prompt": "hi", "stream": True}).feed(client_error) == client_error  # relayed as it is
