@@ -246,15 +246,14 @@ class EngineClient:
         extra = "".join(f"{name}: {value}\r\n" for name, value in headers.items()) if headers else ""
         head = (f"{method} {path} HTTP/1.1\r\nHost: {pool.host_header}\r\n{self._authorization}{extra}"
                 f"Content-Length: {len(payload)}\r\n\r\n").encode("latin-1")  # fmt: skip
-        connection = pool.take_idle()
-        if connection is not None:
-            try:
-                return await self._exchange(connection, head, payload)
-            except EngineUnreachable:
-                # A reused connection the engine closed as we wrote: the engine saw no
-                # request on it; send it once more on a new connection.
-                logger.debug("engine %s:%d closed an idle connection; sending on a new one", host, port)
-        return await self._exchange(await self._connect(pool), head, payload)
+        # Sent once: a connection that fails before the answer's head may have delivered the
+        # request (the engine may be computing it), so it is never sent again here; the
+        # caller decides (another engine). The race that a resend would cover, the engine
+        # closing an idle keep-alive connection as the request is written, cannot happen:
+        # a connection idle for IDLE_REUSE_S is not reused, and one the engine closed
+        # before that is known closed before it is taken from the pool.
+        connection = pool.take_idle() or await self._connect(pool)
+        return await self._exchange(connection, head, payload)
 
     async def _connect(self, pool: _HostPool) -> _Connection:
         loop = asyncio.get_running_loop()

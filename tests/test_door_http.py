@@ -4,6 +4,7 @@ other HTTP/1.1 clients do that a framework used to handle for us."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import threading
@@ -17,6 +18,7 @@ import uvicorn
 
 import controller.http_server as http_server
 from controller.door_metrics import DoorMetrics
+from controller.engine_client import EngineClient, EngineUnreachable
 from controller.frontdoor import FrontDoor
 from controller.policies import make_policy
 from controller.routing import RoutingTable
@@ -266,3 +268,57 @@ def test_an_http10_client_gets_its_stream_unchunked_and_the_connection_closed() 
         events = [event.removeprefix(b"data: ") for event in content.split(b"\n\n") if event]
         assert [json.loads(event)["choices"][0]["text"] for event in events[:-1]] == ["c0-0", "c0-1"]
         assert events[-1] == b"[DONE]"  # the raw events, no chunk sizes between them
+
+
+def test_a_request_that_may_have_reached_the_engine_is_never_sent_again() -> None:
+    """An engine that reads the second request on a kept-alive connection and then drops
+    it (it died, or its connection broke) may be computing it: the client reports the
+    engine unreachable and sends nothing again (the door then picks another engine).
+    It used to send the request once more on a new connection: the work ran twice."""
+    received: list[bytes] = []
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            with conn:
+                buffer, answered = b"", 0
+                while True:
+                    data = conn.recv(65536)
+                    if not data:
+                        break
+                    buffer += data
+                    while b"\r\n\r\n{}" in buffer:
+                        request, _, buffer = buffer.partition(b"\r\n\r\n{}")
+                        received.append(request.split(b"\r\n")[0])
+                        if answered:
+                            conn.close()  # read, then gone without an answer
+                            break
+                        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                        answered += 1
+                    else:
+                        continue
+                    break
+
+    threading.Thread(target=serve, daemon=True).start()
+
+    async def two_requests() -> None:
+        client = EngineClient()
+        first = await client.request("POST", "127.0.0.1", port, "/first", b"{}")
+        assert (first.status, await first.read()) == (200, b"ok")
+        first.release()
+        with pytest.raises(EngineUnreachable):
+            await client.request("POST", "127.0.0.1", port, "/second", b"{}")
+        client.close()
+
+    try:
+        asyncio.run(two_requests())
+    finally:
+        listener.close()
+    assert received == [b"POST /first HTTP/1.1", b"POST /second HTTP/1.1"]  # each once
