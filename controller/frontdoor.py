@@ -370,13 +370,14 @@ class FrontDoor:
 
     async def _decode_or_whole(self, decodes: list[EngineLoad], decode_body: dict[str, Any], body: dict[str, Any],
                                leg: _Leg, ranker: Any) -> int:  # fmt: skip
-        """The decode leg; when no decode engine takes it (each found dead, or none left)
-        before anything reached the client, a prefill engine serves the whole request: a
-        healthy engine never leaves a request with 503."""
+        """The decode leg; when no decode engine takes it (each found dead or answering a
+        server error, e.g. its EngineCore died; or none left) before anything reached the
+        client, a prefill engine serves the whole request: a healthy engine never leaves a
+        request with 503."""
+        prefills = self.table.order("prefill", leg.key, ranker)
         try:
-            return await self._answer(decodes, decode_body, leg, "decode")
+            return await self._answer(decodes, decode_body, leg, "decode", more_after=bool(prefills))
         except _Refused as refused:
-            prefills = self.table.order("prefill", leg.key, ranker)
             if refused.status != 503 or leg.exchange.answered or not prefills:
                 raise
             self.metrics.whole_on_prefill.inc()
@@ -423,8 +424,11 @@ class FrontDoor:
             return upstream.status
         return None
 
-    async def _answer(self, engines: list[EngineLoad], body: dict[str, Any], leg: _Leg, role: str) -> int:
-        """Send the request to the first engine that answers; relay its answer."""
+    async def _answer(self, engines: list[EngineLoad], body: dict[str, Any], leg: _Leg, role: str,
+                      more_after: bool = False) -> int:  # fmt: skip
+        """Send the request to the first engine that answers; relay its answer.
+        ``more_after``: the caller has other engines to try (a prefill serving the whole
+        request): a server error of the last engine here is not relayed but refused (503)."""
         table = self.table
         last_failure = "no healthy engine"
         follow = self.stream_migrations > 0 and migratable(leg.endpoint, body)
@@ -443,10 +447,11 @@ class FrontDoor:
             except BaseException:
                 table.release(engine)
                 raise
-            if upstream.status in _RETRYABLE_STATUS and attempt + 1 < len(engines):
+            if upstream.status in _RETRYABLE_STATUS and (attempt + 1 < len(engines) or more_after):
                 upstream.close()
                 table.release(engine)
                 self._failed(engine, leg.request_id, f"HTTP {upstream.status}", unavailable=upstream.status in _UNAVAILABLE_STATUS)
+                last_failure = f"{engine.name} answered HTTP {upstream.status}"
                 continue
             if not body.get("stream") or upstream.status != 200:
                 try:

@@ -209,6 +209,18 @@ def test_a_decode_found_dead_costs_no_request_while_a_prefill_can_serve_it() -> 
         assert _metric(url, "frontdoor_decode_fallbacks_total") == 3  # the first after its prefill leg, the rest at once
 
 
+def test_a_decode_answering_a_server_error_hands_the_request_to_a_prefill_whole() -> None:
+    """What a decode whose EngineCore died answers (500): not relayed while a prefill engine
+    can serve the request whole, streamed or not."""
+    prefill, decode = FakeEngine("p0", "prefill"), FakeEngine("d0", "decode", fail_status=500)
+    with door([prefill, decode]) as (url, _):
+        for stream in (False, True):
+            response = httpx.post(f"{url}/v1/completions", json={"prompt": "p", "max_tokens": 4, "stream": stream}, timeout=10)
+            assert response.status_code == 200 and "p0" in response.text, response.text
+        assert len(decode.received) == 2  # a 500 keeps an engine in rotation: each request asked it once
+        assert _metric(url, "frontdoor_decode_fallbacks_total") == 2
+
+
 def test_a_stuck_prefill_is_abandoned_and_the_decode_computes_the_prompt() -> None:
     prefill, decode = FakeEngine("p0", "prefill", delay_s=5), FakeEngine("d0", "decode")
     with door([prefill, decode], prefill_timeout_s=0.5) as (url, table):
