@@ -374,11 +374,12 @@ class FrontDoor:
         server error, e.g. its EngineCore died; or none left) before anything reached the
         client, a prefill engine serves the whole request: a healthy engine never leaves a
         request with 503."""
-        prefills = self.table.order("prefill", leg.key, ranker)
         try:
-            return await self._answer(decodes, decode_body, leg, "decode", more_after=bool(prefills))
+            # healthy(), not order(): ordering advances a policy's rotation, and is wanted only on failure.
+            return await self._answer(decodes, decode_body, leg, "decode", more_after=bool(self.table.healthy("prefill")))
         except _Refused as refused:
-            if refused.status != 503 or leg.exchange.answered or not prefills:
+            prefills = [] if refused.status != 503 or leg.exchange.answered else self.table.order("prefill", leg.key, ranker)
+            if not prefills:
                 raise
             self.metrics.whole_on_prefill.inc()
             logger.warning("[request=%s] no decode engine took the request (%s); a prefill engine serves it whole",

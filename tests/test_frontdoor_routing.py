@@ -193,6 +193,14 @@ def test_no_decode_left_means_a_prefill_serves_the_whole_request() -> None:
         assert _metric(url, "frontdoor_decode_fallbacks_total") == 2
 
 
+def test_pd_requests_take_turns_on_the_prefill_engines() -> None:
+    prefills, decode = [FakeEngine("p0", "prefill"), FakeEngine("p1", "prefill")], FakeEngine("d0", "decode")
+    with door([*prefills, decode]) as (url, _):
+        for index in range(4):
+            assert httpx.post(f"{url}/v1/completions", json={"prompt": f"p{index}"}, timeout=10).status_code == 200
+    assert [len(engine.received) for engine in prefills] == [2, 2]  # round robin: one prefill leg each in turn
+
+
 def test_a_decode_found_dead_costs_no_request_while_a_prefill_can_serve_it() -> None:
     """The only decode engine was killed and the table still calls it healthy: the first
     request finds it dead after its prefill leg, and the prefill serves it whole (no 503)."""
