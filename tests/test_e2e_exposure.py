@@ -54,13 +54,24 @@ def test_every_listening_socket_is_on_loopback(deployment: Deployment) -> None:
 
 
 def test_the_door_follows_kv_events_published_on_loopback(deployment: Deployment) -> None:
-    prompt = token_prompt(400)
-    body = {"model": deployment.state.served_model_name, "prompt": prompt, "max_tokens": 2}
+    before = _settled_prefill_blocks(deployment)  # earlier requests' blocks, once the door has published them
+    body = {"model": deployment.state.served_model_name, "prompt": token_prompt(400), "max_tokens": 2}
     assert httpx.post(f"{deployment.url}/v1/completions", headers=WITH_KEY, json=body, timeout=120).status_code == 200
     deadline = time.monotonic() + 15  # the door publishes its index's size once a second
-    while (indexed := _indexed_blocks(deployment)).get("prefill-0", 0) < 3 and time.monotonic() < deadline:
+    while (indexed := _indexed_blocks(deployment)).get("prefill-0", 0) != before + 3 and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert indexed.get("prefill-0", 0) >= 3, indexed  # the 3 full blocks of this prompt, seen through its events
+    assert indexed.get("prefill-0", 0) == before + 3, (before, indexed)  # this prompt's 3 full blocks, from its events
+
+
+def _settled_prefill_blocks(deployment: Deployment) -> float:
+    """prefill-0's indexed blocks once two readings 1.2 s apart agree (the door publishes once a second)."""
+    last = _indexed_blocks(deployment).get("prefill-0", 0)
+    while True:
+        time.sleep(1.2)
+        now = _indexed_blocks(deployment).get("prefill-0", 0)
+        if now == last:
+            return now
+        last = now
 
 
 def _indexed_blocks(deployment: Deployment) -> dict[str, float]:
