@@ -28,7 +28,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -43,7 +43,7 @@ from controller.door_metrics import DoorMetrics
 from controller.engine_client import EngineClient, EngineUnreachable, StreamCut, Upstream
 from controller.http_server import READ_TIMEOUT_S, Exchange, door_protocol, error_body, error_object
 from controller.kv_router import KVRouter, RoutedPrompt
-from controller.migration import StreamFollower, migratable, with_token_ids
+from controller.migration import CONTINUATION_PATH, StreamFollower, engine_request, migratable
 from controller.policies import EngineLoad, affinity_key
 from controller.routing import SUSPECT_S, RoutingTable
 from controller.scaling import Scaler
@@ -122,7 +122,7 @@ class FrontDoor:
     Uvicorn serves them with (``uvicorn_config``).
 
     ``admission``: overload control (None: no limit on requests in flight).
-    ``stream_migrations``: how many times one completions stream may be continued on
+    ``stream_migrations``: how many times one stream (completions or chat) may be continued on
     another engine when its engine's stream breaks (controller/migration.py); 0: never.
     ``api_key``: when set, every request must carry ``Authorization: Bearer <key>``
     (workers/api_key_guard.py), /health excepted, and /metrics with ``metrics_public``;
@@ -168,11 +168,12 @@ class FrontDoor:
         self.app = self._fallback_app(scaler)
         if api_key is not None:
             self.app.add_middleware(KeyGuard, api_key=api_key, metrics_public=metrics_public)
-        self.protocol = door_protocol(
-            {"/v1/completions": functools.partial(self._handle, endpoint="completions", required="prompt"),
-             "/v1/chat/completions": functools.partial(self._handle, endpoint="chat/completions", required="messages")},
-            read_timeout_s,
-        )  # fmt: skip
+        # The completions paths' handlers, served by the door's own HTTP layer.
+        self.handlers: dict[str, Callable[[Exchange], Awaitable[None]]] = {
+            "/v1/completions": functools.partial(self._handle, endpoint="completions", required="prompt"),
+            "/v1/chat/completions": functools.partial(self._handle, endpoint="chat/completions", required="messages"),
+        }
+        self.protocol = door_protocol(self.handlers, read_timeout_s)
 
     def uvicorn_config(self, host: str, port: int, drain_timeout_s: float) -> uvicorn.Config:
         """Uvicorn serving this door. On SIGTERM / Ctrl-C it stops accepting, lets requests
@@ -433,7 +434,7 @@ class FrontDoor:
         table = self.table
         last_failure = "no healthy engine"
         follow = self.stream_migrations > 0 and migratable(leg.endpoint, body)
-        payload = json.dumps(with_token_ids(body) if follow else body).encode()
+        payload = json.dumps(engine_request(body) if follow else body).encode()
         for attempt, engine in enumerate(engines):
             if attempt:
                 self.metrics.retries.labels(role).inc()
@@ -480,8 +481,8 @@ class FrontDoor:
             return 200
         raise _Refused(503, f"no engine could take the request ({last_failure})", "service_unavailable")
 
-    async def _post(self, engine: EngineLoad, leg: _Leg, payload: bytes) -> Upstream:
-        return await self.client.request("POST", engine.host, engine.port, leg.path, payload, leg.engine_headers)
+    async def _post(self, engine: EngineLoad, leg: _Leg, payload: bytes, path: str = "") -> Upstream:
+        return await self.client.request("POST", engine.host, engine.port, path or leg.path, payload, leg.engine_headers)
 
     async def _relay(self, upstream: Upstream, engine: EngineLoad, leg: _Leg) -> None:
         first, complete = True, False
@@ -505,11 +506,11 @@ class FrontDoor:
 
     async def _follow(self, upstream: Upstream, engine: EngineLoad, body: dict[str, Any], leg: _Leg) -> None:
         """``_relay``, for a stream that is continued on another engine if it breaks."""
-        follower = StreamFollower(body)
+        follower = StreamFollower(body, chat=leg.endpoint == "chat/completions")
         first, migrations_left = True, self.stream_migrations
         try:
             while True:
-                complete, broken = False, None
+                complete, broken, drained = False, None, True
                 try:
                     async for chunk in upstream.chunks():
                         relayed = follower.feed(chunk)
@@ -518,6 +519,9 @@ class FrontDoor:
                             first = False
                         if relayed:
                             await leg.exchange.write(relayed)
+                        if follower.stopped_here:  # a stop string across a cut: the engine is stopped by closing
+                            drained = False
+                            break
                     complete = follower.finished
                     broken = None if complete else StreamCut(
                         f"the engine sent an error event: {follower.engine_error}" if follower.engine_error
@@ -526,7 +530,7 @@ class FrontDoor:
                 except StreamCut as exc:
                     broken = exc
                 finally:
-                    upstream.release() if complete else upstream.close()
+                    upstream.release() if complete and drained else upstream.close()
                     self.table.release(engine)
                 if broken is None:
                     leg.exchange.end()
@@ -559,11 +563,11 @@ class FrontDoor:
         can compute a whole request: decode engines first, then prefill engines)."""
         table = self.table
         roles = ("decode", "prefill") if table.disaggregated else ("colocated",)
-        payload = json.dumps(body).encode()
+        payload = json.dumps(body).encode()  # a completion of token ids, whatever the client's endpoint
         for engine in (engine for role in roles for engine in table.order(role, leg.key) if engine is not broken):
             table.acquire(engine)
             try:
-                upstream = await self._post(engine, leg, payload)
+                upstream = await self._post(engine, leg, payload, CONTINUATION_PATH)
             except EngineUnreachable as exc:
                 table.release(engine)
                 self._failed(engine, leg.request_id, exc)

@@ -167,7 +167,7 @@ class ServiceConfig:
     routing_policy: str  # round_robin | least_outstanding | prefix_affinity | kv_aware (prefill / colocated)
     selective_pd_tokens: int  # kv_aware PD: skip the prefill leg when the decode lacks at most this many prompt tokens
     admission: AdmissionConfig  # the door's overload control
-    stream_migrations: int  # times one completions stream may be continued on another engine
+    stream_migrations: int  # times one stream may be continued on another engine
     prefill_timeout_s: float  # PD: a prefill leg unanswered this long is abandoned; the decode computes the prompt
     door_read_timeout_s: float  # a client's request must arrive whole within this long of its first byte
     drain_timeout_s: float  # on clean / SIGTERM / Ctrl-C: how long requests in flight may finish
@@ -311,7 +311,7 @@ SETTINGS: tuple[_Setting, ...] = (
     _Setting("MAX_IN_FLIGHT_PER_ENGINE", "128", "requests the door lets each serving (decode or colocated) engine have at once"),
     _Setting("DOOR_QUEUE_SIZE", "256", "requests that may wait at the door for a slot; beyond: 429 at once"),
     _Setting("DOOR_QUEUE_TIMEOUT_S", "30", "seconds a request may wait at the door for a slot; then 429"),
-    _Setting("STREAM_MIGRATIONS", "1", "times a /v1/completions stream whose engine dies is continued on another engine; 0: never"),
+    _Setting("STREAM_MIGRATIONS", "1", "times a stream (completions or chat) whose engine dies is continued on another engine; 0: never"),
     _Setting("PREFILL_TIMEOUT_S", "120", "PD: a prefill leg not answered within this many seconds is aborted, its engine "
              "suspected, and the decode engine computes the prompt itself"),
     _Setting("DOOR_READ_TIMEOUT_S", "60", "seconds a client may take to send one whole request, from its first byte; "

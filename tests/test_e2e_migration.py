@@ -3,17 +3,20 @@ process group) in the middle of a greedy completions stream. The front door cont
 the stream on another engine (here the prefill engine, the only one left) with the
 prompt's and the generated tokens' ids; the client reads the same text as an
 uninterrupted run, under one completion id, without the token id fields it did not ask
-for; requests after it succeed. The decode engine comes back; its EngineCore alone is then
-killed mid-stream (the API server sends an error event and [DONE]: a cut, continued the
-same way); then the prefill engine is killed, and a request still gets the same text
-(the decode computes the prompt). A float32 model, so that recomputing the same tokens'
-KV on another engine gives the same greedy choices."""
+for, and without losing the text vLLM would hold back for a stop string; requests after
+it succeed. The decode engine comes back; its EngineCore alone is then killed in the
+middle of a chat stream (the API server sends an error event and [DONE]: a cut,
+continued the same way, as chat chunks), then in the middle of a non-streamed chat
+request (a prefill engine serves it whole); then the prefill engine is killed, and a
+request still gets the same text (the decode computes the prompt). A float32 model, so
+that recomputing the same tokens' KV on another engine gives the same greedy choices."""
 
 from __future__ import annotations
 
 import json
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -30,26 +33,58 @@ pytestmark = pytest.mark.e2e
 LONG_ENGINE_PARAMS = f"{ENGINE_PARAMS} --max-model-len 1024"
 
 
-def _stream(url: str, body: dict[str, object], on_event: Callable[[int], None] | None = None) -> tuple[list[dict], str]:
+# A stop string the model never writes: vLLM holds back its length less one character
+# of every stream's text, which a cut would lose with the engine.
+NEVER = "@@never-stop@@"
+
+
+def _stream(url: str, body: dict[str, object], on_event: Callable[[int], None] | None = None,
+            endpoint: str = "completions") -> tuple[list[dict], str]:  # fmt: skip
     events, text = [], ""
-    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=300) as response:
+    with httpx.stream("POST", f"{url}/v1/{endpoint}", json=body, timeout=300) as response:
         assert response.status_code == 200, response.read()
         for line in response.iter_lines():
-            if not line.startswith("data: {"):
+            if not line.startswith("data: "):
                 continue
-            event = json.loads(line[6:])
+            if line == "data: [DONE]":
+                events.append({"done": True})
+                continue
+            event = json.loads(line[6:])  # every event valid JSON
             events.append(event)
-            text += event["choices"][0]["text"]
+            if event.get("choices"):
+                choice = event["choices"][0]
+                text += choice["text"] if endpoint == "completions" else (choice["delta"].get("content") or "")
             if on_event is not None:
                 on_event(len(events))
-    return events, text
+    assert events and events[-1] == {"done": True}, events[-3:]
+    return events[:-1], text
+
+
+def _back(state_file: Path, role: str, replaced: Callable[[dict], bool]) -> dict:
+    """The engines once ``role``'s is healthy again and ``replaced`` says it is a new one."""
+    deadline = time.monotonic() + 300
+    while True:
+        engines = {e["role"]: e for e in DeploymentState.read(state_file).engines}  # type: ignore[union-attr]
+        if engines[role]["state"] == "healthy" and replaced(engines[role]):
+            return engines
+        assert time.monotonic() < deadline, f"the {role} engine did not come back: {engines[role]}"
+        time.sleep(1)
 
 
 def _engine_core(server_pid: int) -> int:
     """The EngineCore process under an engine's API server."""
-    cores = [pid for pid in process_tree(server_pid) if _comm(pid).startswith("VLLM::EngineCor")]
+    cores = _cores(server_pid)
     assert len(cores) == 1, f"EngineCore processes under {server_pid}: {cores}"
     return cores[0]
+
+
+def _cores(server_pid: int) -> list[int]:
+    return [pid for pid in process_tree(server_pid) if _comm(pid).startswith("VLLM::EngineCor")]
+
+
+def _core_replaced(core: int) -> Callable[[dict], bool]:
+    """Whether an engine (a state.json entry) runs one EngineCore, not ``core``."""
+    return lambda engine: len(cores := _cores(int(engine["pid"]))) == 1 and cores != [core]
 
 
 def _comm(pid: int) -> str:
@@ -65,11 +100,25 @@ def test_a_stream_whose_decode_engine_dies_goes_on_with_the_same_text(tmp_path_f
     settings = {"PREFILL_STARTUP_PARAMS": LONG_ENGINE_PARAMS, "DECODE_STARTUP_PARAMS": LONG_ENGINE_PARAMS,
                 "SELECTIVE_PD_TOKENS": "0"}  # fmt: skip
     with deployed(tmp_path_factory.mktemp("migration"), **settings) as deployment:
-        body = {"model": deployment.state.served_model_name, "prompt": token_prompt(200), "max_tokens": 300,
-                "temperature": 0, "ignore_eos": True, "stream": True}  # fmt: skip
+        model = deployment.state.served_model_name
+        body = {"model": model, "prompt": token_prompt(200), "max_tokens": 300, "temperature": 0, "ignore_eos": True,
+                "stream": True, "stop": [NEVER]}  # fmt: skip
         # The prefill engine computing alone (a cache_salt of its own: nothing reused or
         # loaded): a wrong block handed over would change the door's text, not this one.
-        _, reference = _stream(deployment.engine_url("prefill"), {**body, "cache_salt": "alone"})
+        alone = deployment.engine_url("prefill")
+        _, reference = _stream(alone, {**body, "cache_salt": "alone"})
+        assert NEVER not in reference and len(reference) > 300
+
+        # A stop string that is met: the door cuts it as vLLM does (the door checks stop
+        # strings itself; the engine is asked to hold nothing back).
+        met = {**body, "stop": [NEVER, reference[120:126]]}
+        engine_events, engine_text = _stream(alone, {**met, "cache_salt": "alone"})
+        door_events, door_text = _stream(deployment.url, met)
+        assert door_text == engine_text == reference[: reference.index(reference[120:126])]
+        for field in ("finish_reason", "stop_reason"):
+            assert door_events[-1]["choices"][0][field] == engine_events[-1]["choices"][0][field]
+        assert door_events[-1]["choices"][0]["finish_reason"] == "stop"
+
         decode = next(engine for engine in deployment.state.engines if engine["role"] == "decode")
         killed_at: list[int] = []
 
@@ -80,7 +129,7 @@ def test_a_stream_whose_decode_engine_dies_goes_on_with_the_same_text(tmp_path_f
 
         events, text = _stream(deployment.url, body, kill_decode_at_event_20)
         assert killed_at == [20]
-        assert text == reference  # the same greedy text, 300 tokens
+        assert text == reference  # the same greedy text, 300 tokens, the held-back characters too
         assert len({event["id"] for event in events}) == 1  # one completion id throughout
         assert all("token_ids" not in event["choices"][0] for event in events)  # not asked for: removed
         assert events[-1]["choices"][0]["finish_reason"] == "length"
@@ -92,15 +141,14 @@ def test_a_stream_whose_decode_engine_dies_goes_on_with_the_same_text(tmp_path_f
 
         # The killed decode engine comes back (restarted by its supervisor) ...
         state_file = Path(deployment.env["RUN_DIR"]) / "state.json"
-        deadline = time.monotonic() + 300
-        while True:
-            engines = {e["role"]: e for e in DeploymentState.read(state_file).engines}  # type: ignore[union-attr]
-            if engines["decode"]["state"] == "healthy" and engines["decode"]["pid"] != decode["pid"]:
-                break
-            assert time.monotonic() < deadline, f"the decode engine did not come back: {engines['decode']}"
-            time.sleep(1)
-        # Its EngineCore killed mid-stream (the OOM killer's usual target), the API server
-        # alive: it sends an error event and [DONE], which the door takes as a cut.
+        engines = _back(state_file, "decode", lambda engine: engine["pid"] != decode["pid"])
+        # Its EngineCore killed in the middle of a chat stream (the OOM killer's usual
+        # target), the API server alive: it sends an error event and [DONE], which the door
+        # takes as a cut; the chat goes on as a completion of its token ids, relayed as chat chunks.
+        chat = {"model": model, "messages": [{"role": "user", "content": "tell me about the weather " * 12}],
+                "max_tokens": 300, "temperature": 0, "ignore_eos": True, "stream": True, "stop": NEVER}  # fmt: skip
+        _, chat_reference = _stream(alone, {**chat, "cache_salt": "alone"}, endpoint="chat/completions")
+        assert len(chat_reference) > 300
         core = _engine_core(int(engines["decode"]["pid"]))  # type: ignore[arg-type]
         core_killed: list[int] = []
 
@@ -109,19 +157,34 @@ def test_a_stream_whose_decode_engine_dies_goes_on_with_the_same_text(tmp_path_f
                 os.kill(core, signal.SIGKILL)
                 core_killed.append(count)
 
-        events, text = _stream(deployment.url, body, kill_core_at_event_20)
-        assert core_killed == [20] and text == reference
-        assert len({event["id"] for event in events}) == 1 and events[-1]["choices"][0]["finish_reason"] == "length"
+        events, text = _stream(deployment.url, chat, kill_core_at_event_20, endpoint="chat/completions")
+        assert core_killed == [20] and text == chat_reference
+        assert len({event["id"] for event in events}) == 1 and {event["object"] for event in events} == {"chat.completion.chunk"}
+        assert events[-1]["choices"][0]["finish_reason"] == "length"
+        assert all("token_ids" not in event["choices"][0] and "prompt_token_ids" not in event for event in events)
         assert metric(deployment.url, "frontdoor_stream_migrations_total", outcome="continued") == 2.0
-        deadline = time.monotonic() + 300
-        while True:  # the supervisor replaces the engine whose core died
-            engines = {e["role"]: e for e in DeploymentState.read(state_file).engines}  # type: ignore[union-attr]
-            if engines["decode"]["state"] == "healthy" and _engine_core(int(engines["decode"]["pid"])) != core:  # type: ignore[arg-type]
-                break
-            assert time.monotonic() < deadline, f"the decode engine did not come back after its core died: {engines['decode']}"
-            time.sleep(1)
+
+        # Not streamed: the EngineCore killed while the decode engine computes the answer;
+        # nothing reached the client, so a prefill engine serves the request whole.
+        engines = _back(state_file, "decode", _core_replaced(core))
+        core = _engine_core(int(engines["decode"]["pid"]))  # type: ignore[arg-type]
+        decode_url = f"http://{engines['decode']['host']}:{engines['decode']['port']}"
+        answers: list[httpx.Response] = []
+        request = threading.Thread(target=lambda: answers.append(httpx.post(
+            f"{deployment.url}/v1/chat/completions", json={**chat, "stream": False}, timeout=300)))  # fmt: skip
+        request.start()
+        deadline = time.monotonic() + 120
+        while metric(decode_url, "vllm:num_requests_running") < 1:  # the decode leg is being computed
+            assert time.monotonic() < deadline and request.is_alive(), "the decode engine never ran the request"
+            time.sleep(0.02)
+        os.kill(core, signal.SIGKILL)
+        request.join(300)
+        assert answers and answers[0].status_code == 200, answers and answers[0].text
+        assert answers[0].json()["choices"][0]["message"]["content"] == chat_reference
+
         # ... and with the prefill engine killed, requests still succeed: the decode engine
         # computes the prompt itself, with the same greedy text.
+        engines = _back(state_file, "decode", _core_replaced(core))
         os.killpg(int(engines["prefill"]["pid"]), signal.SIGKILL)  # type: ignore[arg-type]
         whole = httpx.post(f"{deployment.url}/v1/completions", json={**body, "stream": False}, timeout=300)
         assert whole.status_code == 200, whole.text
