@@ -5,7 +5,9 @@ door-overhead benchmark's door)::
 
 The door is built as deploy/serve.py builds it, with a default deployment's settings
 (routing policy, metrics, admission, stream migrations), but without a Controller: the
-routing table is fixed. Uvicorn serves it (uvloop) until SIGTERM.
+routing table is fixed. Uvicorn serves it (uvloop) until SIGTERM: on the door's own HTTP
+protocol (``--http door``, as a deployment), or on Uvicorn's httptools protocol with the
+completions handlers as a bare ASGI callable (``--http uvicorn``, benchmarks/asgi_door.py).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import logging
 
 import uvicorn
 
+from benchmarks.asgi_door import completions_app
 from controller.admission import Admission, AdmissionConfig
 from controller.door_metrics import DoorMetrics
 from controller.frontdoor import FrontDoor, tune_gc_for_serving
@@ -30,6 +33,7 @@ from tests.helpers import PROJECT_ROOT
 logger = logging.getLogger(__name__)
 
 ROLES = ("prefill", "decode", "colocated")
+HTTP_MODES = ("door", "uvicorn")
 POLICIES = ROUTING_POLICIES
 _DEFAULTS = {setting.env: setting.default for setting in SETTINGS}
 DEFAULT_POLICY = str(_DEFAULTS["ROUTING_POLICY"])
@@ -62,6 +66,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--policy", choices=POLICIES, default=DEFAULT_POLICY,
                         help="prefill/colocated routing; default: a deployment's")  # fmt: skip
     parser.add_argument("--served-model-name", default="m")
+    parser.add_argument("--http", choices=HTTP_MODES, default="door",
+                        help="door: the door's own HTTP protocol (a deployment's); uvicorn: Uvicorn's httptools "
+                             "protocol and a bare ASGI callable")  # fmt: skip
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -82,7 +89,12 @@ def main(argv: list[str] | None = None) -> None:
                      stream_migrations=int(str(_DEFAULTS["STREAM_MIGRATIONS"])), kv_router=kv_router)  # fmt: skip
     tune_gc_for_serving()  # as deploy/serve.py does
     logger.info("door on port %d: %s", args.port, ", ".join(f"{e['name']}={e['role']}" for e in engines))
-    uvicorn.Server(door.uvicorn_config("127.0.0.1", args.port, drain_timeout_s=5.0)).run()
+    if args.http == "door":
+        config = door.uvicorn_config("127.0.0.1", args.port, drain_timeout_s=5.0)
+    else:
+        config = uvicorn.Config(completions_app(door), host="127.0.0.1", port=args.port, http="httptools",
+                                log_level="warning", access_log=False, timeout_graceful_shutdown=5)  # fmt: skip
+    uvicorn.Server(config).run()
 
 
 if __name__ == "__main__":

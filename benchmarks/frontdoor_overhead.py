@@ -3,7 +3,7 @@ party in its own process.
 
     .venv/bin/python -m benchmarks.frontdoor_overhead [--requests 400] [--concurrency 16]
         [--concurrent-seconds 2] [--rounds 3] [--router-policies round_robin,cache_aware]
-        [--no-router] [--profile-door SECONDS --profile-out /tmp/door.svg]
+        [--no-router] [--uvicorn-door] [--out FILE] [--profile-door SECONDS --profile-out /tmp/door.svg]
 
 Processes, each in its own process group, stopped (SIGTERM, a wait, then SIGKILL) when
 the run ends, fails or is interrupted:
@@ -31,7 +31,10 @@ Every party shares this machine's cores (2 here): requests/s is bounded by the C
 client, the proxy and the engines take together, so figures from different machines or
 a busy machine do not compare. What does compare is the proxy's own CPU time per request
 under the concurrent load (user + system, all its threads, from /proc; ``proxy_sys_share``:
-the kernel's part, mostly socket writes and reads). Results: benchmarks/results/frontdoor_overhead.json.
+the kernel's part, mostly socket writes and reads). Results:
+benchmarks/results/frontdoor_overhead.json (``--out``). ``--uvicorn-door`` adds a PD arm:
+the door's handlers as a bare ASGI callable on Uvicorn's httptools protocol
+(benchmarks/asgi_door.py).
 """
 
 from __future__ import annotations
@@ -429,6 +432,7 @@ def _spread_json(spread: Spread, digits: int) -> dict[str, float]:
 DIRECT = "colocated: client -> engine"
 DIRECT_PD = "PD: client makes both calls"
 DOOR_PD = "PD: client -> door"
+UVICORN_PD = "PD: client -> door on Uvicorn httptools"
 ROLES = {"c0": "colocated", "p0": "prefill", "d0": "decode"}
 
 
@@ -448,6 +452,8 @@ class Setup:
             Arm("colocated: client -> door -> engine", (door["colocated"].url,), DIRECT, False, door["colocated"].pid),
             Arm(DIRECT_PD, (engine["p0"].url, engine["d0"].url), None, True),
             Arm(DOOR_PD, (door["pd"].url,), DIRECT_PD, True, door["pd"].pid),
+            *((Arm(UVICORN_PD, (door["pd-uvicorn"].url,), DIRECT_PD, True, door["pd-uvicorn"].pid),)
+              if "pd-uvicorn" in door else ()),
             *(Arm(router_arm(p), (party.url,), DIRECT_PD, True, party.pid) for p, party in self.routers.items()),
         ]
 
@@ -456,7 +462,8 @@ def router_arm(policy: str) -> str:
     return f"PD: client -> vllm-router ({policy})"
 
 
-def start_all(started: Parties, door_policy: str, router: Path | None, router_policies: Sequence[str]) -> Setup:
+def start_all(started: Parties, door_policy: str, router: Path | None, router_policies: Sequence[str],
+              uvicorn_arm: bool = False) -> Setup:  # fmt: skip
     python = sys.executable
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))}
     engines: dict[str, Party] = {}
@@ -467,10 +474,14 @@ def start_all(started: Parties, door_policy: str, router: Path | None, router_po
     for party in engines.values():
         started.wait_ready(party)
     doors: dict[str, Party] = {}
-    for mode, members in (("colocated", ("c0",)), ("pd", ("p0", "d0"))):
+    modes = [("colocated", ("c0",), "door"), ("pd", ("p0", "d0"), "door")]
+    if uvicorn_arm:
+        modes.append(("pd-uvicorn", ("p0", "d0"), "uvicorn"))
+    for mode, members, http in modes:
         port = free_port()
         specs = [f"--engine={member}={ROLES[member]}@{engines[member].port}" for member in members]
-        argv = [python, "-m", "benchmarks.door_process", "--port", str(port), "--policy", door_policy, *specs]
+        argv = [python, "-m", "benchmarks.door_process", "--port", str(port), "--policy", door_policy,
+                "--http", http, *specs]  # fmt: skip
         doors[mode] = started.start(f"door-{mode}", argv, port, env)
     routers: dict[str, Party] = {}
     argvs: dict[str, list[str]] = {}
@@ -539,7 +550,7 @@ def print_table(table: Mapping[str, Mapping[str, Spread]], comparisons: Mapping[
         print(f"{name:40}" + "".join(f"{cell:>23}" for cell in cells))
     for name, comparison in comparisons.items():
         verdict = "met" if comparison["met"] else "not met"
-        print(f"door vs {name.removeprefix('PD: client -> ')}: p50 door - router "
+        print(f"{name}: p50 door - router "
               f"{comparison['door_minus_router_added_p50_ms'].cell(3)} ms, req/s door / router "
               f"{comparison['door_over_router_req_s'].cell(2)}; issue 12's target (<= +0.1 ms, >= 1.0x): "
               f"{verdict}")  # fmt: skip
@@ -560,6 +571,10 @@ def main() -> None:
                         help=f"vllm-router --policy values, an arm each ({ROUTER_DEFAULT_POLICY}: its own "
                              "default)")  # fmt: skip
     parser.add_argument("--no-router", action="store_true", help="skip the vllm-router arms")
+    parser.add_argument("--uvicorn-door", action="store_true",
+                        help="one more PD arm: the door's handlers as a bare ASGI callable on Uvicorn's httptools "
+                             "protocol (benchmarks/asgi_door.py)")  # fmt: skip
+    parser.add_argument("--out", type=Path, default=RESULTS, help=f"the result's JSON (default {RESULTS})")
     parser.add_argument("--profile-door", type=float, default=0.0, metavar="SECONDS",
                         help="after the rounds: py-spy records the PD door under the concurrent load")  # fmt: skip
     parser.add_argument("--profile-out", type=Path, default=Path("/tmp/door.svg"),
@@ -581,7 +596,7 @@ def main() -> None:
     load_before = os.getloadavg()
     profile = None
     with parties(log_dir) as started:
-        setup = start_all(started, args.door_policy, router, router_policies)
+        setup = start_all(started, args.door_policy, router, router_policies, args.uvicorn_door)
         rounds, legs = run_rounds(setup, load, args.rounds)
         if args.profile_door > 0:
             door_arm = next(arm for arm in setup.arms() if arm.name == DOOR_PD)
@@ -592,7 +607,9 @@ def main() -> None:
 
     arms = setup.arms()
     table = aggregate(rounds, {arm.name: arm.baseline for arm in arms})
-    comparisons = {router_arm(policy): compare(rounds, DOOR_PD, router_arm(policy)) for policy in setup.routers}
+    doors = {"door": DOOR_PD, **({"door on Uvicorn httptools": UVICORN_PD} if args.uvicorn_door else {})}
+    comparisons = {f"{label} vs vllm-router ({policy})": compare(rounds, arm, router_arm(policy))
+                   for label, arm in doors.items() for policy in setup.routers}  # fmt: skip
     print(f"\n{load.requests} sequential requests, then {load.concurrency} concurrent clients for "
           f"{load.concurrent_seconds:g} s, per path; {args.rounds} round(s): median (min-max); "
           f"load average {load_before[0]:.1f} -> {load_after[0]:.1f}")  # fmt: skip
@@ -602,7 +619,9 @@ def main() -> None:
         "machine": {"cpus": os.cpu_count(), "load_average_before": [round(x, 2) for x in load_before],
                     "load_average_after": [round(x, 2) for x in load_after]},  # fmt: skip
         "door": {"policy": args.door_policy,
-                 "server": "uvicorn running the door's own protocol (controller/http_server.py), uvloop; one process"},
+                 "server": "uvicorn running the door's own protocol (controller/http_server.py), uvloop; one process",
+                 **({"uvicorn_arm": "uvicorn's httptools protocol, the door's handlers as a bare ASGI callable "
+                                    "(benchmarks/asgi_door.py), uvloop; one process"} if args.uvicorn_door else {})},
         "vllm_router": {"note": router_note, "argv": {policy: ["vllm-router", *argv[1:]]
                                                       for policy, argv in setup.router_argv.items()}},  # fmt: skip
         "paths": {name: {figure: _spread_json(spread, 1 if figure == "req_s" else 3) for figure, spread in row.items()}
@@ -614,9 +633,9 @@ def main() -> None:
         "rounds": rounds,
         "door_profile": profile,
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"written {RESULTS}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"written {args.out}")
     if not all(check["ok"] for checks in legs.values() for check in checks):
         print("error: a PD path did not send each request's prefill leg, then its decode leg (see 'legs')",
               file=sys.stderr)  # fmt: skip

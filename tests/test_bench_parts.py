@@ -1,15 +1,18 @@
 """The benchmark's own parts (not benchmarks): the grouped-prefix dataset generator, in
 the served model's tokenizer, the parsing of ``vllm bench serve`` results, the table and
-plot writers, and the door-overhead benchmark's aggregation and legs check."""
+plot writers, and the door-overhead benchmark's aggregation, legs check and Uvicorn arm."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import httpx
 import pytest
+import uvicorn
 from transformers import AutoTokenizer
 
+from benchmarks.asgi_door import completions_app
 from benchmarks.datasets import GroupedPrefixWorkload, grouped_prefix_prompts, token_count, write_custom_jsonl
 from benchmarks.door_process import engine_info
 from benchmarks.frontdoor_overhead import aggregate, compare, legs_check, rotated
@@ -17,7 +20,13 @@ from benchmarks.prefix_affinity import prediction
 from benchmarks.report import Spread, markdown_table
 from benchmarks.seed000 import TABLE_COLUMNS, write_report
 from benchmarks.serve_bench import parse_result
+from controller.door_metrics import DoorMetrics
+from controller.frontdoor import FrontDoor
+from controller.policies import make_policy
+from controller.routing import RoutingTable
 from deploy.embedded_model import ensure_embedded_model
+from tests.fake_engines import FakeEngine, serving
+from tests.helpers import free_port
 from tests.helpers import PROJECT_ROOT
 
 
@@ -168,3 +177,25 @@ def test_prediction_compares_the_runs_deltas_per_engine_and_in_all() -> None:
         "predicted": 3072.0, "reported": 2944.0, "predicted_over_reported": 1.043,
     }  # fmt: skip
     assert prediction(before, before)["predicted_over_reported"] is None  # nothing reported: no ratio
+
+
+def test_the_door_on_uvicorns_httptools_answers_as_the_door_does() -> None:
+    """The door-overhead benchmark's Uvicorn arm (benchmarks/asgi_door.py): the door's
+    handlers as a bare ASGI callable; whole and streamed answers, the other paths by FastAPI."""
+    engine = FakeEngine("c0", "colocated")
+    metrics = DoorMetrics()
+    door = FrontDoor(RoutingTable([engine.info], make_policy("round_robin"), metrics), "m", metrics)
+    port = free_port()
+    config = uvicorn.Config(completions_app(door), host="127.0.0.1", port=port, http="httptools", log_level="warning")
+    with serving(engine.app(), engine.port), serving(door.app, port, config):
+        url = f"http://127.0.0.1:{port}"
+        whole = httpx.post(f"{url}/v1/completions", json={"prompt": "hi"}, headers={"X-Request-Id": "r1"})
+        assert whole.status_code == 200 and whole.headers["x-request-id"] == "r1"
+        assert whole.json()["choices"][0]["text"] == "c0"
+        streamed = httpx.post(f"{url}/v1/chat/completions", json={"messages": [], "stream": True})
+        assert streamed.status_code == 200 and streamed.headers["content-type"] == "text/event-stream"
+        texts = [json.loads(line[6:])["choices"][0]["text"] for line in streamed.text.split("\n\n") if line.startswith("data: {")]
+        assert texts == ["c0-0", "c0-1", "c0-2"] and streamed.text.endswith("data: [DONE]\n\n")
+        refused = httpx.post(f"{url}/v1/completions", json={"prompt": "hi", "model": "other"})
+        assert refused.status_code == 404 and refused.json()["error"]["param"] == "model"
+        assert httpx.get(f"{url}/health").status_code == 200  # FastAPI's path
