@@ -11,10 +11,15 @@
 5. the raw data system: a second client reading and copying the same number of bytes
    one client just published (get_read_only_buffers + one copy per block).
 
-    .venv/bin/python -m benchmarks.pd_handoff [--tokens 2048 4096] [--rounds 3]
+Before any of these, right after the deploy reported ready, the first ``--first``
+requests: cold PD through the door, each with a fresh prompt of the first ``--tokens``
+length, against the prefill engine alone in steady state (the median of 1.).
+
+    .venv/bin/python -m benchmarks.pd_handoff [--tokens 2048 4096] [--rounds 3] [--first 3]
+        [--dtype float32]
 
 Deploys 1P1D with the project's CLI: the ~93M random-weight Qwen2 (12 layers, 1.5 MiB
-of KV per 128-token block in bf16), eager mode, one core per engine, the door, the
+of KV per 128-token block in bf16; ``--dtype`` overrides), eager mode, one core per engine, the door, the
 data system worker; the client is this process. Medians over ``--rounds`` fresh
 prompts; every sample is kept in benchmarks/results/pd_handoff.json.
 """
@@ -126,10 +131,13 @@ def fresh(rng: random.Random, tokens: int) -> list[int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description="cold PD handoff against its parts")
     parser.add_argument("--tokens", type=int, nargs="+", default=[2048, 4096])
+    parser.add_argument("--out", type=Path, default=RESULTS, help=f"the result's JSON (default {RESULTS})")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--first", type=int, default=3, help="cold PD requests measured right after the deploy")
+    parser.add_argument("--dtype", default=None, help="the engines' --dtype (default: the model's, bfloat16)")
     args = parser.parse_args()
     model_path = ensure_embedded_model(PROJECT_ROOT / ".cache" / "models", BENCH_MODEL_NAME, BENCH_MODEL_CONFIG)
-    params = f"--enforce-eager --max-model-len {max(args.tokens) + 256}"
+    params = f"--enforce-eager --max-model-len {max(args.tokens) + 256}" + (f" --dtype {args.dtype}" if args.dtype else "")
     env = isolated_env(
         Path(tempfile.mkdtemp(prefix="pd-handoff-", dir="/tmp")),
         MODEL_PATH=str(model_path),
@@ -140,15 +148,21 @@ def main() -> None:
         SERVER_PORT=str(free_port()),
         ROUTING_POLICY="prefix_affinity",  # every request takes both legs: the handoff is what is measured
     )
-    results: dict[str, Any] = {"model": BENCH_MODEL_NAME, "rounds": args.rounds, "by_prompt_tokens": {}}
+    results: dict[str, Any] = {"model": BENCH_MODEL_NAME, "dtype": args.dtype or "bfloat16", "rounds": args.rounds,
+                               "by_prompt_tokens": {}}  # fmt: skip
     rng = random.Random(0)
+    deploy_started = time.perf_counter()
     with deployed(env) as state:
+        results["deploy_s"] = round(time.perf_counter() - deploy_started, 1)
         urls = {e["role"]: f"http://{e['host']}:{e['port']}" for e in state.engines}
         urls["door"] = f"http://127.0.0.1:{env['SERVER_PORT']}"
         model = state.served_model_name
+        first_tokens = args.tokens[0]
+        first = [stream_ttft(urls["door"], {"model": model, "max_tokens": 2, "temperature": 0, "prompt": fresh(rng, first_tokens)})
+                 for _ in range(args.first)]  # fmt: skip
         for url in (urls["prefill"], urls["door"]):  # warm-up: a fresh engine's first long prompt is slow
             stream_ttft(url, {"model": model, "max_tokens": 2, "prompt": fresh(rng, 256)})
-        block_bytes = 12 * 2 * 4 * 64 * BLOCK_TOKENS * 2
+        block_bytes = 12 * 2 * 4 * 64 * BLOCK_TOKENS * (4 if args.dtype in ("float32", "float") else 2)
         for tokens in args.tokens:
             samples = measure(urls, model, tokens, args.rounds, rng)
             blocks = tokens // BLOCK_TOKENS
@@ -163,9 +177,19 @@ def main() -> None:
                 "fresh_load_over_raw": round(medians["load_fresh"] / medians["raw_get_copy"], 2),
             }
             report(tokens, results["by_prompt_tokens"][str(tokens)])
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"written {RESULTS}")
+        if first:
+            alone = results["by_prompt_tokens"][str(first_tokens)]["median_ms"]["prefill_alone_ttft"]
+            results["first_after_deploy"] = {
+                "prompt_tokens": first_tokens, "pd_door_ttft_ms": [round(v * 1000, 1) for v in first],
+                "over_prefill_alone_steady": [round(v * 1000 / alone, 3) for v in first],
+            }  # fmt: skip
+            print(f"\nfirst {len(first)} cold PD requests after the deploy ({first_tokens} tokens; deploy took "
+                  f"{results['deploy_s']} s): {results['first_after_deploy']['pd_door_ttft_ms']} ms, "
+                  f"{results['first_after_deploy']['over_prefill_alone_steady']}x the prefill engine alone "
+                  f"in steady state ({alone} ms)")  # fmt: skip
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"written {args.out}")
 
 
 def report(tokens: int, result: dict[str, Any]) -> None:

@@ -54,11 +54,12 @@ def _decode_scheduler(ds_address: str) -> Scheduler:
     return Scheduler(config, kv_cache, StructuredOutputManager(config), block_size=BLOCK, log_stats=True)
 
 
-def _handoff_request(scheduler: Scheduler, index: int) -> Request:
+def _handoff_request(scheduler: Scheduler, index: int, saved_tail_tokens: int = 0) -> Request:
     hash_fn = get_hash_fn_by_name(scheduler.cache_config.prefix_caching_hash_algo)
     init_none_hash(hash_fn)
     params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
-    params.extra_args = {"kv_transfer_params": {"do_remote_prefill": True, "num_saved_blocks": PROMPT_BLOCKS}}
+    params.extra_args = {"kv_transfer_params": {"do_remote_prefill": True, "num_saved_blocks": PROMPT_BLOCKS,
+                                                "saved_tail_tokens": saved_tail_tokens}}  # fmt: skip
     prompt = [100 + 7 * index + position for position in range(PROMPT_BLOCKS * BLOCK + 8)]
     return Request(f"req-{index}", prompt, params, None, block_hasher=get_request_block_hasher(BLOCK, hash_fn))
 
@@ -102,3 +103,14 @@ def test_a_handoff_whose_load_failed_is_computed_and_never_stalls_the_engine(dec
     assert [r.status for r in requests[:2]] == [RequestStatus.FINISHED_LENGTH_CAPPED] * 2
     assert requests[2].status == RequestStatus.WAITING_FOR_REMOTE_KVS  # admitted once the others freed their blocks
 
+
+
+def test_a_handoff_with_its_partial_last_block_leaves_the_decode_one_token_to_compute(decode: Scheduler) -> None:
+    request = _handoff_request(decode, 5, saved_tail_tokens=8)
+    decode.add_request(request)
+    step = decode.schedule()
+    assert request.status == RequestStatus.WAITING_FOR_REMOTE_KVS
+    assert len(decode.kv_cache_manager.get_block_ids("req-5")[0]) == PROMPT_BLOCKS + 1  # the tail's block too
+    decode.update_from_output(step, _model_output(step, KVConnectorOutput(finished_recving={"req-5"})))
+    step = decode.schedule()
+    assert dict(step.num_scheduled_tokens) == {"req-5": 1}  # the prompt's last token only

@@ -16,7 +16,7 @@ from typing import Any
 from vllm.v1.outputs import KVConnectorOutput
 
 from deploy.config import DataSystemConfig
-from patch.yuanrong_connector.keys import KVLayout, block_key, chained_block_hashes
+from patch.yuanrong_connector.keys import KVLayout, block_key, chained_block_hashes, tail_block_hash
 from patch.yuanrong_connector.metadata import YuanRongConnectorMetadata, YuanRongWorkerMetadata
 from patch.yuanrong_connector.scheduler import YuanRongScheduler, request_chain_root
 from patch.yuanrong_connector.settings import ConnectorSettings
@@ -86,8 +86,25 @@ def test_decode_claims_announced_blocks_at_once_as_an_async_load() -> None:
     assert decode.get_num_new_matched_tokens(FakeRequest("r1", tokens, _handoff(2)), 0) == (2 * BLOCK, True)
     # with one block already computed locally, only the next one is claimed
     assert decode.get_num_new_matched_tokens(FakeRequest("r2", tokens, _handoff(2)), BLOCK) == (BLOCK, True)
-    # a prompt of exactly 2 blocks hands over both (vLLM recomputes only its last token)
-    assert decode.get_num_new_matched_tokens(FakeRequest("r3", tokens[: 2 * BLOCK], _handoff(2)), 0) == (2 * BLOCK, True)
+    # a prompt of exactly 2 blocks: every token but the last (vLLM computes that one)
+    assert decode.get_num_new_matched_tokens(FakeRequest("r3", tokens[: 2 * BLOCK], _handoff(2)), 0) == (2 * BLOCK - 1, True)
+
+
+def test_decode_claims_the_partial_last_block_the_prefill_saved() -> None:
+    decode = _scheduler("127.0.0.1:1", "tail", role="decode")
+    tokens = list(range(100, 100 + 3 * BLOCK + 5))
+    full = chained_block_hashes(tokens, BLOCK)
+    request = FakeRequest("t1", tokens, {**_handoff(3), "saved_tail_tokens": 5})
+    assert decode.get_num_new_matched_tokens(request, 0) == (3 * BLOCK + 4, True)  # all but the last token
+    decode.update_state_after_alloc(request, SimpleNamespace(get_block_ids=lambda: ([7, 9, 11, 13],)), 3 * BLOCK + 4)  # type: ignore[arg-type]
+    load = decode.build_connector_meta(_step()).loads[0]
+    assert load.block_ids == (7, 9, 11, 13)
+    assert list(load.block_hashes) == [*full, tail_block_hash(tokens, BLOCK, full)]
+    # Not the tail the prefill saved (another length), or not every full block before it: full blocks only.
+    assert decode.get_num_new_matched_tokens(FakeRequest("t2", tokens, {**_handoff(3), "saved_tail_tokens": 4}), 0) == (3 * BLOCK, True)
+    assert decode.get_num_new_matched_tokens(FakeRequest("t3", tokens, {**_handoff(2), "saved_tail_tokens": 5}), 0) == (2 * BLOCK, True)
+    # A prompt shorter than a block: its tail alone.
+    assert decode.get_num_new_matched_tokens(FakeRequest("t4", tokens[:9], {**_handoff(0), "saved_tail_tokens": 9}), 0) == (8, True)
 
 
 def test_decode_hands_its_loader_the_blocks_and_the_wait_bound(ds_worker: DataSystemConfig) -> None:
@@ -154,11 +171,37 @@ def test_prefill_saves_every_full_block_and_announces_them(ds_worker: DataSystem
     request = FakeRequest("p1", list(range(3 * BLOCK + 1)), {"do_remote_decode": True})
     prefill.get_num_new_matched_tokens(request, 0)
     meta = prefill.build_connector_meta(_step([_new(request, [4, 5, 6, 8])], scheduled={"p1": 3 * BLOCK + 1}))
-    assert _saves(meta) == [(4, 5, 6)]
+    assert _saves(meta) == [(4, 5, 6)]  # a one-token tail is not saved: the decode computes the last token
     hold, params = prefill.request_finished(request, [])  # type: ignore[arg-type]
     assert hold is True  # vLLM keeps the blocks until the saver is done
-    assert params is not None and params["num_saved_blocks"] == 3
+    assert params is not None and (params["num_saved_blocks"], params["saved_tail_tokens"]) == (3, 0)
     assert params["layout"] == prefill.settings.layout.fingerprint() and params["do_remote_prefill"] is True
+
+
+def test_a_prefill_leg_saves_its_partial_last_block_and_announces_its_tokens(ds_worker: DataSystemConfig) -> None:
+    prefill = _scheduler(ds_worker.address, "tail-save", role="prefill")
+    tokens = list(range(3 * BLOCK + 5))
+    request = FakeRequest("p5", tokens, {"do_remote_decode": True})
+    prefill.get_num_new_matched_tokens(request, 0)
+    # chunked: the full blocks first, the tail once the whole prompt is computed
+    first = prefill.build_connector_meta(_step([_new(request, [4, 5, 6, 8])], scheduled={"p5": 2 * BLOCK}))
+    assert _saves(first) == [(4, 5)]
+    second = prefill.build_connector_meta(_step(cached=[("p5", None, 2 * BLOCK, False)], scheduled={"p5": BLOCK + 5}))
+    full = chained_block_hashes(tokens, BLOCK)
+    assert _saves(second) == [(6, 8)] and second.saves[0].block_hashes == (full[2], tail_block_hash(tokens, BLOCK, full))
+    _, params = prefill.request_finished(request, [])  # type: ignore[arg-type]
+    assert params is not None and (params["num_saved_blocks"], params["saved_tail_tokens"]) == (3, 5)
+    # A prompt shorter than a block: its tail alone.
+    short = FakeRequest("p6", tokens[:9], {"do_remote_decode": True})
+    prefill.get_num_new_matched_tokens(short, 0)
+    assert _saves(prefill.build_connector_meta(_step([_new(short, [3])], scheduled={"p6": 9}))) == [(3,)]
+    _, params = prefill.request_finished(short, [])  # type: ignore[arg-type]
+    assert params is not None and (params["num_saved_blocks"], params["saved_tail_tokens"]) == (0, 9)
+    # Not a prefill leg (prefix reuse saves): full blocks only, a tail is no reusable prefix.
+    colocated = _scheduler(ds_worker.address, "tail-reuse", role="colocated", prefix_reuse=True)
+    plain = FakeRequest("p7", tokens)
+    colocated.get_num_new_matched_tokens(plain, 0)
+    assert _saves(colocated.build_connector_meta(_step([_new(plain, [4, 5, 6, 8])], scheduled={"p7": 3 * BLOCK + 5}))) == [(4, 5, 6)]
 
 
 def test_prefill_announces_nothing_it_skipped_because_the_store_is_full(ds_worker: DataSystemConfig) -> None:

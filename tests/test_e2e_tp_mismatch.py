@@ -13,7 +13,7 @@ Steps, per prompt length (one token, half a block, one block, several blocks and
   1. the prefill leg to the TP=2 prefill; its kv_transfer_params announce tp_size 2;
   2. the decode leg to the TP=1 decode with those params; its
      ``prompt_tokens_by_source_total{source="external_kv_transfer"}`` grows by exactly the
-     prompt's full blocks;
+     prompt's tokens but the last (the partial last block is handed over too);
   3. the same prompt to the decode alone, with a cache_salt of its own (vLLM 0.32's
      completions API accepts ``cache_salt``; the salt changes vLLM's block hashes, so the
      decode misses its own prefix cache, and without kv_transfer_params and with
@@ -178,11 +178,11 @@ def test_tp2_prefill_feeds_tp1_decode_with_recompute_output(engines: EnginePair,
     assert isinstance(params, dict), f"the prefill answered without kv_transfer_params: {prefill_answer}"
     assert params.get("tp_size") == PREFILL_TP, f"the prefill's kv_transfer_params do not announce tp_size 2: {params}"
 
-    # 2. the decode leg: the TP=1 engine loads every full prompt block, assembling its heads
-    #    from the two ranks' shards (vLLM computes only what is not a full block)
+    # 2. the decode leg: the TP=1 engine loads every prompt token but the last (the partial
+    #    last block too), assembling its heads from the two ranks' shards
     through_pd = complete(engines.decode_url, decode_request(body, params))
     loaded = external_kv_tokens(engines.decode_url) - loaded_before
-    expected = (prompt_tokens // BLOCK_SIZE) * BLOCK_SIZE
+    expected = prompt_tokens - 1  # every token but the last, the partial last block's too
     assert loaded == expected, (
         f"the TP=1 decode loaded {loaded:.0f} prompt tokens through the connector, expected {expected} "
         f"({prompt_tokens} tokens, blocks of {BLOCK_SIZE}); handoff {params}; decode log "

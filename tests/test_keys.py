@@ -6,7 +6,9 @@ import dataclasses
 import re
 from pathlib import Path
 
-from patch.yuanrong_connector.keys import KVLayout, block_key, block_keys, chained_block_hashes, model_identity, model_options
+from patch.yuanrong_connector.keys import (
+    KVLayout, block_key, block_keys, chained_block_hashes, chain_root, model_identity, model_options, tail_block_hash,
+)  # fmt: skip
 
 LAYOUT = KVLayout("m", "torch.bfloat16", 128, 2, 64, 2, 1)
 
@@ -98,3 +100,20 @@ def test_model_options_name_a_callable_override_by_its_name_not_its_address() ->
 
     assert model_options("torch.float32", hf_overrides=override) == model_options("torch.float32", hf_overrides=override)
     assert "test_model_options_name_a_callable_override" in model_options("torch.float32", hf_overrides=override)
+
+
+def test_a_partial_last_block_has_a_key_of_its_tokens_only() -> None:
+    tokens = list(range(300))  # two full blocks of 128 and a 44-token tail
+    full = chained_block_hashes(tokens, 128)
+    tail = tail_block_hash(tokens, 128, full)
+    assert tail is not None and tail not in full
+    assert tail_block_hash(tokens[:256], 128, full) is None  # on a block boundary: no tail
+    assert tail_block_hash(list(tokens), 128, full) == tail  # the same tokens: the same key
+    assert tail_block_hash(tokens[:299], 128, full) != tail  # a shorter tail
+    assert tail_block_hash([*tokens[:299], 7], 128, full) != tail  # another last token
+    other_prefix = [5, *tokens[1:]]
+    assert tail_block_hash(other_prefix, 128, chained_block_hashes(other_prefix, 128)) != tail  # another prefix
+    # A prompt shorter than a block chains from its root (a salt or an adapter changes it).
+    assert tail_block_hash(tokens[:9], 128, []) != tail_block_hash(tokens[:9], 128, [], chain_root(cache_salt="s"))
+    # A tail's key is never a full block's, even of the same tokens padded to a block.
+    assert tail_block_hash(tokens[:128 + 5], 128, full[:1]) not in chained_block_hashes(tokens, 128)

@@ -30,6 +30,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 _ROOT = b"yuanrong-kv-v1"
+_TAIL = b"yuanrong-kv-tail-v1"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
 _INDEX_SUFFIX = ".index.json"  # which tensor lies in which weight file: read whole
 _SAMPLE_BYTES = 1 << 20
@@ -140,6 +141,21 @@ def chained_block_hashes(token_ids: Sequence[int], block_size: int, root: bytes 
         hashes.append(digest.hex()[:40])
         previous = digest
     return hashes
+
+
+def tail_block_hash(token_ids: Sequence[int], block_size: int, full_hashes: Sequence[str],
+                    root: bytes | None = None) -> str | None:  # fmt: skip
+    """The hash of a prompt's partial last block (the prefill hands it over, so that the
+    decode computes only the last token); None when the prompt ends on a block boundary.
+    It chains from the last full block's hash (``full_hashes``, of the same prompt) and
+    covers the tail's token ids and their count under a tag of its own, so a tail's key
+    never equals a full block's, nor another prompt's tail unless its tokens are these."""
+    tail = len(token_ids) % block_size
+    if tail == 0:
+        return None
+    previous = full_hashes[-1].encode() if full_hashes else (chain_root() if root is None else root)
+    tokens = token_ids[len(token_ids) - tail :]
+    return hashlib.sha256(_TAIL + previous + struct.pack(f"<{tail}q", *tokens)).hexdigest()[:40]
 
 
 def block_key(layout_fingerprint: str, tp_rank: int, block_hash: str) -> str:

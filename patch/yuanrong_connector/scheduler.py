@@ -4,8 +4,11 @@ Per request it decides which leading prompt blocks to load from the store and wh
 computed blocks to save, and hands both to the worker side in each step's metadata.
 It never waits for the store on the engine loop:
 
-- **Handoff (decode).** The prefill announced how many leading blocks it saves. The
-  decode claims them at once as an *asynchronous* load (``(n, True)``): vLLM allocates
+- **Handoff (decode).** The prefill announced how many leading blocks it saves, and
+  whether it saved the prompt's partial last block too (its valid tokens: ``tail``).
+  The decode claims every handed-over token but the prompt's last (vLLM computes that
+  one, whose logits give the first output token, as its own P/D connectors do) at once
+  as an *asynchronous* load (``(n, True)``): vLLM allocates
   the blocks and parks the request; the worker's loader waits, off the engine loop, up
   to ``handoff_wait_ms`` for the blocks to be published, copies them in, and reports the
   request through ``get_finished`` (blocks that never came through
@@ -23,7 +26,9 @@ It never waits for the store on the engine loop:
   its heads from the prefill's shards (tp_layout.py). Prefix reuse asks about the TP
   sizes in ``peer_tp_sizes`` only when its own has fewer blocks.
 - **Saves.** Full prompt blocks are saved after the step that computed them, in the
-  background. Saves are planned only while the store takes them and the backlog has
+  background; a prefill leg's partial last block too, once the whole prompt is computed
+  (keyed by its tokens: keys.tail_block_hash, so it is never a reusable prefix of
+  another prompt; prefix reuse looks up full blocks only). Saves are planned only while the store takes them and the backlog has
   room (the worker reports both each step), and a request's saves stop at its first
   skipped block, so what a prefill *announces* is exactly what it stored or has in
   flight: a decode never waits for a block that will not come.
@@ -41,7 +46,7 @@ from typing import TYPE_CHECKING, Any
 
 from vllm.logger import init_logger
 
-from patch.yuanrong_connector.keys import KVLayout, block_keys, chain_root, chained_block_hashes
+from patch.yuanrong_connector.keys import KVLayout, block_keys, chain_root, chained_block_hashes, tail_block_hash
 from patch.yuanrong_connector.metadata import BlockTransfer, YuanRongConnectorMetadata, YuanRongWorkerMetadata
 from patch.yuanrong_connector.settings import ConnectorSettings
 from patch.yuanrong_connector.remote_store import Store
@@ -67,6 +72,7 @@ class _SaveProgress:
     block_ids: list[int]
     saved_blocks: int  # leading blocks stored, loaded, or planned for save
     prompt_len: int
+    tail_hash: str | None = None  # a prefill leg's partial last block: saved once the prompt is computed
     stopped: bool = False  # a save was skipped: blocks after the gap would be unreachable, so none are saved
 
 
@@ -96,11 +102,13 @@ class YuanRongScheduler:
     store: Store
     enabled: bool = True  # False: a KV layout this connector does not handle; it does nothing
     _hashes: dict[str, list[str]] = field(default_factory=dict)  # request -> its full blocks' chain hashes
+    _tails: dict[str, str] = field(default_factory=dict)  # prefill leg -> its partial last block's hash
     _lookups: dict[str, tuple[int, Future[tuple[int, int | None]]]] = field(default_factory=dict)  # asked from, answer
     _planned_loads: dict[str, _PlannedLoad] = field(default_factory=dict)
     _ready_loads: list[BlockTransfer] = field(default_factory=list)
     _saving: dict[str, _SaveProgress] = field(default_factory=dict)
     _announced: dict[str, int] = field(default_factory=dict)  # leading blocks a prefill may announce
+    _announced_tail: dict[str, int] = field(default_factory=dict)  # prefill leg -> tokens of its saved partial last block
     _loaded_blocks: dict[str, int] = field(default_factory=dict)  # leading blocks that came from the store
     _loading: dict[str, frozenset[int]] = field(default_factory=dict)  # request -> blocks its async load fills
     _load_failed: set[str] = field(default_factory=set)  # a load of theirs failed: they compute from now on
@@ -125,6 +133,11 @@ class YuanRongScheduler:
         request_id = request.request_id
         self._arrived.setdefault(request_id, time.monotonic())
         hashes = self._block_hashes(request)
+        prompt = request.prompt_token_ids or ()
+        # A prefill leg's partial last block is handed over when it holds more than the
+        # prompt's last token (which the decode computes anyway).
+        if self.settings.saves and len(prompt) % self.block_size >= 2 and (request.kv_transfer_params or {}).get("do_remote_decode"):
+            self._tails[request_id] = tail_block_hash(prompt, self.block_size, hashes, request_chain_root(request))  # type: ignore[assignment]
         if not (self.settings.prefix_reuse or self._is_handoff(request)):
             return 0, False
         if request_id in self._load_failed or not self.store.available:
@@ -134,19 +147,22 @@ class YuanRongScheduler:
             # own full prompt as reserved against itself; it never fits, the requests
             # behind it are never promoted, and with nothing running the engine stalls.
             return 0, False
-        # Every full prompt block may be loaded: when an asynchronous load covers the whole
-        # prompt, vLLM recomputes just its last token (to sample the next one), not the
-        # whole last block.
-        loadable = len(hashes)
         first_block = num_computed_tokens // self.block_size
-        if loadable <= first_block:
-            return 0, False
-        announced, source_tp = self._announced_blocks(request, loadable)
-        if announced > first_block:
-            wait_s = self.settings.handoff_wait_ms / 1000
-            self._planned_loads[request_id] = _PlannedLoad(first_block, hashes[first_block:announced], wait_s, source_tp)
-            return announced * self.block_size - num_computed_tokens, True
-        if not self.settings.prefix_reuse:
+        handed, source_tp = self._handed_over(request, hashes)
+        if handed:
+            # Every handed-over token but the prompt's last: vLLM computes that one.
+            prompt_len = len(request.prompt_token_ids or ())
+            handed_tokens = prompt_len if len(handed) > len(hashes) else len(handed) * self.block_size
+            end = min(handed_tokens, prompt_len - 1)
+            if end > num_computed_tokens:
+                wait_s = self.settings.handoff_wait_ms / 1000
+                last_block = -(-end // self.block_size)
+                self._planned_loads[request_id] = _PlannedLoad(first_block, handed[first_block:last_block], wait_s, source_tp)
+                return end - num_computed_tokens, True
+        # Prefix reuse: every full prompt block may be loaded (when an asynchronous load
+        # covers the whole prompt, vLLM recomputes just its last token, not the whole last block).
+        loadable = len(hashes)
+        if not self.settings.prefix_reuse or loadable <= first_block:
             return 0, False
         found = self._present_blocks(request_id, hashes, first_block, loadable)
         if found is None:
@@ -215,12 +231,13 @@ class YuanRongScheduler:
                 best = (count, tp)
         return best
 
-    def _announced_blocks(self, request: Request, loadable: int) -> tuple[int, int | None]:
-        """Blocks a prefill engine said it stored for this request and its TP size where it
-        is not ours ((0, None): no handoff, or one whose KV layout differs from ours in more
-        than the TP size, so nothing it saved can be ours)."""
+    def _handed_over(self, request: Request, hashes: list[str]) -> tuple[list[str], int | None]:
+        """The hashes of the blocks a prefill engine said it stored for this request, in
+        order (its partial last block's last, where it stored that too), and its TP size
+        where it is not ours (([], None): no handoff, or one whose KV layout differs from
+        ours in more than the TP size, so nothing it saved can be ours)."""
         if not self._is_handoff(request):
-            return 0, None
+            return [], None
         params = request.kv_transfer_params or {}
         layout = params.get("layout")
         own = self.settings.layout
@@ -236,7 +253,7 @@ class YuanRongScheduler:
                         own.fingerprint(),
                     )
                     self._warned_layout = True
-                return 0, None
+                return [], None
             if not self._told_reshard:
                 logger.info(
                     "[connector] the prefill engine runs TP size %d, we run %d: its blocks are resharded on load",
@@ -245,15 +262,21 @@ class YuanRongScheduler:
                 )
                 self._told_reshard = True
         try:
-            return min(int(params.get("num_saved_blocks", 0)), loadable), source_tp
+            announced = max(0, min(int(params.get("num_saved_blocks", 0)), len(hashes)))
         except (TypeError, ValueError):
-            return 0, None
+            return [], None
+        handed = hashes[:announced]
+        prompt = request.prompt_token_ids or ()
+        tail_tokens = len(prompt) % self.block_size
+        if announced == len(hashes) and tail_tokens and params.get("saved_tail_tokens") == tail_tokens:
+            handed.append(tail_block_hash(prompt, self.block_size, hashes, request_chain_root(request)))  # type: ignore[arg-type]
+        return handed, source_tp
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
         planned = self._planned_loads.pop(request.request_id, None)
         if planned is None or num_external_tokens == 0:
             return
-        count = num_external_tokens // self.block_size
+        count = -(-num_external_tokens // self.block_size)  # the last one may be partly claimed
         if planned.source_tp is None:  # blocks resharded from another TP size are saved again in ours
             self._loaded_blocks[request.request_id] = planned.first_block + count
         block_ids = blocks.get_block_ids()[0][planned.first_block : planned.first_block + count]
@@ -293,7 +316,8 @@ class YuanRongScheduler:
             # Blocks from vLLM's own prefix cache may be missing in the store (another
             # worker, evicted): save them again; blocks loaded from the store are there.
             loaded = min(self._loaded_blocks.pop(new.req_id, 0), new.num_computed_tokens // self.block_size)
-            self._saving[new.req_id] = _SaveProgress(hashes, list(new.block_ids[0]), loaded, len(new.prompt_token_ids or ()))
+            self._saving[new.req_id] = _SaveProgress(hashes, list(new.block_ids[0]), loaded, len(new.prompt_token_ids or ()),
+                                                     self._tails.get(new.req_id))  # fmt: skip
             self._announced[new.req_id] = loaded
             self._plan_save(meta, new.req_id, new.num_computed_tokens, scheduler_output)
         cached = scheduler_output.scheduled_cached_reqs
@@ -320,7 +344,17 @@ class YuanRongScheduler:
         computed_after_step = num_computed + scheduler_output.num_scheduled_tokens.get(req_id, 0)
         full_blocks = min(computed_after_step, progress.prompt_len) // self.block_size
         full_blocks = min(full_blocks, len(progress.block_hashes), len(progress.block_ids))
-        count = full_blocks - progress.saved_blocks
+        start = progress.saved_blocks
+        hashes, block_ids = progress.block_hashes[start:full_blocks], progress.block_ids[start:full_blocks]
+        tail = (
+            progress.tail_hash is not None
+            and computed_after_step >= progress.prompt_len
+            and full_blocks == len(progress.block_hashes)
+            and len(progress.block_ids) > full_blocks
+        )
+        if tail:
+            hashes, block_ids = [*hashes, progress.tail_hash], [*block_ids, progress.block_ids[full_blocks]]  # type: ignore[list-item]
+        count = len(hashes)
         if count > 0 and not progress.stopped:
             backlog = self._planned_save_blocks - self._done_save_blocks
             if self._saves_paused or not self.store.available or backlog + count > self.settings.max_pending_save_blocks:
@@ -332,12 +366,11 @@ class YuanRongScheduler:
                     "store full or down" if self._saves_paused or not self.store.available else f"{backlog} blocks pending",
                 )
             else:
-                start = progress.saved_blocks
-                meta.saves.append(
-                    BlockTransfer(req_id, tuple(progress.block_hashes[start:full_blocks]), tuple(progress.block_ids[start:full_blocks]))
-                )
+                meta.saves.append(BlockTransfer(req_id, tuple(hashes), tuple(block_ids)))  # type: ignore[arg-type]
                 progress.saved_blocks = full_blocks
                 self._announced[req_id] = full_blocks
+                if tail:
+                    self._announced_tail[req_id] = progress.prompt_len % self.block_size
                 self._planned_save_blocks += count
                 self._with_saves.add(req_id)
         if computed_after_step >= progress.prompt_len:
@@ -346,8 +379,10 @@ class YuanRongScheduler:
     # ---- end of a request ----
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         request_id = request.request_id
-        for state in (self._hashes, self._saving, self._planned_loads, self._loaded_blocks, self._lookups, self._loading):
+        for state in (self._hashes, self._tails, self._saving, self._planned_loads, self._loaded_blocks, self._lookups,
+                      self._loading):  # fmt: skip
             state.pop(request_id, None)  # type: ignore[attr-defined]
+        saved_tail_tokens = self._announced_tail.pop(request_id, 0)
         self._load_failed.discard(request_id)
         arrived = self._arrived.pop(request_id, None)
         announced = self._announced.pop(request_id, 0)
@@ -364,6 +399,7 @@ class YuanRongScheduler:
             "do_remote_decode": False,
             "ds_worker_address": self.store.address,
             "num_saved_blocks": announced,
+            "saved_tail_tokens": saved_tail_tokens,
             "layout": self.settings.layout.fingerprint(),
             "tp_size": self.settings.layout.tp_size,
         }
