@@ -135,6 +135,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--first", type=int, default=3, help="cold PD requests measured right after the deploy")
     parser.add_argument("--dtype", default=None, help="the engines' --dtype (default: the model's, bfloat16)")
+    parser.add_argument("--warm-up-tokens", default=None, help="WARM_UP_TOKENS of the deployment (default: its default)")
     args = parser.parse_args()
     model_path = ensure_embedded_model(PROJECT_ROOT / ".cache" / "models", BENCH_MODEL_NAME, BENCH_MODEL_CONFIG)
     params = f"--enforce-eager --max-model-len {max(args.tokens) + 256}" + (f" --dtype {args.dtype}" if args.dtype else "")
@@ -147,9 +148,10 @@ def main() -> None:
         VLLM_SERVER_DEV_MODE="1",  # engines expose /reset_prefix_cache
         SERVER_PORT=str(free_port()),
         ROUTING_POLICY="prefix_affinity",  # every request takes both legs: the handoff is what is measured
+        **({"WARM_UP_TOKENS": args.warm_up_tokens} if args.warm_up_tokens is not None else {}),
     )
     results: dict[str, Any] = {"model": BENCH_MODEL_NAME, "dtype": args.dtype or "bfloat16", "rounds": args.rounds,
-                               "by_prompt_tokens": {}}  # fmt: skip
+                               "warm_up_tokens": args.warm_up_tokens or "default", "by_prompt_tokens": {}}  # fmt: skip
     rng = random.Random(0)
     deploy_started = time.perf_counter()
     with deployed(env) as state:

@@ -26,6 +26,7 @@ from deploy.errors import ConfigError, StartupError
 from workers.engine_actor import EngineActor
 from workers.engine_process import EngineSpec
 from workers.node_address import host_of
+from workers.warm_up import warm_up
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +92,8 @@ class Controller:
         except StartupError:
             self.shutdown()
             raise
+        # Adopted engines (a restarted deploy process took them over) are warm already.
+        self._warm_up(self._specs, [info for info in infos if info["name"] not in self._adopt_ports], [])
         with self._lock:
             self._infos = infos
         return list(infos)
@@ -114,6 +117,9 @@ class Controller:
             except StartupError:
                 _stop_handles(handles)
                 raise
+            with self._lock:
+                running = list(self._infos)
+            self._warm_up(specs, infos, running)
             with self._lock:
                 closed = self._closed
                 if not closed:
@@ -201,6 +207,19 @@ class Controller:
         except Exception as exc:
             raise StartupError(f"an engine failed to start: {exc}") from None
         return infos
+
+    def _warm_up(self, specs: Sequence[EngineSpec], new: list[dict[str, object]], running: list[dict[str, object]]) -> None:
+        """Before new engines join the engine list (the door routes to them): their KV path
+        runs once end to end (workers/warm_up.py); ``WARM_UP_TOKENS=0``: not."""
+        tokens = self._config.warm_up_tokens
+        if tokens <= 0 or not new or not specs:
+            return
+        names = ", ".join(str(info["name"]) for info in new)
+        logger.info("warming up %s: one %d-token prompt each (PD: a handoff through the data system)", names, tokens)
+        result = warm_up(new, running, specs[0].served_model_name, tokens, self._config.api_key)
+        for failure in result.failed:
+            logger.warning("warm-up failed (the engine serves; its first request may be slower): %s", failure)
+        logger.info("warm-up of %s done in %.1f s", ", ".join(result.engines) or "no engine", result.seconds)
 
     def _index_of(self, name: str) -> int:
         for index, spec in enumerate(self._specs):

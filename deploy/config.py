@@ -169,6 +169,7 @@ class ServiceConfig:
     admission: AdmissionConfig  # the door's overload control
     stream_migrations: int  # times one stream may be continued on another engine
     prefill_timeout_s: float  # PD: a prefill leg unanswered this long is abandoned; the decode computes the prompt
+    warm_up_tokens: int  # new engines compute (PD: hand over) one prompt this long before they serve; 0: none
     door_read_timeout_s: float  # a client's request must arrive whole within this long of its first byte
     drain_timeout_s: float  # on clean / SIGTERM / Ctrl-C: how long requests in flight may finish
     api_key: str | None  # set: every HTTP port of the deployment (door, engines) needs "Authorization: Bearer <key>"
@@ -314,6 +315,9 @@ SETTINGS: tuple[_Setting, ...] = (
     _Setting("STREAM_MIGRATIONS", "1", "times a stream (completions or chat) whose engine dies is continued on another engine; 0: never"),
     _Setting("PREFILL_TIMEOUT_S", "120", "PD: a prefill leg not answered within this many seconds is aborted, its engine "
              "suspected, and the decode engine computes the prompt itself"),
+    _Setting("WARM_UP_TOKENS", "320", "new engines (deploy, scale-out) compute one synthetic prompt this long before the "
+             "door routes to them, PD engines as a prefill -> decode handoff through the data system (their first "
+             "requests are then as fast as later ones); 0: no warm-up"),
     _Setting("DOOR_READ_TIMEOUT_S", "60", "seconds a client may take to send one whole request, from its first byte; "
              "then 408 and the connection is closed (a client that sends part of a request and stops holds nothing)"),
     _Setting("DRAIN_TIMEOUT_S", "30", "on clean, SIGTERM or Ctrl-C: seconds requests in flight may take to finish"),
@@ -397,6 +401,7 @@ def build_config(
         ),
         stream_migrations=_int(raw, "STREAM_MIGRATIONS", minimum=0, maximum=10),
         prefill_timeout_s=float(_int(raw, "PREFILL_TIMEOUT_S", minimum=1, maximum=3600)),
+        warm_up_tokens=_int(raw, "WARM_UP_TOKENS", minimum=0, maximum=1 << 20),
         door_read_timeout_s=float(_int(raw, "DOOR_READ_TIMEOUT_S", minimum=1, maximum=600)),
         drain_timeout_s=float(_int(raw, "DRAIN_TIMEOUT_S", minimum=0, maximum=600)),
         api_key=raw["API_KEY"] or None,

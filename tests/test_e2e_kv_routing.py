@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -20,6 +21,8 @@ from tests.e2e import BLOCK_SIZE, Deployment, complete, deployed, external_kv_to
 pytestmark = pytest.mark.e2e
 
 SELECTIVE_PD_TOKENS = 100
+WARM_UP_TOKENS = 2 * BLOCK_SIZE + 64  # the deploy's warm-up leaves two full blocks on each engine
+WARM_UP_BLOCKS = WARM_UP_TOKENS // BLOCK_SIZE
 
 
 @pytest.fixture(scope="module")
@@ -28,6 +31,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
         tmp_path_factory.mktemp("kv-routing"),
         ROUTING_POLICY="kv_aware",
         SELECTIVE_PD_TOKENS=str(SELECTIVE_PD_TOKENS),
+        WARM_UP_TOKENS=str(WARM_UP_TOKENS),
     ) as running:
         yield running
 
@@ -41,8 +45,10 @@ def _door_metric(deployment: Deployment, name: str, **labels: str) -> float:
 
 
 def _wait_indexed(deployment: Deployment, engine: str, blocks: int, timeout_s: float = 30.0) -> None:
-    """Until the door's index holds ``blocks`` blocks of ``engine`` (refreshed every 1 s)."""
+    """Until the door's index holds ``blocks`` blocks of ``engine`` besides the warm-up's
+    (refreshed every 1 s)."""
     deadline = time.monotonic() + timeout_s
+    blocks += WARM_UP_BLOCKS
     while (held := _door_metric(deployment, "frontdoor_kv_indexed_blocks", engine=engine)) != blocks:
         assert time.monotonic() < deadline, f"the door indexes {held} blocks of {engine}, expected {blocks}"
         time.sleep(0.5)
@@ -50,6 +56,15 @@ def _wait_indexed(deployment: Deployment, engine: str, blocks: int, timeout_s: f
 
 def _local_hits(url: str) -> float:
     return metric(url, "vllm:prompt_tokens_by_source_total", source="local_cache_hit")
+
+
+def test_the_deploy_warmed_each_engine_and_the_door_indexed_it(deployment: Deployment) -> None:
+    """Before the door served, the deploy handed one salted prompt from the prefill to the
+    decode (workers/warm_up.py): its blocks are in both engines' caches, and indexed."""
+    _wait_indexed(deployment, "prefill-0", 0)
+    _wait_indexed(deployment, "decode-0", 0)
+    log = (Path(deployment.env["RUN_DIR"]) / "deploy.log").read_text()
+    assert "warm-up of prefill-0, decode-0 done in" in log
 
 
 def test_repeated_prompt_skips_the_prefill_leg(deployment: Deployment) -> None:
