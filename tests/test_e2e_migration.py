@@ -5,10 +5,11 @@ prompt's and the generated tokens' ids; the client reads the same text as an
 uninterrupted run, under one completion id, without the token id fields it did not ask
 for, and without losing the text vLLM would hold back for a stop string; requests after
 it succeed. The decode engine comes back; its EngineCore alone is then killed in the
-middle of a chat stream (the API server sends an error event and [DONE]: a cut,
-continued the same way, as chat chunks), then in the middle of a non-streamed chat
-request (a prefill engine serves it whole); then the prefill engine is killed, and a
-request still gets the same text (the decode computes the prompt). A float32 model, so
+middle of a chat stream and a completions stream (the API server sends an error event
+and [DONE]: a cut, continued the same way, the chat's as chat chunks), then while it
+computes a non-streamed chat and a non-streamed completions request (a prefill engine
+serves each whole); then the prefill engine is killed, and a request still gets the same
+text (the decode computes the prompt). A float32 model, so
 that recomputing the same tokens' KV on another engine gives the same greedy choices."""
 
 from __future__ import annotations
@@ -157,30 +158,45 @@ def test_a_stream_whose_decode_engine_dies_goes_on_with_the_same_text(tmp_path_f
                 os.kill(core, signal.SIGKILL)
                 core_killed.append(count)
 
+        # A completions stream beside it, under way on the same decode when the core dies.
+        beside: list[tuple[list[dict], str]] = []
+        streaming = threading.Event()
+        completions = threading.Thread(target=lambda: beside.append(
+            _stream(deployment.url, body, lambda count: count == 5 and streaming.set())))  # fmt: skip
+        completions.start()
+        assert streaming.wait(120), "the completions stream never started"
         events, text = _stream(deployment.url, chat, kill_core_at_event_20, endpoint="chat/completions")
+        completions.join(300)
         assert core_killed == [20] and text == chat_reference
         assert len({event["id"] for event in events}) == 1 and {event["object"] for event in events} == {"chat.completion.chunk"}
         assert events[-1]["choices"][0]["finish_reason"] == "length"
         assert all("token_ids" not in event["choices"][0] and "prompt_token_ids" not in event for event in events)
-        assert metric(deployment.url, "frontdoor_stream_migrations_total", outcome="continued") == 2.0
+        assert beside, "the completions stream beside the chat failed"
+        beside_events, beside_text = beside[0]
+        assert beside_text == reference and len({event["id"] for event in beside_events}) == 1
+        assert metric(deployment.url, "frontdoor_stream_migrations_total", outcome="continued") == 3.0
 
-        # Not streamed: the EngineCore killed while the decode engine computes the answer;
-        # nothing reached the client, so a prefill engine serves the request whole.
+        # Not streamed: the EngineCore killed while the decode engine computes a chat and a
+        # completions answer; nothing reached the clients, so a prefill engine serves each whole.
         engines = _back(state_file, "decode", _core_replaced(core))
         core = _engine_core(int(engines["decode"]["pid"]))  # type: ignore[arg-type]
         decode_url = f"http://{engines['decode']['host']}:{engines['decode']['port']}"
-        answers: list[httpx.Response] = []
-        request = threading.Thread(target=lambda: answers.append(httpx.post(
-            f"{deployment.url}/v1/chat/completions", json={**chat, "stream": False}, timeout=300)))  # fmt: skip
-        request.start()
+        answers: dict[str, httpx.Response] = {}
+        requests = [threading.Thread(target=lambda endpoint=endpoint, request=request: answers.__setitem__(
+            endpoint, httpx.post(f"{deployment.url}/v1/{endpoint}", json={**request, "stream": False}, timeout=300)))
+            for endpoint, request in (("chat/completions", chat), ("completions", body))]  # fmt: skip
+        for request in requests:
+            request.start()
         deadline = time.monotonic() + 120
-        while metric(decode_url, "vllm:num_requests_running") < 1:  # the decode leg is being computed
-            assert time.monotonic() < deadline and request.is_alive(), "the decode engine never ran the request"
+        while metric(decode_url, "vllm:num_requests_running") < 2:  # both decode legs are being computed
+            assert time.monotonic() < deadline and all(r.is_alive() for r in requests), "the decode never ran both"
             time.sleep(0.02)
         os.kill(core, signal.SIGKILL)
-        request.join(300)
-        assert answers and answers[0].status_code == 200, answers and answers[0].text
-        assert answers[0].json()["choices"][0]["message"]["content"] == chat_reference
+        for request in requests:
+            request.join(300)
+        assert {endpoint: answer.status_code for endpoint, answer in answers.items()} == {"chat/completions": 200, "completions": 200}
+        assert answers["chat/completions"].json()["choices"][0]["message"]["content"] == chat_reference
+        assert answers["completions"].json()["choices"][0]["text"] == reference
 
         # ... and with the prefill engine killed, requests still succeed: the decode engine
         # computes the prompt itself, with the same greedy text.
