@@ -72,6 +72,7 @@ class FakeEngine:
     keep_received: bool = True  # False: only ``counts`` are kept (a long benchmark run)
     counts: LegCounts = field(default_factory=LegCounts)
     events: list[str] | None = None  # shared with other parties of a test: "<name> finished" when an answer ends
+    max_model_len: int | None = None  # set: GET /v1/models lists it, as vLLM does
     _answers: Iterator[int] = field(default_factory=itertools.count, init=False, repr=False)
 
     @property
@@ -88,6 +89,12 @@ class FakeEngine:
         @app.get("/metrics")
         async def metrics() -> Response:
             return Response('vllm:prompt_tokens_by_source_total{source="external_kv_transfer"} 128.0\n')
+
+        @app.get("/v1/models")
+        async def models() -> Response:
+            if self.max_model_len is None:
+                return Response(status_code=404)
+            return JSONResponse({"data": [{"id": "m", "max_model_len": self.max_model_len}]})
 
         @app.get("/stats")
         async def stats() -> Response:

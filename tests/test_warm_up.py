@@ -47,3 +47,11 @@ def test_each_pair_hands_one_salted_prompt_over_and_failures_are_reported() -> N
     assert set(result.engines) == {"p0", "p1", "d0"}
     assert len(result.failed) == 1 and result.failed[0].startswith("c0: HTTP 503")
     assert warm_up(infos, [], "m", tokens=0) == warm_up([], [], "m", tokens=300)  # nothing to do: nothing sent
+
+
+def test_the_prompt_fits_the_engines_max_model_len() -> None:
+    prefill, decode = FakeEngine("p0", "prefill", max_model_len=4096), FakeEngine("d0", "decode", max_model_len=202)
+    with serving(prefill.app(), prefill.port), serving(decode.app(), decode.port):
+        result = warm_up([prefill.info, decode.info], [], "m", tokens=320)
+    assert result.failed == () and result.engines == ("p0", "d0")
+    assert [len(r["body"]["prompt"]) for r in (*prefill.received, *decode.received)] == [200, 200]  # 202 less 2 to generate

@@ -10,7 +10,8 @@ run: every new prefill engine is paired with a decode engine and every new decod
 with a prefill engine (new ones first, then running ones), and each pair computes one
 prompt of ``tokens`` token ids (a partial last block included) as a prefill leg, then
 loads it as a decode leg. Colocated engines compute one prompt each. The prompts carry
-a ``cache_salt`` of their own, so no client request ever hits their blocks.
+a ``cache_salt`` of their own, so no client request ever hits their blocks; a prompt is
+no longer than the engines' ``max_model_len`` allows.
 
 A warm-up that fails is logged and does not stop the deployment: the engine is healthy,
 only slower on its first request.
@@ -80,6 +81,7 @@ def warm_up(new: Sequence[Mapping[str, object]], running: Sequence[Mapping[str, 
 
 
 def _warm(client: httpx.Client, pair: tuple[Mapping[str, object], ...], model: str, tokens: int) -> tuple[list[str], list[str]]:
+    tokens = min(tokens, *(_max_prompt(client, engine) for engine in pair))
     salt = f"warm-up-{uuid.uuid4().hex}"
     offset = uuid.uuid4().int % _VOCAB_SPAN
     body: dict[str, object] = {"model": model, "prompt": [10 + (offset + 7 * i) % _VOCAB_SPAN for i in range(tokens)],
@@ -97,6 +99,16 @@ def _warm(client: httpx.Client, pair: tuple[Mapping[str, object], ...], model: s
         return [str(first["name"]), str(pair[1]["name"])], []
     except (httpx.HTTPError, ValueError) as exc:
         return [], [f"{' -> '.join(str(engine['name']) for engine in pair)}: {exc}"]
+
+
+def _max_prompt(client: httpx.Client, engine: Mapping[str, object]) -> int:
+    """The longest prompt ``engine`` takes with 2 tokens to generate (its ``max_model_len``
+    from ``/v1/models``, as vLLM lists it); unbounded if it does not say."""
+    try:
+        models = client.get(f"http://{engine['host']}:{engine['port']}/v1/models").json()
+        return max(1, int(models["data"][0]["max_model_len"]) - 2)
+    except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError):
+        return 1 << 30
 
 
 def _post(client: httpx.Client, engine: Mapping[str, object], body: dict[str, object]) -> dict[str, object]:
