@@ -126,9 +126,15 @@ class _Store:
             return None
         return bytes(value)
 
-    def replace(self, key: str, value: bytes) -> None:
-        self.client.delete([key])  # the worker keeps a key's write mode: delete, then set
-        self.client.set(key, value)
+    def replace(self, key: str, value: bytes) -> bool:
+        """Whether ``value`` now stands under ``key`` (False: an engine wrote the key again
+        between the delete and the set, and the worker refused the set)."""
+        try:
+            self.client.delete([key])  # the worker keeps a key's write mode: delete, then set
+            self.client.set(key, value)
+        except RuntimeError:
+            return False
+        return True
 
     def delete(self, keys: list[str]) -> None:
         try:
@@ -234,8 +240,8 @@ def _flip_blocks(store: _Store, fingerprint: str, sent: list[list[int]], stop: t
             continue
         changed = bytearray(value)
         changed[rng.randrange(len(value) - SEAL_BYTES)] ^= 1 << rng.randrange(8)
-        store.replace(key, bytes(changed))
-        flipped += 1
+        if store.replace(key, bytes(changed)):
+            flipped += 1
     return flipped
 
 

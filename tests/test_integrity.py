@@ -15,9 +15,7 @@ import pytest
 import torch
 
 from deploy.config import DataSystemConfig
-from patch.yuanrong_connector import store_process
 from patch.yuanrong_connector.integrity import SEAL_BYTES, seal, unseal
-from patch.yuanrong_connector.store import BlockStore
 from tests.cache_engine import CacheEngine
 
 
@@ -109,32 +107,3 @@ def test_without_the_checksum_keys_and_lengths_are_still_checked(ds_worker: Data
     finally:
         source.close()
         target.close()
-
-
-def test_the_helper_checks_and_copies_a_group_at_a_time_and_stops_at_a_bad_value(
-    ds_worker: DataSystemConfig, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The store helper's ``get_into`` (what a CPU engine's load runs): seals are checked a
-    group of values at a time, each group copied right after its check; here one value per
-    group, the third of four flipped: the first two reach the cache, nothing from the third on."""
-    size, piece = 4096, 1024
-    store = BlockStore(ds_worker.address, request_timeout_ms=2000)
-    keys = [f"group-{uuid.uuid4().hex}" for _ in range(4)]
-    values = [bytes([index + 1]) * size for index in range(4)]
-
-    def fill(first: int, buffers: list[memoryview]) -> None:
-        for index, buffer in enumerate(buffers, start=first):
-            buffer[:size] = values[index]
-
-    assert store.put(keys, size, fill).stored == 4
-    _stray_write(ds_worker.address, "flip", keys[2])
-    monkeypatch.setattr(store_process, "CHECK_GROUP_BYTES", size)
-    cache = memoryview(bytearray(4 * size))
-    # Each value's four pieces go to the cache in reverse order: value i's piece j at block (3 - i).
-    spans = [[((3 - index) * size + (3 - j) * piece, piece) for j in range(4)] for index in range(4)]
-    copied = store_process.answer(store, memoryview(bytearray(size)), ("get_into", keys, size, spans), store_process.Copier(), cache)
-    assert copied == [True, True, False, False]
-    assert bytes(cache[3 * size :]) == values[0] and bytes(cache[2 * size : 3 * size]) == values[1]
-    assert bytes(cache[: 2 * size]) == bytes(2 * size)  # nothing written from the bad value on
-    assert store.take_corrupt() == 1
-    store.close()

@@ -228,13 +228,11 @@ class BlockStore:
                     self._failed(f"saving {len(chunk)} blocks", exc)
         return PutResult(stored, skipped, failed)
 
-    def get(self, keys: Sequence[str], value_size: int = 0, check: bool = True) -> list[Any | None]:
+    def get(self, keys: Sequence[str], value_size: int = 0) -> list[Any | None]:
         """Zero-copy read buffers (``.immutable_data()`` gives a memoryview of the value's
         data, its seal checked); ``None`` where a key is missing, its seal does not match or
         the store failed. Keep the list referenced while reading the views.
         (``value_size`` is what the caller expects; the caller checks it.)
-        ``check=False``: the buffers as read, seals unchecked (and in their views): each
-        must go through ``checked`` before its bytes are used.
         """
         client = self._connected() if keys else None
         if client is None:
@@ -249,11 +247,7 @@ class BlockStore:
                     self._failed(f"loading {len(chunk)} blocks", exc)
                     return buffers + [None] * (len(keys) - len(buffers))
                 buffers.extend([None] * len(chunk))
-        return self._checked(client, keys, buffers) if check else buffers
-
-    def checked(self, keys: Sequence[str], buffers: list[Any | None]) -> list[Any | None]:
-        """``get(check=False)``'s buffers of ``keys`` as ``get`` gives them: seals checked."""
-        return self._checked(self._client, keys, buffers)
+        return self._checked(client, keys, buffers)
 
     def _checked(self, client: Any, keys: Sequence[str], buffers: list[Any | None]) -> list[Any | None]:
         """``buffers`` with each value's seal checked; a value that fails is counted, left
@@ -270,8 +264,6 @@ class BlockStore:
             logger.warning("[store=%s] %d stored blocks failed their integrity check (e.g. %s): computed, and deleted",
                            self.address, len(corrupt), corrupt[0])  # fmt: skip
             try:
-                if client is None:
-                    raise RuntimeError("not connected")
                 client.delete(corrupt)
             except Exception as exc:  # the TTL ends them in any case
                 logger.info("[store=%s] deleting %d corrupt blocks failed: %s", self.address, len(corrupt), _first_line(str(exc)))

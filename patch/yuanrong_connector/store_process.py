@@ -31,10 +31,6 @@ from patch.yuanrong_connector.store_mapping import populate_store_mappings
 
 logger = logging.getLogger(f"vllm.{__name__}")
 
-# Values whose seals are checked before they are copied, at a time: about what stays in a
-# server CPU's last-level cache between the check's read and the copy's.
-CHECK_GROUP_BYTES = 8 << 20
-
 
 class Copier:
     """Copies values between the arena and the store's buffers, on as many threads as
@@ -117,26 +113,17 @@ def answer(store: BlockStore, arena: memoryview, request: tuple[Any, ...], copie
     if op == "get_into":  # ("get_into", keys, value_size, spans): each value into its pieces of the KV cache
         keys, size, spans = request[1], request[2], request[3]
         cache_address = _shared_cache_address(cache)
-        raw = store.get(keys, check=False)
-        # Checked and copied a group at a time: the copy reads the bytes the seal check just
-        # read, from the CPU's cache rather than from memory a second time.
-        per_group = max(1, CHECK_GROUP_BYTES // max(1, size))
-        leading = 0
-        for first in range(0, len(keys), per_group):
-            group = store.checked(keys[first : first + per_group], raw[first : first + per_group])
-            views = [None if buffer is None else buffer.immutable_data() for buffer in group]
-            present = [view is not None and len(view) == size for view in views]
-            whole = present.index(False) if False in present else len(present)
-            moves = []
-            for view, pieces in zip(views[:whole], spans[first : first + whole]):
-                moves.extend(_piece_moves(_address(view), cache_address, pieces, to_cache=True))
-            copier.run_addressed(moves)
-            leading += whole
-            del views, group
-            if whole < len(present):
-                break  # the blocks after a gap are computed: not written
-        del raw
-        return [i < leading for i in range(len(keys))]
+        buffers = store.get(keys)
+        views = [None if buffer is None else buffer.immutable_data() for buffer in buffers]
+        present = [view is not None and len(view) == size for view in views]
+        leading = present.index(False) if False in present else len(present)
+        copied = [i < leading for i in range(len(present))]  # the blocks after a gap are computed: not written
+        moves = []
+        for view, pieces in zip(views[:leading], spans):
+            moves.extend(_piece_moves(_address(view), cache_address, pieces, to_cache=True))
+        copier.run_addressed(moves)
+        del views, buffers
+        return copied
     if op == "put_from":  # ("put_from", keys, value_size, spans): values gathered from the KV cache
         keys, size, spans = request[1], request[2], request[3]
         cache_address = _shared_cache_address(cache)
