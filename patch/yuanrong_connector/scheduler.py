@@ -136,7 +136,8 @@ class YuanRongScheduler:
         prompt = request.prompt_token_ids or ()
         # A prefill leg's partial last block is handed over when it holds more than the
         # prompt's last token (which the decode computes anyway).
-        if self.settings.saves and len(prompt) % self.block_size >= 2 and (request.kv_transfer_params or {}).get("do_remote_decode"):
+        if (request_id not in self._tails and self.settings.saves and len(prompt) % self.block_size >= 2
+                and (request.kv_transfer_params or {}).get("do_remote_decode")):  # fmt: skip
             self._tails[request_id] = tail_block_hash(prompt, self.block_size, hashes, request_chain_root(request))  # type: ignore[assignment]
         if not (self.settings.prefix_reuse or self._is_handoff(request)):
             return 0, False
@@ -151,9 +152,8 @@ class YuanRongScheduler:
         handed, source_tp = self._handed_over(request, hashes)
         if handed:
             # Every handed-over token but the prompt's last: vLLM computes that one.
-            prompt_len = len(request.prompt_token_ids or ())
-            handed_tokens = prompt_len if len(handed) > len(hashes) else len(handed) * self.block_size
-            end = min(handed_tokens, prompt_len - 1)
+            handed_tokens = len(prompt) if len(handed) > len(hashes) else len(handed) * self.block_size
+            end = min(handed_tokens, len(prompt) - 1)
             if end > num_computed_tokens:
                 wait_s = self.settings.handoff_wait_ms / 1000
                 last_block = -(-end // self.block_size)
