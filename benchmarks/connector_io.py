@@ -155,7 +155,9 @@ def main() -> None:
     total = block_bytes * len(block_ids)
 
     home = Path(tempfile.mkdtemp(prefix="bench-ds-"))
-    ds = DataSystemConfig("127.0.0.1", free_port(), free_port(), shared_memory_mb=max(1024, (3 * args.repeats + 4) * total >> 20), spill_dir=None, spill_size_mb=0)
+    # Every run writes fresh keys and keeps them (raw: one set per repeat, each arm one more):
+    # 4 sets per repeat, with room for the seals and the worker's own bookkeeping.
+    ds = DataSystemConfig("127.0.0.1", free_port(), free_port(), shared_memory_mb=max(1024, (5 * args.repeats + 8) * total >> 20), spill_dir=None, spill_size_mb=0)
     start_worker(ds, home)
     try:
         from yr.datasystem import KVClient
