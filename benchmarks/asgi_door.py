@@ -12,8 +12,8 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any
 
-from controller.frontdoor import FrontDoor
-from controller.http_server import Exchange
+from door.frontdoor import FrontDoor
+from door.http_server import Exchange
 
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 ASGIApp = Callable[[MutableMapping[str, Any], Any, Send], Awaitable[None]]

@@ -46,15 +46,15 @@ from pathlib import Path
 import torch
 
 from benchmarks.example_connector_io import measure_example_connector
-from deploy.config import DataSystemConfig
+from common.config import DataSystemConfig
 from deploy.datasystem import start_worker, stop_worker
 from patch.yuanrong_connector.keys import KVLayout, chained_block_hashes
 from patch.yuanrong_connector.metadata import BlockTransfer, YuanRongConnectorMetadata
-from patch.yuanrong_connector.settings import ConnectorSettings
 from patch.yuanrong_connector.remote_store import RemoteBlockStore, Store
+from patch.yuanrong_connector.settings import ConnectorSettings
 from patch.yuanrong_connector.store import BlockStore
 from patch.yuanrong_connector.worker import YuanRongWorker
-from tests.helpers import free_port
+from testkit.helpers import free_port
 
 RESULTS = Path(__file__).resolve().parent / "results" / "connector_io.json"
 BLOCK_SIZE, KV_HEADS, HEAD = 128, 4, 64

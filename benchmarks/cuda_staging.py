@@ -41,13 +41,13 @@ from pathlib import Path
 
 import torch
 
-from deploy.config import DataSystemConfig
+from common.config import DataSystemConfig
 from deploy.datasystem import start_worker, stop_worker
 from patch.yuanrong_connector.paged_cache import PagedKVCache
-from patch.yuanrong_connector.staging import HostStaging
 from patch.yuanrong_connector.remote_store import CUDA_ARENA_BYTES, RemoteBlockStore, Store
+from patch.yuanrong_connector.staging import HostStaging
 from patch.yuanrong_connector.store import BlockStore
-from tests.helpers import free_port
+from testkit.helpers import free_port
 
 RESULTS = Path(__file__).resolve().parent / "results" / "cuda_staging.json"
 

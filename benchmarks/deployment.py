@@ -9,7 +9,7 @@ from pathlib import Path
 from types import FrameType
 
 from deploy.state import DeploymentState
-from tests.helpers import run_cli
+from testkit.helpers import run_cli
 
 
 @contextmanager

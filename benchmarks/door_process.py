@@ -18,17 +18,18 @@ import logging
 import uvicorn
 
 from benchmarks.asgi_door import completions_app
-from controller.admission import Admission, AdmissionConfig
-from controller.door_metrics import DoorMetrics
-from controller.frontdoor import FrontDoor, tune_gc_for_serving
-from controller.kv_index import KVIndex
-from controller.kv_policy import KVAware
-from controller.kv_router import KVRouter, PromptTokenizer
-from controller.policies import make_policy
-from controller.routing import RoutingTable
-from deploy.config import ROUTING_POLICIES, SETTINGS
+from common.config import ROUTING_POLICIES, AdmissionConfig
+from deploy.config import SETTINGS
 from deploy.embedded_model import ensure_embedded_model
-from tests.helpers import PROJECT_ROOT
+from door.admission import Admission
+from door.door_metrics import DoorMetrics
+from door.frontdoor import FrontDoor, tune_gc_for_serving
+from door.kv_index import KVIndex
+from door.kv_policy import KVAware
+from door.kv_router import KVRouter, PromptTokenizer
+from door.policy_factory import make_policy
+from door.routing import RoutingTable
+from testkit.helpers import PROJECT_ROOT
 
 logger = logging.getLogger(__name__)
 

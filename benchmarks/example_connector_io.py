@@ -84,7 +84,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-
 from vllm.config import CacheConfig, KVTransferConfig, VllmConfig
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
 from vllm.distributed.kv_transfer.kv_connector.v1.example_connector import (

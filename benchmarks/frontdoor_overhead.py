@@ -65,8 +65,8 @@ from benchmarks.deployment import exit_on_sigterm
 from benchmarks.door_process import DEFAULT_POLICY as DOOR_DEFAULT_POLICY
 from benchmarks.door_process import POLICIES as DOOR_POLICIES
 from benchmarks.report import Spread
-from controller.frontdoor import prefill_request
-from tests.helpers import PROJECT_ROOT, free_port
+from door.frontdoor import prefill_request
+from testkit.helpers import PROJECT_ROOT, free_port
 from workers.engine_process import start_process, stop_process_group
 
 logger = logging.getLogger(__name__)
@@ -619,7 +619,7 @@ def main() -> None:
         "machine": {"cpus": os.cpu_count(), "load_average_before": [round(x, 2) for x in load_before],
                     "load_average_after": [round(x, 2) for x in load_after]},  # fmt: skip
         "door": {"policy": args.door_policy,
-                 "server": "uvicorn running the door's own protocol (controller/http_server.py), uvloop; one process",
+                 "server": "uvicorn running the door's own protocol (door/http_server.py), uvloop; one process",
                  **({"uvicorn_arm": "uvicorn's httptools protocol, the door's handlers as a bare ASGI callable "
                                     "(benchmarks/asgi_door.py), uvloop; one process"} if args.uvicorn_door else {})},
         "vllm_router": {"note": router_note, "argv": {policy: ["vllm-router", *argv[1:]]

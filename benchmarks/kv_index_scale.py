@@ -41,10 +41,10 @@ import time
 import tracemalloc
 from pathlib import Path
 
-from controller.kv_index import KVIndex
-from controller.kv_policy import KVAware, PromptCache
-from controller.kv_wire import BlockStored
-from controller.policies import EngineLoad
+from door.kv_index import KVIndex
+from door.kv_policy import KVAware, PromptCache
+from door.kv_wire import BlockStored
+from door.policies import EngineLoad
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BLOCK = 16

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from deploy.embedded_model import BENCH_MODELS, ensure_embedded_model
-from tests.helpers import PROJECT_ROOT
+from testkit.helpers import PROJECT_ROOT
 
 MODEL_CACHE = PROJECT_ROOT / ".cache" / "models"
 _DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}

@@ -61,10 +61,10 @@ from benchmarks.deployment import deployed, exit_on_sigterm
 from benchmarks.frontdoor_overhead import installed_router
 from benchmarks.router_arm import arm_name, load_through
 from benchmarks.ttft_tiers import Prompt, ttft
-from deploy.config import ROUTING_POLICIES
+from common.config import ROUTING_POLICIES
 from deploy.embedded_model import BENCH_MODEL_CONFIG, BENCH_MODEL_NAME, ensure_embedded_model
-from tests.e2e import metric
-from tests.helpers import PROJECT_ROOT, isolated_env
+from testkit.deployment import metric
+from testkit.helpers import PROJECT_ROOT, isolated_env
 
 RESULTS = Path(__file__).resolve().parent / "results" / "prefix_affinity.json"
 TAIL = 32

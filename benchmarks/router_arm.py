@@ -18,7 +18,7 @@ from pathlib import Path
 
 from benchmarks.frontdoor_overhead import parties, router_argv, router_argv_regular
 from deploy.state import DeploymentState
-from tests.helpers import free_port
+from testkit.helpers import free_port
 
 ARM_PREFIX = "vllm-router:"  # an arm through the router is named vllm-router:<its policy>
 

@@ -18,9 +18,9 @@ import threading
 import time
 from pathlib import Path
 
-from deploy.config import DataSystemConfig
+from common.config import DataSystemConfig
 from deploy.datasystem import start_worker, stop_worker
-from tests.helpers import free_port, pids_matching
+from testkit.helpers import free_port, pids_matching
 
 
 def _count_while(call: object, seconds: float) -> tuple[int, int]:

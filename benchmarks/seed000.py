@@ -51,11 +51,11 @@ from transformers import AutoTokenizer
 from benchmarks.datasets import GroupedPrefixWorkload, grouped_prefix_prompts, write_custom_jsonl
 from benchmarks.deployment import deployed, exit_on_sigterm
 from benchmarks.frontdoor_overhead import installed_router
-from benchmarks.router_arm import load_through
-from benchmarks.report import Spread, bar_plot, markdown_table
-from benchmarks.serve_bench import ServeResult, serve_bench
 from benchmarks.models import BenchModel, add_model_options, bench_model
-from tests.helpers import isolated_env
+from benchmarks.report import Spread, bar_plot, markdown_table
+from benchmarks.router_arm import load_through
+from benchmarks.serve_bench import ServeResult, serve_bench
+from testkit.helpers import isolated_env
 
 RESULTS = Path(__file__).resolve().parent / "results" / "seed000.json"
 

@@ -47,16 +47,16 @@ from pathlib import Path
 
 from transformers import AutoTokenizer
 
-from benchmarks.models import BenchModel, add_model_options, bench_model
 from benchmarks.datasets import Tokenizer, random_prompts, write_custom_jsonl
 from benchmarks.deployment import deployed, exit_on_sigterm
 from benchmarks.frontdoor_overhead import installed_router
+from benchmarks.models import BenchModel, add_model_options, bench_model
 from benchmarks.report import Spread, bar_panels, bar_plot, markdown_table
 from benchmarks.router_arm import engine_url, load_through
 from benchmarks.serve_bench import ServeResult, serve_bench
 from deploy.state import DeploymentState
-from tests.e2e import external_kv_tokens, metric
-from tests.helpers import isolated_env
+from testkit.deployment import external_kv_tokens, metric
+from testkit.helpers import isolated_env
 
 RESULTS = Path(__file__).resolve().parent / "results" / "seed002.json"
 ROUTER_POLICY = "round_robin"  # its fastest policy in the door-overhead benchmark

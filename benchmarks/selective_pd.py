@@ -28,7 +28,7 @@ from pathlib import Path
 from benchmarks.deployment import deployed
 from benchmarks.ttft_tiers import ttft
 from deploy.embedded_model import BENCH_MODEL_CONFIG, BENCH_MODEL_NAME, ensure_embedded_model
-from tests.helpers import PROJECT_ROOT, isolated_env
+from testkit.helpers import PROJECT_ROOT, isolated_env
 
 RESULTS = Path(__file__).resolve().parent / "results" / "selective_pd.json"
 

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import httpx
 
-from tests.e2e import Deployment, deployed
-from tests.helpers import pids_matching
+from testkit.deployment import Deployment, deployed
+from testkit.helpers import pids_matching
 
 RESULTS = Path(__file__).resolve().parent / "results" / "soak.json"
 

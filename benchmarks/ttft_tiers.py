@@ -32,8 +32,8 @@ import httpx
 
 from benchmarks.deployment import deployed
 from deploy.embedded_model import BENCH_MODEL_CONFIG, BENCH_MODEL_NAME, ensure_embedded_model
-from tests.e2e import external_kv_tokens
-from tests.helpers import PROJECT_ROOT, free_port, isolated_env
+from testkit.deployment import external_kv_tokens
+from testkit.helpers import PROJECT_ROOT, free_port, isolated_env
 
 RESULTS = Path(__file__).resolve().parent / "results" / "ttft_tiers.json"
 STATES = ("cold", "device prefix cache", "data system, same worker", "data system, other worker")

@@ -19,10 +19,11 @@ from typing import Any
 
 import yr
 
+from common.config import Accelerator, ServiceConfig
+from common.engine_state import EngineState
+from common.errors import ConfigError, StartupError
 from controller.node_affinity import NODE_LABEL, node_affinities, node_label_value
 from controller.placement import ENGINE_MEMORY_MB
-from deploy.config import Accelerator, ServiceConfig
-from deploy.errors import ConfigError, StartupError
 from workers.engine_actor import EngineActor
 from workers.engine_process import EngineSpec
 from workers.node_address import host_of
@@ -35,7 +36,6 @@ _DEVICE_RESOURCE = {Accelerator.CUDA: "GPU/.+/count", Accelerator.ASCEND: "NPU/.
 # Threads the Controller actor's methods run in (snapshot beside a scale operation beside
 # a shutdown); set on its InvokeOptions by the deploy process.
 CONTROLLER_CONCURRENCY = 4
-DRAINING = "draining"  # the state snapshot reports for an engine being drained (the door routes nothing new to it)
 STOP_TIMEOUT_S = 60
 
 
@@ -172,7 +172,7 @@ class Controller:
         with self._lock:
             if handles != self._engines:  # engines came or went meanwhile (the version moved): next poll
                 return self._version, list(self._infos)
-            infos = [{**info, "state": DRAINING} if info["name"] in self._draining else info for info in infos]
+            infos = [{**info, "state": EngineState.DRAINING} if info["name"] in self._draining else info for info in infos]
             if [_routing_view(i) for i in infos] != [_routing_view(i) for i in self._infos]:
                 self._version += 1
                 self._infos = infos

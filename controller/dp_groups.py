@@ -35,8 +35,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from itertools import groupby
 
+from common.config import Role
 from controller.planner import EnginePlacement, PlacementError
-from deploy.config import Role
 from workers.engine_process import VllmDataParallel
 
 DP_RPC_PORT_BASE = 29550  # vLLM's own default --data-parallel-rpc-port

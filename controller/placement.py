@@ -24,9 +24,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.config import YUANRONG_CONNECTOR, Accelerator, Role, ServiceConfig, simulated_node_address
 from controller.dp_groups import DPEngine, independent_engines, vllm_dp_engines
 from controller.planner import EnginePlacement, InstanceRequest, Node, PlacementRequest, plan_placement
-from deploy.config import YUANRONG_CONNECTOR, Accelerator, Role, ServiceConfig, simulated_node_address
 from workers.engine_process import EngineSpec
 
 LOCAL_NODE_ID = "local"

@@ -30,8 +30,8 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from deploy.config import Accelerator, Role
-from deploy.errors import ConfigError
+from common.config import Accelerator, Role
+from common.errors import ConfigError
 
 # Settings that name each role's counts in refusals (colocated instances use the prefill ones).
 _SETTINGS = {
@@ -276,7 +276,7 @@ def _free_summary(nodes: Sequence[Node], usable: Mapping[str, tuple[int, ...]]) 
 
 
 def format_plan(plan: Sequence[EnginePlacement]) -> list[str]:
-    """One line per engine, as the deploy log and the README show a plan."""
+    """One line per engine, as the deploy log and docs/placement.md show a plan."""
     rows = [("ENGINE", "NODE", "ADDRESS", "DEVICES", "DP", "DS WORKER")]
     for p in plan:
         rows.append((p.name, p.node_id, p.node_address, ",".join(map(str, p.devices)) or "-",

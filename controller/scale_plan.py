@@ -18,26 +18,23 @@ of new instances, where they run, and which instances a scale-in removes.
   operations left them, from state.json (``adopted_specs``).
 - Scale-in removes the instances of the role with the highest indices, and never the last
   instance of a role: the door tells a PD deployment from a colocated one by the roles
-  present (controller/routing.py ``disaggregated``), so a PD deployment with no prefill
+  present (door/routing.py ``disaggregated``), so a PD deployment with no prefill
   or no decode engine left would route every request to no engine.
 """
 
 from __future__ import annotations
 
-import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from common.config import Accelerator, Role, ServiceConfig
+from common.errors import ConfigError
 from controller.placement import InstancePlan, engine_specs, instance_plans, local_inventory
 from controller.planner import EnginePlacement, InstanceRequest, PlacementError, PlacementRequest, plan_placement
-from deploy.config import Accelerator, Role, ServiceConfig
-from deploy.errors import ConfigError
 from workers.engine_process import EngineSpec
 
-MAX_SCALE_STEP = 8  # instances one operation may add or remove
-ROLE_WORDS = ("prefill", "decode", "colocated")
 _SETTINGS = {Role.PREFILL: ("PTP", "PDP"), Role.DECODE: ("DTP", "DDP"), Role.COLOCATED: ("PTP", "PDP")}
 
 
@@ -45,18 +42,6 @@ _SETTINGS = {Role.PREFILL: ("PTP", "PDP"), Role.DECODE: ("DTP", "DDP"), Role.COL
 class MorePlacements:
     placements: list[EnginePlacement]
     shared_cores: tuple[int, ...] = ()  # CPU: cores the new engines share with running ones (a warning)
-
-
-def parse_delta(text: str) -> int:
-    """``+1``, ``-2``, ``3``: a non-zero integer of at most MAX_SCALE_STEP either way."""
-    if not re.fullmatch(r"[+-]?\d{1,6}", text.strip()) or not check_delta(int(text)):
-        raise ConfigError(f"scale count {text!r} is invalid: must be +N or -N with N from 1 to {MAX_SCALE_STEP} "
-                          "(+1 adds an instance, -1 drains and removes one)")  # fmt: skip
-    return int(text)
-
-
-def check_delta(delta: object) -> bool:
-    return isinstance(delta, int) and not isinstance(delta, bool) and 0 < abs(delta) <= MAX_SCALE_STEP
 
 
 def resolve_role(word: str, disaggregated: bool) -> Role:

@@ -1,5 +1,5 @@
 """Scale-out and scale-in at runtime: the Scaler, run by the door's admin endpoint
-(controller/admin.py) in a thread, one operation at a time.
+(door/admin.py) in a thread, one operation at a time.
 
 Scale-out (``delta > 0``): place the new instances (controller/scale_plan.py), have the
 Controller start their engines beside the running ones (``add_engines``: they join its
@@ -15,7 +15,7 @@ then the Controller stops and drops them (``remove_engine``) and the door refres
 again. Requests in flight finish; only a request still running when DRAIN_TIMEOUT_S runs
 out is cut (the result says how many).
 
-Errors (deploy/errors.py's tree): ``ConfigError`` refuses an operation before anything
+Errors (common/errors.py's tree): ``ConfigError`` refuses an operation before anything
 changed (a wrong role, the last instance, no free devices); ``StartupError``: new engines
 failed to start (they were stopped again); ``ScaleBusy``: another operation is under way.
 """
@@ -26,18 +26,19 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import yr
 
-from controller.controller import DRAINING
+from common.config import Role, ServiceConfig
+from common.engine_state import EngineState
+from common.errors import ConfigError
+from common.scale_port import MAX_SCALE_STEP, DoorView, EngineView, Progress, ScaleBusy, check_delta
 from controller.placement import engine_specs
-from controller.scale_plan import MAX_SCALE_STEP, check_delta, instances_to_remove, next_indices, place_more, resolve_role
-from deploy.config import Role, ServiceConfig
-from deploy.errors import ConfigError, DeployError
+from controller.scale_plan import instances_to_remove, next_indices, place_more, resolve_role
 from workers.engine_process import EngineSpec
 
 logger = logging.getLogger(__name__)
@@ -45,14 +46,6 @@ logger = logging.getLogger(__name__)
 ROUTED_TIMEOUT_S = 10.0  # for the door's table to show engines added or removed
 POLL_S = 0.1
 CALL_MARGIN_S = 120  # on top of an engine's start timeout, for an actor call to return
-
-# One row of the door's routing table as the Scaler sees it: (state, requests in flight).
-EngineView = Mapping[str, tuple[str, int]]
-
-
-class ScaleBusy(DeployError):
-    """Another scale operation is under way (the door answers 409)."""
-
 
 class EngineControl(Protocol):
     """What the Scaler asks of the Controller (``ActorControl`` over the actor; tests fake it)."""
@@ -62,16 +55,6 @@ class EngineControl(Protocol):
     def set_draining(self, name: str, draining: bool = True) -> None: ...
 
     def remove_engine(self, name: str) -> dict[str, object]: ...
-
-
-class DoorView(Protocol):
-    """The door as the Scaler sees it from its thread."""
-
-    def refresh_now(self) -> None:
-        """Apply the Controller's engine list to the routing table now (returns when done)."""
-
-    def engines(self) -> EngineView:
-        """By engine name: its state and requests in flight in the routing table."""
 
 
 class ActorControl:
@@ -103,13 +86,6 @@ class ScaleResult:
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
-
-
-@dataclass(frozen=True)
-class Progress:
-    operation: str  # e.g. "decode +1"
-    phase: str  # e.g. "starting decode-1"
-    started: float  # monotonic
 
 
 class Scaler:
@@ -187,7 +163,7 @@ class Scaler:
         healthy = self._clock()
         self._specs.extend(specs)
         self._phase(f"routing to {', '.join(names)}")
-        if not self._wait_for_door(door, lambda view: all(view.get(n, ("", 0))[0] == "healthy" for n in routed_names),
+        if not self._wait_for_door(door, lambda view: all(view.get(n, ("", 0))[0] == EngineState.HEALTHY for n in routed_names),
                                    ROUTED_TIMEOUT_S):  # fmt: skip
             warnings.append(f"the door's routing table did not show {', '.join(names)} healthy within "
                             f"{ROUTED_TIMEOUT_S:.0f} s; its next refresh will")  # fmt: skip
@@ -253,7 +229,7 @@ class Scaler:
         """The door routes nothing new to them (it shows them draining, or gone) and none
         of their requests is in flight."""
         rows = [view[name] for name in names if name in view]
-        if any(state != DRAINING for state, _ in rows):
+        if any(state != EngineState.DRAINING for state, _ in rows):
             return False
         in_flight = sum(count for _, count in rows)
         if in_flight:

@@ -1,4 +1,4 @@
-"""The CLI's side of the door's admin endpoints (controller/admin.py): the ``scale`` verb.
+"""The CLI's side of the door's admin endpoints (door/admin.py): the ``scale`` verb.
 
 ``bash run_vllm_on_yr.sh scale decode +1`` posts ``{"role": "decode", "delta": 1}`` to the
 running deployment's door (its address from state.json, the API key from API_KEY), prints
@@ -18,10 +18,11 @@ import urllib.parse
 import urllib.request
 from typing import Any
 
-from controller.scale_plan import ROLE_WORDS, parse_delta
-from deploy.config import ServiceConfig
-from deploy.errors import ConfigError, DeployError
-from deploy.state import DeploymentState, pid_alive, read_pid
+from common.config import ServiceConfig
+from common.errors import ConfigError, DeployError
+from common.processes import pid_alive, read_pid
+from common.scale_port import ROLE_WORDS, parse_delta
+from deploy.state import DeploymentState
 
 PROGRESS_POLL_S = 2.0
 CALL_MARGIN_S = 300  # beyond the engines' start timeout and the drain timeout

@@ -17,13 +17,14 @@ import sys
 import time
 from pathlib import Path
 
+from common.config import EXAMPLE_KV_DIR, ServiceConfig
+from common.errors import ConfigError, DeployError, StartupError
+from common.processes import pid_alive, read_pid, write_pid
 from deploy import config as config_module
 from deploy.admin_client import scale
-from deploy.config import EXAMPLE_KV_DIR, ServiceConfig
 from deploy.datasystem import stop_workers, worker_listens
-from deploy.errors import ConfigError, DeployError, StartupError
 from deploy.node_status import NODE_HEADER, node_rows, table_lines, yr_cli_path, yr_status_lines
-from deploy.state import READY_MARKER, DeploymentState, pid_alive, read_pid, write_pid
+from deploy.state import READY_MARKER, DeploymentState
 from workers.engine_process import is_healthy
 
 FRONT_DOOR_GRACE_S = 30.0

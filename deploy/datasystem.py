@@ -14,8 +14,8 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from deploy.config import DataSystemConfig
-from deploy.errors import StartupError
+from common.config import DataSystemConfig
+from common.errors import StartupError
 from deploy.master_info import tcp_answers
 from patch.yuanrong_connector.sdk_threads import calm_sdk_threads
 

@@ -28,9 +28,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 
+from common.errors import DeployError
+from common.processes import read_pid
 from deploy import config as config_module
-from deploy.errors import DeployError
-from deploy.state import DeploymentState, read_pid
+from deploy.state import DeploymentState
 
 logger = logging.getLogger("deploy.keeper")
 

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from deploy.errors import ConfigError
+from common.errors import ConfigError
 
 MASTER_INFO_NAME = "yr_current_master_info"
 CONNECT_TIMEOUT_S = 1.0

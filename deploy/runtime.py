@@ -12,7 +12,7 @@ from typing import Any
 
 import yr
 
-from deploy.config import ServiceConfig
+from common.config import ServiceConfig
 
 logger = logging.getLogger(__name__)
 

@@ -25,27 +25,28 @@ from types import FrameType
 import uvicorn
 import yr
 
-from controller.admission import Admission
+from common.config import ServiceConfig
+from common.errors import ConfigError, DeployError
+from common.processes import read_pid
 from controller.controller import CONTROLLER_CONCURRENCY, Controller
-from controller.door_metrics import DoorMetrics
-from controller.frontdoor import FrontDoor, tune_gc_for_serving
-from controller.kv_events import KVEventSubscriber
-from controller.kv_index import KVIndex
-from controller.kv_policy import KVAware
-from controller.kv_router import KVRouter, PromptTokenizer
-from controller.policies import make_policy
 from controller.placement import engine_specs, place_engines
 from controller.planner import Node, format_plan, inventory_from_resource_view
-from controller.routing import RoutingTable
 from controller.scale_plan import adopted_specs
 from controller.scaling import ActorControl, Scaler
 from deploy import config as config_module
-from deploy.config import ServiceConfig
 from deploy.datasystem import start_workers, stop_workers, worker_answers
 from deploy.embedded_model import ensure_embedded_model
-from deploy.errors import ConfigError, DeployError
 from deploy.runtime import CONTROLLER_NAME, CONTROLLER_NAMESPACE, finalize_yr, init_yr, resource_view
-from deploy.state import READY_MARKER, DeploymentState, read_pid
+from deploy.state import READY_MARKER, DeploymentState
+from door.admission import Admission
+from door.door_metrics import DoorMetrics
+from door.frontdoor import FrontDoor, tune_gc_for_serving
+from door.kv_events import KVEventSubscriber
+from door.kv_index import KVIndex
+from door.kv_policy import KVAware
+from door.kv_router import KVRouter, PromptTokenizer
+from door.policy_factory import make_policy
+from door.routing import RoutingTable
 
 logger = logging.getLogger(__name__)
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from deploy.config import DataSystemConfig
+from common.config import DataSystemConfig
 from deploy.datasystem import start_worker, stop_worker
-from tests.helpers import free_port
+from testkit.helpers import free_port
 
 
 @pytest.fixture(scope="session")

@@ -25,7 +25,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from tests.helpers import free_port
+from testkit.helpers import free_port
 
 
 @dataclass

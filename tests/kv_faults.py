@@ -51,13 +51,13 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from controller.frontdoor import prefill_request
 from deploy.config import build_config
 from deploy.datasystem import start_worker, worker_home
+from door.frontdoor import prefill_request
 from patch.yuanrong_connector.integrity import SEAL_BYTES, unseal
 from patch.yuanrong_connector.keys import block_key, chain_root, chained_block_hashes
-from tests.e2e import BLOCK_SIZE, ENGINE_PARAMS, Deployment, deployed, metric
-from tests.helpers import freeze, pids_matching, process_tree
+from testkit.deployment import BLOCK_SIZE, ENGINE_PARAMS, Deployment, deployed, metric
+from testkit.helpers import freeze, pids_matching, process_tree
 from tests.kv_torture import make_prompts
 
 PHASES = ("frozen-helper", "flipped-block", "worker-killed", "dtype-mix")

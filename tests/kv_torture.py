@@ -30,7 +30,7 @@ import httpx
 
 from deploy.config import build_config
 from deploy.datasystem import start_worker, stop_worker, worker_home
-from tests.e2e import BLOCK_SIZE, ENGINE_PARAMS, Deployment, deployed, metric
+from testkit.deployment import BLOCK_SIZE, ENGINE_PARAMS, Deployment, deployed, metric
 
 HANDOFF_WAIT_MS = 1500
 # 16 blocks of 128 tokens on the decode: a few concurrent requests fill it, vLLM preempts.

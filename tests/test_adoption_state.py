@@ -8,7 +8,8 @@ import dataclasses
 import signal
 from pathlib import Path
 
-from deploy.config import ServiceConfig, build_config
+from common.config import ServiceConfig
+from deploy.config import build_config
 from deploy.keeper import Keeper
 from deploy.serve import initial_state
 from deploy.state import DeploymentState

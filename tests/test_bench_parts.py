@@ -20,14 +20,13 @@ from benchmarks.prefix_affinity import prediction
 from benchmarks.report import Spread, markdown_table
 from benchmarks.seed000 import TABLE_COLUMNS, write_report
 from benchmarks.serve_bench import parse_result
-from controller.door_metrics import DoorMetrics
-from controller.frontdoor import FrontDoor
-from controller.policies import make_policy
-from controller.routing import RoutingTable
 from deploy.embedded_model import ensure_embedded_model
+from door.door_metrics import DoorMetrics
+from door.frontdoor import FrontDoor
+from door.policy_factory import make_policy
+from door.routing import RoutingTable
+from testkit.helpers import PROJECT_ROOT, free_port
 from tests.fake_engines import FakeEngine, serving
-from tests.helpers import free_port
-from tests.helpers import PROJECT_ROOT
 
 
 @pytest.fixture(scope="module")

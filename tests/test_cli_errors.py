@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import isolated_env, pids_matching, run_cli
+from testkit.helpers import isolated_env, pids_matching, run_cli
 
 
 def _assert_refused(tmp_path: Path, result_stderr: str, returncode: int, expected: str) -> None:
@@ -94,7 +94,7 @@ def _recorded_session(tmp_path: Path) -> Path:
 
 
 def test_clean_spares_a_process_that_reused_a_recorded_engine_pid(tmp_path: Path) -> None:
-    from deploy.state import process_start_ticks
+    from common.processes import process_start_ticks
 
     bystander = subprocess.Popen(["sleep", "120"], start_new_session=True)  # not ours: its own process group
     try:
@@ -115,7 +115,7 @@ def test_clean_spares_a_process_that_reused_a_recorded_engine_pid(tmp_path: Path
 
 
 def test_status_tells_of_engines_left_running_by_a_dead_deploy_process(tmp_path: Path) -> None:
-    from deploy.state import write_pid
+    from common.processes import write_pid
 
     engine = subprocess.Popen(["sleep", "120"], start_new_session=True)  # stands for an engine left running
     try:

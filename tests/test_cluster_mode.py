@@ -12,12 +12,13 @@ from pathlib import Path
 import pytest
 
 import deploy.runtime as runtime
+from common.config import Accelerator
+from common.errors import ConfigError
 from controller.placement import plan_engines
 from deploy import cli
-from deploy.config import Accelerator, build_config
-from deploy.errors import ConfigError
+from deploy.config import build_config
 from deploy.master_info import MASTER_INFO_NAME, parse_master_info
-from tests.helpers import cluster_engine_spec, isolated_env, run_cli
+from testkit.helpers import cluster_engine_spec, isolated_env, run_cli
 from workers.engine_actor import EngineActor
 from workers.engine_process import build_engine_argv, build_engine_env, kv_transfer_config, resolve_on_node
 from workers.node_address import host_of, routable_address, udp_source_address

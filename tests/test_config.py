@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from deploy.config import Accelerator, add_arguments, build_config, describe, parse_device_list
-from deploy.errors import ConfigError
+from common.config import Accelerator
+from common.errors import ConfigError
+from deploy.config import add_arguments, build_config, describe, parse_device_list
 
 CPU_2 = {"ACCELERATOR": "cpu", "VISIBLE_DEVICES": "0,1"}
 

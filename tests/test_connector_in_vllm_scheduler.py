@@ -21,9 +21,9 @@ from vllm.v1.outputs import KVConnectorOutput, ModelRunnerOutput
 from vllm.v1.request import Request, RequestStatus
 from vllm.v1.structured_output import StructuredOutputManager
 
-from deploy.config import DataSystemConfig
+from common.config import DataSystemConfig
 from deploy.embedded_model import ensure_embedded_model
-from tests.helpers import PROJECT_ROOT
+from testkit.helpers import PROJECT_ROOT
 
 BLOCK = 16
 NUM_BLOCKS = 17  # 16 usable: two 6-block requests fit, a third waits

@@ -15,7 +15,7 @@ from typing import Any
 
 from vllm.v1.outputs import KVConnectorOutput
 
-from deploy.config import DataSystemConfig
+from common.config import DataSystemConfig
 from patch.yuanrong_connector.keys import KVLayout, block_key, chained_block_hashes, tail_block_hash
 from patch.yuanrong_connector.metadata import YuanRongConnectorMetadata, YuanRongWorkerMetadata
 from patch.yuanrong_connector.scheduler import YuanRongScheduler, request_chain_root

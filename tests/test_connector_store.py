@@ -12,15 +12,15 @@ import time
 import pytest
 import torch
 
-from deploy.config import DataSystemConfig
+from common.config import DataSystemConfig
 from deploy.datasystem import start_worker, stop_worker
 from patch.yuanrong_connector.keys import KVLayout, block_key, chained_block_hashes
 from patch.yuanrong_connector.metadata import BlockTransfer, YuanRongConnectorMetadata
-from patch.yuanrong_connector.settings import ConnectorSettings
 from patch.yuanrong_connector.remote_store import ARENA_BYTES, RemoteBlockStore
+from patch.yuanrong_connector.settings import ConnectorSettings
 from patch.yuanrong_connector.store import BlockStore
 from patch.yuanrong_connector.worker import YuanRongWorker
-from tests.helpers import free_port, freeze, pids_matching
+from testkit.helpers import free_port, freeze, pids_matching
 
 NUM_BLOCKS, KV_HEADS, BLOCK, HEAD = 8, 2, 16, 64
 BLOCK_BYTES = 2 * KV_HEADS * BLOCK * 2 * HEAD * 2  # 2 layers, K and V, bfloat16

@@ -23,12 +23,12 @@ import pytest
 import yr
 
 import workers.engine_actor as engine_actor
+from common.processes import pid_alive
 from controller.controller import CONTROLLER_CONCURRENCY, Controller
 from controller.placement import plan_engines
 from deploy.config import build_config
 from deploy.runtime import finalize_yr
-from deploy.state import pid_alive
-from tests.helpers import pids_matching
+from testkit.helpers import pids_matching
 from workers.engine_process import EngineSpec
 
 SLOW_START_S = 3.0  # the engine scaled out waits this long before it listens

@@ -11,11 +11,11 @@ import uuid
 import pytest
 import torch
 
-from deploy.config import DataSystemConfig
+from common.config import DataSystemConfig
 from patch.yuanrong_connector import staging
 from patch.yuanrong_connector.paged_cache import PagedKVCache
-from patch.yuanrong_connector.staging import HostStaging
 from patch.yuanrong_connector.remote_store import RemoteBlockStore, Store
+from patch.yuanrong_connector.staging import HostStaging
 from patch.yuanrong_connector.store import BlockStore
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]

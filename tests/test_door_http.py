@@ -1,5 +1,5 @@
-"""The door's own HTTP layer (controller/http_server.py under Uvicorn, and
-controller/engine_client.py) against stand-in engines on real sockets: what curl and
+"""The door's own HTTP layer (door/http_server.py under Uvicorn, and
+door/engine_client.py) against stand-in engines on real sockets: what curl and
 other HTTP/1.1 clients do that a framework used to handle for us."""
 
 from __future__ import annotations
@@ -16,14 +16,14 @@ import httpx
 import pytest
 import uvicorn
 
-import controller.http_server as http_server
-from controller.door_metrics import DoorMetrics
-from controller.engine_client import EngineClient, EngineUnreachable
-from controller.frontdoor import FrontDoor
-from controller.policies import make_policy
-from controller.routing import RoutingTable
+import door.http_server as http_server
+from door.door_metrics import DoorMetrics
+from door.engine_client import EngineClient, EngineUnreachable
+from door.frontdoor import FrontDoor
+from door.policy_factory import make_policy
+from door.routing import RoutingTable
+from testkit.helpers import free_port
 from tests.fake_engines import FakeEngine, serving
-from tests.helpers import free_port
 
 
 @contextmanager

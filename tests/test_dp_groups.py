@@ -14,21 +14,21 @@ import signal
 import sys
 import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 import workers.engine_actor as engine_actor
+from common.config import Accelerator, Role
+from common.errors import ConfigError
 from controller.controller import engine_invoke_options
 from controller.dp_groups import DP_RPC_PORT_BASE, dp_rpc_port, vllm_dp_engines
 from controller.placement import plan_engines
 from controller.planner import InstanceRequest, Node, PlacementError, PlacementRequest, plan_placement
-from controller.routing import RoutingTable
 from controller.scaling import Scaler
-from deploy.config import Accelerator, Role, build_config
-from deploy.errors import ConfigError
-from tests.helpers import pids_matching
+from deploy.config import build_config
+from door.routing import RoutingTable
+from testkit.helpers import pids_matching, wait_for
 from tests.test_scaling import RecordingControl, ScriptedDoor
 from workers.engine_actor import EngineActor
 from workers.engine_process import (
@@ -138,7 +138,7 @@ def test_eight_nodes_dp8_tp8_is_a_head_and_seven_headless_engines() -> None:
 
 
 def test_mixed_roles_each_instance_groups_its_own_ranks_with_its_own_port() -> None:
-    # The README's worked example: decode-0 (TP4 x DP2) fills node-0, both prefills pack node-1.
+    # The worked example in docs/placement.md: decode-0 (TP4 x DP2) fills node-0, both prefills pack node-1.
     config = build_config({"ACCELERATOR": "cuda", "VISIBLE_DEVICES": "0-15", "PREFILL_INS_NUM": "2", "PTP": "2",
                            "PDP": "2", "DTP": "4", "DDP": "2", "DP_MODE": "vllm", **LOCAL})  # fmt: skip
     specs = plan_engines(config, MODEL, "m", (), inventory=[_node(0), _node(1)])
@@ -187,12 +187,6 @@ def _headless_spec(tmp_path: Path) -> EngineSpec:
     )  # fmt: skip
 
 
-def _wait_for(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, f"not within {timeout_s} s: {what}"
-        time.sleep(0.1)
-
 
 def test_a_headless_engine_is_supervised_by_its_process_not_http(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -215,7 +209,7 @@ def test_a_headless_engine_is_supervised_by_its_process_not_http(
         assert supervised.info()["state"] == "healthy"
 
         os.kill(int(first["pid"]), signal.SIGKILL)
-        _wait_for(lambda: supervised.info()["pid"] != first["pid"] and supervised.info()["state"] == "healthy", 20,
+        wait_for(lambda: supervised.info()["pid"] != first["pid"] and supervised.info()["state"] == "healthy", 20,
                   "the headless engine restarted")  # fmt: skip
         assert supervised.info()["restarts"] == 1 and len(pids_matching(marker)) == 1
     finally:

@@ -16,10 +16,11 @@ from pathlib import Path
 import httpx
 import pytest
 
+from common.processes import pid_alive, read_pid
 from deploy.datasystem import worker_answers
-from deploy.state import DeploymentState, pid_alive, read_pid
-from tests.e2e import complete, deployed, external_kv_tokens, token_prompt
-from tests.helpers import pids_matching, run_cli
+from deploy.state import DeploymentState
+from testkit.deployment import complete, deployed, external_kv_tokens, token_prompt
+from testkit.helpers import pids_matching, run_cli
 
 pytestmark = pytest.mark.e2e
 

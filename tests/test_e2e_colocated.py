@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from deploy.state import pid_alive
-from tests.e2e import PROMPT_LENGTHS, Deployment, complete, deployed, token_prompt
-from tests.helpers import PROJECT_ROOT, run_cli
+from common.processes import pid_alive
+from testkit.deployment import PROMPT_LENGTHS, Deployment, complete, deployed, token_prompt
+from testkit.helpers import PROJECT_ROOT, run_cli
 
 pytestmark = pytest.mark.e2e
 

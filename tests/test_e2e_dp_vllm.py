@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from deploy.state import pid_alive
-from tests.e2e import Deployment, complete, deployed, metric, token_prompt
-from tests.helpers import pids_matching, run_cli
+from common.processes import pid_alive
+from testkit.deployment import Deployment, complete, deployed, metric, token_prompt
+from testkit.helpers import pids_matching, run_cli
 
 pytestmark = pytest.mark.e2e
 

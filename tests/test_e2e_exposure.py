@@ -12,9 +12,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from deploy.state import read_pid
-from tests.e2e import Deployment, deployed, token_prompt
-from tests.helpers import listening_addresses, pids_matching, process_tree
+from common.processes import read_pid
+from testkit.deployment import Deployment, deployed, token_prompt
+from testkit.helpers import listening_addresses, pids_matching, process_tree
 
 pytestmark = pytest.mark.e2e
 

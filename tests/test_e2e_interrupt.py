@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from common.processes import pid_alive, read_pid
 from deploy.datasystem import worker_answers
-from deploy.state import pid_alive, read_pid
-from tests.helpers import PROJECT_ROOT, SCRIPT, isolated_env, pids_matching, port_open, run_cli
+from testkit.helpers import PROJECT_ROOT, SCRIPT, isolated_env, pids_matching, port_open, run_cli
 
 pytestmark = pytest.mark.e2e
 

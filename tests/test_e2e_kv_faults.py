@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.e2e import deployed
+from testkit.deployment import deployed
 from tests.kv_faults import FAULT_SETTINGS, TABLE_HEAD, run_phase
 
 pytestmark = pytest.mark.e2e

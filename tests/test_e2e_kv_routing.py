@@ -16,7 +16,16 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.e2e import BLOCK_SIZE, Deployment, complete, deployed, external_kv_tokens, metric, same_greedy_output, token_prompt
+from testkit.deployment import (
+    BLOCK_SIZE,
+    Deployment,
+    complete,
+    deployed,
+    external_kv_tokens,
+    metric,
+    same_greedy_output,
+    token_prompt,
+)
 
 pytestmark = pytest.mark.e2e
 

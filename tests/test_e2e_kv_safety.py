@@ -13,7 +13,15 @@ from collections.abc import Iterator
 import pytest
 
 from deploy.datasystem import stop_worker
-from tests.e2e import BLOCK_SIZE, Deployment, complete, deployed, external_kv_tokens, same_greedy_output, token_prompt
+from testkit.deployment import (
+    BLOCK_SIZE,
+    Deployment,
+    complete,
+    deployed,
+    external_kv_tokens,
+    same_greedy_output,
+    token_prompt,
+)
 
 pytestmark = pytest.mark.e2e
 

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import pytest
 
-from deploy.config import DataSystemConfig
+from common.config import DataSystemConfig
 from deploy.datasystem import start_worker, stop_worker, worker_answers
-from tests.e2e import deployed
-from tests.helpers import free_port
+from testkit.deployment import deployed
+from testkit.helpers import free_port
 from tests.kv_torture import TORTURE_SETTINGS, run_torture
 
 pytestmark = pytest.mark.e2e

@@ -26,8 +26,8 @@ import httpx
 import pytest
 
 from deploy.state import DeploymentState
-from tests.e2e import ENGINE_PARAMS, deployed, metric, token_prompt
-from tests.helpers import process_tree
+from testkit.deployment import ENGINE_PARAMS, deployed, metric, token_prompt
+from testkit.helpers import process_tree
 
 pytestmark = pytest.mark.e2e
 

@@ -19,20 +19,24 @@ from pathlib import Path
 import httpx
 import pytest
 
-from deploy.state import pid_alive
-from tests.e2e import (
+from common.processes import pid_alive
+from testkit.deployment import (
     BLOCK_SIZE,
     PROMPT_IDS,
     PROMPT_LENGTHS,
     Deployment,
-    complete as _complete,
     deployed,
-    external_kv_tokens as _external_kv_tokens,
     metric,
     same_greedy_output,
     token_prompt,
 )
-from tests.helpers import pids_matching, port_open, run_cli
+from testkit.deployment import (
+    complete as _complete,
+)
+from testkit.deployment import (
+    external_kv_tokens as _external_kv_tokens,
+)
+from testkit.helpers import pids_matching, port_open, run_cli
 from tests.malformed import malformed_requests, run_battery
 
 pytestmark = pytest.mark.e2e

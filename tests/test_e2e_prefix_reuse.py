@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from deploy.state import DeploymentState
-from tests.e2e import (
+from testkit.deployment import (
     BLOCK_SIZE,
     Deployment,
     complete,
@@ -29,7 +29,7 @@ from tests.e2e import (
     same_greedy_output,
     token_prompt,
 )
-from tests.helpers import run_cli
+from testkit.helpers import run_cli
 
 pytestmark = pytest.mark.e2e
 

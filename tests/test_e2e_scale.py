@@ -24,10 +24,11 @@ from types import TracebackType
 import httpx
 import pytest
 
-from deploy.config import Accelerator, Role
-from deploy.state import DeploymentState, pid_alive
-from tests.e2e import ENGINE_PARAMS, Deployment, deployed, metric, token_prompt
-from tests.helpers import PROJECT_ROOT, free_port, run_cli
+from common.config import Accelerator, Role
+from common.processes import pid_alive
+from deploy.state import DeploymentState
+from testkit.deployment import ENGINE_PARAMS, Deployment, deployed, metric, token_prompt
+from testkit.helpers import PROJECT_ROOT, free_port, run_cli
 from workers.engine_process import (
     EngineSpec,
     build_engine_argv,

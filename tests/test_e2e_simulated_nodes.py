@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from deploy.config import simulated_node_address
-from deploy.state import pid_alive
-from tests.e2e import (
+from common.config import simulated_node_address
+from common.processes import pid_alive
+from testkit.deployment import (
     PROMPT_IDS,
     PROMPT_LENGTHS,
     Deployment,
@@ -29,7 +29,7 @@ from tests.e2e import (
     same_greedy_output,
     token_prompt,
 )
-from tests.helpers import listening_addresses, pids_matching, process_tree, run_cli
+from testkit.helpers import listening_addresses, pids_matching, process_tree, run_cli
 
 pytestmark = pytest.mark.e2e
 

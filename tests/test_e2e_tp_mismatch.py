@@ -6,7 +6,7 @@ The deployment cannot run this pair on a 2-core machine (PTP=2 DTP=1 asks for 3 
 the config refuses it), so the engines are started here without the deploy CLI, with the
 same building blocks the engine actors use (workers/engine_process.py), and the two legs
 of the PD protocol are sent by hand, shaped by the front door's own functions
-(controller/frontdoor.py). vLLM CPU engines may share cores: the prefill's ranks run on
+(door/frontdoor.py). vLLM CPU engines may share cores: the prefill's ranks run on
 the first and second core, the decode on the second.
 
 Steps, per prompt length (one token, half a block, one block, several blocks and a tail):
@@ -20,7 +20,7 @@ Steps, per prompt length (one token, half a block, one block, several blocks and
      prefix_reuse off the connector loads nothing): a TP=1 recompute, whose greedy text
      and tokens must equal the PD answer.
 
-Not covered here: TP=1 -> TP=2, which the README says works too. It needs a TP=1 prefill
+Not covered here: TP=1 -> TP=2, which docs/kv-connector.md says works too. It needs a TP=1 prefill
 and a TP=2 decode, two more engines than this pair; four engines do not fit on this
 machine beside the data system worker, so that direction stays with the tensor and
 store-level tests (tests/test_tp_layout.py, tests/test_tp_layout_store.py).
@@ -39,11 +39,11 @@ from pathlib import Path
 
 import pytest
 
-from controller.frontdoor import decode_request, prefill_request
-from deploy.config import Accelerator, ConnectorConfig, DataSystemConfig, Role
+from common.config import Accelerator, ConnectorConfig, DataSystemConfig, Role
+from common.errors import StartupError
 from deploy.embedded_model import ensure_embedded_model
-from deploy.errors import StartupError
-from tests.e2e import (
+from door.frontdoor import decode_request, prefill_request
+from testkit.deployment import (
     BLOCK_SIZE,
     FLOAT32,
     PROMPT_IDS,
@@ -53,7 +53,7 @@ from tests.e2e import (
     same_greedy_output,
     token_prompt,
 )
-from tests.helpers import PROJECT_ROOT, free_port
+from testkit.helpers import PROJECT_ROOT, free_port
 from workers.engine_process import (
     EngineProcess,
     EngineSpec,
@@ -78,7 +78,7 @@ pytestmark = [
 MODEL_CACHE_DIR = PROJECT_ROOT / ".cache" / "models"
 ENGINE_START_TIMEOUT_S = 600  # both engines together; a start takes ~30-90 s on this machine
 PREFILL_TP = 2
-# Generous bounds, as tests/e2e.py deployed(): a decode waits up to 10 s for the prefill's
+# Generous bounds, as testkit/deployment.py deployed(): a decode waits up to 10 s for the prefill's
 # blocks, a store call up to 5 s, so a slow moment of the shared cores is not a miss.
 CONNECTOR = ConnectorConfig(ttl_s=1800, request_timeout_ms=5000, handoff_wait_ms=10000)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.e2e import ENGINE_PARAMS, complete, deployed, external_kv_tokens, same_greedy_output, token_prompt
+from testkit.deployment import ENGINE_PARAMS, complete, deployed, external_kv_tokens, same_greedy_output, token_prompt
 
 pytestmark = pytest.mark.e2e
 

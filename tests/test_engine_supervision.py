@@ -6,8 +6,8 @@ nothing running."""
 from __future__ import annotations
 
 import os
-import subprocess
 import signal
+import subprocess
 import sys
 import time
 import uuid
@@ -17,17 +17,10 @@ from pathlib import Path
 import pytest
 
 import workers.engine_actor as engine_actor
-from deploy.config import Accelerator, Role
+from common.config import Accelerator, Role
+from testkit.helpers import pids_matching, wait_for
 from workers.engine_actor import EngineActor
 from workers.engine_process import AdoptedProcess, EngineSpec, stop_process_group
-from tests.helpers import pids_matching
-
-
-def _wait_for(condition: object, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():  # type: ignore[operator]
-        assert time.monotonic() < deadline, f"not within {timeout_s} s: {what}"
-        time.sleep(0.1)
 
 
 def _stand_in(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kv_events: bool = False) -> tuple[EngineSpec, str]:
@@ -67,7 +60,7 @@ def test_a_killed_engine_takes_its_children_with_it_before_the_restart(actor: tu
     assert len(children) == 1
 
     os.kill(int(first["pid"]), signal.SIGKILL)  # the API server dies; its EngineCore stand-in lives on
-    _wait_for(lambda: supervised.info()["state"] == "healthy" and supervised.info()["pid"] != first["pid"], 20, "restart")
+    wait_for(lambda: supervised.info()["state"] == "healthy" and supervised.info()["pid"] != first["pid"], 20, "restart")
 
     assert supervised.info()["restarts"] == 1
     assert not Path(f"/proc/{children[0]}").exists()  # the old child was stopped, not orphaned
@@ -78,7 +71,7 @@ def test_a_stop_during_the_restart_back_off_starts_nothing(actor: tuple[EngineAc
     supervised, marker = actor
     first = supervised.start()
     os.kill(int(first["pid"]), signal.SIGKILL)
-    _wait_for(lambda: supervised.info()["state"] == "restarting", 10, "the supervisor noticing the exit")
+    wait_for(lambda: supervised.info()["state"] == "restarting", 10, "the supervisor noticing the exit")
 
     supervised.stop()  # inside the 2 s back-off
     time.sleep(3.0)  # past the back-off: a relaunch would have happened by now

@@ -18,11 +18,11 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from deploy.config import DataSystemConfig
+from common.config import DataSystemConfig
 from patch.yuanrong_connector.remote_store import RemoteBlockStore
 from patch.yuanrong_connector.saver import BackgroundSaver
+from testkit.helpers import freeze
 from tests.cache_engine import CacheEngine
-from tests.helpers import freeze
 
 TIMEOUT_MS = 500  # a call's bound: 0.5 s per SDK call + 0.5 s (the SDK refuses less)
 

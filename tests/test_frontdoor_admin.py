@@ -21,18 +21,19 @@ import httpx
 import pytest
 
 import deploy.admin_client as admin_client
-from controller.door_metrics import DoorMetrics
-from controller.frontdoor import FrontDoor
+from common.errors import StartupError
+from common.processes import write_pid
 from controller.placement import plan_engines
-from controller.policies import make_policy
-from controller.routing import RoutingTable
 from controller.scaling import Scaler
 from deploy import cli
 from deploy.config import build_config
-from deploy.errors import StartupError
-from deploy.state import DeploymentState, write_pid
+from deploy.state import DeploymentState
+from door.door_metrics import DoorMetrics
+from door.frontdoor import FrontDoor
+from door.policy_factory import make_policy
+from door.routing import RoutingTable
+from testkit.helpers import free_port, wait_for
 from tests.fake_engines import FakeEngine, serving
-from tests.helpers import free_port
 from workers.engine_process import EngineSpec
 
 MODEL = Path("/models/m")
@@ -126,12 +127,6 @@ def admin_door(settings: dict[str, str] | None = None, api_key: str | None = Non
         yield Door(f"http://127.0.0.1:{port}", controller, events, {"Authorization": f"Bearer {api_key}"} if api_key else {})
 
 
-def _wait_for(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, f"not within {timeout_s} s: {what}"
-        time.sleep(0.02)
-
 
 def _metric(url: str, name: str) -> float | None:
     for line in httpx.get(f"{url}/metrics", timeout=5).text.splitlines():
@@ -197,11 +192,11 @@ def test_scale_in_drains_requests_in_flight_before_removing_the_engine() -> None
         for client in clients:
             client.start()
             time.sleep(0.1)
-        _wait_for(lambda: len(decode_0.received) == 1 and len(decode_1.received) == 1, 10, "one stream on each decode")
+        wait_for(lambda: len(decode_0.received) == 1 and len(decode_1.received) == 1, 10, "one stream on each decode")
         scaled: dict[str, httpx.Response] = {}
         scaler = threading.Thread(target=lambda: scaled.setdefault("answer", door.scale("decode", -1)))
         scaler.start()
-        _wait_for(lambda: door.table()["decode-1"]["state"] == "draining", 10, "the door showing decode-1 draining")
+        wait_for(lambda: door.table()["decode-1"]["state"] == "draining", 10, "the door showing decode-1 draining")
         assert door.table()["decode-1"]["in_flight"] == 1  # its stream goes on
         # A request arriving during the drain goes to decode-0 only.
         assert httpx.post(f"{door.url}/v1/completions", json={"prompt": "c"}, timeout=10).status_code == 200
@@ -225,7 +220,7 @@ def test_a_second_operation_while_one_runs_gets_409() -> None:
         first: dict[str, httpx.Response] = {}
         thread = threading.Thread(target=lambda: first.setdefault("answer", door.scale("decode", 1)))
         thread.start()
-        _wait_for(lambda: httpx.get(f"{door.url}/admin/scale", timeout=5).json().get("phase") == "starting decode-1",
+        wait_for(lambda: httpx.get(f"{door.url}/admin/scale", timeout=5).json().get("phase") == "starting decode-1",
                   5, "the first operation starting its engine")  # fmt: skip
         progress = httpx.get(f"{door.url}/admin/scale", timeout=5).json()
         assert progress["busy"] is True and progress["operation"] == "decode +1" and progress["elapsed_s"] >= 0

@@ -13,13 +13,15 @@ from typing import Any
 import httpx
 import pytest
 
-from controller.admission import Admission, AdmissionConfig
-from controller.door_metrics import DoorMetrics
-from controller.frontdoor import FrontDoor
-from controller.policies import EngineLoad, LeastOutstanding, PrefixAffinity, RoundRobin, affinity_key, make_policy
-from controller.routing import RoutingTable
+from common.config import AdmissionConfig
+from door.admission import Admission
+from door.door_metrics import DoorMetrics
+from door.frontdoor import FrontDoor
+from door.policies import EngineLoad, LeastOutstanding, PrefixAffinity, RoundRobin, affinity_key
+from door.policy_factory import make_policy
+from door.routing import RoutingTable
+from testkit.helpers import free_port
 from tests.fake_engines import FakeEngine, serving
-from tests.helpers import free_port
 
 
 @contextmanager
@@ -288,9 +290,9 @@ def test_in_flight_counts_survive_routing_table_updates() -> None:
 
 
 def test_health_gauge_returns_to_1_when_an_engine_is_no_longer_suspect(monkeypatch: pytest.MonkeyPatch) -> None:
-    import controller.routing
+    from door import routing
 
-    monkeypatch.setattr(controller.routing, "SUSPECT_S", 0.5)
+    monkeypatch.setattr(routing, "SUSPECT_S", 0.5)
     unavailable, good = FakeEngine("unavailable", "colocated", fail_status=503), FakeEngine("good", "colocated")
     with door([unavailable, good]) as (url, _):
         assert httpx.post(f"{url}/v1/completions", json={"prompt": "p"}, timeout=10).status_code == 200

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from deploy.config import DataSystemConfig
+from common.config import DataSystemConfig
 from patch.yuanrong_connector.integrity import SEAL_BYTES, seal, unseal
 from tests.cache_engine import CacheEngine
 

@@ -7,7 +7,14 @@ import re
 from pathlib import Path
 
 from patch.yuanrong_connector.keys import (
-    KVLayout, block_key, block_keys, chained_block_hashes, chain_root, model_identity, model_options, tail_block_hash,
+    KVLayout,
+    block_key,
+    block_keys,
+    chain_root,
+    chained_block_hashes,
+    model_identity,
+    model_options,
+    tail_block_hash,
 )  # fmt: skip
 
 LAYOUT = KVLayout("m", "torch.bfloat16", 128, 2, 64, 2, 1)
@@ -65,7 +72,7 @@ def test_engine_options_that_change_weights_or_compute_change_keys() -> None:
     compute never share blocks: the compute dtype (also under one fp8 KV-cache dtype),
     --quantization, --revision, --hf-overrides."""
     from deploy.embedded_model import ensure_embedded_model
-    from tests.helpers import PROJECT_ROOT
+    from testkit.helpers import PROJECT_ROOT
 
     model = str(ensure_embedded_model(PROJECT_ROOT / ".cache" / "models"))
     plain = _engine_layout(model)

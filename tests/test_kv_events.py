@@ -17,10 +17,10 @@ import msgspec
 import pytest
 import zmq
 
-from controller.kv_events import KVEventSubscriber
-from controller.kv_index import KVIndex, request_extra_keys
-from controller.kv_wire import BlockRemoved, BlockStored, decode_batch
-from tests.helpers import free_port, listening_addresses
+from door.kv_events import KVEventSubscriber
+from door.kv_index import KVIndex, request_extra_keys
+from door.kv_wire import BlockRemoved, BlockStored, decode_batch
+from testkit.helpers import free_port, listening_addresses
 from workers.kv_events_config import event_endpoints, kv_events_args, kv_events_config
 
 kv_events = pytest.importorskip("vllm.distributed.kv_events")  # pulls in torch: the door does not

@@ -8,8 +8,8 @@ import hashlib
 import msgspec
 import pytest
 
-from controller.kv_index import Held, KVIndex, Roster, chained_hashes, request_extra_keys
-from controller.kv_wire import MEDIUM_CPU, AllBlocksCleared, BlockRemoved, BlockStored
+from door.kv_index import Held, KVIndex, Roster, chained_hashes, request_extra_keys
+from door.kv_wire import MEDIUM_CPU, AllBlocksCleared, BlockRemoved, BlockStored
 
 B = 4  # block size of these tests
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from controller.kv_index import Held
-from controller.kv_policy import KVAware, PromptCache, _rotated
-from controller.policies import EngineLoad
+from door.kv_index import Held
+from door.kv_policy import KVAware, PromptCache, _rotated
+from door.policies import EngineLoad
 
 
 def engines(*outstanding: int) -> list[EngineLoad]:

@@ -9,15 +9,15 @@ import hashlib
 
 import pytest
 
-from controller.door_metrics import DoorMetrics
-from controller.kv_events import KVEventSubscriber
-from controller.kv_index import KVIndex
-from controller.kv_policy import KVAware
-from controller.kv_router import KVRouter, PromptTokenizer
-from controller.kv_wire import BlockStored
-from controller.policies import EngineLoad
 from deploy.embedded_model import ensure_embedded_model
-from tests.helpers import PROJECT_ROOT, free_port
+from door.door_metrics import DoorMetrics
+from door.kv_events import KVEventSubscriber
+from door.kv_index import KVIndex
+from door.kv_policy import KVAware
+from door.kv_router import KVRouter, PromptTokenizer
+from door.kv_wire import BlockStored
+from door.policies import EngineLoad
+from testkit.helpers import PROJECT_ROOT, free_port
 
 B = 16
 

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
-from deploy.config import DataSystemConfig
+from common.config import DataSystemConfig
 from patch.yuanrong_connector.loader import BackgroundLoader, LoadOutcome
 from patch.yuanrong_connector.paged_cache import PagedKVCache
 from patch.yuanrong_connector.remote_store import Store

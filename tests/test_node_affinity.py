@@ -11,12 +11,13 @@ from pathlib import Path
 import pytest
 import yr
 
+from common.config import Accelerator
 from controller.controller import engine_invoke_options
 from controller.node_affinity import NODE_LABEL, node_affinities, node_label_value
 from controller.placement import plan_engines
 from controller.planner import inventory_from_resource_view
-from deploy.config import Accelerator, build_config
-from tests.helpers import cluster_engine_spec
+from deploy.config import build_config
+from testkit.helpers import cluster_engine_spec
 
 MODEL = Path("/models/m")
 CLUSTER = {"YR_SERVER_ADDRESS": "10.0.0.1:22770"}

@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from common.config import Role
 from controller.placement import plan_engines, simulated_inventory
-from deploy.config import Role, build_config
+from deploy.config import build_config
 from workers.engine_process import build_engine_argv, build_engine_env, cpu_thread_binding
 
 MODEL = Path("/models/m")

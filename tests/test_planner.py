@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from common.config import Accelerator, Role
+from common.errors import ConfigError
 from controller.placement import plan_engines
 from controller.planner import (
     EnginePlacement,
@@ -20,8 +22,7 @@ from controller.planner import (
     inventory_from_resource_view,
     plan_placement,
 )
-from deploy.config import Accelerator, Role, build_config
-from deploy.errors import ConfigError
+from deploy.config import build_config
 from workers.engine_process import build_engine_env
 
 CUDA, CPU, ASCEND = Accelerator.CUDA, Accelerator.CPU, Accelerator.ASCEND
@@ -70,7 +71,7 @@ def test_one_node_hands_out_devices_in_instance_order() -> None:
     assert {p.ds_worker_address for p in plan} == {"10.0.0.1:31501"}
 
 
-# --- 2 nodes (the README's worked example) -----------------------------------------------
+# --- 2 nodes (the worked example in docs/placement.md) -----------------------------------------------
 
 
 def test_two_nodes_of_eight_tp_stays_inside_a_node_and_dp_ranks_pack() -> None:

@@ -15,12 +15,12 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from deploy.config import DataSystemConfig
+from common.config import DataSystemConfig
 from deploy.datasystem import start_worker, stop_worker
 from patch.yuanrong_connector.remote_store import RemoteBlockStore, Store
 from patch.yuanrong_connector.sdk_threads import thread_niceness
 from patch.yuanrong_connector.store import BlockStore
-from tests.helpers import free_port, freeze, pids_matching
+from testkit.helpers import free_port, freeze, pids_matching
 
 
 def _fill(first: int, buffers: list[memoryview]) -> None:

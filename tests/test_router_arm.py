@@ -15,9 +15,9 @@ from transformers import AutoTokenizer
 from benchmarks.frontdoor_overhead import ROUTER_VENV, router_argv, router_argv_regular
 from benchmarks.prefix_affinity import TAIL, grouped_prompts, parse_args
 from benchmarks.router_arm import engine_url, load_through, router_argv_for
-from deploy.state import DeploymentState
 from deploy.embedded_model import ensure_embedded_model
-from tests.helpers import PROJECT_ROOT
+from deploy.state import DeploymentState
+from testkit.helpers import PROJECT_ROOT
 
 ROUTER = Path("/venv/bin/vllm-router")
 COLOCATED = [

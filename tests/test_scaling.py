@@ -9,18 +9,13 @@ from pathlib import Path
 
 import pytest
 
+from common.config import Role
+from common.errors import ConfigError, StartupError
+from common.scale_port import ScaleBusy, parse_delta
 from controller.placement import plan_engines
-from controller.scale_plan import (
-    adopted_specs,
-    instances_to_remove,
-    next_indices,
-    parse_delta,
-    place_more,
-    resolve_role,
-)
-from controller.scaling import ScaleBusy, Scaler
-from deploy.config import Role, build_config
-from deploy.errors import ConfigError, StartupError
+from controller.scale_plan import adopted_specs, instances_to_remove, next_indices, place_more, resolve_role
+from controller.scaling import Scaler
+from deploy.config import build_config
 from workers.engine_process import EngineSpec
 
 MODEL = Path("/models/m")

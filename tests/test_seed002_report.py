@@ -23,7 +23,7 @@ from benchmarks.seed002 import (
 )
 from deploy.config import build_config
 from deploy.embedded_model import ensure_embedded_model
-from tests.helpers import PROJECT_ROOT
+from testkit.helpers import PROJECT_ROOT
 
 # Seed 002's table (DeepSeek-R1-Distill-Qwen-32B on 8 NPUs), in TABLE_COLUMNS' order.
 SEED_PD = (101.51, 293.34, 294.72, 454.66, 137.62, 131.97, 258.57, 115.40, 99.60, 331.31, 1.97, 421.38, 847.74)

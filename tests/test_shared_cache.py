@@ -11,7 +11,7 @@ import uuid
 import pytest
 import torch
 
-from deploy.config import DataSystemConfig
+from common.config import DataSystemConfig
 from patch.yuanrong_connector.paged_cache import PagedKVCache
 from patch.yuanrong_connector.remote_store import RemoteBlockStore
 from patch.yuanrong_connector.shared_cache import share_cache_storage, share_memory

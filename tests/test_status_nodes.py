@@ -13,9 +13,11 @@ from pathlib import Path
 
 import pytest
 
+from common.config import Accelerator, Role
+from common.processes import write_pid
 from controller.planner import InstanceRequest, Node, PlacementRequest, plan_placement
 from deploy.cli import status
-from deploy.config import Accelerator, Role, build_config
+from deploy.config import build_config
 from deploy.datasystem import worker_listens
 from deploy.node_status import (
     NODE_HEADER,
@@ -26,8 +28,8 @@ from deploy.node_status import (
     yr_cli_path,
     yr_status_lines,
 )
-from deploy.state import DeploymentState, write_pid
-from tests.helpers import free_port
+from deploy.state import DeploymentState
+from testkit.helpers import free_port
 from workers.engine_actor import EngineActor
 from workers.engine_process import EngineSpec
 

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from deploy.config import DataSystemConfig
+from common.config import DataSystemConfig
 from deploy.datasystem import start_worker, stop_worker
 from patch.yuanrong_connector.store_mapping import resident, shared_mappings
-from tests.helpers import free_port
+from testkit.helpers import free_port
 
 
 def test_shared_mappings_are_found_by_name(tmp_path: Path) -> None:

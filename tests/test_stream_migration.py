@@ -1,4 +1,4 @@
-"""The stream follower of request migration (controller/migration.py) on constructed
+"""The stream follower of request migration (door/migration.py) on constructed
 vLLM completion and chat events: what it learns, what the client is sent, the
 continuation, and the stop strings the door checks itself."""
 
@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 
-from controller.migration import StopText, StreamFollower, engine_request, migratable
+from door.migration import StopText, StreamFollower, engine_request, migratable
 
 
 def _event(completion_id: str, text: str, token_ids: list[int], prompt_ids: list[int] | None = None,

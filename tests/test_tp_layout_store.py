@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import torch
 
-from deploy.config import DataSystemConfig
+from common.config import DataSystemConfig
 from patch.yuanrong_connector.keys import KVLayout, chained_block_hashes
 from patch.yuanrong_connector.metadata import BlockTransfer, YuanRongConnectorMetadata
 from patch.yuanrong_connector.remote_store import RemoteBlockStore

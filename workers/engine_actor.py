@@ -14,8 +14,9 @@ import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from deploy.errors import StartupError
-from deploy.state import read_pid, write_pid
+from common.engine_state import EngineState
+from common.errors import StartupError
+from common.processes import read_pid, write_pid
 from workers.engine_process import (
     AdoptedProcess,
     EngineProcess,
@@ -108,7 +109,7 @@ class EngineActor:
         self._port = 0 if spec.headless else adopt_port or free_port(spec.bind_host)
         self._process: EngineProcess | None = None
         self._events_port = 0
-        self._state = "starting"
+        self._state = EngineState.STARTING
         self._restarts = 0
         self._missed_probes = 0
         self._stopping = threading.Event()
@@ -142,7 +143,7 @@ class EngineActor:
                     raise StartupError(f"engine {self._spec.name} is being stopped; not adopting it")
                 self._process = process
             self._events_port = self._adopt_events_port if self._spec.kv_events else 0
-            self._state = "healthy"
+            self._state = EngineState.HEALTHY
             logger.info("[engine=%s] adopted the running engine (pid %d, port %d): no restart, its KV cache kept",
                         self._spec.name, pid, self._port)  # fmt: skip
             return True
@@ -175,10 +176,10 @@ class EngineActor:
                                    self._spec.name)  # fmt: skip
         except StartupError:
             if not self._stopping.is_set():
-                self._state = "failed"
+                self._state = EngineState.FAILED
             stop_process_group(process)
             raise
-        self._state = "healthy"
+        self._state = EngineState.HEALTHY
         what = "running headless (serving once its head is healthy)" if self._spec.headless else "healthy"
         logger.info("[engine=%s] %s (pid %d)", self._spec.name, what, process.pid)
 
@@ -196,11 +197,11 @@ class EngineActor:
             # Its children (vLLM's EngineCore, workers) outlive it, holding memory and cores.
             stop_process_group(process, grace_s=0)
             if self._restarts >= MAX_RESTARTS:
-                self._state = "failed"
+                self._state = EngineState.FAILED
                 logger.error("[engine=%s] gave up after %d restarts; see %s", self._spec.name, self._restarts, self._log_path)
                 return
             self._restarts += 1
-            self._state = "restarting"
+            self._state = EngineState.RESTARTING
             if self._stopping.wait(min(2**self._restarts, 10)):  # back-off, cut short by stop()
                 return
             try:
@@ -211,14 +212,14 @@ class EngineActor:
     def _check_health(self) -> None:
         """A running engine that misses UNHEALTHY_AFTER /health probes in a row is
         unhealthy until it answers again (one slow answer under load is not a failure)."""
-        if self._state not in ("healthy", "unhealthy") or self._spec.headless:  # headless: its process is the probe
+        if self._state not in (EngineState.HEALTHY, EngineState.UNHEALTHY) or self._spec.headless:  # headless: its process is the probe
             return
         if is_healthy(self._advertise_host, self._port, timeout_s=5.0):
             self._missed_probes = 0
-            state = "healthy"
+            state = EngineState.HEALTHY
         else:
             self._missed_probes += 1
-            state = "unhealthy" if self._missed_probes >= UNHEALTHY_AFTER else self._state
+            state = EngineState.UNHEALTHY if self._missed_probes >= UNHEALTHY_AFTER else self._state
         if state != self._state:
             logger.warning("[engine=%s] is %s", self._spec.name, state)
             self._state = state
@@ -252,4 +253,4 @@ class EngineActor:
         elif process is not None:
             stop_process_group(process, grace_s=0)  # reap the group's stragglers
         self._log_path.with_suffix(".pid").unlink(missing_ok=True)
-        self._state = "stopped"
+        self._state = EngineState.STOPPED

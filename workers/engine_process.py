@@ -23,9 +23,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from deploy.config import Accelerator, Role
-from deploy.errors import StartupError
-from deploy.state import pid_alive, process_start_ticks
+from common.config import Accelerator, Role
+from common.errors import StartupError
+from common.processes import pid_alive, process_start_ticks
 from workers.api_key_guard import ENGINE_MIDDLEWARE, KEY_VARIABLE, METRICS_PUBLIC_VARIABLE
 from workers.kv_events_config import kv_events_args
 

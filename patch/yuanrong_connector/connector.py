@@ -38,19 +38,19 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import torch
-from vllm.logger import init_logger
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
     KVConnectorMetadata,
     KVConnectorRole,
 )
+from vllm.logger import init_logger
 
 from patch.yuanrong_connector.metadata import YuanRongConnectorMetadata
+from patch.yuanrong_connector.remote_store import RemoteBlockStore
 from patch.yuanrong_connector.scheduler import YuanRongScheduler
 from patch.yuanrong_connector.settings import ConnectorSettings
 from patch.yuanrong_connector.spin import cap_reader_spin
 from patch.yuanrong_connector.stats import YuanRongConnectorStats, YuanRongPromMetrics
-from patch.yuanrong_connector.remote_store import RemoteBlockStore
 from patch.yuanrong_connector.worker import YuanRongWorker
 
 if TYPE_CHECKING:

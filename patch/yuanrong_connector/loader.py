@@ -29,9 +29,9 @@ from dataclasses import dataclass, field
 from vllm.logger import init_logger
 
 from patch.yuanrong_connector.device_store import DeviceBlockStore
+from patch.yuanrong_connector.remote_store import Store
 from patch.yuanrong_connector.staging import HostStaging
 from patch.yuanrong_connector.stats import YuanRongConnectorStats
-from patch.yuanrong_connector.remote_store import Store
 from patch.yuanrong_connector.store import leading_blocks
 from patch.yuanrong_connector.tp_layout import ReshardPlan
 

@@ -47,7 +47,13 @@ from pathlib import Path
 from typing import Any
 
 from patch.yuanrong_connector.shared_cache import SharedRegion
-from patch.yuanrong_connector.store import _MAX_KEYS_PER_READ, _MAX_KEYS_PER_WRITE, BlockStore, PutResult, leading_blocks
+from patch.yuanrong_connector.store import (
+    _MAX_KEYS_PER_READ,
+    _MAX_KEYS_PER_WRITE,
+    BlockStore,
+    PutResult,
+    leading_blocks,
+)
 
 logger = logging.getLogger(f"vllm.{__name__}")
 

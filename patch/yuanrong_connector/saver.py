@@ -22,9 +22,9 @@ from typing import Any
 from vllm.logger import init_logger
 
 from patch.yuanrong_connector.device_store import DeviceBlockStore
+from patch.yuanrong_connector.remote_store import Store
 from patch.yuanrong_connector.staging import HostStaging
 from patch.yuanrong_connector.stats import YuanRongConnectorStats
-from patch.yuanrong_connector.remote_store import Store
 
 logger = init_logger(f"vllm.{__name__}")
 

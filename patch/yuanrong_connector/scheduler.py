@@ -48,8 +48,8 @@ from vllm.logger import init_logger
 
 from patch.yuanrong_connector.keys import KVLayout, block_keys, chain_root, chained_block_hashes, tail_block_hash
 from patch.yuanrong_connector.metadata import BlockTransfer, YuanRongConnectorMetadata, YuanRongWorkerMetadata
-from patch.yuanrong_connector.settings import ConnectorSettings
 from patch.yuanrong_connector.remote_store import Store
+from patch.yuanrong_connector.settings import ConnectorSettings
 from patch.yuanrong_connector.tp_layout import source_ranks
 
 if TYPE_CHECKING:

@@ -14,7 +14,7 @@
   what limits the rate (measured on an H100 host: ``benchmarks.cuda_staging``); chunks
   overlapping that copy with the device's were measured and gave nothing, and DMA
   straight into the store's memory needs it registered with CUDA, which the SDK's
-  many ~2 GiB mappings of it make unsafe (see the README).
+  many ~2 GiB mappings of it make unsafe (see docs/kv-connector.md).
 
 ``save`` and ``load`` are the whole move between the cache and the store that the
 background saver and loader run (and that ``benchmarks.cuda_staging`` times);

@@ -26,12 +26,12 @@ from patch.yuanrong_connector.keys import block_keys
 from patch.yuanrong_connector.loader import BackgroundLoader
 from patch.yuanrong_connector.metadata import BlockTransfer, YuanRongConnectorMetadata, YuanRongWorkerMetadata
 from patch.yuanrong_connector.paged_cache import PagedKVCache
+from patch.yuanrong_connector.remote_store import CUDA_ARENA_BYTES, RemoteBlockStore, Store
 from patch.yuanrong_connector.saver import BackgroundSaver
 from patch.yuanrong_connector.settings import ConnectorSettings
 from patch.yuanrong_connector.shared_cache import share_cache_storage
 from patch.yuanrong_connector.staging import HostStaging
 from patch.yuanrong_connector.stats import YuanRongConnectorStats
-from patch.yuanrong_connector.remote_store import CUDA_ARENA_BYTES, RemoteBlockStore, Store
 from patch.yuanrong_connector.tp_layout import ReshardPlan, TPLayoutError, local_heads, plan_reshard
 
 logger = init_logger(f"vllm.{__name__}")

@@ -8,10 +8,11 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from deploy.config import Accelerator, Role
+from common.config import Accelerator, Role
 from workers.engine_process import EngineSpec
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -39,6 +40,14 @@ def free_port() -> int:
         _handed_out.add(port)
         return port
     raise RuntimeError(f"no free loopback port in {_TEST_PORTS.start}-{_TEST_PORTS.stop - 1}")
+
+
+def wait_for(condition: Callable[[], object], timeout_s: float, what: str, interval_s: float = 0.05) -> None:
+    """Poll ``condition`` until it is true; fail the test naming ``what`` after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"not within {timeout_s} s: {what}"
+        time.sleep(interval_s)
 
 
 def isolated_env(tmp: Path, **settings: str) -> dict[str, str]:

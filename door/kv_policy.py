@@ -55,8 +55,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from operator import attrgetter
 
-from controller.kv_index import Held, Roster
-from controller.policies import EngineLoad
+from door.kv_index import Held, Roster
+from door.policies import EngineLoad
 
 logger = logging.getLogger(__name__)
 

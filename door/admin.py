@@ -23,11 +23,10 @@ from collections.abc import Awaitable, Callable, Mapping
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from controller.door_metrics import DoorMetrics
-from controller.routing import RoutingTable
-from controller.scale_plan import MAX_SCALE_STEP, ROLE_WORDS, check_delta
-from controller.scaling import ScaleBusy, Scaler
-from deploy.errors import ConfigError
+from common.errors import ConfigError
+from common.scale_port import MAX_SCALE_STEP, ROLE_WORDS, ScaleBusy, ScaleControl, check_delta
+from door.door_metrics import DoorMetrics
+from door.routing import RoutingTable
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +36,7 @@ ErrorResponse = Callable[..., JSONResponse]
 
 
 class LoopDoor:
-    """The Scaler's view of the door (``controller.scaling.DoorView``), from its thread."""
+    """The Scaler's view of the door (``common.scale_port.DoorView``), from its thread."""
 
     def __init__(self, table: RoutingTable, refresh_once: Callable[[], Awaitable[None]],
                  loop: asyncio.AbstractEventLoop) -> None:  # fmt: skip
@@ -58,7 +57,7 @@ class LoopDoor:
 def add_admin_routes(
     app: FastAPI,
     table: RoutingTable,
-    scaler: Scaler | None,
+    scaler: ScaleControl | None,
     metrics: DoorMetrics,
     refresh_once: Callable[[], Awaitable[None]],
     error: ErrorResponse,

@@ -8,7 +8,7 @@ the data system, and the client's request goes to a decode engine with the
 to one of them.
 
 Uvicorn serves the door. These two endpoints are answered by the door's own HTTP layer
-(controller/http_server.py, the protocol Uvicorn runs; controller/engine_client.py,
+(door/http_server.py, the protocol Uvicorn runs; door/engine_client.py,
 the engines' side: asyncio protocols and httptools on both); the others (``/health``,
 ``/metrics``, ``/v1/models``, ``/admin/...``) by the door's FastAPI app.
 
@@ -33,20 +33,20 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import uvicorn
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from controller.admin import add_admin_routes
-from controller.admission import Admission
-from controller.door_metrics import DoorMetrics
-from controller.engine_client import EngineClient, EngineUnreachable, StreamCut, Upstream
-from controller.http_server import READ_TIMEOUT_S, Exchange, door_protocol, error_body, error_object
-from controller.kv_router import KVRouter, RoutedPrompt
-from controller.migration import CONTINUATION_PATH, StreamFollower, engine_request, migratable
-from controller.policies import EngineLoad, affinity_key
-from controller.routing import SUSPECT_S, RoutingTable
-from controller.scaling import Scaler
+from common.scale_port import ScaleControl
+from door.admin import add_admin_routes
+from door.admission import Admission
+from door.door_metrics import DoorMetrics
+from door.engine_client import EngineClient, EngineUnreachable, StreamCut, Upstream
+from door.http_server import READ_TIMEOUT_S, Exchange, door_protocol, error_body, error_object
+from door.kv_router import KVRouter, RoutedPrompt
+from door.migration import CONTINUATION_PATH, StreamFollower, engine_request, migratable
+from door.policies import EngineLoad, affinity_key
+from door.routing import SUSPECT_S, RoutingTable
 from workers.api_key_guard import UNAUTHORIZED_MESSAGE, BearerCheck, KeyGuard
 
 logger = logging.getLogger(__name__)
@@ -123,14 +123,14 @@ class FrontDoor:
 
     ``admission``: overload control (None: no limit on requests in flight).
     ``stream_migrations``: how many times one stream (completions or chat) may be continued on
-    another engine when its engine's stream breaks (controller/migration.py); 0: never.
+    another engine when its engine's stream breaks (door/migration.py); 0: never.
     ``api_key``: when set, every request must carry ``Authorization: Bearer <key>``
     (workers/api_key_guard.py), /health excepted, and /metrics with ``metrics_public``;
     the door sends the key to its engines, which require it too.
-    ``kv_router``: KV-aware routing and selective PD (controller/kv_router.py); None: the
+    ``kv_router``: KV-aware routing and selective PD (door/kv_router.py); None: the
     table's policy, and every PD request takes both legs.
     ``scaler``: adds and removes engines at runtime behind ``POST /admin/scale``
-    (controller/admin.py); None: that endpoint answers 501.
+    (door/admin.py); None: that endpoint answers 501.
     ``prefill_timeout_s``: a prefill leg not answered within it is abandoned (the engine
     aborts it and is suspected) and the decode engine computes the prompt itself.
     ``read_timeout_s``: a client's request must arrive whole within it (http_server.py)."""
@@ -145,7 +145,7 @@ class FrontDoor:
         api_key: str | None = None,
         stream_migrations: int = 1,
         kv_router: KVRouter | None = None,
-        scaler: Scaler | None = None,
+        scaler: ScaleControl | None = None,
         metrics_public: bool = False,
         prefill_timeout_s: float = 120.0,
         read_timeout_s: float = READ_TIMEOUT_S,
@@ -247,7 +247,7 @@ class FrontDoor:
     def _authorized(self, authorization: str) -> bool:
         return self._bearer is None or self._bearer(authorization.encode("latin-1"))
 
-    def _fallback_app(self, scaler: Scaler | None) -> FastAPI:
+    def _fallback_app(self, scaler: ScaleControl | None) -> FastAPI:
         app = FastAPI(title="vLLM on openYuanrong", lifespan=self._lifespan)
         table, metrics = self.table, self.metrics
 

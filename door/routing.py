@@ -15,8 +15,9 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
-from controller.door_metrics import DoorMetrics
-from controller.policies import EngineLoad, LeastOutstanding, Policy, RoundRobin
+from common.engine_state import EngineState
+from door.door_metrics import DoorMetrics
+from door.policies import EngineLoad, LeastOutstanding, Policy, RoundRobin
 
 SUSPECT_S = 5.0
 Ranker = Callable[[list[EngineLoad]], list[EngineLoad]]  # an engine the door could not reach is skipped this long
@@ -51,8 +52,8 @@ class RoutingTable:
             known.events_port = int(engine.get("events_port", 0) or 0)  # type: ignore[call-overload]
             known.restarts = int(engine.get("restarts", 0) or 0)  # type: ignore[call-overload]
             known.role = str(engine["role"])
-            known.state = str(engine.get("state", "healthy"))
-            known.healthy = known.state == "healthy"
+            known.state = str(engine.get("state", EngineState.HEALTHY))
+            known.healthy = known.state == EngineState.HEALTHY
             fresh[name] = known
         gone = [engine for name, engine in self._engines.items() if name not in fresh]
         self._engines = fresh

@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 
 from deploy.state import DeploymentState
-from tests.helpers import isolated_env, run_cli
+from testkit.helpers import isolated_env, run_cli
 
 BLOCK_SIZE = 128  # vLLM's CPU block size
 # one token, shorter than, exactly, and longer than a block

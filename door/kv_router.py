@@ -36,11 +36,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from controller.door_metrics import DoorMetrics
-from controller.kv_events import KVEventSubscriber
-from controller.kv_index import KVIndex
-from controller.kv_policy import KVAware, PromptCache
-from controller.policies import EngineLoad
+from door.door_metrics import DoorMetrics
+from door.kv_events import KVEventSubscriber
+from door.kv_index import KVIndex
+from door.kv_policy import KVAware, PromptCache
+from door.policies import EngineLoad
 from workers.kv_events_config import event_endpoints
 
 logger = logging.getLogger(__name__)

@@ -84,17 +84,6 @@ def _score(key: bytes, name: str) -> int:
 POLICIES = {"round_robin": RoundRobin, "least_outstanding": LeastOutstanding, "prefix_affinity": PrefixAffinity}
 
 
-def make_policy(name: str) -> Policy:
-    if name == "kv_aware":  # requests without token ids: least outstanding (controller/kv_policy.py)
-        from controller.kv_policy import KVAware
-
-        return KVAware()
-    try:
-        return POLICIES[name]()  # type: ignore[abstract]
-    except KeyError:
-        raise ValueError(f"unknown routing policy {name!r}; one of {', '.join(POLICIES)}, kv_aware") from None
-
-
 def affinity_key(body: dict[str, Any]) -> bytes:
     """The head of a request's prompt (completions) or conversation (chat)."""
     prompt = body.get("prompt")

@@ -13,14 +13,8 @@ from __future__ import annotations
 import asyncio
 import enum
 import time
-from dataclasses import dataclass
 
-
-@dataclass(frozen=True)
-class AdmissionConfig:
-    max_in_flight_per_engine: int  # requests the door lets one serving engine have at a time
-    queue_size: int  # requests that may wait for a slot; beyond: refused at once
-    queue_timeout_s: float  # the longest a request waits for a slot; then refused
+from common.config import AdmissionConfig
 
 
 class Refusal(str, enum.Enum):

@@ -1,0 +1,1 @@
+"""The vocabulary every package shares; it imports nothing of ours."""
