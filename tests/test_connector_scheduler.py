@@ -13,9 +13,11 @@ from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
 
+import pytest
 from vllm.v1.outputs import KVConnectorOutput
 
 from common.config import DataSystemConfig
+from patch.yuanrong_connector import scheduler as scheduler_module
 from patch.yuanrong_connector.keys import KVLayout, block_key, chained_block_hashes, tail_block_hash
 from patch.yuanrong_connector.metadata import YuanRongConnectorMetadata, YuanRongWorkerMetadata
 from patch.yuanrong_connector.scheduler import YuanRongScheduler, request_chain_root
@@ -267,10 +269,16 @@ def test_finished_requests_leave_no_state(ds_worker: DataSystemConfig) -> None:
         assert not getattr(colocated, state), state
 
 
-def test_one_scheduling_pass_waits_for_lookups_once_not_once_per_request(ds_worker: DataSystemConfig) -> None:
+def test_one_scheduling_pass_waits_for_lookups_once_not_once_per_request(
+    ds_worker: DataSystemConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """100 new prompts arrive while the lookup thread is busy (a slow store): the pass
-    that asks about them all waits the budget (5 ms) once, not 100 times (0.5 s added to
-    a step of every running decode); the next pass has a budget of its own."""
+    that asks about them all waits the budget once, not 100 times (with the real 5 ms,
+    0.5 s added to a step of every running decode); the next pass has a budget of its own.
+    The budget is raised to 50 ms here so that a busy machine's slowness (0.3 s measured
+    for the pass's own work beside a benchmark) stays far from both answers: 50 ms once,
+    5 s per request."""
+    monkeypatch.setattr(scheduler_module, "_LOOKUP_BUDGET_S", 0.05)
     colocated = _scheduler(ds_worker.address, "pass-budget", role="colocated", prefix_reuse=True)
     gate = threading.Event()
     colocated._lookup_pool = ThreadPoolExecutor(1)
@@ -283,6 +291,6 @@ def test_one_scheduling_pass_waits_for_lookups_once_not_once_per_request(ds_work
             waited = time.monotonic() - started
             colocated.build_connector_meta(_step())
             assert answers == [(None, False)] * 100  # each stays queued until its lookup is answered
-            assert waited < 0.1, f"one pass waited {waited * 1000:.0f} ms for lookups (a budget per request: >= 500 ms)"
+            assert waited < 2.5, f"one pass waited {waited * 1000:.0f} ms for lookups (a budget per request: >= 5000 ms)"
     finally:
         gate.set()
