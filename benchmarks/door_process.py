@@ -18,17 +18,11 @@ import logging
 import uvicorn
 
 from benchmarks.asgi_door import completions_app
-from common.config import ROUTING_POLICIES, AdmissionConfig
-from deploy.config import SETTINGS
+from common.config import ROUTING_POLICIES, ServiceConfig
+from deploy.config import SETTINGS, build_config
 from deploy.embedded_model import ensure_embedded_model
-from door.admission import Admission
-from door.door_metrics import DoorMetrics
-from door.frontdoor import FrontDoor, tune_gc_for_serving
-from door.kv_index import KVIndex
-from door.kv_policy import KVAware
-from door.kv_router import KVRouter, PromptTokenizer
-from door.policy_factory import make_policy
-from door.routing import RoutingTable
+from door.builder import build_door, build_kv_router
+from door.frontdoor import tune_gc_for_serving
 from testkit.helpers import PROJECT_ROOT
 
 logger = logging.getLogger(__name__)
@@ -36,19 +30,14 @@ logger = logging.getLogger(__name__)
 ROLES = ("prefill", "decode", "colocated")
 HTTP_MODES = ("door", "uvicorn")
 POLICIES = ROUTING_POLICIES
-_DEFAULTS = {setting.env: setting.default for setting in SETTINGS}
-DEFAULT_POLICY = str(_DEFAULTS["ROUTING_POLICY"])
-CPU_BLOCK_SIZE = 128  # vLLM's KV block size on CPU (a deployment's default here)
+DEFAULT_POLICY = str(next(setting.default for setting in SETTINGS if setting.env == "ROUTING_POLICY"))
 
 
-def kv_router_without_events() -> KVRouter:
-    """``kv_aware`` as a deployment builds it (the embedded model's tokenizer, an index,
-    the policy) but following no events: stand-in engines publish none, so the index
-    stays empty and what shows is the door's per-request cost of KV-aware routing
-    (tokenizing, hashing, matching, ordering), not its choices. No selective PD: every PD
-    request takes both legs, as the benchmark checks."""
-    model = ensure_embedded_model(PROJECT_ROOT / ".cache" / "models")
-    return KVRouter(KVIndex(CPU_BLOCK_SIZE), PromptTokenizer(str(model)), KVAware(), selective_pd_tokens=0)
+def default_config(policy: str) -> ServiceConfig:
+    """A default deployment's configuration with ``policy``, built as deploy builds it. No
+    selective PD: every PD request takes both legs, as the benchmark checks."""
+    return build_config({"ROUTING_POLICY": policy, "SELECTIVE_PD_TOKENS": "0", "ACCELERATOR": "cpu",
+                         "YR_SESSIONS_DIR": str(PROJECT_ROOT / ".cache" / "door-process")})  # fmt: skip
 
 
 def engine_info(spec: str, host: str = "127.0.0.1") -> dict[str, object]:
@@ -76,18 +65,15 @@ def main(argv: list[str] | None = None) -> None:
         engines = [engine_info(spec) for spec in args.engine]
     except ValueError as exc:
         parser.error(str(exc))
-    metrics = DoorMetrics()
-    table = RoutingTable(engines, make_policy(args.policy), metrics)
-    admission = Admission(
-        AdmissionConfig(
-            max_in_flight_per_engine=int(str(_DEFAULTS["MAX_IN_FLIGHT_PER_ENGINE"])),
-            queue_size=int(str(_DEFAULTS["DOOR_QUEUE_SIZE"])),
-            queue_timeout_s=float(str(_DEFAULTS["DOOR_QUEUE_TIMEOUT_S"])),
-        )
-    )
-    kv_router = kv_router_without_events() if args.policy == "kv_aware" else None
-    door = FrontDoor(table, args.served_model_name, metrics=metrics, admission=admission,
-                     stream_migrations=int(str(_DEFAULTS["STREAM_MIGRATIONS"])), kv_router=kv_router)  # fmt: skip
+    config = default_config(args.policy)
+    # kv_aware as a deployment builds it, following no events: stand-in engines publish
+    # none, so the index stays empty and what shows is the door's per-request cost of
+    # KV-aware routing (tokenizing, hashing, matching, ordering), not its choices.
+    kv_router = None
+    if config.kv_events:
+        model = ensure_embedded_model(PROJECT_ROOT / ".cache" / "models")
+        kv_router = build_kv_router(config, str(model), follow_events=False)
+    door = build_door(config, engines, args.served_model_name, kv_router=kv_router)
     tune_gc_for_serving()  # as deploy/serve.py does
     logger.info("door on port %d: %s", args.port, ", ".join(f"{e['name']}={e['role']}" for e in engines))
     if args.http == "door":

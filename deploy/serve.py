@@ -21,6 +21,7 @@ import sys
 import time
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import uvicorn
 import yr
@@ -38,17 +39,13 @@ from deploy.datasystem import start_workers, stop_workers, worker_answers
 from deploy.embedded_model import ensure_embedded_model
 from deploy.runtime import CONTROLLER_NAME, CONTROLLER_NAMESPACE, finalize_yr, init_yr, resource_view
 from deploy.state import READY_MARKER, DeploymentState
-from door.admission import Admission
+from door.builder import build_door, build_kv_router
 from door.door_metrics import DoorMetrics
-from door.frontdoor import FrontDoor, tune_gc_for_serving
-from door.kv_events import KVEventSubscriber
-from door.kv_index import KVIndex
-from door.kv_policy import KVAware
-from door.kv_router import KVRouter, PromptTokenizer
-from door.policy_factory import make_policy
-from door.routing import RoutingTable
+from door.frontdoor import tune_gc_for_serving
+from workers.engine_process import EngineSpec
 
 logger = logging.getLogger(__name__)
+
 
 def prepare_session(config: ServiceConfig, previous: DeploymentState | None) -> Path:
     """This deployment's own session folder: the one a killed deploy process recorded
@@ -88,86 +85,35 @@ def _raise_on_sigterm(signum: int, frame: FrameType | None) -> None:
 
 
 def serve(config: ServiceConfig, adopt: bool = False) -> int:
+    """Start the deployment and serve until SIGTERM; stop what was started, whatever happened."""
     signal.signal(signal.SIGTERM, _raise_on_sigterm)
     previous = DeploymentState.read(config.state_file) if adopt else None
     config = dataclasses.replace(config, session_dir=prepare_session(config, previous))
-    log_dir = config.log_dir
     for line in config_module.describe(config):
         logger.info("%s", line)
     mode = init_yr(config)
-    ds_started = False
-    controller = None
     # Locally deploy starts its own workers; in a cluster each engine uses its node's worker.
     ds_addresses = config.datasystem.addresses if not config.cluster_mode else ()
     state = initial_state(config, previous, mode, ds_addresses)
     state.write(config.state_file)
+    started = _Started()
     try:
         placements = place_engines(config, ds_addresses, _cluster_inventory(config))
         for line in format_plan(placements) if placements is not None else ["placement: left to the scheduler"]:
             logger.info("%s", line)
         if not config.cluster_mode:
-            running = [address for address in config.datasystem.addresses if worker_answers(address)]
-            if running and len(running) < len(config.datasystem.addresses):
-                raise ConfigError(
-                    f"DS_WORKER_ADDRESS={config.datasystem.address} is invalid: workers answer at {', '.join(running)} "
-                    f"but not at the rest of {', '.join(config.datasystem.addresses)}; start all of them or none"
-                )
-            if running and previous is not None and previous.ds_started_here:  # the killed deploy process's
-                ds_started = state.ds_started_here = True
-                state.write(config.state_file)
-                logger.info("adopted the data system worker(s) at %s (their KV kept)", ", ".join(running))
-            elif running:  # workers someone else started: used as they are, and left running by clean
-                logger.info("using the data system worker(s) already running at %s", ", ".join(running))
-            else:
-                ds_started = state.ds_started_here = True
-                state.write(config.state_file)
-                start_workers(config.datasystem, log_dir.parent / "datasystem")
+            _start_datasystem(config, previous, state, started)
         model_path = config.model_path or ensure_embedded_model(config.model_cache_dir)
         state.served_model_name = str(model_path)
         specs = engine_specs(config, placements, model_path, state.served_model_name)
         if previous is not None:  # the engines as scale operations left them
             specs = adopted_specs(config, specs, previous.engines, model_path, state.served_model_name)
-        logger.info("starting %d engine(s): %s; logs in %s", len(specs), ", ".join(s.name for s in specs), log_dir)
-        options = yr.InvokeOptions()
-        options.concurrency = CONTROLLER_CONCURRENCY  # snapshot answers while a scale operation waits for engines
-        if config.cluster_mode:
-            options.name = CONTROLLER_NAME
-            options.namespace = CONTROLLER_NAMESPACE
-            options.custom_extensions = {"lifecycle": "detached"}
-        adopt_ports = {str(e["name"]): (int(e["port"]), int(e.get("events_port", 0) or 0))  # type: ignore[call-overload]
-                       for e in previous.engines} if previous is not None else {}  # fmt: skip
-        controller = yr.instance(Controller).options(options).invoke(config, specs, adopt_ports)
-        engines = yr.get(controller.initialize.invoke(), timeout=int(config.engine_start_timeout_s) * 2 + 120)
-        state.engines = engines
+        started.controller = _start_controller(config, previous, specs)
+        state.engines = yr.get(started.controller.initialize.invoke(), timeout=int(config.engine_start_timeout_s) * 2 + 120)
         state.write(config.state_file)
-        metrics = DoorMetrics()
-        table = RoutingTable(engines, make_policy(config.routing_policy), metrics)
-
-        written_version = -1
-
-        def refresh() -> tuple[int, list[dict[str, object]]]:
-            """The Controller's engine list for the door; state.json follows it (restarts,
-            new pids, health), so `status` and `clean` see what runs now."""
-            nonlocal written_version
-            version, engines = yr.get(controller.snapshot.invoke(), timeout=60)  # type: ignore[union-attr]
-            if version != written_version:
-                state.engines = engines
-                state.write(config.state_file)
-                written_version = version
-            return version, engines
-
-        kv_router = _kv_router(config, str(model_path), metrics) if config.kv_events else None
-        scaler = Scaler(ActorControl(controller, config.engine_start_timeout_s), config, model_path,
+        scaler = Scaler(ActorControl(started.controller, config.engine_start_timeout_s), config, model_path,
                         state.served_model_name, ds_addresses, specs)  # fmt: skip
-        door = FrontDoor(table, state.served_model_name, metrics, refresh, Admission(config.admission), config.api_key,
-                         config.stream_migrations, kv_router, scaler, config.metrics_public,
-                         config.prefill_timeout_s, config.door_read_timeout_s)  # fmt: skip
-        # On SIGTERM / Ctrl-C Uvicorn stops accepting, lets requests in flight finish (at most
-        # DRAIN_TIMEOUT_S), then returns; the engines are stopped after that, below.
-        server = uvicorn.Server(door.uvicorn_config(config.server_ip, config.server_port, config.drain_timeout_s))
-        tune_gc_for_serving()
-        logger.info("%s %s", READY_MARKER, state.endpoint)
-        server.run()
+        _run_door(config, state, started.controller, scaler, str(model_path))
         return 0
     except DeployError as exc:
         logger.error("deploy failed: %s", exc)
@@ -177,30 +123,98 @@ def serve(config: ServiceConfig, adopt: bool = False) -> int:
         return 1
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # finish cleaning even if signalled again
-        logger.info("shutting down")
-        if controller is not None:
-            try:
-                yr.get(controller.shutdown.invoke(), timeout=120)
-                controller.terminate()
-            except Exception as exc:
-                logger.error("stopping engines through the Controller failed: %s", exc)
-        if ds_started:
-            stop_workers(config.datasystem.addresses)
-        finalize_yr()
-        config.state_file.unlink(missing_ok=True)
-        if read_pid(config.pid_file) == os.getpid():
-            config.pid_file.unlink(missing_ok=True)
-        logger.info("stopped")
+        _shut_down(config, started)
 
 
-def _kv_router(config: ServiceConfig, model_path: str, metrics: DoorMetrics) -> KVRouter:
-    """The door's KV-aware routing: an index of the engines' device caches (and, with
-    prefix reuse, of what the data system holds), kept by their KV events, and the
-    served model's tokenizer for text and chat prompts."""
-    reuse = config.using_prefix_connector  # engines load prompt heads from the data system
-    index = KVIndex(config.kv_block_size, track_store=reuse)
-    return KVRouter(index, PromptTokenizer(model_path), KVAware(store_reuse=reuse), config.selective_pd_tokens,
-                    KVEventSubscriber(index), metrics)  # fmt: skip
+@dataclasses.dataclass
+class _Started:
+    """What this process started and must stop."""
+
+    datasystem: bool = False  # local data system workers (started or adopted here)
+    controller: Any = None  # the Controller actor's handle
+
+
+def _start_datasystem(config: ServiceConfig, previous: DeploymentState | None, state: DeploymentState,
+                      started: _Started) -> None:  # fmt: skip
+    """Local mode: start the data system workers, adopt a killed deploy process's, or use
+    workers someone else started (and leave them running). Workers are marked for stopping
+    before they start, so that a start that fails half-way is cleaned up too."""
+    running = [address for address in config.datasystem.addresses if worker_answers(address)]
+    if running and len(running) < len(config.datasystem.addresses):
+        raise ConfigError(
+            f"DS_WORKER_ADDRESS={config.datasystem.address} is invalid: workers answer at {', '.join(running)} "
+            f"but not at the rest of {', '.join(config.datasystem.addresses)}; start all of them or none"
+        )
+    if running and previous is not None and previous.ds_started_here:  # the killed deploy process's
+        started.datasystem = state.ds_started_here = True
+        state.write(config.state_file)
+        logger.info("adopted the data system worker(s) at %s (their KV kept)", ", ".join(running))
+        return
+    if running:  # workers someone else started: used as they are, and left running by clean
+        logger.info("using the data system worker(s) already running at %s", ", ".join(running))
+        return
+    started.datasystem = state.ds_started_here = True
+    state.write(config.state_file)
+    start_workers(config.datasystem, config.log_dir.parent / "datasystem")
+
+
+def _start_controller(config: ServiceConfig, previous: DeploymentState | None, specs: list[EngineSpec]) -> Any:
+    """The Controller actor, created (its engines start in ``initialize``); adopting, it is
+    given the ports the killed deploy process's engines listen on."""
+    logger.info("starting %d engine(s): %s; logs in %s", len(specs), ", ".join(s.name for s in specs), config.log_dir)
+    options = yr.InvokeOptions()
+    options.concurrency = CONTROLLER_CONCURRENCY  # snapshot answers while a scale operation waits for engines
+    if config.cluster_mode:
+        options.name = CONTROLLER_NAME
+        options.namespace = CONTROLLER_NAMESPACE
+        options.custom_extensions = {"lifecycle": "detached"}
+    adopt_ports = {str(e["name"]): (int(e["port"]), int(e.get("events_port", 0) or 0))  # type: ignore[call-overload]
+                   for e in previous.engines} if previous is not None else {}  # fmt: skip
+    return yr.instance(Controller).options(options).invoke(config, specs, adopt_ports)
+
+
+def _run_door(config: ServiceConfig, state: DeploymentState, controller: Any, scaler: Scaler, model_path: str) -> None:
+    """Serve the door until SIGTERM / Ctrl-C: Uvicorn then stops accepting, lets requests in
+    flight finish (at most DRAIN_TIMEOUT_S) and returns; the engines are stopped after."""
+    written_version = -1
+
+    def refresh() -> tuple[int, list[dict[str, object]]]:
+        """The Controller's engine list for the door; state.json follows it (restarts,
+        new pids, health), so `status` and `clean` see what runs now."""
+        nonlocal written_version
+        version, engines = yr.get(controller.snapshot.invoke(), timeout=60)
+        if version != written_version:
+            state.engines = engines
+            state.write(config.state_file)
+            written_version = version
+        return version, engines
+
+    metrics = DoorMetrics()
+    kv_router = build_kv_router(config, model_path, metrics) if config.kv_events else None
+    door = build_door(config, state.engines, state.served_model_name, metrics, refresh, kv_router, scaler)
+    server = uvicorn.Server(door.uvicorn_config(config.server_ip, config.server_port, config.drain_timeout_s))
+    tune_gc_for_serving()
+    logger.info("%s %s", READY_MARKER, state.endpoint)
+    server.run()
+
+
+def _shut_down(config: ServiceConfig, started: _Started) -> None:
+    """Stop the engines (through the Controller), the data system workers this deployment
+    started, and the runtime; remove state.json and the pid file (when it is ours)."""
+    logger.info("shutting down")
+    if started.controller is not None:
+        try:
+            yr.get(started.controller.shutdown.invoke(), timeout=120)
+            started.controller.terminate()
+        except Exception as exc:
+            logger.error("stopping engines through the Controller failed: %s", exc)
+    if started.datasystem:
+        stop_workers(config.datasystem.addresses)
+    finalize_yr()
+    config.state_file.unlink(missing_ok=True)
+    if read_pid(config.pid_file) == os.getpid():
+        config.pid_file.unlink(missing_ok=True)
+    logger.info("stopped")
 
 
 def _cluster_inventory(config: ServiceConfig) -> list[Node] | None:

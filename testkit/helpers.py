@@ -12,7 +12,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from common.config import Accelerator, Role
+from common.config import Accelerator, Role, ServiceConfig
+from deploy.config import build_config
 from workers.engine_process import EngineSpec
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -48,6 +49,13 @@ def wait_for(condition: Callable[[], object], timeout_s: float, what: str, inter
     while not condition():
         assert time.monotonic() < deadline, f"not within {timeout_s} s: {what}"
         time.sleep(interval_s)
+
+
+def service_config(**settings: str) -> ServiceConfig:
+    """A deployment's configuration as deploy builds it from ``settings`` (environment
+    names) and defaults, on CPU, reading no session of this machine's."""
+    environ = {"ACCELERATOR": "cpu", "YR_SESSIONS_DIR": str(PROJECT_ROOT / ".cache" / "no-sessions"), **settings}
+    return build_config(environ)
 
 
 def isolated_env(tmp: Path, **settings: str) -> dict[str, str]:

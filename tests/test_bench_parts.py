@@ -21,11 +21,8 @@ from benchmarks.report import Spread, markdown_table
 from benchmarks.seed000 import TABLE_COLUMNS, write_report
 from benchmarks.serve_bench import parse_result
 from deploy.embedded_model import ensure_embedded_model
-from door.door_metrics import DoorMetrics
-from door.frontdoor import FrontDoor
-from door.policy_factory import make_policy
-from door.routing import RoutingTable
-from testkit.helpers import PROJECT_ROOT, free_port
+from door.builder import build_door
+from testkit.helpers import PROJECT_ROOT, free_port, service_config
 from tests.fake_engines import FakeEngine, serving
 
 
@@ -182,8 +179,7 @@ def test_the_door_on_uvicorns_httptools_answers_as_the_door_does() -> None:
     """The door-overhead benchmark's Uvicorn arm (benchmarks/asgi_door.py): the door's
     handlers as a bare ASGI callable; whole and streamed answers, the other paths by FastAPI."""
     engine = FakeEngine("c0", "colocated")
-    metrics = DoorMetrics()
-    door = FrontDoor(RoutingTable([engine.info], make_policy("round_robin"), metrics), "m", metrics)
+    door = build_door(service_config(ROUTING_POLICY="round_robin"), [engine.info], "m")
     port = free_port()
     config = uvicorn.Config(completions_app(door), host="127.0.0.1", port=port, http="httptools", log_level="warning")
     with serving(engine.app(), engine.port), serving(door.app, port, config):

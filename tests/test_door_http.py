@@ -5,6 +5,7 @@ other HTTP/1.1 clients do that a framework used to handle for us."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import socket
 import threading
@@ -17,12 +18,10 @@ import pytest
 import uvicorn
 
 import door.http_server as http_server
+from door.builder import build_door
 from door.door_metrics import DoorMetrics
 from door.engine_client import EngineClient, EngineUnreachable
-from door.frontdoor import FrontDoor
-from door.policy_factory import make_policy
-from door.routing import RoutingTable
-from testkit.helpers import free_port
+from testkit.helpers import free_port, service_config
 from tests.fake_engines import FakeEngine, serving
 
 
@@ -30,8 +29,8 @@ from tests.fake_engines import FakeEngine, serving
 def door_over(engines: list[FakeEngine], engine_keep_alive_s: int = 5,
               read_timeout_s: float = http_server.READ_TIMEOUT_S) -> Iterator[tuple[int, DoorMetrics]]:  # fmt: skip
     metrics = DoorMetrics()
-    table = RoutingTable([e.info for e in engines], make_policy("round_robin"), metrics)
-    door = FrontDoor(table, "m", metrics, read_timeout_s=read_timeout_s)
+    config = dataclasses.replace(service_config(ROUTING_POLICY="round_robin"), door_read_timeout_s=read_timeout_s)
+    door = build_door(config, [e.info for e in engines], "m", metrics)
     port = free_port()
     with ExitStack() as stack:
         for engine in engines:
@@ -172,8 +171,7 @@ def test_an_engine_closing_idle_connections_costs_no_retry_and_no_suspicion() ->
 
 def test_shutdown_lets_a_request_in_flight_finish_and_refuses_new_connections() -> None:
     engine = FakeEngine("c0", "colocated", delay_s=1.0)
-    metrics = DoorMetrics()
-    door = FrontDoor(RoutingTable([engine.info], make_policy("round_robin"), metrics), "m", metrics)
+    door = build_door(service_config(ROUTING_POLICY="round_robin"), [engine.info], "m")
     port = free_port()
     with serving(engine.app(), engine.port):
         server = uvicorn.Server(door.uvicorn_config("127.0.0.1", port, drain_timeout_s=10))

@@ -7,6 +7,7 @@ order of events exactly), metrics, and the CLI's output and exit codes."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import threading
@@ -28,10 +29,7 @@ from controller.scaling import Scaler
 from deploy import cli
 from deploy.config import build_config
 from deploy.state import DeploymentState
-from door.door_metrics import DoorMetrics
-from door.frontdoor import FrontDoor
-from door.policy_factory import make_policy
-from door.routing import RoutingTable
+from door.builder import build_door
 from testkit.helpers import free_port, wait_for
 from tests.fake_engines import FakeEngine, serving
 from workers.engine_process import EngineSpec
@@ -116,12 +114,11 @@ def admin_door(settings: dict[str, str] | None = None, api_key: str | None = Non
     make = engine or (lambda spec, log: FakeEngine(spec.name, spec.role.value, events=log))
     with ExitStack() as stack:
         controller = FakeController(stack, [make(spec, events) for spec in specs], events, **controller_options)
-        metrics = DoorMetrics()
         version, infos = controller.snapshot()
-        table = RoutingTable(infos, make_policy("round_robin"), metrics)
-        table.version = version
         scaler = Scaler(controller, config, MODEL, "m", WORKERS, specs, cores=(0, 1, 2, 3)) if with_scaler else None
-        door = FrontDoor(table, "m", metrics, refresh=controller.snapshot, api_key=api_key, scaler=scaler)
+        door_config = dataclasses.replace(config, routing_policy="round_robin", api_key=api_key)
+        door = build_door(door_config, infos, "m", refresh=controller.snapshot, scaler=scaler)
+        door.table.version = version
         port = free_port()
         stack.enter_context(serving(door.app, port, door.uvicorn_config("127.0.0.1", port, drain_timeout_s=5)))
         yield Door(f"http://127.0.0.1:{port}", controller, events, {"Authorization": f"Bearer {api_key}"} if api_key else {})

@@ -4,6 +4,7 @@ retries, prefill fallback, cancellation on disconnect, /health, metrics, request
 from __future__ import annotations
 
 import collections
+import dataclasses
 import threading
 import time
 from collections.abc import Iterator
@@ -15,31 +16,31 @@ import pytest
 
 from common.config import AdmissionConfig
 from door.admission import Admission
-from door.door_metrics import DoorMetrics
-from door.frontdoor import FrontDoor
+from door.builder import build_door
 from door.policies import EngineLoad, LeastOutstanding, PrefixAffinity, RoundRobin, affinity_key
-from door.policy_factory import make_policy
 from door.routing import RoutingTable
-from testkit.helpers import free_port
+from testkit.helpers import free_port, service_config
 from tests.fake_engines import FakeEngine, serving
 
 
 @contextmanager
 def door(
     engines: list[FakeEngine], policy: str = "round_robin", admission: AdmissionConfig | Admission | None = None,
-    api_key: str | None = None, **door_options: Any,
+    api_key: str | None = None, **config_fields: Any,
 ) -> Iterator[tuple[str, RoutingTable]]:  # fmt: skip
-    metrics = DoorMetrics()
-    table = RoutingTable([e.info for e in engines], make_policy(policy), metrics)
+    """A door built as a deployment builds it (``ROUTING_POLICY=policy``, ``API_KEY``, other
+    ServiceConfig fields as given) in front of ``engines``."""
+    config = service_config(ROUTING_POLICY=policy, **({"API_KEY": api_key} if api_key is not None else {}))
+    if isinstance(admission, AdmissionConfig):
+        config, admission = dataclasses.replace(config, admission=admission), None
+    config = dataclasses.replace(config, **config_fields)
     port = free_port()
     with ExitStack() as stack:
         for engine in engines:
             stack.enter_context(serving(engine.app(), engine.port))
-        if isinstance(admission, AdmissionConfig):
-            admission = Admission(admission)
-        door = FrontDoor(table, "m", metrics, admission=admission, api_key=api_key, **door_options)
+        door = build_door(config, [e.info for e in engines], "m", admission=admission)
         stack.enter_context(serving(door.app, port, door.uvicorn_config("127.0.0.1", port, drain_timeout_s=5)))
-        yield f"http://127.0.0.1:{port}", table
+        yield f"http://127.0.0.1:{port}", door.table
 
 
 def _served_by(engines: list[FakeEngine]) -> dict[str, int]:
@@ -389,9 +390,7 @@ def test_api_key_guards_every_path_but_health_and_goes_to_the_engines() -> None:
 
 def test_metrics_public_opens_metrics_alone() -> None:
     engine = FakeEngine("c0", "colocated")
-    metrics = DoorMetrics()
-    table = RoutingTable([engine.info], make_policy("round_robin"), metrics)
-    door_ = FrontDoor(table, "m", metrics, api_key="s3cret", metrics_public=True)
+    door_ = build_door(service_config(ROUTING_POLICY="round_robin", API_KEY="s3cret", METRICS_PUBLIC="1"), [engine.info], "m")
     port = free_port()
     with serving(engine.app(), engine.port), serving(door_.app, port, door_.uvicorn_config("127.0.0.1", port, 5)):
         assert httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).status_code == 200
