@@ -22,7 +22,7 @@ from common.config import ROUTING_POLICIES, ServiceConfig
 from deploy.config import SETTINGS, build_config
 from deploy.embedded_model import ensure_embedded_model
 from door.builder import build_door, build_kv_router
-from door.frontdoor import tune_gc_for_serving
+from door.gc_tuning import tune_gc_for_serving
 from testkit.helpers import PROJECT_ROOT
 
 logger = logging.getLogger(__name__)

@@ -65,7 +65,7 @@ from benchmarks.deployment import exit_on_sigterm
 from benchmarks.door_process import DEFAULT_POLICY as DOOR_DEFAULT_POLICY
 from benchmarks.door_process import POLICIES as DOOR_POLICIES
 from benchmarks.report import Spread
-from door.frontdoor import prefill_request
+from door.legs import prefill_request
 from testkit.helpers import PROJECT_ROOT, free_port
 from workers.engine_process import start_process, stop_process_group
 

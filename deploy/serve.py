@@ -41,7 +41,7 @@ from deploy.runtime import CONTROLLER_NAME, CONTROLLER_NAMESPACE, finalize_yr, i
 from deploy.state import READY_MARKER, DeploymentState
 from door.builder import build_door, build_kv_router
 from door.door_metrics import DoorMetrics
-from door.frontdoor import tune_gc_for_serving
+from door.gc_tuning import tune_gc_for_serving
 from workers.engine_process import EngineSpec
 
 logger = logging.getLogger(__name__)

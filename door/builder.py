@@ -13,7 +13,8 @@ from common.config import ServiceConfig
 from common.scale_port import ScaleControl
 from door.admission import Admission
 from door.door_metrics import DoorMetrics
-from door.frontdoor import FrontDoor, Refresh
+from door.engine_watch import Refresh
+from door.frontdoor import FrontDoor
 from door.kv_events import KVEventSubscriber
 from door.kv_index import KVIndex
 from door.kv_policy import KVAware

@@ -23,12 +23,11 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import gc
 import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -42,8 +41,10 @@ from door.admin import add_admin_routes
 from door.admission import Admission
 from door.door_metrics import DoorMetrics
 from door.engine_client import EngineClient, EngineUnreachable, StreamCut, Upstream
+from door.engine_watch import EngineWatch, Refresh
 from door.http_server import READ_TIMEOUT_S, Exchange, door_protocol, error_body, error_object
 from door.kv_router import KVRouter, RoutedPrompt
+from door.legs import REQUEST_ID_HEADER, Leg, decode_request, prefill_request, single_prompt
 from door.migration import CONTINUATION_PATH, StreamFollower, engine_request, migratable
 from door.policies import EngineLoad, affinity_key
 from door.routing import SUSPECT_S, RoutingTable
@@ -51,34 +52,13 @@ from workers.api_key_guard import UNAUTHORIZED_MESSAGE, BearerCheck, KeyGuard
 
 logger = logging.getLogger(__name__)
 
-REQUEST_ID_HEADER = "X-Request-Id"
-REFRESH_S = 1.0  # how often the routing table is refreshed from the Controller
-KV_SCRAPE_EVERY = 5  # refreshes between scrapes of the engines' KV token counters
 # Answers that send the request to the next engine. Only "unavailable" ones (and
 # transport errors) also take the engine out of rotation for a while: a 500 may be this
 # request's own failure, and one bad request must not empty the table.
 _RETRYABLE_STATUS = (500, 502, 503, 504)
 _UNAVAILABLE_STATUS = (502, 503, 504)
-_JSON = "application/json"
 _CLIENT_CLOSED = 499  # counted when the client left before its answer (nginx's code)
 
-# A callable returning the Controller's engine list (and its version), run off the
-# event loop; None for a fixed table.
-Refresh = Callable[[], tuple[int, Sequence[Mapping[str, object]]]]
-
-
-# The door makes many short-lived objects per request; Python's default thresholds
-# (700, 10, 10) collect several times a request. Measured on the PD door under 16
-# clients, each party in its own process: 299 -> 259 CPU us per request with these.
-GC_THRESHOLDS = (50_000, 20, 20)
-
-
-def tune_gc_for_serving() -> None:
-    """Before serving: move what start-up made out of the collector's way (``gc.freeze``,
-    as vLLM's API server does) and collect gen 0 less often. Call in the door's process."""
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(*GC_THRESHOLDS)
 
 
 def openai_error(status: int, message: str, error_type: str, param: str | None = None, request_id: str = "",
@@ -87,25 +67,6 @@ def openai_error(status: int, message: str, error_type: str, param: str | None =
     body = error_object(status, message, error_type, param)
     all_headers = {**({REQUEST_ID_HEADER: request_id} if request_id else {}), **(headers or {})}
     return JSONResponse(status_code=status, content=body, headers=all_headers or None)
-
-
-def prefill_request(body: dict[str, Any]) -> dict[str, Any]:
-    """The prefill leg: the client's request computing only the prompt's KV."""
-    leg = {key: value for key, value in body.items() if key not in ("stream_options",)}
-    leg.update(max_tokens=1, stream=False, n=1, kv_transfer_params={"do_remote_decode": True})
-    if "max_completion_tokens" in leg:
-        leg["max_completion_tokens"] = 1
-    if "min_tokens" in leg:
-        leg["min_tokens"] = min(int(leg["min_tokens"] or 0), 1)
-    return leg
-
-
-def decode_request(body: dict[str, Any], kv_transfer_params: dict[str, Any] | None) -> dict[str, Any]:
-    """The decode leg: the client's request plus what the prefill handed over."""
-    leg = dict(body)
-    if kv_transfer_params:
-        leg["kv_transfer_params"] = kv_transfer_params
-    return leg
 
 
 class _Refused(Exception):
@@ -153,7 +114,6 @@ class FrontDoor:
         self.table = table
         self.served_model_name = served_model_name
         self.metrics = metrics or DoorMetrics()
-        self.refresh = refresh
         self.admission = admission
         self.stream_migrations = stream_migrations
         self.prefill_timeout_s = prefill_timeout_s
@@ -164,7 +124,7 @@ class FrontDoor:
         self._latency = {endpoint: self.metrics.latency.labels(endpoint) for endpoint in _ENDPOINTS}
         self._counted: dict[tuple[str, int], Any] = {}
         self._bearer = BearerCheck(api_key) if api_key is not None else None
-        self._refreshing: asyncio.Lock | None = None  # made on the door's loop
+        self.watch = EngineWatch(table, refresh, kv_router, self.client, self.metrics)
         self.app = self._fallback_app(scaler)
         if api_key is not None:
             self.app.add_middleware(KeyGuard, api_key=api_key, metrics_public=metrics_public)
@@ -184,11 +144,10 @@ class FrontDoor:
     @asynccontextmanager
     async def _lifespan(self, app: FastAPI) -> AsyncIterator[None]:
         """Follow the engines (KV events, the Controller's table) while the door serves."""
-        self._refreshing = asyncio.Lock()  # the periodic refresh and the Scaler's: one at a time, in order
         if self.kv_router is not None:
             await self.kv_router.start()
             self.kv_router.follow(self.table.all_engines())
-        refresher = asyncio.create_task(self._refresh_loop()) if self.refresh is not None else None
+        refresher = self.watch.start()
         try:
             yield
         finally:
@@ -198,50 +157,6 @@ class FrontDoor:
             if self.kv_router is not None:
                 await self.kv_router.close()
             self.client.close()
-
-    # -- the Controller's table --------------------------------------------------------
-    async def refresh_once(self) -> None:
-        """Copy the Controller's engine list into the table if it changed."""
-        if self.refresh is None:
-            return
-        assert self._refreshing is not None
-        async with self._refreshing:
-            version, engines = await asyncio.to_thread(self.refresh)
-            if version != self.table.version:
-                self.table.update(engines, version)
-                if self.kv_router is not None:
-                    self.kv_router.follow(self.table.all_engines())
-                logger.info("routing table v%d: %s", version, ", ".join(f"{e['name']}={e['state']}" for e in engines))
-
-    async def _refresh_loop(self) -> None:
-        rounds = 0
-        while True:
-            try:
-                await self.refresh_once()
-                if self.kv_router is not None:
-                    self.kv_router.publish()
-                if rounds % KV_SCRAPE_EVERY == 0:
-                    await self._scrape_kv_tokens()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # the table stays as it was; try again
-                logger.warning("refreshing the routing table failed: %s", exc)
-            rounds += 1
-            await asyncio.sleep(REFRESH_S)
-
-    async def _scrape_kv_tokens(self) -> None:
-        """Copy each engine's prompt-tokens-by-source counters (KV hits) into the door's metrics."""
-        for engine in self.table.all_engines():
-            try:
-                status, body = await self.client.get(engine.host, engine.port, "/metrics", timeout_s=2.0)
-            except (EngineUnreachable, StreamCut, TimeoutError):
-                continue
-            if status != 200:
-                continue
-            for line in body.decode(errors="replace").splitlines():
-                if line.startswith("vllm:prompt_tokens_by_source_total{") and 'source="' in line:
-                    source = line.split('source="', 1)[1].split('"', 1)[0]
-                    self.metrics.kv_hit_tokens.labels(engine.name, source).set(float(line.rsplit(" ", 1)[1]))
 
     # -- the less frequent endpoints (FastAPI) -----------------------------------------
     def _authorized(self, authorization: str) -> bool:
@@ -267,7 +182,7 @@ class FrontDoor:
             model = {"id": self.served_model_name, "object": "model", "created": int(time.time()), "owned_by": "vllm-on-yr"}
             return JSONResponse({"object": "list", "data": [model]})
 
-        add_admin_routes(app, table, scaler, metrics, self.refresh_once, openai_error)
+        add_admin_routes(app, table, scaler, metrics, self.watch.refresh_once, openai_error)
         return app
 
     # -- completions (the door's own HTTP layer) ---------------------------------------
@@ -333,8 +248,8 @@ class FrontDoor:
 
     async def _route(self, exchange: Exchange, endpoint: str, body: dict[str, Any], request_id: str, started: float) -> int:
         table, kv_router = self.table, self.kv_router
-        leg = _Leg(exchange, f"/v1/{endpoint}", endpoint, request_id, affinity_key(body), started)
-        single = _single_prompt(body)
+        leg = Leg(exchange, f"/v1/{endpoint}", endpoint, request_id, affinity_key(body), started)
+        single = single_prompt(body)
         prompt = kv_router.prompt(body) if kv_router is not None and single else None
         ranker = None if prompt is None else functools.partial(kv_router.order, prompt=prompt)  # type: ignore[union-attr]
         if not table.disaggregated:
@@ -370,7 +285,7 @@ class FrontDoor:
         return await self._decode_or_whole(table.order("decode", leg.key, ranker), decode_body, body, leg, ranker)
 
     async def _decode_or_whole(self, decodes: list[EngineLoad], decode_body: dict[str, Any], body: dict[str, Any],
-                               leg: _Leg, ranker: Any) -> int:  # fmt: skip
+                               leg: Leg, ranker: Any) -> int:  # fmt: skip
         """The decode leg; when no decode engine takes it (each found dead or answering a
         server error, e.g. its EngineCore died; or none left) before anything reached the
         client, a prefill engine serves the whole request: a healthy engine never leaves a
@@ -395,7 +310,7 @@ class FrontDoor:
             self.kv_router.predicted(engines[0], prompt)  # type: ignore[union-attr]
             self.kv_router.routed(engines[0], prompt)  # type: ignore[union-attr]
 
-    async def _prefill(self, engines: list[EngineLoad], body: dict[str, Any], leg: _Leg) -> dict[str, Any] | int | None:
+    async def _prefill(self, engines: list[EngineLoad], body: dict[str, Any], leg: Leg) -> dict[str, Any] | int | None:
         """The prefill's kv_transfer_params; a client error's status (relayed as the
         answer); None if no engine answered."""
         payload = json.dumps(prefill_request(body)).encode()
@@ -426,7 +341,7 @@ class FrontDoor:
             return upstream.status
         return None
 
-    async def _answer(self, engines: list[EngineLoad], body: dict[str, Any], leg: _Leg, role: str,
+    async def _answer(self, engines: list[EngineLoad], body: dict[str, Any], leg: Leg, role: str,
                       more_after: bool = False) -> int:  # fmt: skip
         """Send the request to the first engine that answers; relay its answer.
         ``more_after``: the caller has other engines to try (a prefill serving the whole
@@ -481,10 +396,10 @@ class FrontDoor:
             return 200
         raise _Refused(503, f"no engine could take the request ({last_failure})", "service_unavailable")
 
-    async def _post(self, engine: EngineLoad, leg: _Leg, payload: bytes, path: str = "") -> Upstream:
+    async def _post(self, engine: EngineLoad, leg: Leg, payload: bytes, path: str = "") -> Upstream:
         return await self.client.request("POST", engine.host, engine.port, path or leg.path, payload, leg.engine_headers)
 
-    async def _relay(self, upstream: Upstream, engine: EngineLoad, leg: _Leg) -> None:
+    async def _relay(self, upstream: Upstream, engine: EngineLoad, leg: Leg) -> None:
         first, complete = True, False
         try:
             async for chunk in upstream.chunks():
@@ -504,7 +419,7 @@ class FrontDoor:
             self.table.release(engine)
             self._latency[leg.endpoint].observe(time.perf_counter() - leg.started)
 
-    async def _follow(self, upstream: Upstream, engine: EngineLoad, body: dict[str, Any], leg: _Leg) -> None:
+    async def _follow(self, upstream: Upstream, engine: EngineLoad, body: dict[str, Any], leg: Leg) -> None:
         """``_relay``, for a stream that is continued on another engine if it breaks."""
         follower = StreamFollower(body, chat=leg.endpoint == "chat/completions")
         first, migrations_left = True, self.stream_migrations
@@ -558,7 +473,7 @@ class FrontDoor:
         finally:
             self._latency[leg.endpoint].observe(time.perf_counter() - leg.started)
 
-    async def _open_stream(self, broken: EngineLoad, body: dict[str, Any], leg: _Leg) -> tuple[Upstream, EngineLoad] | None:
+    async def _open_stream(self, broken: EngineLoad, body: dict[str, Any], leg: Leg) -> tuple[Upstream, EngineLoad] | None:
         """A continuation's stream from the first other engine that takes it (any engine
         can compute a whole request: decode engines first, then prefill engines)."""
         table = self.table
@@ -591,23 +506,3 @@ class FrontDoor:
 
 
 _ENDPOINTS = ("completions", "chat/completions")
-
-
-class _Leg:
-    """What every engine call of one request shares."""
-
-    __slots__ = ("exchange", "path", "endpoint", "request_id", "key", "started", "headers", "engine_headers")
-
-    def __init__(self, exchange: Exchange, path: str, endpoint: str, request_id: str, key: bytes, started: float) -> None:
-        self.exchange, self.path, self.endpoint = exchange, path, endpoint
-        self.request_id, self.key, self.started = request_id, key, started
-        self.headers = ((REQUEST_ID_HEADER, request_id),)  # on the client's answer
-        self.engine_headers = {REQUEST_ID_HEADER: request_id, "Content-Type": _JSON}
-
-
-def _single_prompt(body: dict[str, Any]) -> bool:
-    """PD handoff carries one prompt; a batch is computed by the decode engine itself."""
-    if "messages" in body:
-        return True
-    prompt = body.get("prompt")
-    return isinstance(prompt, str) or (isinstance(prompt, list) and (len(prompt) == 1 or all(isinstance(t, int) for t in prompt)))

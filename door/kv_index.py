@@ -1,24 +1,6 @@
 """Which engine holds which prompt blocks: an index fed by vLLM's KV cache events.
 
-vLLM names a block by its own hash (sha256 over the parent's hash, the block's token
-ids and extra keys, seeded by the engine), which the door cannot compute from a request
-cheaply. The index therefore names blocks by a **chained token hash** it computes both
-from events (``BlockStored`` carries the blocks' token ids and the engine hash of the
-block before them) and from a request's token ids:
-
-    chain(-1) = ROOT
-    chain(i)  = hash((chain(i-1), tuple(token_ids[i*B:(i+1)*B]), extra(i)))
-
-with B the engines' block size and ``extra(i)`` what vLLM publishes as the block's extra
-keys (``BlockStored.extra_keys[i]``, lists made tuples): None for a plain block; for a
-LoRA request the adapter's name on every block; ``cache_salt`` on the first block after
-the LoRA name; multimodal ``(identifier, offset)`` pairs, which the door cannot compute,
-so multimodal prompts match only their blocks before the first image. Only full blocks
-are hashed, as vLLM does. Python's tuple hash (xxHash-style, 64-bit) costs ~25 us per
-2K-token prompt where blake2b costs ~95 us; it is not collision resistant, which is
-harmless here: a collision misroutes one request, the engine still checks its own
-hashes. String extra keys make it process-local (PYTHONHASHSEED): each door process
-keeps its own index.
+Blocks are named by the door's chained token hash (door/kv_chain.py).
 
 State, per engine (a small int id; sets of engines are int bitmasks over the ids, named
 by a ``Roster``: a snapshot, replaced when an engine comes or goes):
@@ -52,15 +34,7 @@ or restarts) and ``store_match`` counts a prompt's leading blocks among them. It
 over-reports what the store evicted (TTL, a full store) or has not saved yet: the
 engine then computes those blocks, as it would have anyway.
 
-``match`` walks the prompt's chained hashes once, ANDing each block's holders into the
-engines still holding every block so far, and stops when none is left; it returns the
-engines that drop out at each depth as bitmasks (``Held``: a mapping engine -> leading
-blocks that looks names up only when asked), so a decision does no per-engine work
-there (``KVAware`` ranks the few engines outside the largest group by name, the rest by
-load). Measured (``benchmarks.kv_index_scale``, 256 engines, 1M entries, 2-core box):
-about 0.2 us per block walked, nearly all of it the dict lookup's cache misses (13 us
-for a 65-block walk, 26 us for 128); a ``dict`` of 256 names, as ``match`` returned
-before, cost 10 us more.
+``match`` answers with a ``Held`` (door/kv_holders.py).
 
 Provisional holdings (``hold``): an engine's events come only after its scheduler step
 computed the blocks (hundreds of ms for a long prompt on CPU), and until then requests
@@ -104,195 +78,18 @@ import itertools
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
+from door.kv_chain import ROOT, chained_hashes, engine_hash, hashable, request_extra_keys
+from door.kv_holders import Held, Roster, drop_outs
 from door.kv_wire import MEDIUM_GPU, AllBlocksCleared, BlockRemoved, BlockStored, ExternalBlockHash
 
 logger = logging.getLogger(__name__)
 
-ROOT = 0x6B765F696E646578  # the chain's start ("kv_index")
-_MASK64 = (1 << 64) - 1
 DEFAULT_MAX_BLOCKS = 2_000_000
 DEFAULT_PROVISIONAL_TTL_S = 10.0  # a routed prompt's blocks count as held this long without the engine's events
 DEFAULT_MAX_PROVISIONAL = 250_000  # provisional claims (routed prompts' blocks not yet confirmed)
-_BYTE_BITS = [tuple(bit for bit in range(8) if byte >> bit & 1) for byte in range(256)]
-_PEELED_BITS = 16  # Roster.names_of: up to this many, peeling beats walking a 256-bit mask's bytes
-
-
-def chained_hashes(
-    token_ids: Sequence[int], block_size: int, extra_keys: Sequence[Any] | None = None, parent: int = ROOT
-) -> list[int]:
-    """One chained hash per full block of ``token_ids`` (see the module docstring)."""
-    hashes: list[int] = []
-    tokens = token_ids if isinstance(token_ids, tuple) else tuple(token_ids)
-    end = len(tokens) - len(tokens) % block_size
-    if extra_keys is None:
-        for start in range(0, end, block_size):
-            parent = hash((parent, tokens[start : start + block_size], None))
-            hashes.append(parent)
-        return hashes
-    for index, start in enumerate(range(0, end, block_size)):
-        extra = extra_keys[index] if index < len(extra_keys) else None
-        parent = hash((parent, tokens[start : start + block_size], extra))
-        hashes.append(parent)
-    return hashes
-
-
-def request_extra_keys(
-    num_blocks: int, lora_name: str | None = None, cache_salt: str | None = None
-) -> list[Any] | None:
-    """A text request's per-block extra keys as vLLM publishes them (lora name on every
-    block, then cache_salt on the first); None when there are none."""
-    if not lora_name and not cache_salt:
-        return None
-    rest = (lora_name,) if lora_name else None
-    first = tuple(key for key in (lora_name, cache_salt) if key)
-    return [first] + [rest] * (num_blocks - 1) if num_blocks else []
-
-
-def _hashable(value: Any) -> Any:
-    if isinstance(value, list):
-        return tuple(_hashable(item) for item in value)
-    return value
-
-
-def _engine_hash(block_hash: ExternalBlockHash) -> int:
-    if isinstance(block_hash, bytes):
-        return int.from_bytes(block_hash[-8:], "big")
-    return block_hash & _MASK64
-
-
-class Roster:
-    """Which engine has which id (bit ``1 << id`` in the masks), as of one moment: the index
-    replaces it, never changes it, when an engine comes or goes, so a ``Held`` keeps
-    naming the engines it was made with."""
-
-    __slots__ = ("names", "ids")
-
-    def __init__(self, names: Sequence[str | None] = ()) -> None:
-        self.names: tuple[str | None, ...] = tuple(names)  # by engine id; None: a free id
-        self.ids: dict[str, int] = {name: engine_id for engine_id, name in enumerate(self.names) if name is not None}
-
-    def names_of(self, bits: int) -> list[str]:
-        """The engines of the bitmask ``bits``, by id: a few peeled off one at a time, more a
-        byte at a time (3x faster than peeling 100 bits off a 256-bit int, 4x slower for one)."""
-        names = self.names
-        found: list[str] = []
-        if bits.bit_count() <= _PEELED_BITS:
-            while bits:
-                lowest = bits & -bits
-                found.append(names[lowest.bit_length() - 1])  # type: ignore[arg-type]
-                bits ^= lowest
-            return found
-        for byte_index, byte in enumerate(bits.to_bytes((bits.bit_length() + 7) // 8, "little")):
-            if byte:
-                base = byte_index * 8
-                for offset in _BYTE_BITS[byte]:
-                    found.append(names[base + offset])  # type: ignore[arg-type]
-        return found
-
-    def mask_of(self, names: Iterable[str]) -> int:
-        """The bitmask of those of ``names`` the roster knows."""
-        ids = self.ids
-        mask = 0
-        for name in names:
-            engine_id = ids.get(name)
-            if engine_id is not None:
-                mask |= 1 << engine_id
-        return mask
-
-    def with_name(self, engine_id: int, name: str | None) -> Roster:
-        """A roster with ``engine_id`` given to ``name`` (None: freed)."""
-        names = list(self.names) + [None] * (engine_id + 1 - len(self.names))
-        names[engine_id] = name
-        return Roster(names)
-
-
-class Held(Mapping[str, int]):
-    """By engine, how many leading blocks of one prompt it holds in one medium (what
-    ``KVIndex.match`` returns; engines holding none are absent). Kept as ``levels``:
-    ``(blocks, engines)`` pairs, shallowest first, ``engines`` the bitmask of the engines
-    that hold exactly ``blocks`` leading blocks (each engine in one level at most);
-    names come from ``roster`` only when asked for."""
-
-    __slots__ = ("levels", "roster")
-
-    def __init__(self, levels: Sequence[tuple[int, int]], roster: Roster) -> None:
-        self.levels = levels
-        self.roster = roster
-
-    @classmethod
-    def of(cls, counts: Mapping[str, int]) -> Held:
-        """The same from a mapping engine -> leading blocks (counts of 0 or less: absent)."""
-        if isinstance(counts, Held):
-            return counts
-        if not counts:
-            return cls([], _NO_ENGINES)
-        roster = Roster(list(counts))
-        by_blocks: dict[int, int] = {}
-        for name, blocks in counts.items():
-            if blocks > 0:
-                by_blocks[blocks] = by_blocks.get(blocks, 0) | 1 << roster.ids[name]
-        return cls(sorted(by_blocks.items()), roster)
-
-    def blocks_of(self, name: str) -> int:
-        """``name``'s leading blocks, 0 if none (no exception: ``get`` for every candidate
-        of a policy's key function stays cheap)."""
-        engine_id = self.roster.ids.get(name)
-        if engine_id is not None:
-            bit = 1 << engine_id
-            for blocks, engines in self.levels:
-                if engines & bit:
-                    return blocks
-        return 0
-
-    def __getitem__(self, name: str) -> int:
-        blocks = self.blocks_of(name)
-        if not blocks:
-            raise KeyError(name)
-        return blocks
-
-    def get(self, name: str, default: Any = None) -> Any:
-        return self.blocks_of(name) or default
-
-    def __contains__(self, name: object) -> bool:
-        return isinstance(name, str) and self.blocks_of(name) > 0
-
-    def __iter__(self) -> Iterator[str]:
-        for _, engines in self.levels:
-            yield from self.roster.names_of(engines)
-
-    def __len__(self) -> int:
-        return sum(engines.bit_count() for _, engines in self.levels)
-
-    def __repr__(self) -> str:
-        return f"Held({dict(self)!r})"
-
-
-_NO_ENGINES = Roster()
-
-
-def _drop_outs(holders: dict[int, int], hashes: Iterable[int]) -> list[tuple[int, int]]:
-    """``Held.levels`` of a prompt: walks its blocks, keeping the engines that hold every
-    block so far (``alive``), until none does."""
-    get = holders.get
-    levels: list[tuple[int, int]] = []
-    alive = -1  # every engine, before the first block
-    held = 0
-    for block_hash in hashes:
-        still = alive & get(block_hash, 0)
-        if still != alive:
-            if held:
-                levels.append((held, alive ^ still))
-            if not still:
-                return levels
-            alive = still
-        held += 1
-    if held:
-        levels.append((held, alive))
-    return levels
 
 
 def _unset(holders: dict[int, int], chain: int, bit: int) -> None:
@@ -410,7 +207,7 @@ class KVIndex:
         if holds and holds[0].deadline <= self._clock():
             self.expire()
         holders = self._holders.get(medium)
-        return Held(_drop_outs(holders, hashes) if holders else [], self._roster)
+        return Held(drop_outs(holders, hashes) if holders else [], self._roster)
 
     def store_match(self, hashes: Sequence[int]) -> int:
         """How many leading blocks of the prompt the data system holds (estimated, see the
@@ -494,7 +291,7 @@ class KVIndex:
     def _parent_chain(self, engine: _Engine, medium: str, parent: ExternalBlockHash | None) -> int | None:
         if parent is None:
             return ROOT
-        key = _engine_hash(parent)
+        key = engine_hash(parent)
         own = engine.tiers.get(medium)
         if own is not None and key in own.blocks:
             return own.blocks[key]
@@ -526,7 +323,7 @@ class KVIndex:
         in_store = self._in_store if medium == MEDIUM_GPU else None
         provisional = engine.provisional if medium == MEDIUM_GPU else None
         for index, block_hash in enumerate(event.block_hashes):
-            extra = None if extras is None or extras[index] is None else _hashable(extras[index])
+            extra = None if extras is None or extras[index] is None else hashable(extras[index])
             chain = hash((chain, tokens[index * size : (index + 1) * size], extra))
             if provisional and chain in provisional:  # claimed when routed: confirmed, the bit stays
                 del provisional[chain]
@@ -537,7 +334,7 @@ class KVIndex:
                 in_store[chain] = None
                 if len(in_store) > self.max_blocks:
                     del in_store[next(iter(in_store))]
-            key = _engine_hash(block_hash)
+            key = engine_hash(block_hash)
             if key in blocks:  # another copy: one more removal before it is gone; now the newest
                 tier.extra_refs[key] = tier.extra_refs.get(key, 0) + 1
                 blocks[key] = blocks.pop(key)
@@ -555,7 +352,7 @@ class KVIndex:
             return
         blocks, extra_refs = tier.blocks, tier.extra_refs
         for block_hash in event.block_hashes:
-            key = _engine_hash(block_hash)
+            key = engine_hash(block_hash)
             chain = blocks.get(key)
             if chain is None:
                 continue  # never indexed (ignored, unresolved, evicted or dropped)

@@ -55,7 +55,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from operator import attrgetter
 
-from door.kv_index import Held, Roster
+from door.kv_holders import Held, Roster
 from door.policies import EngineLoad
 
 logger = logging.getLogger(__name__)

@@ -53,7 +53,7 @@ import numpy as np
 
 from deploy.config import build_config
 from deploy.datasystem import start_worker, worker_home
-from door.frontdoor import prefill_request
+from door.legs import prefill_request
 from patch.yuanrong_connector.integrity import SEAL_BYTES, unseal
 from patch.yuanrong_connector.keys import block_key, chain_root, chained_block_hashes
 from testkit.deployment import BLOCK_SIZE, ENGINE_PARAMS, Deployment, deployed, metric

@@ -42,7 +42,7 @@ import pytest
 from common.config import Accelerator, ConnectorConfig, DataSystemConfig, Role
 from common.errors import StartupError
 from deploy.embedded_model import ensure_embedded_model
-from door.frontdoor import decode_request, prefill_request
+from door.legs import decode_request, prefill_request
 from testkit.deployment import (
     BLOCK_SIZE,
     FLOAT32,

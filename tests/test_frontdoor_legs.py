@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from door.frontdoor import decode_request, prefill_request
+from door.legs import decode_request, prefill_request
 
 
 def test_prefill_leg_computes_only_the_prompt() -> None:

@@ -8,7 +8,9 @@ import hashlib
 import msgspec
 import pytest
 
-from door.kv_index import Held, KVIndex, Roster, chained_hashes, request_extra_keys
+from door.kv_chain import chained_hashes, request_extra_keys
+from door.kv_holders import Held, Roster
+from door.kv_index import KVIndex
 from door.kv_wire import MEDIUM_CPU, AllBlocksCleared, BlockRemoved, BlockStored
 
 B = 4  # block size of these tests

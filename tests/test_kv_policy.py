@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from door.kv_index import Held
+from door.kv_holders import Held
 from door.kv_policy import KVAware, PromptCache, _rotated
 from door.policies import EngineLoad
 
