@@ -19,8 +19,9 @@ import uvicorn
 
 from benchmarks.asgi_door import completions_app
 from common.config import ROUTING_POLICIES, ServiceConfig
-from deploy.config import SETTINGS, build_config
+from deploy.config import build_config
 from deploy.embedded_model import ensure_embedded_model
+from deploy.settings import SETTINGS
 from door.builder import build_door, build_kv_router
 from door.gc_tuning import tune_gc_for_serving
 from testkit.helpers import PROJECT_ROOT

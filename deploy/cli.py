@@ -24,6 +24,7 @@ from deploy import config as config_module
 from deploy.admin_client import scale
 from deploy.datasystem import stop_workers, worker_listens
 from deploy.node_status import NODE_HEADER, node_rows, table_lines, yr_cli_path, yr_status_lines
+from deploy.settings import add_arguments
 from deploy.state import READY_MARKER, DeploymentState
 from workers.engine_process import is_healthy
 
@@ -249,13 +250,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="run_vllm_on_yr.sh", description="prefill/decode-disaggregated vLLM on openYuanrong")
     verbs = parser.add_subparsers(dest="verb", required=True)
     for verb, text in (("deploy", "start the service and return when it is ready"), ("status", "one row per engine, then one per node"), ("clean", "stop everything deploy started")):
-        config_module.add_arguments(verbs.add_parser(verb, help=text))
+        add_arguments(verbs.add_parser(verb, help=text))
     log_parser = verbs.add_parser("logs", help="show the deploy log and the engines' logs")
-    config_module.add_arguments(log_parser)
+    add_arguments(log_parser)
     log_parser.add_argument("name", nargs="?", help="deploy or an instance name")
     log_parser.add_argument("-n", "--lines", type=int, default=40)
     scale_parser = verbs.add_parser("scale", help="add (+N) or drain and remove (-N) instances of a role at runtime")
-    config_module.add_arguments(scale_parser)
+    add_arguments(scale_parser)
     scale_parser.add_argument("role", help="prefill or decode (PD); colocated (or prefill) when DECODE_INS_NUM=0")
     scale_parser.add_argument("delta", help="+N adds N instances, -N drains and removes N (N from 1 to 8)")
     scale_parser.error = _scale_usage_error  # type: ignore[method-assign]  # one line, exit 2, as for bad settings

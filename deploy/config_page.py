@@ -1,4 +1,4 @@
-"""docs/configuration.md, written from the one list of settings (``deploy.config.SETTINGS``).
+"""docs/configuration.md, written from the one list of settings (``deploy.settings.SETTINGS``).
 
     .venv/bin/python -m deploy.config_page      # rewrite the page after changing a setting
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from deploy.config import OWNED_ENGINE_FLAGS, SETTINGS
+from deploy.settings import OWNED_ENGINE_FLAGS, SETTINGS
 
 PAGE = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
 
@@ -20,7 +20,7 @@ has one), the flag of the same name (`PTP=2` or `--ptp 2`; a flag wins), its def
 what it does. All values are checked before anything starts; a bad one is refused in one
 line naming the setting, its value and what is allowed (exit code 2).
 
-This page is generated from `deploy/config.py` (`SETTINGS`) by
+This page is generated from `deploy/settings.py` (`SETTINGS`) by
 `.venv/bin/python -m deploy.config_page`; do not edit the table by hand.
 
 | variable | flag | default | meaning |

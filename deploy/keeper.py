@@ -31,6 +31,7 @@ from types import FrameType
 from common.errors import DeployError
 from common.processes import read_pid
 from deploy import config as config_module
+from deploy.settings import add_arguments
 from deploy.state import DeploymentState
 
 logger = logging.getLogger("deploy.keeper")
@@ -96,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stdout,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # fmt: skip
     parser = argparse.ArgumentParser(prog="deploy.keeper")
-    config_module.add_arguments(parser)
+    add_arguments(parser)
     try:
         config = config_module.build_config(os.environ, parser.parse_args(flags))
     except DeployError as exc:

@@ -38,6 +38,7 @@ from deploy import config as config_module
 from deploy.datasystem import start_workers, stop_workers, worker_answers
 from deploy.embedded_model import ensure_embedded_model
 from deploy.runtime import CONTROLLER_NAME, CONTROLLER_NAMESPACE, finalize_yr, init_yr, resource_view
+from deploy.settings import add_arguments
 from deploy.state import READY_MARKER, DeploymentState
 from door.builder import build_door, build_kv_router
 from door.door_metrics import DoorMetrics
@@ -227,7 +228,7 @@ def _cluster_inventory(config: ServiceConfig) -> list[Node] | None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="deploy.serve")
-    config_module.add_arguments(parser)
+    add_arguments(parser)
     parser.add_argument("--adopt", action="store_true", help="take over what a killed deploy process left running")
     args = parser.parse_args(argv)
     logging.basicConfig(

@@ -9,7 +9,8 @@ import pytest
 
 from common.config import Accelerator
 from common.errors import ConfigError
-from deploy.config import add_arguments, build_config, describe, parse_device_list
+from deploy.config import build_config, describe, parse_device_list
+from deploy.settings import add_arguments
 
 CPU_2 = {"ACCELERATOR": "cpu", "VISIBLE_DEVICES": "0,1"}
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from deploy.config import SETTINGS
 from deploy.config_page import PAGE, render
+from deploy.settings import SETTINGS
 
 
 def test_the_configuration_page_is_the_one_the_settings_write() -> None:
