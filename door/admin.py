@@ -97,31 +97,46 @@ def add_admin_routes(
             body = await request.json()
         except ValueError as exc:
             return error(400, f"request body is not valid JSON: {exc}", "invalid_request_error")
-        if not isinstance(body, dict):
-            return error(400, 'request body must be a JSON object such as {"role": "decode", "delta": 1}',
-                         "invalid_request_error")  # fmt: skip
-        role, delta = body.get("role"), body.get("delta")
-        if role not in ROLE_WORDS:
-            return error(400, f"'role' {role!r} is invalid: must be one of {', '.join(ROLE_WORDS)}",
-                         "invalid_request_error", "role")  # fmt: skip
-        if not check_delta(delta):
-            return error(400, f"'delta' {delta!r} is invalid: must be a non-zero integer from -{MAX_SCALE_STEP} to "
-                         f"{MAX_SCALE_STEP} (positive adds instances, negative drains and removes them)",
-                         "invalid_request_error", "delta")  # fmt: skip
-        assert isinstance(role, str) and isinstance(delta, int)
-        direction = "out" if delta > 0 else "in"
+        checked = _checked_scale_request(body, error)
+        if isinstance(checked, Response):
+            return checked
+        role, delta = checked
         door = LoopDoor(table, refresh_once, asyncio.get_running_loop())
-        try:
-            result = await asyncio.to_thread(scaler.scale, role, delta, door)
-        except ScaleBusy as exc:
-            metrics.scale_operations.labels(role, direction, "busy").inc()
-            return error(409, str(exc), "conflict")
-        except ConfigError as exc:
-            metrics.scale_operations.labels(role, direction, "refused").inc()
-            return error(400, str(exc), "invalid_request_error")
-        except Exception as exc:  # an engine failed to start; an actor call failed
-            metrics.scale_operations.labels(role, direction, "failed").inc()
-            logger.error("[scale %s %+d] failed: %s", role, delta, exc)
-            return error(500, f"scale {role} {delta:+d} failed: {exc}", "server_error")
-        metrics.scale_operations.labels(role, direction, "done").inc()
-        return JSONResponse(result.to_dict())
+        return await _scaled(scaler, role, delta, door, metrics, error)
+
+
+def _checked_scale_request(body: object, error: ErrorResponse) -> tuple[str, int] | Response:
+    """The role and count of a ``POST /admin/scale`` body, or the 400 that refuses it."""
+    if not isinstance(body, dict):
+        return error(400, 'request body must be a JSON object such as {"role": "decode", "delta": 1}',
+                     "invalid_request_error")  # fmt: skip
+    role, delta = body.get("role"), body.get("delta")
+    if role not in ROLE_WORDS:
+        return error(400, f"'role' {role!r} is invalid: must be one of {', '.join(ROLE_WORDS)}",
+                     "invalid_request_error", "role")  # fmt: skip
+    if not check_delta(delta):
+        return error(400, f"'delta' {delta!r} is invalid: must be a non-zero integer from -{MAX_SCALE_STEP} to "
+                     f"{MAX_SCALE_STEP} (positive adds instances, negative drains and removes them)",
+                     "invalid_request_error", "delta")  # fmt: skip
+    assert isinstance(role, str) and isinstance(delta, int)
+    return role, delta
+
+
+async def _scaled(scaler: ScaleControl, role: str, delta: int, door: LoopDoor, metrics: DoorMetrics,
+                  error: ErrorResponse) -> Response:  # fmt: skip
+    """Run one scale operation (in a thread: it blocks) and answer with its outcome."""
+    direction = "out" if delta > 0 else "in"
+    try:
+        result = await asyncio.to_thread(scaler.scale, role, delta, door)
+    except ScaleBusy as exc:
+        metrics.scale_operations.labels(role, direction, "busy").inc()
+        return error(409, str(exc), "conflict")
+    except ConfigError as exc:
+        metrics.scale_operations.labels(role, direction, "refused").inc()
+        return error(400, str(exc), "invalid_request_error")
+    except Exception as exc:  # an engine failed to start; an actor call failed
+        metrics.scale_operations.labels(role, direction, "failed").inc()
+        logger.error("[scale %s %+d] failed: %s", role, delta, exc)
+        return error(500, f"scale {role} {delta:+d} failed: {exc}", "server_error")
+    metrics.scale_operations.labels(role, direction, "done").inc()
+    return JSONResponse(result.to_dict())

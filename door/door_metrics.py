@@ -14,6 +14,12 @@ class DoorMetrics:
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
 
     def __post_init__(self) -> None:
+        self._declare_request_metrics()
+        self._declare_outcome_metrics()
+        self._declare_engine_metrics()
+
+    def _declare_request_metrics(self) -> None:
+        """What every request through the door counts: answers, timings, in flight, retries."""
         self.requests = Counter(
             "frontdoor_requests", "Requests answered, by endpoint and HTTP status.", ["endpoint", "status"],
             registry=self.registry,
@@ -34,6 +40,9 @@ class DoorMetrics:
             "frontdoor_retries", "Legs sent to another engine after one failed before answering.", ["leg"],
             registry=self.registry,
         )  # fmt: skip
+
+    def _declare_outcome_metrics(self) -> None:
+        """How requests ended when something went wrong or was decided for them."""
         self.fallbacks = Counter(
             "frontdoor_prefill_fallbacks",
             "Requests whose decode engine computed the prompt itself because no prefill engine answered.",
@@ -56,6 +65,9 @@ class DoorMetrics:
             "frontdoor_client_disconnects", "Requests cancelled on the engines because the client went away.",
             registry=self.registry,
         )  # fmt: skip
+
+    def _declare_engine_metrics(self) -> None:
+        """The engines as the door sees them: KV hits and predictions, the table, scaling."""
         self.kv_hit_tokens = Gauge(
             "frontdoor_engine_kv_tokens", "Prompt tokens by source as reported by each engine (refreshed every few s).",
             ["engine", "source"], registry=self.registry,
