@@ -20,7 +20,7 @@ from common.processes import pid_alive, read_pid
 from deploy.datasystem import worker_answers
 from deploy.state import DeploymentState
 from testkit.deployment import complete, deployed, external_kv_tokens, token_prompt
-from testkit.helpers import pids_matching, run_cli
+from testkit.helpers import pids_matching, run_cli, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -46,7 +46,7 @@ def test_a_killed_deploy_process_is_restarted_and_adopts_the_running_engines(tmp
         load = threading.Thread(target=_send_until, args=(deployment.url, body, stop, outcomes))
         load.start()
         try:
-            time.sleep(2)
+            wait_for(lambda: len(outcomes) >= 2, 60, "requests answered before the kill")
             os.kill(before.pid, signal.SIGKILL)  # the front door and the Controller
             killed_at = time.monotonic()
             deadline = killed_at + 180

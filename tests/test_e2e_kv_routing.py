@@ -4,16 +4,15 @@ The engines publish their KV cache events; the door indexes them and knows which
 engine's device cache holds a prompt's blocks. A PD request whose prompt the decode
 engine already holds (all but at most SELECTIVE_PD_TOKENS tokens) skips the prefill leg.
 
-One deployment shared by the tests, in file order; the fixture cleans.
+One deployment shared by the tests; each takes its own baseline (prompts of its own,
+counters read before it acts), so each passes alone too. The fixture cleans.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 
 from testkit.deployment import (
@@ -26,6 +25,7 @@ from testkit.deployment import (
     same_greedy_output,
     token_prompt,
 )
+from testkit.helpers import wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -53,14 +53,15 @@ def _door_metric(deployment: Deployment, name: str, **labels: str) -> float:
     return metric(deployment.url, name, **labels)
 
 
-def _wait_indexed(deployment: Deployment, engine: str, blocks: int, timeout_s: float = 30.0) -> None:
-    """Until the door's index holds ``blocks`` blocks of ``engine`` besides the warm-up's
-    (refreshed every 1 s)."""
-    deadline = time.monotonic() + timeout_s
-    blocks += WARM_UP_BLOCKS
-    while (held := _door_metric(deployment, "frontdoor_kv_indexed_blocks", engine=engine)) != blocks:
-        assert time.monotonic() < deadline, f"the door indexes {held} blocks of {engine}, expected {blocks}"
-        time.sleep(0.5)
+def _indexed(deployment: Deployment, engine: str) -> float:
+    return _door_metric(deployment, "frontdoor_kv_indexed_blocks", engine=engine)
+
+
+def _wait_indexed(deployment: Deployment, engine: str, blocks: float, timeout_s: float = 30.0) -> None:
+    """Until the door's index holds exactly ``blocks`` blocks of ``engine`` (its gauge is
+    refreshed every 1 s)."""
+    wait_for(lambda: _indexed(deployment, engine) == blocks, timeout_s,
+             f"the door indexing {blocks:.0f} blocks of {engine} (now {_indexed(deployment, engine):.0f})", 0.5)  # fmt: skip
 
 
 def _local_hits(url: str) -> float:
@@ -70,8 +71,8 @@ def _local_hits(url: str) -> float:
 def test_the_deploy_warmed_each_engine_and_the_door_indexed_it(deployment: Deployment) -> None:
     """Before the door served, the deploy handed one salted prompt from the prefill to the
     decode (workers/warm_up.py): its blocks are in both engines' caches, and indexed."""
-    _wait_indexed(deployment, "prefill-0", 0)
-    _wait_indexed(deployment, "decode-0", 0)
+    _wait_indexed(deployment, "prefill-0", WARM_UP_BLOCKS)
+    _wait_indexed(deployment, "decode-0", WARM_UP_BLOCKS)
     log = (Path(deployment.env["RUN_DIR"]) / "deploy.log").read_text()
     assert "warm-up of prefill-0, decode-0 done in" in log
 
@@ -81,13 +82,14 @@ def test_repeated_prompt_skips_the_prefill_leg(deployment: Deployment) -> None:
     decode_url, prefill_url = deployment.engine_url("decode"), deployment.engine_url("prefill")
     skipped = _door_metric(deployment, "frontdoor_prefill_skipped_total")
     loaded = external_kv_tokens(decode_url)
+    indexed = {engine: _indexed(deployment, engine) for engine in ("decode-0", "prefill-0")}
 
     first = complete(deployment.url, _body(prompt))
     assert external_kv_tokens(decode_url) - loaded == 4 * BLOCK_SIZE + 39  # the first went through the prefill: all but the last token
     assert _door_metric(deployment, "frontdoor_prefill_skipped_total") == skipped
     # The decode cached the blocks it loaded, and said so in its KV events.
-    _wait_indexed(deployment, "decode-0", 4)
-    _wait_indexed(deployment, "prefill-0", 4)
+    _wait_indexed(deployment, "decode-0", indexed["decode-0"] + 4)
+    _wait_indexed(deployment, "prefill-0", indexed["prefill-0"] + 4)
 
     prefill_requests = metric(prefill_url, "vllm:request_success_total")
     hits = _local_hits(decode_url)
@@ -124,8 +126,9 @@ def test_predicted_hits_match_what_the_engines_report(deployment: Deployment) ->
     prompt tokens found in its device cache."""
     decode_url = deployment.engine_url("decode")
     prompt = [token + 2 for token in token_prompt(3 * BLOCK_SIZE + 9)]
+    indexed = _indexed(deployment, "decode-0")
     complete(deployment.url, _body(prompt))  # through the prefill: the decode loads and caches 3 blocks
-    _wait_indexed(deployment, "decode-0", 4 + 2 + 3)  # this module's prompts' full blocks, none evicted
+    _wait_indexed(deployment, "decode-0", indexed + 3)
     predicted = _door_metric(deployment, "frontdoor_kv_predicted_cached_tokens_total", engine="decode-0")
     hits = _local_hits(decode_url)
     complete(deployment.url, _body(prompt))  # skips the prefill: 3 blocks predicted on the decode
@@ -133,7 +136,21 @@ def test_predicted_hits_match_what_the_engines_report(deployment: Deployment) ->
     assert _local_hits(decode_url) - hits == 3 * BLOCK_SIZE
 
 
-def test_door_metrics_list_the_kv_routing_series(deployment: Deployment) -> None:
-    text = httpx.get(f"{deployment.url}/metrics", timeout=10).text
-    for series in ("frontdoor_kv_indexed_blocks", "frontdoor_kv_predicted_cached_tokens_total", "frontdoor_prefill_skipped_total"):
-        assert series in text
+def test_door_metrics_report_the_kv_routing_values(deployment: Deployment) -> None:
+    """The three KV-routing series of the door's /metrics, read as a scraper reads them,
+    move by exactly what one new prompt sent twice does: 2 blocks indexed on the decode,
+    the repeat's prefill leg skipped, its 2 blocks predicted as device-cache hits."""
+    series = {"indexed": ("frontdoor_kv_indexed_blocks", {"engine": "decode-0"}),
+              "predicted": ("frontdoor_kv_predicted_cached_tokens_total", {"engine": "decode-0"}),
+              "skipped": ("frontdoor_prefill_skipped_total", {})}  # fmt: skip
+
+    def scrape() -> dict[str, float]:
+        return {key: _door_metric(deployment, name, **labels) for key, (name, labels) in series.items()}
+
+    before = scrape()
+    prompt = [token + 3 for token in token_prompt(2 * BLOCK_SIZE + 11)]
+    complete(deployment.url, _body(prompt))
+    _wait_indexed(deployment, "decode-0", before["indexed"] + 2)
+    complete(deployment.url, _body(prompt))
+    after = scrape()
+    assert {key: after[key] - before[key] for key in series} == {"indexed": 2, "predicted": 2 * BLOCK_SIZE, "skipped": 1}

@@ -2,7 +2,8 @@
 embedded model (openYuanrong SDK local mode, a real data system worker, two real vLLM
 engines); requests go through the front door; `clean` leaves nothing behind.
 
-The tests share one deployment and run in file order; the last one cleans.
+The tests share one deployment; each takes its own baseline, so each passes alone too
+(the last one cleans, whatever ran before it).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from testkit.deployment import (
 from testkit.deployment import (
     external_kv_tokens as _external_kv_tokens,
 )
-from testkit.helpers import pids_matching, port_open, run_cli
+from testkit.helpers import pids_matching, port_open, run_cli, wait_for
 from tests.malformed import malformed_requests, run_battery
 
 pytestmark = pytest.mark.e2e
@@ -154,17 +155,28 @@ def test_shared_prefix_with_different_suffixes_loads_the_prefix(deployment: Depl
 
 
 def test_connector_numbers_are_on_the_engines_metrics(deployment: Deployment) -> None:
-    """Blocks and bytes saved by the prefill and loaded by the decode are exported, and
-    the decode's external prefix-cache hits count what it loaded."""
+    """One new prompt of 3 full blocks and 20 tokens: the prefill saves its 4 blocks (the
+    partial last one too), the decode loads them in one load and counts their bytes, and
+    its external prefix-cache hits are every prompt token but the last."""
     prefill_url, decode_url = deployment.engine_url("prefill"), deployment.engine_url("decode")
-    saved = metric(prefill_url, "vllm:yuanrong_kv_blocks_total", op="save")
-    loaded = metric(decode_url, "vllm:yuanrong_kv_blocks_total", op="load")
-    assert saved >= 3 and loaded >= 3
-    # 2 layers x K,V x 2 KV heads x 128 tokens x 64 x 4 bytes (float32)
-    assert metric(decode_url, "vllm:yuanrong_kv_bytes_total", op="load") == loaded * 262144
-    assert metric(decode_url, "vllm:yuanrong_kv_op_seconds_count", op="load") >= 1
-    hits = metric(decode_url, "vllm:external_prefix_cache_hits_total")
-    assert 0 < hits <= loaded * BLOCK_SIZE  # a partial last block carries fewer tokens than a block
+    numbers = {
+        "saved": (prefill_url, "vllm:yuanrong_kv_blocks_total", {"op": "save"}),
+        "loaded": (decode_url, "vllm:yuanrong_kv_blocks_total", {"op": "load"}),
+        "loaded_bytes": (decode_url, "vllm:yuanrong_kv_bytes_total", {"op": "load"}),
+        "loads": (decode_url, "vllm:yuanrong_kv_op_seconds_count", {"op": "load"}),
+        "hits": (decode_url, "vllm:external_prefix_cache_hits_total", {}),
+    }
+
+    def read() -> dict[str, float]:
+        return {key: metric(url, name, **labels) for key, (url, name, labels) in numbers.items()}
+
+    before = read()
+    prompt = [token + 7 for token in token_prompt(3 * BLOCK_SIZE + 20)]  # no block in common with the other tests'
+    _complete(deployment.url, {"prompt": prompt, "max_tokens": 4, "temperature": 0})
+    # 2 layers x K,V x 2 KV heads x 128 tokens x 64 x 4 bytes (float32) per block
+    expected = {"saved": 4, "loaded": 4, "loaded_bytes": 4 * 262144, "loads": 1, "hits": 3 * BLOCK_SIZE + 19}
+    wait_for(lambda: {key: value - before[key] for key, value in read().items()} == expected, 30,
+             f"the engines' connector counters to move by {expected}")  # fmt: skip
 
 
 def test_seed_000_curl_example_works_unchanged(deployment: Deployment) -> None:
@@ -216,13 +228,28 @@ def test_vllm_bench_serve_runs_against_the_door(deployment: Deployment, tmp_path
 
 
 def test_door_metrics_count_requests_latency_and_kv_tokens(deployment: Deployment) -> None:
-    text = httpx.get(f"{deployment.url}/metrics", timeout=10).text
-    assert 'frontdoor_requests_total{endpoint="completions",status="200"}' in text
-    assert 'frontdoor_requests_total{endpoint="chat/completions",status="200"}' in text
-    assert "frontdoor_time_to_first_byte_seconds_bucket" in text and "frontdoor_request_latency_seconds_count" in text
-    assert 'frontdoor_in_flight_requests{engine="decode-0",role="decode"} 0.0' in text
-    kv = [line for line in text.splitlines() if line.startswith('frontdoor_engine_kv_tokens{engine="decode-0",source="external_kv_transfer"}')]
-    assert kv, "the door exports no KV token counts of the decode engine"
+    """One completion and one chat through the door: each endpoint's 200 counter and
+    latency count move by one, nothing stays in flight, and the door's copy of the
+    decode's KV-transfer counter catches up with the engine's own (scraped every 5 s)."""
+    door, decode_url = deployment.url, deployment.engine_url("decode")
+    series = {endpoint: ('frontdoor_requests_total', {"endpoint": endpoint, "status": "200"})
+              for endpoint in ("completions", "chat/completions")}  # fmt: skip
+    series |= {f"{endpoint} latency": ("frontdoor_request_latency_seconds_count", {"endpoint": endpoint})
+               for endpoint in ("completions", "chat/completions")}  # fmt: skip
+
+    def read() -> dict[str, float]:
+        return {key: metric(door, name, **labels) for key, (name, labels) in series.items()}
+
+    before = read()
+    _complete(door, {"prompt": token_prompt(40), "max_tokens": 2, "temperature": 0})
+    chat = httpx.post(f"{door}/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+                      timeout=120)  # fmt: skip
+    assert chat.status_code == 200, chat.text
+    wait_for(lambda: {key: value - before[key] for key, value in read().items()} == dict.fromkeys(series, 1), 10,
+             "each endpoint's request and latency counts to move by one")  # fmt: skip
+    assert metric(door, "frontdoor_in_flight_requests", engine="decode-0", role="decode") == 0
+    wait_for(lambda: metric(door, "frontdoor_engine_kv_tokens", engine="decode-0", source="external_kv_transfer")
+             == _external_kv_tokens(decode_url), 30, "the door's copy of the decode's KV-transfer tokens")  # fmt: skip
 
 
 def test_bad_requests_get_openai_errors(deployment: Deployment) -> None:

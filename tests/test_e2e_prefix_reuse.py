@@ -3,7 +3,8 @@ system (USING_PREFIX_CONNECTOR=1), across two simulated nodes (SIMULATED_NODES=2
 0 runs on node 0 (127.0.0.2) and attaches to its worker A, instance 1 on node 1
 (127.0.0.3) with worker B.
 
-One deployment shared by the tests, in file order; the fixture cleans.
+One deployment shared by the tests; each uses prompts of its own and takes its own
+baselines, so each passes alone too. The fixture cleans.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from testkit.deployment import (
     same_greedy_output,
     token_prompt,
 )
-from testkit.helpers import run_cli
+from testkit.helpers import run_cli, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -101,21 +102,24 @@ def test_shared_prefix_is_reused_and_the_rest_computed(deployment: Deployment) -
 
 def test_blocks_already_stored_are_not_written_again(deployment: Deployment) -> None:
     url = deployment.engine_url("colocated-0")
+    prompt = [token + 11 for token in token_prompt(4 * BLOCK_SIZE + 9)]  # this test's own
+    stored_before = _stored_blocks(url)
+    deployment.engine_complete("colocated-0", _body(prompt))  # computed: its 4 full blocks saved
+    _wait_for_stored_blocks(url, stored_before + 4)
     present_before = metric(url, "vllm:yuanrong_kv_blocks_total", op="save_present")
     written_before = metric(url, "vllm:yuanrong_kv_blocks_total", op="save")
-    deployment.engine_complete("colocated-0", _body(token_prompt(4 * BLOCK_SIZE + 9)))  # computed before: a local hit
+    deployment.engine_complete("colocated-0", _body(prompt))  # again: a local hit
     # Its 4 full blocks come from vLLM's own cache; the connector offers them to the store
     # again (another worker may lack them), finds all 4 there and writes none.
-    deadline = time.monotonic() + 30
-    while metric(url, "vllm:yuanrong_kv_blocks_total", op="save_present") < present_before + 4:
-        assert time.monotonic() < deadline, "the 4 stored blocks were not found present within 30 s"
-        time.sleep(0.5)
+    wait_for(lambda: metric(url, "vllm:yuanrong_kv_blocks_total", op="save_present") >= present_before + 4, 30,
+             "the 4 stored blocks found present")  # fmt: skip
     assert metric(url, "vllm:yuanrong_kv_blocks_total", op="save_present") == present_before + 4
     assert metric(url, "vllm:yuanrong_kv_blocks_total", op="save") == written_before
 
 
-def test_killed_engine_is_routed_around_without_client_errors(deployment: Deployment) -> None:
-    """Requests that had not started when an engine died are answered by the other one."""
+def test_killed_engine_is_routed_around_and_comes_back(deployment: Deployment) -> None:
+    """Requests that had not started when an engine died are answered by the other one;
+    the engine comes back, and `status` shows its restart."""
     victim = next(e for e in deployment.state.engines if e["name"] == "colocated-0")
     os.killpg(int(victim["pid"]), signal.SIGKILL)  # type: ignore[arg-type]
     for i in range(6):
@@ -124,12 +128,9 @@ def test_killed_engine_is_routed_around_without_client_errors(deployment: Deploy
         assert response.status_code == 200, response.text
     metrics = httpx.get(f"{deployment.url}/metrics", timeout=10).text
     assert 'frontdoor_engine_healthy{engine="colocated-0",role="colocated"} 0.0' in metrics
-
-
-def test_killed_engine_comes_back_and_status_shows_the_restart(deployment: Deployment) -> None:
-    """Follows the kill above: the supervisor restarts the engine, state.json (what
-    `status` reads) shows the new pid and the restart, and the door routes to it again."""
-    killed = next(e for e in deployment.state.engines if e["name"] == "colocated-0")
+    # Then the supervisor restarts the engine, state.json (what `status` reads) shows the
+    # new pid and the restart, and the door routes to it again.
+    killed = victim
     state_file = Path(deployment.env["RUN_DIR"]) / "state.json"
     deadline = time.monotonic() + 240
     while True:
