@@ -20,6 +20,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from common.engine_state import EngineState
+
 PREFIX_CHARS = 256  # head of a text prompt that decides affinity
 PREFIX_TOKENS = 64  # head of a token-id prompt that decides affinity
 
@@ -33,7 +35,7 @@ class EngineLoad:
     role: str
     healthy: bool = True
     outstanding: int = 0
-    state: str = "healthy"  # the Controller's word: healthy, unhealthy (alive, missed probes), restarting, ...
+    state: str = EngineState.HEALTHY  # the Controller's word: healthy, unhealthy (alive, missed probes), restarting, ...
     host: str = ""
     port: int = 0
     events_port: int = 0  # where the engine publishes its KV events (0: it does not)

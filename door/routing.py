@@ -123,7 +123,7 @@ class RoutingTable:
         for engine in self._of_role(role):
             if self._usable(engine):
                 healthy.append(engine)
-            elif engine.state in ("healthy", "unhealthy"):  # running: suspect, or missed probes
+            elif engine.state in (EngineState.HEALTHY, EngineState.UNHEALTHY):  # running: suspect, or missed probes
                 # (a draining engine, being scaled in, gets nothing new; nor a restarting or failed one)
                 doubtful.append(engine)
         ranked = ranker(healthy) if ranker is not None else policy.order(healthy, affinity_key)
