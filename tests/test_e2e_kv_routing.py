@@ -10,6 +10,7 @@ counters read before it acts), so each passes alone too. The fixture cleans.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -57,6 +58,20 @@ def _indexed(deployment: Deployment, engine: str) -> float:
     return _door_metric(deployment, "frontdoor_kv_indexed_blocks", engine=engine)
 
 
+def _settled_indexed(deployment: Deployment, engine: str, steady_s: float = 2.5) -> float:
+    """A baseline of ``_indexed``: its value once it held still for ``steady_s`` (two of
+    the door's 1 s refreshes and then some), so that an earlier request's events still on
+    their way do not land after it."""
+    value, since = _indexed(deployment, engine), time.monotonic()
+    deadline = since + 30
+    while time.monotonic() - since < steady_s:
+        assert time.monotonic() < deadline, f"the door's index of {engine} did not settle within 30 s"
+        time.sleep(0.25)
+        if (now := _indexed(deployment, engine)) != value:
+            value, since = now, time.monotonic()
+    return value
+
+
 def _wait_indexed(deployment: Deployment, engine: str, blocks: float, timeout_s: float = 30.0) -> None:
     """Until the door's index holds exactly ``blocks`` blocks of ``engine`` (its gauge is
     refreshed every 1 s)."""
@@ -82,7 +97,7 @@ def test_repeated_prompt_skips_the_prefill_leg(deployment: Deployment) -> None:
     decode_url, prefill_url = deployment.engine_url("decode"), deployment.engine_url("prefill")
     skipped = _door_metric(deployment, "frontdoor_prefill_skipped_total")
     loaded = external_kv_tokens(decode_url)
-    indexed = {engine: _indexed(deployment, engine) for engine in ("decode-0", "prefill-0")}
+    indexed = {engine: _settled_indexed(deployment, engine) for engine in ("decode-0", "prefill-0")}
 
     first = complete(deployment.url, _body(prompt))
     assert external_kv_tokens(decode_url) - loaded == 4 * BLOCK_SIZE + 39  # the first went through the prefill: all but the last token
@@ -126,7 +141,7 @@ def test_predicted_hits_match_what_the_engines_report(deployment: Deployment) ->
     prompt tokens found in its device cache."""
     decode_url = deployment.engine_url("decode")
     prompt = [token + 2 for token in token_prompt(3 * BLOCK_SIZE + 9)]
-    indexed = _indexed(deployment, "decode-0")
+    indexed = _settled_indexed(deployment, "decode-0")
     complete(deployment.url, _body(prompt))  # through the prefill: the decode loads and caches 3 blocks
     _wait_indexed(deployment, "decode-0", indexed + 3)
     predicted = _door_metric(deployment, "frontdoor_kv_predicted_cached_tokens_total", engine="decode-0")
@@ -147,6 +162,7 @@ def test_door_metrics_report_the_kv_routing_values(deployment: Deployment) -> No
     def scrape() -> dict[str, float]:
         return {key: _door_metric(deployment, name, **labels) for key, (name, labels) in series.items()}
 
+    _settled_indexed(deployment, "decode-0")
     before = scrape()
     prompt = [token + 3 for token in token_prompt(2 * BLOCK_SIZE + 11)]
     complete(deployment.url, _body(prompt))
