@@ -6,7 +6,7 @@ sim-node-1 as a headless engine that joins the head's DP group at its node's add
 and attaches to its own node's data system worker. Requests through the door reach the
 head, which spreads them over both ranks.
 
-One deployment shared by the tests, in file order; the fixture cleans.
+One deployment shared by the tests (each passes alone too); the fixture cleans.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 layout differs from the decode engine's (float32 vs bfloat16) hands over nothing, and
 a data system worker stopped mid-run makes requests recompute, not fail or hang.
 
-One 1P1D deployment shared by the tests, in file order; the fixture cleans.
+One 1P1D deployment shared by the tests (each passes alone too); the fixture cleans.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ worker (the two joined in one cluster) and one of the two cores. The planner put
 prefill on one node and the decode on the other; each engine binds to its node's
 address and attaches to its node's worker, so a PD handoff goes worker to worker.
 
-One deployment shared by the tests, in file order; the last one cleans.
+One deployment shared by the tests (each passes alone too); the last one cleans.
 """
 
 from __future__ import annotations
