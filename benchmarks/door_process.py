@@ -19,12 +19,11 @@ import uvicorn
 
 from benchmarks.asgi_door import completions_app
 from common.config import ROUTING_POLICIES, ServiceConfig
-from deploy.config import build_config
 from deploy.embedded_model import ensure_embedded_model
 from deploy.settings import SETTINGS
 from door.builder import build_door, build_kv_router
 from door.gc_tuning import tune_gc_for_serving
-from testkit.helpers import PROJECT_ROOT
+from testkit.helpers import PROJECT_ROOT, service_config
 
 logger = logging.getLogger(__name__)
 
@@ -37,8 +36,7 @@ DEFAULT_POLICY = str(next(setting.default for setting in SETTINGS if setting.env
 def default_config(policy: str) -> ServiceConfig:
     """A default deployment's configuration with ``policy``, built as deploy builds it. No
     selective PD: every PD request takes both legs, as the benchmark checks."""
-    return build_config({"ROUTING_POLICY": policy, "SELECTIVE_PD_TOKENS": "0", "ACCELERATOR": "cpu",
-                         "YR_SESSIONS_DIR": str(PROJECT_ROOT / ".cache" / "door-process")})  # fmt: skip
+    return service_config(ROUTING_POLICY=policy, SELECTIVE_PD_TOKENS="0")
 
 
 def engine_info(spec: str, host: str = "127.0.0.1") -> dict[str, object]:

@@ -31,12 +31,8 @@ from testkit.deployment import (
     same_greedy_output,
     token_prompt,
 )
-from testkit.deployment import (
-    complete as _complete,
-)
-from testkit.deployment import (
-    external_kv_tokens as _external_kv_tokens,
-)
+from testkit.deployment import complete as _complete
+from testkit.deployment import external_kv_tokens as _external_kv_tokens
 from testkit.helpers import pids_matching, port_open, run_cli, wait_for
 from tests.malformed import malformed_requests, run_battery
 
