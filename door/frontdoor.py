@@ -40,23 +40,19 @@ from common.scale_port import ScaleControl
 from door.admin import add_admin_routes
 from door.admission import Admission
 from door.door_metrics import DoorMetrics
-from door.engine_client import EngineClient, EngineUnreachable, StreamCut, Upstream
+from door.engine_client import EngineClient, EngineUnreachable, StreamCut
 from door.engine_watch import EngineWatch, Refresh
 from door.http_server import READ_TIMEOUT_S, Exchange, door_protocol, error_body, error_object
 from door.kv_router import KVRouter, RoutedPrompt
 from door.legs import REQUEST_ID_HEADER, Leg, decode_request, prefill_request, single_prompt
-from door.migration import CONTINUATION_PATH, StreamFollower, engine_request, migratable
+from door.migration import engine_request, migratable
 from door.policies import EngineLoad, affinity_key
-from door.routing import SUSPECT_S, RoutingTable
+from door.routing import RoutingTable
+from door.stream_relay import RETRYABLE_STATUS, UNAVAILABLE_STATUS, EngineLegs
 from workers.api_key_guard import UNAUTHORIZED_MESSAGE, BearerCheck, KeyGuard
 
 logger = logging.getLogger(__name__)
 
-# Answers that send the request to the next engine. Only "unavailable" ones (and
-# transport errors) also take the engine out of rotation for a while: a 500 may be this
-# request's own failure, and one bad request must not empty the table.
-_RETRYABLE_STATUS = (500, 502, 503, 504)
-_UNAVAILABLE_STATUS = (502, 503, 504)
 _CLIENT_CLOSED = 499  # counted when the client left before its answer (nginx's code)
 
 
@@ -124,6 +120,7 @@ class FrontDoor:
         self._latency = {endpoint: self.metrics.latency.labels(endpoint) for endpoint in _ENDPOINTS}
         self._counted: dict[tuple[str, int], Any] = {}
         self._bearer = BearerCheck(api_key) if api_key is not None else None
+        self.legs = EngineLegs(table, self.client, self.metrics, self._ttft, self._latency, stream_migrations)
         self.watch = EngineWatch(table, refresh, kv_router, self.client, self.metrics)
         self.app = self._fallback_app(scaler)
         if api_key is not None:
@@ -320,22 +317,22 @@ class FrontDoor:
             try:
                 with self.table.track(engine):
                     async with asyncio.timeout(self.prefill_timeout_s):
-                        upstream = await self._post(engine, leg, payload)
+                        upstream = await self.legs.post(engine, leg, payload)
                         try:
                             content = await upstream.read()
                         finally:
                             upstream.release()  # unread: the connection is dropped and vLLM aborts the leg
             except (EngineUnreachable, StreamCut) as exc:
-                self._failed(engine, leg.request_id, exc)
+                self.legs.failed(engine, leg.request_id, exc)
                 continue
             except TimeoutError:
-                self._failed(engine, leg.request_id, f"no answer within {self.prefill_timeout_s:g} s (PREFILL_TIMEOUT_S)")
+                self.legs.failed(engine, leg.request_id, f"no answer within {self.prefill_timeout_s:g} s (PREFILL_TIMEOUT_S)")
                 return None  # a stuck prefill: the decode computes the prompt rather than wait on another
             if upstream.status == 200:
                 params = json.loads(content).get("kv_transfer_params")
                 return params if isinstance(params, dict) else {}
-            if upstream.status in _RETRYABLE_STATUS:
-                self._failed(engine, leg.request_id, f"HTTP {upstream.status}", unavailable=upstream.status in _UNAVAILABLE_STATUS)
+            if upstream.status in RETRYABLE_STATUS:
+                self.legs.failed(engine, leg.request_id, f"HTTP {upstream.status}", unavailable=upstream.status in UNAVAILABLE_STATUS)
                 continue
             leg.exchange.send(upstream.status, content, upstream.content_type, leg.headers)
             return upstream.status
@@ -355,19 +352,19 @@ class FrontDoor:
                 self.metrics.retries.labels(role).inc()
             table.acquire(engine)  # released once the answer is relayed, or here on failure
             try:
-                upstream = await self._post(engine, leg, payload)
+                upstream = await self.legs.post(engine, leg, payload)
             except EngineUnreachable as exc:
                 table.release(engine)
-                self._failed(engine, leg.request_id, exc)
+                self.legs.failed(engine, leg.request_id, exc)
                 last_failure = f"{engine.name} unreachable"
                 continue
             except BaseException:
                 table.release(engine)
                 raise
-            if upstream.status in _RETRYABLE_STATUS and (attempt + 1 < len(engines) or more_after):
+            if upstream.status in RETRYABLE_STATUS and (attempt + 1 < len(engines) or more_after):
                 upstream.close()
                 table.release(engine)
-                self._failed(engine, leg.request_id, f"HTTP {upstream.status}", unavailable=upstream.status in _UNAVAILABLE_STATUS)
+                self.legs.failed(engine, leg.request_id, f"HTTP {upstream.status}", unavailable=upstream.status in UNAVAILABLE_STATUS)
                 last_failure = f"{engine.name} answered HTTP {upstream.status}"
                 continue
             if not body.get("stream") or upstream.status != 200:
@@ -376,7 +373,7 @@ class FrontDoor:
                 except StreamCut as exc:
                     upstream.close()
                     table.release(engine)
-                    self._failed(engine, leg.request_id, exc)
+                    self.legs.failed(engine, leg.request_id, exc)
                     last_failure = f"{engine.name} cut its answer short"
                     continue
                 except BaseException:
@@ -390,119 +387,11 @@ class FrontDoor:
             leg.exchange.streamed = True
             leg.exchange.start(200, "text/event-stream", leg.headers)
             if follow:
-                await self._follow(upstream, engine, body, leg)
+                await self.legs.follow(upstream, engine, body, leg)
             else:
-                await self._relay(upstream, engine, leg)
+                await self.legs.relay(upstream, engine, leg)
             return 200
         raise _Refused(503, f"no engine could take the request ({last_failure})", "service_unavailable")
-
-    async def _post(self, engine: EngineLoad, leg: Leg, payload: bytes, path: str = "") -> Upstream:
-        return await self.client.request("POST", engine.host, engine.port, path or leg.path, payload, leg.engine_headers)
-
-    async def _relay(self, upstream: Upstream, engine: EngineLoad, leg: Leg) -> None:
-        first, complete = True, False
-        try:
-            async for chunk in upstream.chunks():
-                if first:
-                    self._ttft[leg.endpoint].observe(time.perf_counter() - leg.started)
-                    first = False
-                await leg.exchange.write(chunk)
-            complete = True
-            leg.exchange.end()
-        except StreamCut as exc:
-            logger.warning("[request=%s engine=%s] stream broke (%s); not continued", leg.request_id, engine.name, exc)
-            leg.exchange.abort()
-        finally:
-            # Done: the connection goes back to the pool. Client gone: closing it makes
-            # vLLM abort the request.
-            upstream.release() if complete else upstream.close()
-            self.table.release(engine)
-            self._latency[leg.endpoint].observe(time.perf_counter() - leg.started)
-
-    async def _follow(self, upstream: Upstream, engine: EngineLoad, body: dict[str, Any], leg: Leg) -> None:
-        """``_relay``, for a stream that is continued on another engine if it breaks."""
-        follower = StreamFollower(body, chat=leg.endpoint == "chat/completions")
-        first, migrations_left = True, self.stream_migrations
-        try:
-            while True:
-                complete, broken, drained = False, None, True
-                try:
-                    async for chunk in upstream.chunks():
-                        relayed = follower.feed(chunk)
-                        if relayed and first:
-                            self._ttft[leg.endpoint].observe(time.perf_counter() - leg.started)
-                            first = False
-                        if relayed:
-                            await leg.exchange.write(relayed)
-                        if follower.stopped_here:  # a stop string across a cut: the engine is stopped by closing
-                            drained = False
-                            break
-                    complete = follower.finished
-                    broken = None if complete else StreamCut(
-                        f"the engine sent an error event: {follower.engine_error}" if follower.engine_error
-                        else "the stream ended before its last event"
-                    )  # fmt: skip
-                except StreamCut as exc:
-                    broken = exc
-                finally:
-                    upstream.release() if complete and drained else upstream.close()
-                    self.table.release(engine)
-                if broken is None:
-                    leg.exchange.end()
-                    return
-                if follower.finished:  # cut after its last token: end the client's stream
-                    if not follower.done_sent:
-                        await leg.exchange.write(b"data: [DONE]\n\n")
-                    leg.exchange.end()
-                    return
-                self.table.mark_failed(engine)
-                continuation = follower.continuation() if migrations_left else None
-                opened = None if continuation is None else await self._open_stream(engine, continuation, leg)
-                if opened is None:
-                    self.metrics.migrations.labels("failed").inc()
-                    logger.warning("[request=%s engine=%s] stream broke after %d tokens (%s); not continued",
-                                   leg.request_id, engine.name, len(follower.generated), broken)  # fmt: skip
-                    leg.exchange.abort()  # the client sees its stream end without its last chunk
-                    return
-                logger.warning("[request=%s engine=%s] stream broke after %d tokens (%s); continued on %s",
-                               leg.request_id, engine.name, len(follower.generated), broken, opened[1].name)  # fmt: skip
-                self.metrics.migrations.labels("continued").inc()
-                migrations_left -= 1
-                upstream, engine = opened
-                follower.restart()
-        finally:
-            self._latency[leg.endpoint].observe(time.perf_counter() - leg.started)
-
-    async def _open_stream(self, broken: EngineLoad, body: dict[str, Any], leg: Leg) -> tuple[Upstream, EngineLoad] | None:
-        """A continuation's stream from the first other engine that takes it (any engine
-        can compute a whole request: decode engines first, then prefill engines)."""
-        table = self.table
-        roles = ("decode", "prefill") if table.disaggregated else ("colocated",)
-        payload = json.dumps(body).encode()  # a completion of token ids, whatever the client's endpoint
-        for engine in (engine for role in roles for engine in table.order(role, leg.key) if engine is not broken):
-            table.acquire(engine)
-            try:
-                upstream = await self._post(engine, leg, payload, CONTINUATION_PATH)
-            except EngineUnreachable as exc:
-                table.release(engine)
-                self._failed(engine, leg.request_id, exc)
-                continue
-            except BaseException:
-                table.release(engine)
-                raise
-            if upstream.status == 200:
-                return upstream, engine
-            upstream.close()
-            table.release(engine)
-            self._failed(engine, leg.request_id, f"HTTP {upstream.status}", unavailable=upstream.status in _UNAVAILABLE_STATUS)
-        return None
-
-    def _failed(self, engine: EngineLoad, request_id: str, reason: object, unavailable: bool = True) -> None:
-        if unavailable:
-            self.table.mark_failed(engine)
-        logger.warning("[request=%s engine=%s] failed before answering (%s); trying another engine%s",
-                       request_id, engine.name, reason,
-                       f" (engine skipped for {SUSPECT_S:.0f} s)" if unavailable else "")  # fmt: skip
 
 
 _ENDPOINTS = ("completions", "chat/completions")

@@ -151,3 +151,12 @@ def drop_outs(holders: dict[int, int], hashes: Iterable[int]) -> list[tuple[int,
     if held:
         levels.append((held, alive))
     return levels
+
+
+def unset_holder(holders: dict[int, int], chain: int, bit: int) -> None:
+    """Take one engine's ``bit`` off ``chain``'s holders (the entry goes with the last)."""
+    mask = holders[chain] & ~bit
+    if mask:
+        holders[chain] = mask
+    else:
+        del holders[chain]

@@ -36,31 +36,7 @@ engine then computes those blocks, as it would have anyway.
 
 ``match`` answers with a ``Held`` (door/kv_holders.py).
 
-Provisional holdings (``hold``): an engine's events come only after its scheduler step
-computed the blocks (hundreds of ms for a long prompt on CPU), and until then requests
-sharing the prompt's head would see nothing cached and be spread over engines that each
-compute it. So the door, when it sends a prompt to the engine that will compute it,
-records that engine as holding the prompt's full blocks in its device cache: its bit
-is set in the device medium's holders, where ``match`` counts it as any device hit (no
-cost added to the walk), and the engine's ``provisional`` dict names the chained hashes
-held that way (chained hash -> the ``_Hold`` that last claimed it). A block the engine
-holds by its events is not claimed (real and provisional are exclusive per engine and
-block). What ends a claim:
-- the engine's own ``BlockStored`` for the block (device medium): confirmed, from then
-  on an ordinary entry (removals, the cap, drops);
-- ``provisional_ttl_s`` passing (the request failed, was aborted, or the engine's blocks
-  never come under the door's chained hashes): gone, checked lazily by ``match`` (one
-  clock call when claims are live) and by ``expire`` (the door's once-a-second publish);
-  a later request routed to the engine for the same block claims it again, anew;
-- ``drop``/``remove`` of the engine (``AllBlocksCleared``, lost events, a restart);
-- the cap: at most ``max_provisional`` claims (a block claimed again counts again until
-  its earlier claim ends), the oldest ended first.
-Claims are kept per routed prompt (``_Hold``, in a queue in deadline order: the TTL is one
-setting and the clock monotonic), so expiring is a pop from the queue's front. Measured
-(``benchmarks.kv_index_scale --in-flight 256``, 2-core box at load 2.8): ~120 bytes per
-claim (the default cap, ~30 MiB); ``hold`` of a new 2048-token prompt 34 us p50 (two
-dict writes per block); a decision 5 us slower at p50 with 160K claims live (a larger
-holders dict, and holds between decisions evicting the caches).
+Provisional holdings (``hold``): door/kv_claims.py.
 
 ``drop(engine)`` forgets one engine's entries (its events were lost, or it restarted),
 its provisional holdings too; ``remove(engine)`` also frees its id. Events of another KV
@@ -77,12 +53,12 @@ import heapq
 import itertools
 import logging
 import time
-from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from door.kv_chain import ROOT, chained_hashes, engine_hash, hashable, request_extra_keys
-from door.kv_holders import Held, Roster, drop_outs
+from door.kv_claims import Claims, Hold
+from door.kv_holders import Held, Roster, drop_outs, unset_holder
 from door.kv_wire import MEDIUM_GPU, AllBlocksCleared, BlockRemoved, BlockStored, ExternalBlockHash
 
 logger = logging.getLogger(__name__)
@@ -90,15 +66,6 @@ logger = logging.getLogger(__name__)
 DEFAULT_MAX_BLOCKS = 2_000_000
 DEFAULT_PROVISIONAL_TTL_S = 10.0  # a routed prompt's blocks count as held this long without the engine's events
 DEFAULT_MAX_PROVISIONAL = 250_000  # provisional claims (routed prompts' blocks not yet confirmed)
-
-
-def _unset(holders: dict[int, int], chain: int, bit: int) -> None:
-    """Take one engine's ``bit`` off ``chain``'s holders (the entry goes with the last)."""
-    mask = holders[chain] & ~bit
-    if mask:
-        holders[chain] = mask
-    else:
-        del holders[chain]
 
 
 class _Tier:
@@ -118,20 +85,7 @@ class _Engine:
     id: int
     bit: int
     tiers: dict[str, _Tier]
-    provisional: dict[int, _Hold] = field(default_factory=dict)  # device chained hash -> the claim that holds it
-
-
-class _Hold:
-    """The blocks of one prompt that the door routed to ``engine`` and claimed for it
-    (chained hashes) until ``deadline``; a block claimed again later belongs to the later
-    claim (``engine.provisional`` names the owner)."""
-
-    __slots__ = ("deadline", "engine", "chains")
-
-    def __init__(self, deadline: float, engine: _Engine, chains: list[int]) -> None:
-        self.deadline = deadline
-        self.engine = engine
-        self.chains = chains
+    provisional: dict[int, Hold] = field(default_factory=dict)  # device chained hash -> the claim that holds it
 
 
 @dataclass
@@ -184,11 +138,7 @@ class KVIndex:
         self._evicted = 0
         self._dropped = 0
         self._in_store: dict[int, None] | None = {} if track_store else None  # chained hashes, oldest first
-        self._holds: deque[_Hold] = deque()  # provisional claims, oldest (earliest deadline) first
-        self._claimed = 0  # chains over the queued holds (the cap's count)
-        self._provisional = 0  # entries of the engines' provisional dicts
-        self._confirmed = 0
-        self._expired = 0
+        self._claims = Claims(self._holders, provisional_ttl_s, max_provisional, clock)
 
     # -- queries (the request path) ------------------------------------------------
 
@@ -203,9 +153,9 @@ class KVIndex:
         """By engine, how many leading blocks of the prompt (``hashes()``) it holds in
         ``medium``; engines holding none are absent. Provisional holdings count as device
         hits (the module docstring); the expired ones go first."""
-        holds = self._holds
+        holds = self._claims.queue
         if holds and holds[0].deadline <= self._clock():
-            self.expire()
+            self._claims.expire()
         holders = self._holders.get(medium)
         return Held(drop_outs(holders, hashes) if holders else [], self._roster)
 
@@ -252,7 +202,7 @@ class KVIndex:
             dropped += self._evict(tier, len(tier.blocks))
         engine.tiers.clear()
         self._dropped += dropped
-        unclaimed = self._unclaim_all(engine)
+        unclaimed = self._claims.unclaim_all(engine)
         if dropped or unclaimed:
             logger.info("[engine=%s] KV index entries dropped: %d (and %d provisional)", name, dropped, unclaimed)
         return dropped
@@ -326,9 +276,7 @@ class KVIndex:
             extra = None if extras is None or extras[index] is None else hashable(extras[index])
             chain = hash((chain, tokens[index * size : (index + 1) * size], extra))
             if provisional and chain in provisional:  # claimed when routed: confirmed, the bit stays
-                del provisional[chain]
-                self._provisional -= 1
-                self._confirmed += 1
+                self._claims.confirm(provisional, chain)
             if in_store is not None:
                 in_store.pop(chain, None)  # now the newest
                 in_store[chain] = None
@@ -365,7 +313,7 @@ class KVIndex:
                 continue
             del blocks[key]
             self._entries -= 1
-            _unset(tier.holders, chain, tier.bit)
+            unset_holder(tier.holders, chain, tier.bit)
 
     def _evict(self, tier: _Tier, count: int) -> int:
         """Forget ``tier``'s ``count`` oldest entries."""
@@ -374,7 +322,7 @@ class KVIndex:
         for key in oldest:
             chain = blocks.pop(key)
             tier.extra_refs.pop(key, None)
-            _unset(tier.holders, chain, tier.bit)
+            unset_holder(tier.holders, chain, tier.bit)
         self._entries -= len(oldest)
         return len(oldest)
 
@@ -393,79 +341,20 @@ class KVIndex:
     def hold(self, name: str, hashes: Sequence[int]) -> int:
         """``name`` will compute the prompt of ``hashes`` (``hashes()``): until its events
         confirm them or ``provisional_ttl_s`` passes, it holds the prompt's blocks in its
-        device cache as far as ``match`` is concerned (module docstring). Returns how many
-        blocks it claimed (not those it holds by its events; those it held provisionally
-        are claimed anew, until a new deadline)."""
-        if not hashes or not self.max_provisional:
-            return 0
-        engine = self._engine(name)
-        provisional, bit = engine.provisional, engine.bit
-        holders = self._holders.setdefault(MEDIUM_GPU, {})
-        get = holders.get
-        chains: list[int] = []  # the blocks claimed: not held, or held provisionally (claimed anew)
-        unheld = 0
-        for chain in hashes:
-            mask = get(chain, 0)
-            if not mask & bit:
-                holders[chain] = mask | bit
-                unheld += 1
-            elif chain not in provisional:
-                continue  # held by its events
-            chains.append(chain)
-        if not chains:
-            return 0
-        claim = _Hold(self._clock() + self.provisional_ttl_s, engine, chains)
-        provisional.update(dict.fromkeys(chains, claim))
-        self._provisional += unheld
-        self._holds.append(claim)
-        self._claimed += len(chains)
-        while self._claimed > self.max_provisional:
-            self._expired += self._end(self._holds.popleft())
-        return len(chains)
+        device cache as far as ``match`` is concerned (door/kv_claims.py). Returns how many
+        blocks it claimed."""
+        return self._claims.hold(self._engine(name), hashes) if hashes and self.max_provisional else 0
 
     def expire(self) -> int:
         """End the provisional claims whose time-to-live has passed; returns how many."""
-        now = self._clock()
-        holds = self._holds
-        ended = 0
-        while holds and holds[0].deadline <= now:
-            ended += self._end(holds.popleft())
-        self._expired += ended
-        return ended
+        return self._claims.expire()
 
     def provisional(self, engine: str | None = None) -> int:
         """Provisional claims (one engine's, or all) not yet confirmed or ended."""
         if engine is None:
-            return self._provisional
+            return self._claims.live
         known = self._engines.get(engine)
         return 0 if known is None else len(known.provisional)
-
-    def _end(self, claim: _Hold) -> int:
-        """End those of a dequeued claim's blocks it still holds (not confirmed, dropped or
-        claimed again since); returns how many."""
-        self._claimed -= len(claim.chains)
-        provisional, bit = claim.engine.provisional, claim.engine.bit
-        holders = self._holders[MEDIUM_GPU]
-        ended = 0
-        for chain in claim.chains:
-            if provisional.get(chain) is claim:
-                del provisional[chain]
-                _unset(holders, chain, bit)
-                ended += 1
-        self._provisional -= ended
-        return ended
-
-    def _unclaim_all(self, engine: _Engine) -> int:
-        """End all of ``engine``'s provisional claims (their queued ``_Hold``s end nothing
-        when their turn comes); returns how many."""
-        provisional = engine.provisional
-        holders = self._holders.get(MEDIUM_GPU, {})
-        for chain in provisional:
-            _unset(holders, chain, engine.bit)
-        count = len(provisional)
-        provisional.clear()
-        self._provisional -= count
-        return count
 
     def stats(self) -> IndexStats:
         return IndexStats(
@@ -476,7 +365,7 @@ class KVIndex:
             unresolved_blocks=self._unresolved,
             evicted_entries=self._evicted,
             dropped_entries=self._dropped,
-            provisional_entries=self._provisional,
-            confirmed_provisional=self._confirmed,
-            expired_provisional=self._expired,
+            provisional_entries=self._claims.live,
+            confirmed_provisional=self._claims.confirmed,
+            expired_provisional=self._claims.expired,
         )

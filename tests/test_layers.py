@@ -77,8 +77,8 @@ def test_the_circle_finder_finds_a_circle() -> None:
 
 
 # Small modules with one job: the product's files and functions stay short enough to read
-# at once. door/frontdoor.py (508) and door/kv_index.py (482) are the two files above 450.
-MAX_FILE_LINES = 510
+# at once.
+MAX_FILE_LINES = 450
 MAX_FUNCTION_LINES = 60
 PRODUCT = ("common", "controller", "deploy", "door", "patch", "workers")
 
