@@ -41,8 +41,8 @@ import torch
 
 from benchmarks.deployment import deployed
 from deploy.embedded_model import BENCH_MODEL_CONFIG, BENCH_MODEL_NAME, ensure_embedded_model
-from testkit.deployment import metric
 from testkit.helpers import PROJECT_ROOT, free_port, isolated_env
+from testkit.metrics import metric
 
 RESULTS = Path(__file__).resolve().parent / "results" / "pd_handoff.json"
 BLOCK_TOKENS = 128

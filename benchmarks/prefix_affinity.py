@@ -63,8 +63,8 @@ from benchmarks.router_arm import arm_name, load_through
 from benchmarks.ttft_tiers import Prompt, ttft
 from common.config import ROUTING_POLICIES
 from deploy.embedded_model import BENCH_MODEL_CONFIG, BENCH_MODEL_NAME, ensure_embedded_model
-from testkit.deployment import metric
 from testkit.helpers import PROJECT_ROOT, isolated_env
+from testkit.metrics import metric
 
 RESULTS = Path(__file__).resolve().parent / "results" / "prefix_affinity.json"
 TAIL = 32

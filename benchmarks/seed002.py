@@ -55,8 +55,9 @@ from benchmarks.report import Spread, bar_panels, bar_plot, markdown_table
 from benchmarks.router_arm import engine_url, load_through
 from benchmarks.serve_bench import ServeResult, serve_bench
 from deploy.state import DeploymentState
-from testkit.deployment import external_kv_tokens, metric
+from testkit.deployment import external_kv_tokens
 from testkit.helpers import isolated_env
+from testkit.metrics import metric
 
 RESULTS = Path(__file__).resolve().parent / "results" / "seed002.json"
 ROUTER_POLICY = "round_robin"  # its fastest policy in the door-overhead benchmark

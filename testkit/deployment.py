@@ -11,6 +11,7 @@ import httpx
 
 from deploy.state import DeploymentState
 from testkit.helpers import isolated_env, run_cli
+from testkit.metrics import metric
 
 BLOCK_SIZE = 128  # vLLM's CPU block size
 # one token, shorter than, exactly, and longer than a block
@@ -72,17 +73,6 @@ def complete(url: str, body: dict[str, object]) -> dict[str, object]:
     response = httpx.post(f"{url}/v1/completions", json=body, timeout=120)
     assert response.status_code == 200, response.text
     return response.json()
-
-
-def metric(engine_url: str, name: str, **labels: str) -> float:
-    """Sum of the samples of ``name`` on an engine's /metrics whose labels include ``labels``."""
-    total = 0.0
-    for line in httpx.get(f"{engine_url}/metrics", timeout=10).text.splitlines():
-        if not line.startswith(name + "{") and not line.startswith(name + " "):
-            continue
-        if all(f'{key}="{value}"' in line for key, value in labels.items()):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 def external_kv_tokens(engine_url: str) -> float:

@@ -56,8 +56,9 @@ from deploy.datasystem import start_worker, worker_home
 from door.legs import prefill_request
 from patch.yuanrong_connector.integrity import SEAL_BYTES, unseal
 from patch.yuanrong_connector.keys import block_key, chain_root, chained_block_hashes
-from testkit.deployment import BLOCK_SIZE, ENGINE_PARAMS, Deployment, deployed, metric
+from testkit.deployment import BLOCK_SIZE, ENGINE_PARAMS, Deployment, deployed
 from testkit.helpers import freeze, pids_matching, process_tree
+from testkit.metrics import metric
 from tests.kv_torture import make_prompts
 
 PHASES = ("frozen-helper", "flipped-block", "worker-killed", "dtype-mix")

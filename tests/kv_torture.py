@@ -30,7 +30,8 @@ import httpx
 
 from deploy.config import build_config
 from deploy.datasystem import start_worker, stop_worker, worker_home
-from testkit.deployment import BLOCK_SIZE, ENGINE_PARAMS, Deployment, deployed, metric
+from testkit.deployment import BLOCK_SIZE, ENGINE_PARAMS, Deployment, deployed
+from testkit.metrics import metric
 
 HANDOFF_WAIT_MS = 1500
 # 16 blocks of 128 tokens on the decode: a few concurrent requests fill it, vLLM preempts.

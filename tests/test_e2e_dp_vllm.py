@@ -19,8 +19,9 @@ from pathlib import Path
 import pytest
 
 from common.processes import pid_alive
-from testkit.deployment import Deployment, complete, deployed, metric, token_prompt
+from testkit.deployment import Deployment, complete, deployed, token_prompt
 from testkit.helpers import pids_matching, run_cli
+from testkit.metrics import metric
 
 pytestmark = pytest.mark.e2e
 

@@ -22,11 +22,11 @@ from testkit.deployment import (
     complete,
     deployed,
     external_kv_tokens,
-    metric,
     same_greedy_output,
     token_prompt,
 )
 from testkit.helpers import wait_for
+from testkit.metrics import metric
 
 pytestmark = pytest.mark.e2e
 

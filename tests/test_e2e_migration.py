@@ -26,8 +26,9 @@ import httpx
 import pytest
 
 from deploy.state import DeploymentState
-from testkit.deployment import ENGINE_PARAMS, deployed, metric, token_prompt
+from testkit.deployment import ENGINE_PARAMS, deployed, token_prompt
 from testkit.helpers import process_tree
+from testkit.metrics import metric
 
 pytestmark = pytest.mark.e2e
 

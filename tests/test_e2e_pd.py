@@ -27,13 +27,13 @@ from testkit.deployment import (
     PROMPT_LENGTHS,
     Deployment,
     deployed,
-    metric,
     same_greedy_output,
     token_prompt,
 )
 from testkit.deployment import complete as _complete
 from testkit.deployment import external_kv_tokens as _external_kv_tokens
 from testkit.helpers import pids_matching, port_open, run_cli, wait_for
+from testkit.metrics import metric
 from tests.malformed import malformed_requests, run_battery
 
 pytestmark = pytest.mark.e2e

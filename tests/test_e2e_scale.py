@@ -28,8 +28,9 @@ import pytest
 from common.config import Accelerator, Role
 from common.processes import pid_alive
 from deploy.state import DeploymentState
-from testkit.deployment import ENGINE_PARAMS, Deployment, deployed, metric, token_prompt
+from testkit.deployment import ENGINE_PARAMS, Deployment, deployed, token_prompt
 from testkit.helpers import PROJECT_ROOT, free_port, run_cli, wait_for
+from testkit.metrics import metric
 from workers.engine_process import (
     EngineSpec,
     build_engine_argv,

@@ -31,6 +31,7 @@ from deploy.config import build_config
 from deploy.state import DeploymentState
 from door.builder import build_door
 from testkit.helpers import free_port, wait_for
+from testkit.metrics import samples
 from tests.fake_engines import FakeEngine, serving
 from workers.engine_process import EngineSpec
 
@@ -125,13 +126,6 @@ def admin_door(settings: dict[str, str] | None = None, api_key: str | None = Non
 
 
 
-def _metric(url: str, name: str) -> float | None:
-    for line in httpx.get(f"{url}/metrics", timeout=5).text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.rsplit(" ", 1)[1])
-    return None
-
-
 def _error(response: httpx.Response) -> dict[str, Any]:
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"} and error["code"] == response.status_code
@@ -154,8 +148,8 @@ def test_scale_out_adds_an_engine_the_door_routes_to() -> None:
         for i in range(4):
             assert httpx.post(f"{door.url}/v1/completions", json={"prompt": f"p{i}"}, timeout=10).status_code == 200
         assert len(new.received) == 2  # decode legs alternate between the two idle decode engines
-        assert _metric(door.url, 'frontdoor_scale_operations_total{direction="out",outcome="done",role="decode"}') == 1
-        assert _metric(door.url, 'frontdoor_engines{role="decode"}') == 2
+        assert samples(door.url, "frontdoor_scale_operations_total", direction="out", outcome="done", role="decode") == [1]
+        assert samples(door.url, "frontdoor_engines", role="decode") == [2]
     assert door.events == ["add decode-1", "prefill-0 finished", "decode-0 finished", "prefill-0 finished",
                            "decode-1 finished", "prefill-0 finished", "decode-0 finished", "prefill-0 finished",
                            "decode-1 finished"]  # fmt: skip
@@ -207,8 +201,8 @@ def test_scale_in_drains_requests_in_flight_before_removing_the_engine() -> None
         assert answer.json()["warnings"] == []
         assert answers == {"a": (200, 11), "b": (200, 11)}  # 10 chunks and [DONE] each: nothing cut
         assert set(door.table()) == {"prefill-0", "decode-0"}
-        assert _metric(door.url, 'frontdoor_engines{role="decode"}') == 1
-        assert _metric(door.url, 'frontdoor_engine_healthy{engine="decode-1",role="decode"}') is None
+        assert samples(door.url, "frontdoor_engines", role="decode") == [1]
+        assert samples(door.url, "frontdoor_engine_healthy", engine="decode-1", role="decode") == []
     assert [e for e in door.events if "decode-1" in e] == ["draining decode-1", "decode-1 finished", "removed decode-1"]
 
 
@@ -240,7 +234,7 @@ def test_a_failed_start_answers_500_and_changes_nothing() -> None:
         assert set(door.table()) == {"prefill-0", "decode-0"}
         door.controller.fail_start = False
         assert door.scale("decode", 1).json()["added"][0]["name"] == "decode-1"  # the name was not taken
-        assert _metric(door.url, 'frontdoor_scale_operations_total{direction="out",outcome="failed",role="decode"}') == 1
+        assert samples(door.url, "frontdoor_scale_operations_total", direction="out", outcome="failed", role="decode") == [1]
 
 
 @pytest.mark.parametrize(

@@ -20,6 +20,7 @@ from door.builder import build_door
 from door.policies import EngineLoad, LeastOutstanding, PrefixAffinity, RoundRobin, affinity_key
 from door.routing import RoutingTable
 from testkit.helpers import free_port, service_config, wait_for
+from testkit.metrics import metric, samples
 from tests.fake_engines import FakeEngine, serving
 
 
@@ -45,11 +46,6 @@ def door(
 
 def _served_by(engines: list[FakeEngine]) -> dict[str, int]:
     return {e.name: len(e.received) for e in engines}
-
-
-def _metric(url: str, name: str) -> float:
-    lines = httpx.get(f"{url}/metrics", timeout=5).text.splitlines()
-    return sum(float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith(name))
 
 
 def test_round_robin_takes_turns() -> None:
@@ -135,7 +131,7 @@ def test_failed_engines_are_retried_before_the_first_byte() -> None:
             response = httpx.post(f"{url}/v1/completions", json=body, timeout=10)
             assert response.status_code == 200 and "good" in response.text
         metrics_url = url
-        assert _metric(metrics_url, "frontdoor_retries_total") == 2  # each failing engine tried once, then suspected
+        assert metric(metrics_url, "frontdoor_retries_total") == 2  # each failing engine tried once, then suspected
 
 
 def test_no_prefill_left_means_the_decode_computes_the_prompt() -> None:
@@ -144,7 +140,7 @@ def test_no_prefill_left_means_the_decode_computes_the_prompt() -> None:
         response = httpx.post(f"{url}/v1/completions", json={"prompt": "hello", "max_tokens": 5}, timeout=10)
         assert response.status_code == 200 and response.json()["choices"][0]["text"] == "d0"
         assert "kv_transfer_params" not in decode.received[0]["body"]
-        assert _metric(url, "frontdoor_prefill_fallbacks_total") == 1
+        assert metric(url, "frontdoor_prefill_fallbacks_total") == 1
 
 
 def test_client_disconnect_cancels_the_engine_request() -> None:
@@ -165,7 +161,7 @@ def test_client_disconnect_cancels_the_engine_request() -> None:
         while "plain" not in slow_answer.cancelled and time.monotonic() < deadline:
             time.sleep(0.05)
         assert slow_answer.cancelled == ["plain"]
-        assert _metric(url, "frontdoor_client_disconnects_total") == 1
+        assert metric(url, "frontdoor_client_disconnects_total") == 1
 
 
 def test_health_needs_one_engine_that_can_answer() -> None:
@@ -193,7 +189,7 @@ def test_no_decode_left_means_a_prefill_serves_the_whole_request() -> None:
         ]  # the client's own request: no prefill-only max_tokens, no kv_transfer_params (a stream
         # is asked for its token ids, so that it can go on elsewhere if its engine dies)
         assert decode.received == []
-        assert _metric(url, "frontdoor_decode_fallbacks_total") == 2
+        assert metric(url, "frontdoor_decode_fallbacks_total") == 2
 
 
 def test_pd_requests_take_turns_on_the_prefill_engines() -> None:
@@ -217,7 +213,7 @@ def test_a_decode_found_dead_costs_no_request_while_a_prefill_can_serve_it() -> 
         assert first[0]["max_tokens"] == 1 and "kv_transfer_params" in first[0]  # the prefill leg, then
         assert first[1] == {"prompt": "p0", "max_tokens": 4, "model": "m"}  # the client's own request, whole
         assert decode.received == []
-        assert _metric(url, "frontdoor_decode_fallbacks_total") == 3  # the first after its prefill leg, the rest at once
+        assert metric(url, "frontdoor_decode_fallbacks_total") == 3  # the first after its prefill leg, the rest at once
 
 
 def test_a_decode_answering_a_server_error_hands_the_request_to_a_prefill_whole() -> None:
@@ -229,7 +225,7 @@ def test_a_decode_answering_a_server_error_hands_the_request_to_a_prefill_whole(
             response = httpx.post(f"{url}/v1/completions", json={"prompt": "p", "max_tokens": 4, "stream": stream}, timeout=10)
             assert response.status_code == 200 and "p0" in response.text, response.text
         assert len(decode.received) == 2  # a 500 keeps an engine in rotation: each request asked it once
-        assert _metric(url, "frontdoor_decode_fallbacks_total") == 2
+        assert metric(url, "frontdoor_decode_fallbacks_total") == 2
 
 
 def test_a_stuck_prefill_is_abandoned_and_the_decode_computes_the_prompt() -> None:
@@ -245,7 +241,7 @@ def test_a_stuck_prefill_is_abandoned_and_the_decode_computes_the_prompt() -> No
             time.sleep(0.05)
         assert prefill.cancelled == [prefill.received[0]["request_id"]]  # the abandoned leg was aborted
         assert not table.healthy("prefill")  # suspected
-        assert _metric(url, "frontdoor_prefill_fallbacks_total") == 1
+        assert metric(url, "frontdoor_prefill_fallbacks_total") == 1
 
 
 def test_malformed_bodies_get_openai_4xx() -> None:
@@ -297,9 +293,9 @@ def test_health_gauge_returns_to_1_when_an_engine_is_no_longer_suspect(monkeypat
     unavailable, good = FakeEngine("unavailable", "colocated", fail_status=503), FakeEngine("good", "colocated")
     with door([unavailable, good]) as (url, _):
         assert httpx.post(f"{url}/v1/completions", json={"prompt": "p"}, timeout=10).status_code == 200
-        gauge = 'frontdoor_engine_healthy{engine="unavailable",role="colocated"}'
-        assert _metric(url, gauge) == 0
-        wait_for(lambda: _metric(url, gauge) == 1, 5, "the gauge back at 1 once the engine is no longer suspect")
+        gauge = {"engine": "unavailable", "role": "colocated"}
+        assert samples(url, "frontdoor_engine_healthy", **gauge) == [0]
+        wait_for(lambda: samples(url, "frontdoor_engine_healthy", **gauge) == [1], 5, "the gauge back at 1 once the engine is no longer suspect")
 
 
 def _concurrent_posts(url: str, bodies: list[dict[str, object]], admission: Admission) -> list[tuple[httpx.Response, float]]:
@@ -338,8 +334,8 @@ def test_overload_gets_429_with_retry_after_and_no_request_waits_past_the_queue_
         assert all(r.headers["Retry-After"] == "1" and r.json()["error"]["type"] == "rate_limit_exceeded" for r, _ in refused)
         assert all(seconds < 2.0 for _, seconds in refused)  # the queue timeout (0.5 s), not the engine's 3 s
         assert len(slow.received) == 2  # refused requests never reached the engine
-        assert _metric(url, 'frontdoor_refused_total{reason="queue_timeout"}') == 2
-        assert _metric(url, 'frontdoor_refused_total{reason="queue_full"}') == 4
+        assert metric(url, "frontdoor_refused_total", reason="queue_timeout") == 2
+        assert metric(url, "frontdoor_refused_total", reason="queue_full") == 4
 
 
 def test_queued_requests_are_served_as_slots_free() -> None:
