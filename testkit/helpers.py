@@ -186,6 +186,21 @@ def listening_addresses(pids: list[int]) -> set[tuple[str, int]]:
     return found
 
 
+def connections_accepted_on(port: int) -> int:
+    """How many TCP connections to local ``port`` are established (from /proc; any process)."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            if fields[3] == "01" and int(fields[1].rsplit(":", 1)[1], 16) == port:  # 01: TCP_ESTABLISHED
+                count += 1
+    return count
+
+
 def _proc_address(hex_address: str, width: int) -> str:
     """/proc/net/tcp's address notation (little-endian 32-bit words) as text."""
     raw = b"".join(bytes.fromhex(hex_address[i : i + 8])[::-1] for i in range(0, width, 8))

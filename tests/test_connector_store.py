@@ -108,7 +108,7 @@ def test_handoff_waits_for_blocks_published_after_it_started(ds_worker: DataSyst
     target = _caches(shape, fill_random=False)
     consumer.register_kv_caches(target)
     consumer.start_load(YuanRongConnectorMetadata(loads=[BlockTransfer("late", hashes, (1, 2), wait_s=5.0)]))
-    time.sleep(0.3)
+    time.sleep(0.3)  # a window to watch the load wait: nothing to poll for
     assert consumer.finished(set(), idle_step=False) == (set(), set())  # still waiting, nothing blocked
     source = _caches(shape, fill_random=True)
     _save(ds_worker.address, settings, hashes, source, (3, 4))

@@ -28,7 +28,7 @@ from controller.controller import CONTROLLER_CONCURRENCY, Controller
 from controller.placement import plan_engines
 from deploy.config import build_config
 from deploy.runtime import finalize_yr
-from testkit.helpers import pids_matching
+from testkit.helpers import pids_matching, wait_for
 from workers.engine_process import EngineSpec
 
 SLOW_START_S = 3.0  # the engine scaled out waits this long before it listens
@@ -43,7 +43,7 @@ def controller(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tupl
             return [sys.executable, "-c", "raise SystemExit(3)", marker]
         stand_in = [sys.executable, "-m", "tests.stand_in_engine", "--port", str(port), "--marker", marker]
         if spec.name == "decode-1":  # started at runtime: slow, as a real engine is
-            return ["bash", "-c", f'sleep {SLOW_START_S} && exec "$0" "$@"', *stand_in]
+            return ["bash", "-c", f'sleep {SLOW_START_S} && exec "$0" "$@"  # slow start of {marker}', *stand_in]
         return stand_in
 
     monkeypatch.setattr(engine_actor, "build_engine_argv", argv)
@@ -77,7 +77,7 @@ def test_add_drain_and_remove_engines_while_snapshots_go_on(controller: tuple[An
     assert [(e["name"], e["state"]) for e in engines] == [("prefill-0", "healthy"), ("decode-0", "healthy")]
 
     adding = handle.add_engines.invoke([_more(specs, "decode-1", (2,))])
-    time.sleep(0.5)
+    wait_for(lambda: pids_matching(f"slow start of {marker}"), 10, "decode-1's process starting")
     asked = time.monotonic()
     during_version, during = yr.get(handle.snapshot.invoke(), timeout=30)
     assert time.monotonic() - asked < SLOW_START_S / 2  # answered while the new engine starts

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import os
 import socket
 import threading
 import time
@@ -21,7 +22,7 @@ import door.http_server as http_server
 from door.builder import build_door
 from door.door_metrics import DoorMetrics
 from door.engine_client import EngineClient, EngineUnreachable
-from testkit.helpers import free_port, service_config
+from testkit.helpers import connections_accepted_on, free_port, listening_addresses, service_config, wait_for
 from tests.fake_engines import FakeEngine, serving
 
 
@@ -160,7 +161,8 @@ def test_an_engine_closing_idle_connections_costs_no_retry_and_no_suspicion() ->
     with door_over([engine], engine_keep_alive_s=1) as (port, metrics):
         url = f"http://127.0.0.1:{port}/v1/completions"
         statuses = [httpx.post(url, json={"prompt": "a"}, timeout=10).status_code]
-        time.sleep(1.5)  # the engine has closed the door's connection
+        assert connections_accepted_on(engine.port) == 1  # kept alive in the door's pool
+        wait_for(lambda: connections_accepted_on(engine.port) == 0, 10, "the engine closing the door's idle connection")
         statuses += [httpx.post(url, json={"prompt": "b"}, timeout=10).status_code for _ in range(3)]
         healthy = _counter(metrics, "frontdoor_engine_healthy", engine="c0", role="colocated")
         retries = _counter(metrics, "frontdoor_retries_total", leg="colocated")
@@ -189,7 +191,7 @@ def test_shutdown_lets_a_request_in_flight_finish_and_refuses_new_connections() 
             assert time.monotonic() < deadline, "the request never reached the engine"
             time.sleep(0.02)
         server.should_exit = True
-        time.sleep(0.3)  # Uvicorn has closed its listening socket
+        wait_for(lambda: ("127.0.0.1", port) not in listening_addresses([os.getpid()]), 10, "the door closing its listening socket")
         with pytest.raises(httpx.ConnectError):
             httpx.post(f"http://127.0.0.1:{port}/v1/completions", json={"prompt": "late"}, timeout=2)
         slow.join(10)
@@ -246,7 +248,7 @@ def test_a_pipelining_flood_is_not_read_faster_than_it_is_answered() -> None:
         sent = threading.Event()
         sender = threading.Thread(target=lambda: (sock.sendall(_request(body) * 60), sent.set()), daemon=True)
         sender.start()
-        time.sleep(1.5)
+        time.sleep(1.5)  # a window to watch the door not reading: nothing to poll for
         assert not sent.is_set(), "the door read 60 MiB of pipelined requests it had not answered"
         assert len(engine.received) < 30
         answers = _read_answers(sock, 60)
