@@ -44,12 +44,15 @@ def test_residency_of_touched_and_untouched_pages() -> None:
 
 @pytest.fixture(params=[True, False], ids=["populated-worker", "lazy-worker"])
 def worker(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[DataSystemConfig, bool]]:
+    """A worker populating its shared memory (started here), or the suite's lazy one."""
+    if not request.param:
+        yield request.getfixturevalue("ds_worker"), False
+        return
     settings = DataSystemConfig(worker_host="127.0.0.1", worker_port=free_port(), metastore_port=free_port(),
-                                shared_memory_mb=64, spill_dir=None, spill_size_mb=0,
-                                populate_shared_memory=request.param)  # fmt: skip
+                                shared_memory_mb=64, spill_dir=None, spill_size_mb=0, populate_shared_memory=True)  # fmt: skip
     start_worker(settings, tmp_path_factory.mktemp("mapping-datasystem"))
     try:
-        yield settings, request.param
+        yield settings, True
     finally:
         stop_worker(settings.address)
 
