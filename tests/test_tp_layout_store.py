@@ -7,6 +7,7 @@ engine here: a TP=2 engine needs two devices; this machine has none.)"""
 
 from __future__ import annotations
 
+import time
 from types import SimpleNamespace
 from typing import Any
 
@@ -124,10 +125,10 @@ def _request(request_id: str, prompt: list[int], params: dict[str, Any] | None) 
 
 def _claimed_load(scheduler: YuanRongScheduler, request: Any) -> tuple[tuple[int | None, bool], BlockTransfer | None]:
     """What the scheduler claims for ``request`` (asked until the lookup answers) and the load it then hands over."""
-    for _ in range(400):
-        claim = scheduler.get_num_new_matched_tokens(request, 0)
-        if claim[0] is not None:
-            break
+    deadline = time.monotonic() + 10
+    while (claim := scheduler.get_num_new_matched_tokens(request, 0))[0] is None:
+        assert time.monotonic() < deadline, "the scheduler's lookup never answered"
+        time.sleep(0.001)
     if not claim[1]:
         return claim, None
     blocks = SimpleNamespace(get_block_ids=lambda: ([10, 11, 12, 13],))

@@ -10,13 +10,20 @@ bug, a stray writer), of another length, or with bytes changed since it was seal
 not loaded (vLLM computes the block). xxh3 is not cryptographic: it catches accidents
 (torn or flipped bytes, a value written under the wrong key), not an adversary who can
 write the store.
+
+The data's checksum is computed by the xxhash wheel's own ``XXH3_64bits`` called through
+ctypes, which releases the GIL while it runs (the wheel's Python function holds it), so
+the store helper checks blocks on several threads at once, each beside its copies.
 """
 
 from __future__ import annotations
 
+import ctypes
 import struct
 
+import numpy as np
 import xxhash
+import xxhash._xxhash
 
 SEAL_BYTES = 32
 _MAGIC = b"YRK1"
@@ -24,11 +31,33 @@ _SEAL = struct.Struct("<4sIQQQ")
 assert _SEAL.size == SEAL_BYTES
 
 
+def _unlocked_xxh3() -> ctypes._CFuncPtr | None:
+    """The wheel's exported ``XXH3_64bits(const void*, size_t)``; None where it is not exported."""
+    try:
+        function = ctypes.CDLL(xxhash._xxhash.__file__).XXH3_64bits
+    except (OSError, AttributeError):
+        return None
+    function.restype = ctypes.c_uint64
+    function.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+    return function
+
+
+_XXH3 = _unlocked_xxh3()
+_UNLOCKED_FROM_BYTES = 64 * 1024  # smaller data: the Python function is quicker than a ctypes call
+
+
+def data_digest(data: memoryview) -> int:
+    """xxh3-64 of ``data``, without holding the GIL for large data."""
+    if _XXH3 is None or len(data) < _UNLOCKED_FROM_BYTES:
+        return xxhash.xxh3_64_intdigest(data)
+    return int(_XXH3(np.frombuffer(data, dtype=np.uint8).ctypes.data, len(data)))
+
+
 def seal(value: memoryview, key: str) -> None:
     """Write the seal into the last ``SEAL_BYTES`` of ``value`` (the data before it is written)."""
     data_bytes = len(value) - SEAL_BYTES
     data = value[:data_bytes]
-    _SEAL.pack_into(value, data_bytes, _MAGIC, data_bytes, xxhash.xxh3_64_intdigest(data), _key_digest(key), 0)
+    _SEAL.pack_into(value, data_bytes, _MAGIC, data_bytes, data_digest(data), _key_digest(key), 0)
 
 
 def unseal(value: memoryview, key: str, check_bytes: bool = True) -> memoryview | None:
@@ -41,7 +70,7 @@ def unseal(value: memoryview, key: str, check_bytes: bool = True) -> memoryview 
     if magic != _MAGIC or length != data_bytes or key_digest != _key_digest(key):
         return None
     data = value[:data_bytes]
-    if check_bytes and xxhash.xxh3_64_intdigest(data) != checksum:
+    if check_bytes and data_digest(data) != checksum:
         return None
     return data
 

@@ -228,12 +228,33 @@ class BlockStore:
                     self._failed(f"saving {len(chunk)} blocks", exc)
         return PutResult(stored, skipped, failed)
 
+    @property
+    def check_bytes(self) -> bool:
+        """Whether a value's checksum is checked (else its seal's key and length only)."""
+        return self._check_bytes
+
     def get(self, keys: Sequence[str], value_size: int = 0) -> list[Any | None]:
         """Zero-copy read buffers (``.immutable_data()`` gives a memoryview of the value's
         data, its seal checked); ``None`` where a key is missing, its seal does not match or
         the store failed. Keep the list referenced while reading the views.
         (``value_size`` is what the caller expects; the caller checks it.)
         """
+        buffers = self.get_sealed(keys)
+        checked: list[Any | None] = []
+        corrupt: list[str] = []
+        for key, buffer in zip(keys, buffers):
+            data = None if buffer is None else unseal(memoryview(buffer.immutable_data()), key, self._check_bytes)
+            if buffer is not None and data is None:
+                corrupt.append(key)
+            checked.append(None if data is None else _Checked(buffer, data))
+        self.discard_corrupt(corrupt)
+        return checked
+
+    def get_sealed(self, keys: Sequence[str]) -> list[Any | None]:
+        """``get`` with each value's seal left on and unchecked: the SDK's buffers, ``None``
+        where a key is missing or the store failed. The caller checks each seal
+        (integrity.unseal) before using the data, and passes the keys that failed to
+        ``discard_corrupt``."""
         client = self._connected() if keys else None
         if client is None:
             return [None] * len(keys)
@@ -247,27 +268,22 @@ class BlockStore:
                     self._failed(f"loading {len(chunk)} blocks", exc)
                     return buffers + [None] * (len(keys) - len(buffers))
                 buffers.extend([None] * len(chunk))
-        return self._checked(client, keys, buffers)
+        return buffers
 
-    def _checked(self, client: Any, keys: Sequence[str], buffers: list[Any | None]) -> list[Any | None]:
-        """``buffers`` with each value's seal checked; a value that fails is counted, left
-        out and deleted (best effort: a later save of its block then writes it anew)."""
-        checked: list[Any | None] = []
-        corrupt: list[str] = []
-        for key, buffer in zip(keys, buffers):
-            data = None if buffer is None else unseal(memoryview(buffer.immutable_data()), key, self._check_bytes)
-            if buffer is not None and data is None:
-                corrupt.append(key)
-            checked.append(None if data is None else _Checked(buffer, data))
-        if corrupt:
-            self._corrupt += len(corrupt)
-            logger.warning("[store=%s] %d stored blocks failed their integrity check (e.g. %s): computed, and deleted",
-                           self.address, len(corrupt), corrupt[0])  # fmt: skip
-            try:
-                client.delete(corrupt)
-            except Exception as exc:  # the TTL ends them in any case
-                logger.info("[store=%s] deleting %d corrupt blocks failed: %s", self.address, len(corrupt), _first_line(str(exc)))
-        return checked
+    def discard_corrupt(self, keys: Sequence[str]) -> None:
+        """Values of ``keys`` failed their seal: count them and delete them (best effort: a
+        later save of their block then writes it anew)."""
+        if not keys:
+            return
+        self._corrupt += len(keys)
+        logger.warning("[store=%s] %d stored blocks failed their integrity check (e.g. %s): computed, and deleted",
+                       self.address, len(keys), keys[0])  # fmt: skip
+        client = self._connected()
+        try:
+            if client is not None:
+                client.delete(list(keys))
+        except Exception as exc:  # the TTL ends them in any case
+            logger.info("[store=%s] deleting %d corrupt blocks failed: %s", self.address, len(keys), _first_line(str(exc)))
 
 
 class _Checked:

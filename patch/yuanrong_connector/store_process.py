@@ -20,12 +20,14 @@ import ctypes
 import logging
 import mmap
 import os
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import Connection
 from typing import Any
 
 import numpy as np
 
+from patch.yuanrong_connector.integrity import SEAL_BYTES, unseal
 from patch.yuanrong_connector.store import BlockStore
 from patch.yuanrong_connector.store_mapping import populate_store_mappings
 
@@ -55,6 +57,16 @@ class Copier:
         for _ in self._pool.map(_move_all, [moves[i :: self._threads] for i in range(self._threads)]):
             pass
 
+    def each(self, work: Callable[[int], bool], count: int) -> list[bool]:
+        """``work(i)`` for i in range(count), the range cut into one run per thread; the
+        results in order. ``work`` must release the GIL for the bulk of its time (ctypes
+        copies and checksums do)."""
+        if self._pool is None or count < 2:
+            return [work(i) for i in range(count)]
+        bounds = [count * t // self._threads for t in range(self._threads + 1)]
+        runs = self._pool.map(lambda t: [work(i) for i in range(bounds[t], bounds[t + 1])], range(self._threads))
+        return [done for run in runs for done in run]
+
 
 def _move_all(moves: list[tuple[int, int, int]]) -> None:
     for target, source, size in moves:
@@ -82,6 +94,40 @@ def _piece_moves(value: int, cache: int, pieces: list[tuple[int, int]], to_cache
     return moves
 
 
+def _load_checked(store: BlockStore, keys: list[str], size: int, copier: Copier,
+                  moves_of: Callable[[int, memoryview], Sequence[tuple[int, int, int]]], leading: bool) -> list[bool]:  # fmt: skip
+    """Read ``keys``' values (``size`` bytes of data each) and copy each whose seal matches
+    by ``moves_of(i, data)``: checked and copied on the copier's threads, each value's seal
+    before its copies. One flag per key: copied. With ``leading`` only the leading blocks
+    present and sound count: from the first missing one on nothing is written, and a block
+    after the first unsound one may have been written but is reported not copied (vLLM
+    computes it over)."""
+    buffers = store.get_sealed(keys)
+    views = [None if buffer is None else memoryview(buffer.immutable_data()) for buffer in buffers]
+    present = [view is not None and len(view) == size + SEAL_BYTES for view in views]
+    todo = [i for i, there in enumerate(present) if there]
+    if leading:
+        todo = todo[: present.index(False)] if False in present else todo
+    check_bytes = store.check_bytes
+
+    def load(index: int) -> bool:
+        i = todo[index]
+        data = unseal(views[i], keys[i], check_bytes)  # type: ignore[arg-type]
+        if data is None:
+            return False
+        _move_all(moves_of(i, data))
+        return True
+
+    sound = copier.each(load, len(todo))
+    store.discard_corrupt([keys[i] for i, ok in zip(todo, sound) if not ok])
+    if leading and False in sound:
+        todo = todo[: sound.index(False)]
+    else:
+        todo = [i for i, ok in zip(todo, sound) if ok]
+    copied = set(todo)
+    return [i in copied for i in range(len(keys))]
+
+
 def answer(store: BlockStore, arena: memoryview, request: tuple[Any, ...], copier: Copier,
            cache: memoryview | None = None) -> Any:  # fmt: skip
     """What one request gives. Requests: ("connect",), ("exists", keys),
@@ -104,26 +150,20 @@ def answer(store: BlockStore, arena: memoryview, request: tuple[Any, ...], copie
         return (result.stored, result.skipped_full, result.failed)
     if op == "get":
         keys, size = request[1], request[2]
-        buffers = store.get(keys)
-        views = [None if buffer is None else buffer.immutable_data() for buffer in buffers]
-        copied = [view is not None and len(view) == size for view in views]
-        copier.run([(view, arena[i * size : (i + 1) * size]) for i, view in enumerate(views) if copied[i]])
-        del views, buffers
-        return copied
+        arena_address = _address(arena)
+
+        def into_arena(i: int, data: memoryview) -> list[tuple[int, int, int]]:
+            return [(arena_address + i * size, _address(data), size)]
+
+        return _load_checked(store, keys, size, copier, into_arena, leading=False)
     if op == "get_into":  # ("get_into", keys, value_size, spans): each value into its pieces of the KV cache
         keys, size, spans = request[1], request[2], request[3]
         cache_address = _shared_cache_address(cache)
-        buffers = store.get(keys)
-        views = [None if buffer is None else buffer.immutable_data() for buffer in buffers]
-        present = [view is not None and len(view) == size for view in views]
-        leading = present.index(False) if False in present else len(present)
-        copied = [i < leading for i in range(len(present))]  # the blocks after a gap are computed: not written
-        moves = []
-        for view, pieces in zip(views[:leading], spans):
-            moves.extend(_piece_moves(_address(view), cache_address, pieces, to_cache=True))
-        copier.run_addressed(moves)
-        del views, buffers
-        return copied
+
+        def into_cache(i: int, data: memoryview) -> list[tuple[int, int, int]]:
+            return _piece_moves(_address(data), cache_address, spans[i], to_cache=True)
+
+        return _load_checked(store, keys, size, copier, into_cache, leading=True)
     if op == "put_from":  # ("put_from", keys, value_size, spans): values gathered from the KV cache
         keys, size, spans = request[1], request[2], request[3]
         cache_address = _shared_cache_address(cache)
