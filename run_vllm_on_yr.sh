@@ -3,7 +3,7 @@
 #   bash run_vllm_on_yr.sh deploy|status|logs|clean [--flags]   operate the service
 #   bash run_vllm_on_yr.sh scale <prefill|decode|colocated> <+N|-N>  add or drain and remove instances at runtime
 #   bash run_vllm_on_yr.sh test [pytest args]                   set up and run the tests
-#   bash run_vllm_on_yr.sh test --fast [pytest args]            the same without the end-to-end tests
+#   bash run_vllm_on_yr.sh test --fast [pytest args]            the same without the end-to-end tests, on 2 processes
 #   bash run_vllm_on_yr.sh bench <experiment> [options]         run a benchmark (bench --help lists them)
 #   bash run_vllm_on_yr.sh install                              only set up the environment
 # The environment (.venv) is created on first use with the pinned dependencies for
@@ -105,7 +105,8 @@ case "$verb" in
     fast=()
     if [[ "${1:-}" == "--fast" ]]; then
       shift
-      fast=(-m "not e2e")  # everything but the tests that start real engines
+      # everything but the tests that start real engines, on two processes (a module stays on one)
+      fast=(-m "not e2e" -n 2 --dist loadfile)
     fi
     ensure_env
     cd "$ROOT"
