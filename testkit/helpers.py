@@ -8,7 +8,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -170,7 +170,16 @@ def listening_addresses(pids: list[int]) -> set[tuple[str, int]]:
                 continue
             if link.startswith("socket:["):
                 inodes.add(link[8:-1])
-    found: set[tuple[str, int]] = set()
+    return {(address, port) for address, port, state, inode in _tcp_sockets() if state == "0A" and inode in inodes}  # 0A: LISTEN
+
+
+def connections_accepted_on(port: int) -> int:
+    """How many TCP connections to local ``port`` are established (from /proc; any process)."""
+    return sum(1 for _, local_port, state, _ in _tcp_sockets() if state == "01" and local_port == port)  # 01: ESTABLISHED
+
+
+def _tcp_sockets() -> Iterator[tuple[str, int, str, str]]:
+    """(local address, local port, state in hex, inode) of every TCP socket, IPv4 and IPv6."""
     for table, width in (("/proc/net/tcp", 8), ("/proc/net/tcp6", 32)):
         try:
             rows = Path(table).read_text().splitlines()[1:]
@@ -178,27 +187,8 @@ def listening_addresses(pids: list[int]) -> set[tuple[str, int]]:
             continue
         for row in rows:
             fields = row.split()
-            local, state, inode = fields[1], fields[3], fields[9]
-            if state != "0A" or inode not in inodes:  # 0A: TCP_LISTEN
-                continue
-            address, port = local.split(":")
-            found.add((_proc_address(address, width), int(port, 16)))
-    return found
-
-
-def connections_accepted_on(port: int) -> int:
-    """How many TCP connections to local ``port`` are established (from /proc; any process)."""
-    count = 0
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            rows = Path(table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for row in rows:
-            fields = row.split()
-            if fields[3] == "01" and int(fields[1].rsplit(":", 1)[1], 16) == port:  # 01: TCP_ESTABLISHED
-                count += 1
-    return count
+            address, port = fields[1].split(":")
+            yield _proc_address(address, width), int(port, 16), fields[3], fields[9]
 
 
 def _proc_address(hex_address: str, width: int) -> str:
