@@ -6,8 +6,6 @@ writes it anew. With ``KV_CHECKSUM=0`` only the key and length are checked."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 
@@ -17,6 +15,7 @@ import torch
 from common.config import DataSystemConfig
 from patch.yuanrong_connector.integrity import SEAL_BYTES, seal, unseal
 from tests.cache_engine import CacheEngine
+from tests.stray_writer import stray_write
 
 
 @pytest.fixture
@@ -27,28 +26,6 @@ def engines(ds_worker: DataSystemConfig) -> Iterator[tuple[CacheEngine, CacheEng
     finally:
         source.close()
         target.close()
-
-
-_STRAY_WRITER = """
-import sys
-from yr.datasystem import KVClient
-host, port, op, key, other = sys.argv[1:]
-client = KVClient(host, int(port))
-client.init()
-(value,) = client.get([other if op == "copy" else key])
-value = bytearray(value)
-if op == "flip":
-    value[100] ^= 0x10  # one bit of the block's data
-client.delete([key])  # the worker keeps a key's write mode: delete, then set
-client.set(key, bytes(value))
-"""
-
-
-def _stray_write(address: str, op: str, key: str, other: str = "") -> None:
-    """Another client of the worker, in a process of its own, rewrites ``key``'s stored
-    value: ``flip`` one bit of its data, or ``copy`` ``other``'s value over it."""
-    host, _, port = address.rpartition(":")
-    subprocess.run([sys.executable, "-c", _STRAY_WRITER, host, port, op, key, other], check=True, timeout=60)
 
 
 def test_seal_names_the_key_the_length_and_the_bytes() -> None:
@@ -69,7 +46,7 @@ def test_a_block_whose_bytes_were_flipped_is_computed_counted_and_deleted(
     source, target = engines
     keys = [f"integrity-{uuid.uuid4().hex}" for _ in range(3)]
     assert source.staging.save(source.store, keys, [0, 1, 2], None).stored == 3
-    _stray_write(source.store.address, "flip", keys[1])
+    stray_write(source.store.address, "flip", keys[1])
 
     failed = target.staging.load(target.store, keys, [3, 2, 1])
 
@@ -88,7 +65,7 @@ def test_a_value_stored_under_another_blocks_key_is_never_loaded(
     source, target = engines
     first, second = (f"integrity-{uuid.uuid4().hex}" for _ in range(2))
     assert source.staging.save(source.store, [first, second], [0, 1], None).stored == 2
-    _stray_write(source.store.address, "copy", second, first)  # right bytes, wrong block
+    stray_write(source.store.address, "copy", second, first)  # right bytes, wrong block
     assert target.staging.load(target.store, [second], [3]) == {3}
     assert target.store.take_corrupt() == 1
     assert all(float(layer.abs().sum()) == 0 for layer in target.block(3))
@@ -99,8 +76,8 @@ def test_without_the_checksum_keys_and_lengths_are_still_checked(ds_worker: Data
     try:
         first, second = (f"integrity-{uuid.uuid4().hex}" for _ in range(2))
         assert source.staging.save(source.store, [first, second], [0, 1], None).stored == 2
-        _stray_write(ds_worker.address, "flip", first)
-        _stray_write(ds_worker.address, "copy", second, first)
+        stray_write(ds_worker.address, "flip", first)
+        stray_write(ds_worker.address, "copy", second, first)
         assert target.staging.load(target.store, [first], [3]) == set()  # bytes unchecked: loaded
         assert target.staging.load(target.store, [second], [2]) == {2}  # another key's value: never
         assert target.store.take_corrupt() == 1

@@ -2,7 +2,12 @@
 
 The scheduler half parks a request whose blocks are to be loaded (vLLM state
 WAITING_FOR_REMOTE_KVS) with its blocks allocated; ``submit`` hands them to one loader
-thread, and the engine loop goes on. The thread, for all pending loads together:
+thread, and the engine loop goes on. The thread first reads and copies a new load's
+blocks at once, without asking whether they are there (a prefix reuse's were when the
+scheduler looked, and a handoff's usually are by the time the decode is asked): one store
+call. A load that found every block, may not wait (no handoff, cancelled, past its
+deadline, store down) or met a corrupt block is decided then. The others, for all
+pending loads together:
 1. asks the store (one batched ``exist``) which blocks are published; a handed-over
    load whose blocks are not all there yet is asked about again (every 2 ms at first,
    backing off to 32 ms), up to its ``wait_s``;
@@ -54,6 +59,7 @@ class _Load:
     handoff: bool  # blocks announced by a prefill, perhaps still being published
     plan: ReshardPlan | None = None  # stored by another TP size: how this rank assembles its heads
     cancelled: bool = False
+    tried: bool = False  # its first read (every block, unasked) was made
 
     @property
     def keys_per_block(self) -> int:
@@ -136,6 +142,9 @@ class BackgroundLoader:
                 if self._submitted:
                     poll_s, self._submitted = _POLL_MIN_S, False
                 loads = list(self._pending.values())
+            loads = [load for load in loads if not self._tried_at_once(load)]
+            if not loads:
+                continue
             try:
                 ready, decided = self._ready(loads)
             except Exception:
@@ -174,6 +183,33 @@ class BackgroundLoader:
                 ready.append((load, leading))
         return ready, now
 
+    def _tried_at_once(self, load: _Load) -> bool:
+        """``_loaded_at_once``; a load whose try failed is reported failed (vLLM computes it)."""
+        try:
+            return self._loaded_at_once(load)
+        except Exception:
+            logger.exception("[connector req=%s] loading failed; vLLM recomputes its blocks", load.request_id)
+            self._report(load, LoadOutcome(load.request_id, set(load.block_ids)))
+            return True
+
+    def _loaded_at_once(self, load: _Load) -> bool:
+        """A new load's first try: every block read and copied in one store call, unasked.
+        True when that decided it (reported); False for a load tried before, and for a
+        handoff some of whose blocks are not published yet (it waits, then the blocks are
+        read again). Not for blocks another TP size stored, nor the Ascend device path."""
+        if load.tried or load.cancelled or load.plan is not None or self._device_store is not None:
+            return False
+        load.tried = True
+        tried_at = time.monotonic()
+        started = time.perf_counter()
+        failed = self._copy_in(load.keys, load.block_ids, None)
+        seconds = time.perf_counter() - started
+        corrupt = self._store.take_corrupt()
+        if failed and not corrupt and load.handoff and tried_at < load.deadline and self._store.available:
+            return False
+        self._record(load, failed, seconds, corrupt, waited=tried_at - load.submitted)
+        return True
+
     def _finish(self, load: _Load, present: int, waited: float) -> None:
         """Copy a decided load in; ``waited`` is its wait for publication (not the copies of loads before it)."""
         if load.cancelled:
@@ -190,9 +226,12 @@ class BackgroundLoader:
         started = time.perf_counter()
         failed = set(load.block_ids[present:])
         failed |= self._copy_in(load.keys[: present * load.keys_per_block], load.block_ids[:present], load.plan)
-        seconds = time.perf_counter() - started
+        self._record(load, failed, time.perf_counter() - started, self._store.take_corrupt(), waited)
+
+    def _record(self, load: _Load, failed: set[int], seconds: float, corrupt: int, waited: float) -> None:
+        """Count a decided load and report it: ``failed`` its blocks not loaded, ``seconds``
+        its copies, ``corrupt`` the values found corrupt, ``waited`` its wait for publication."""
         loaded = len(load.block_ids) - len(failed)
-        corrupt = self._store.take_corrupt()
         with self._lock:
             self._stats.add("blocks_load_corrupt", corrupt)
             self._stats.add("blocks_load", loaded)
