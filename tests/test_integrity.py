@@ -6,14 +6,16 @@ writes it anew. With ``KV_CHECKSUM=0`` only the key and length are checked."""
 
 from __future__ import annotations
 
+import random
 import uuid
 from collections.abc import Iterator
 
 import pytest
 import torch
+import xxhash
 
 from common.config import DataSystemConfig
-from patch.yuanrong_connector.integrity import SEAL_BYTES, seal, unseal
+from patch.yuanrong_connector.integrity import SEAL_BYTES, data_digest, seal, unseal
 from tests.cache_engine import CacheEngine
 from tests.stray_writer import stray_write
 
@@ -84,3 +86,10 @@ def test_without_the_checksum_keys_and_lengths_are_still_checked(ds_worker: Data
     finally:
         source.close()
         target.close()
+
+
+@pytest.mark.parametrize("size", [0, 1, 240, 64 * 1024 - 1, 64 * 1024, 1536 * 1024 + 7])
+def test_the_checksum_without_the_gil_is_xxh3(size: int) -> None:
+    data = memoryview(bytes(random.Random(size).getrandbits(8) for _ in range(min(size, 4096))) * (size // 4096 + 1))[:size]
+    assert data_digest(data) == xxhash.xxh3_64_intdigest(data)
+    assert data_digest(data[3:]) == xxhash.xxh3_64_intdigest(data[3:])  # an unaligned view
