@@ -119,13 +119,13 @@ class ConnectorArm:
     def run(self, repeat: int) -> None:
         tokens = [repeat * 7919 + 1 + i % 50000 for i in range(len(self.block_ids) * BLOCK_SIZE)]
         hashes = tuple(chained_block_hashes(tokens, BLOCK_SIZE))
+        for target in self.targets.values():  # before the save: the load follows it at once, as raw get follows put
+            target.zero_()
         started = time.perf_counter()
         self.producer.end_step(YuanRongConnectorMetadata(saves=[BlockTransfer(f"s{repeat}", hashes, tuple(self.block_ids))]))
         self.times["handover_s"].append(time.perf_counter() - started)
         assert self.producer.wait_saved(60)
         self.times["save_s"].append(time.perf_counter() - started)
-        for target in self.targets.values():
-            target.zero_()
         started = time.perf_counter()
         self.consumer.start_load(YuanRongConnectorMetadata(loads=[BlockTransfer(f"l{repeat}", hashes, tuple(self.block_ids))]))
         failed = self.consumer.wait_loaded(f"l{repeat}", 60)
