@@ -111,7 +111,6 @@ class FrontDoor:
         self.served_model_name = served_model_name
         self.metrics = metrics or DoorMetrics()
         self.admission = admission
-        self.stream_migrations = stream_migrations
         self.prefill_timeout_s = prefill_timeout_s
         self.kv_router = kv_router
         self.client = EngineClient(api_key=api_key)
@@ -345,7 +344,7 @@ class FrontDoor:
         request): a server error of the last engine here is not relayed but refused (503)."""
         table = self.table
         last_failure = "no healthy engine"
-        follow = self.stream_migrations > 0 and migratable(leg.endpoint, body)
+        follow = self.legs.stream_migrations > 0 and migratable(leg.endpoint, body)
         payload = json.dumps(engine_request(body) if follow else body).encode()
         for attempt, engine in enumerate(engines):
             if attempt:
