@@ -18,6 +18,7 @@ EXPERIMENTS: dict[str, tuple[str, str]] = {
     "pd-handoff": ("benchmarks.pd_handoff", "a cold PD request leg by leg against the prefill engine alone"),
     "connector-io": ("benchmarks.connector_io", "connector save/load GB/s against the raw data system and ExampleConnector"),
     "checksum-cost": ("benchmarks.checksum_cost", "what checking a loaded KV block's checksum costs, against its copy"),
+    "load-floor": ("benchmarks.load_floor", "a checked load's copies alone, without the store: one thread and the helper's threads"),
     "cuda-staging": ("benchmarks.cuda_staging", "CUDA save/load GB/s against a pinned copy (needs a GPU)"),
     "door-overhead": ("benchmarks.frontdoor_overhead", "latency the front door adds, on stand-in engines"),
     "prefix-affinity": ("benchmarks.prefix_affinity", "routing policies (round robin, prefix affinity, KV-aware) on grouped prefixes"),

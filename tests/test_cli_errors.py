@@ -52,7 +52,7 @@ def test_unknown_benchmark_is_refused(tmp_path: Path) -> None:
     result = run_cli("bench", isolated_env(tmp_path), "seed001", timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        "error: unknown experiment 'seed001': must be one of seed000, seed002, seed003, pd-handoff, connector-io, checksum-cost, cuda-staging, "
+        "error: unknown experiment 'seed001': must be one of seed000, seed002, seed003, pd-handoff, connector-io, checksum-cost, load-floor, cuda-staging, "
         "door-overhead, prefix-affinity, selective-pd, kv-index-scale, soak, sdk-gil"
     ]
 

@@ -57,6 +57,10 @@ def test_block_spans_address_each_piece_of_a_block_in_place() -> None:
     assert blobs[0] == (first[0, 3].data_ptr(), first[0, 3].numel() * 2)
     assert blobs[1] == (first[1, 3].data_ptr(), first[1, 3].numel() * 2)
     assert sum(size for _, size in blobs) == cache.block_bytes
+    by_tensor = [[(piece.rows[b].data_ptr() - 4096, piece.nbytes) for piece in cache.pieces] for b in (0, 3, NUM_BLOCKS - 1)]
+    assert cache.blocks_spans([0, 3, NUM_BLOCKS - 1], origin=4096) == by_tensor
+    with pytest.raises(IndexError):
+        cache.blocks_spans([NUM_BLOCKS], origin=0)
     lists = device_blob_lists(cache, [3, 5], device_index=1)  # the data system's own types
     assert [(lst.dev_idx, len(lst.blob_list)) for lst in lists] == [(1, 6), (1, 6)]
     assert lists[0].blob_list[0].dev_ptr == blobs[0][0] and lists[0].blob_list[0].size == blobs[0][1]

@@ -61,6 +61,7 @@ class PagedKVCache:
     pieces: list[Piece] = field(default_factory=list)
     layer_pieces: dict[str, list[int]] = field(default_factory=dict)  # layer name -> piece indices
     device: torch.device = torch.device("cpu")
+    _row_table: list[tuple[int, int, int]] | None = field(default=None, repr=False)  # (first row's address, row stride, size) per piece
 
     @staticmethod
     def register(kv_caches: Mapping[str, torch.Tensor | Sequence[torch.Tensor]], num_blocks: int) -> PagedKVCache:
@@ -137,4 +138,16 @@ class PagedKVCache:
         """(address, size) of each piece of block ``block_id``, in stored-value order: where
         a stored value is copied straight into or out of the cache (by the store helper in a
         shared CPU cache; by the data system's HeteroClient on Ascend), without staging."""
-        return [(piece.rows[block_id].data_ptr(), piece.nbytes) for piece in self.pieces]
+        return self.blocks_spans([block_id], 0)[0]
+
+    def blocks_spans(self, block_ids: Sequence[int], origin: int) -> list[list[tuple[int, int]]]:
+        """``block_spans`` of each of ``block_ids``, addresses counted from ``origin``: by
+        arithmetic on each piece's first row and row stride (indexing a tensor per block and
+        piece cost ~0.7 ms for a 32-block load of 12 layers, on the loader's path)."""
+        if self._row_table is None:
+            self._row_table = [(piece.rows.data_ptr(), piece.rows.stride(0), piece.nbytes) for piece in self.pieces]
+        for block_id in block_ids:
+            if not 0 <= block_id < self.num_blocks:
+                raise IndexError(f"block {block_id} is outside the KV cache's {self.num_blocks} blocks")
+        table = [(first - origin, stride, size) for first, stride, size in self._row_table]
+        return [[(first + block_id * stride, size) for first, stride, size in table] for block_id in block_ids]

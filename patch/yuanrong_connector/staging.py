@@ -45,6 +45,7 @@ class HostStaging:
         self.cache = cache
         self.on_cuda = cache.device.type == "cuda"
         self._stream: Any = torch.cuda.Stream(device=cache.device) if self.on_cuda else None
+        self._region_checked: SharedRegion | None = None  # the shared region every block was found inside
 
     @staticmethod
     def pin(view: memoryview) -> Callable[[], None]:
@@ -142,7 +143,13 @@ class HostStaging:
 
     def _shared_spans(self, region: SharedRegion, block_ids: Sequence[int]) -> list[list[tuple[int, int]]]:
         """Each block's pieces as (offset in the shared cache, size), in stored-value order."""
-        return [[(region.offset(address), size) for address, size in self.cache.block_spans(block_id)] for block_id in block_ids]
+        if self._region_checked is not region:  # once: the first and last block of every piece lie inside it
+            for pieces in self.cache.blocks_spans([0, self.cache.num_blocks - 1], region.start):
+                for offset, size in pieces:
+                    region.offset(region.start + offset)
+                    region.offset(region.start + offset + size - 1)
+            self._region_checked = region
+        return self.cache.blocks_spans(block_ids, region.start)
 
     def _index(self, block_ids: Sequence[int]) -> torch.Tensor:
         with torch.cuda.stream(self._stream):
