@@ -13,7 +13,12 @@
 
 Before any of these, right after the deploy reported ready, the first ``--first``
 requests: cold PD through the door, each with a fresh prompt of the first ``--tokens``
-length, against the prefill engine alone in steady state (the median of 1.).
+length, against the prefill engine alone in steady state (the median of 1.). After them,
+one more prefill and one more decode are added (``scale prefill +1``, ``scale decode
++1``; on 2 cores they share cores with the idle engines) and the first ``--first`` cold PD
+requests of the new pair are sent leg by leg (the door's prefix-affinity hash, not the
+benchmark, would choose which pair takes a request), against the same steady figure and
+against the new prefill engine's own (the median of ``--rounds`` fresh prompts after them).
 
     .venv/bin/python -m benchmarks.pd_handoff [--tokens 2048 4096] [--rounds 3] [--first 3]
         [--dtype float32]
@@ -41,7 +46,8 @@ import torch
 
 from benchmarks.deployment import deployed
 from deploy.embedded_model import BENCH_MODEL_CONFIG, BENCH_MODEL_NAME, ensure_embedded_model
-from testkit.helpers import PROJECT_ROOT, free_port, isolated_env
+from deploy.state import DeploymentState
+from testkit.helpers import PROJECT_ROOT, free_port, isolated_env, run_cli
 from testkit.metrics import metric
 
 RESULTS = Path(__file__).resolve().parent / "results" / "pd_handoff.json"
@@ -124,6 +130,26 @@ def measure(urls: dict[str, str], model: str, tokens: int, rounds: int, rng: ran
     return samples
 
 
+def pd_by_legs_ttft(prefill: str, decode: str, body: dict[str, Any], prompt: list[int]) -> float:
+    """Cold PD TTFT with the legs sent by hand: the prefill leg, then the decode leg's first token."""
+    leg, answer = post(prefill, {**body, "max_tokens": 1, "prompt": prompt, "kv_transfer_params": {"do_remote_decode": True}})
+    return leg + stream_ttft(decode, {**body, "max_tokens": 2, "prompt": prompt, "kv_transfer_params": answer["kv_transfer_params"]})
+
+
+def scaled_out_pair(env: dict[str, str], state: DeploymentState) -> tuple[dict[str, str], float]:
+    """``scale prefill +1`` and ``scale decode +1``: the new pair's URLs by role, and the seconds both commands took."""
+    started = time.perf_counter()
+    for role in ("prefill", "decode"):
+        result = run_cli("scale", env, role, "+1", timeout=900)
+        if result.returncode != 0:
+            raise SystemExit(f"scale {role} +1 failed: {result.stdout}{result.stderr}")
+    seconds = time.perf_counter() - started
+    now = DeploymentState.read(Path(env["RUN_DIR"]) / "state.json")
+    before = {engine["name"] for engine in state.engines}
+    added = [engine for engine in (now.engines if now is not None else []) if engine["name"] not in before]
+    return {engine["role"]: f"http://{engine['host']}:{engine['port']}" for engine in added}, seconds
+
+
 def fresh(rng: random.Random, tokens: int) -> list[int]:
     return [rng.randrange(10, 4000) for _ in range(tokens)]
 
@@ -179,16 +205,38 @@ def main() -> None:
                 "fresh_load_over_raw": round(medians["load_fresh"] / medians["raw_get_copy"], 2),
             }
             report(tokens, results["by_prompt_tokens"][str(tokens)])
+        scaled: list[float] = []
+        if args.first:
+            pair, scale_s = scaled_out_pair(env, state)
+            body = {"model": model, "temperature": 0}
+            scaled = [pd_by_legs_ttft(pair["prefill"], pair["decode"], body, fresh(rng, first_tokens)) for _ in range(args.first)]
+            # The new pair's own steady state: on 2 cores it shares cores with the idle engines.
+            pair_alone = statistics.median(stream_ttft(pair["prefill"], {**body, "max_tokens": 1, "prompt": fresh(rng, first_tokens)})
+                                           for _ in range(args.rounds))  # fmt: skip
+            pair_pd = statistics.median(pd_by_legs_ttft(pair["prefill"], pair["decode"], body, fresh(rng, first_tokens))
+                                        for _ in range(args.rounds))  # fmt: skip
         if first:
             alone = results["by_prompt_tokens"][str(first_tokens)]["median_ms"]["prefill_alone_ttft"]
             results["first_after_deploy"] = {
                 "prompt_tokens": first_tokens, "pd_door_ttft_ms": [round(v * 1000, 1) for v in first],
                 "over_prefill_alone_steady": [round(v * 1000 / alone, 3) for v in first],
             }  # fmt: skip
+            results["first_after_scale_out"] = {
+                "prompt_tokens": first_tokens, "scale_s": round(scale_s, 1), "pd_by_legs_ttft_ms": [round(v * 1000, 1) for v in scaled],
+                "over_prefill_alone_steady": [round(v * 1000 / alone, 3) for v in scaled],
+                "new_prefill_alone_steady_ms": round(pair_alone * 1000, 1), "new_pair_pd_steady_ms": round(pair_pd * 1000, 1),
+                "over_new_prefill_alone_steady": [round(v / pair_alone, 3) for v in scaled],
+            }  # fmt: skip
             print(f"\nfirst {len(first)} cold PD requests after the deploy ({first_tokens} tokens; deploy took "
                   f"{results['deploy_s']} s): {results['first_after_deploy']['pd_door_ttft_ms']} ms, "
                   f"{results['first_after_deploy']['over_prefill_alone_steady']}x the prefill engine alone "
                   f"in steady state ({alone} ms)")  # fmt: skip
+            print(f"first {len(scaled)} cold PD requests of the scaled-out pair (scale prefill +1, decode +1 took "
+                  f"{results['first_after_scale_out']['scale_s']} s): {results['first_after_scale_out']['pd_by_legs_ttft_ms']} ms, "
+                  f"{results['first_after_scale_out']['over_prefill_alone_steady']}x the first prefill engine alone, "
+                  f"{results['first_after_scale_out']['over_new_prefill_alone_steady']}x the new one alone in steady state "
+                  f"({results['first_after_scale_out']['new_prefill_alone_steady_ms']} ms; the new pair's PD "
+                  f"{results['first_after_scale_out']['new_pair_pd_steady_ms']} ms)")  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"written {args.out}")

@@ -116,8 +116,9 @@ SETTINGS: tuple[_Setting, ...] = (
              'never'),
     _Setting("PREFILL_TIMEOUT_S", "120", 'PD: a prefill leg not answered within this many seconds is aborted (the door drops its '
              'connection), its engine suspected, and the decode engine computes the prompt itself'),
-    _Setting("WARM_UP_TOKENS", "320", 'new engines (deploy, scale-out) compute one synthetic prompt this long before the door routes '
-             'to them, PD engines as a handoff through the data system; 0: no warm-up'),
+    _Setting("WARM_UP_TOKENS", "2048", 'new engines (deploy, scale-out) compute one synthetic prompt this long (at most their '
+             'max_model_len) before the door routes to them, PD engines as a handoff through the data system; 0: no warm-up. '
+             'Long enough that the first long prompts run as fast as later ones'),
     _Setting("DOOR_READ_TIMEOUT_S", "60", "seconds a client may take to send one whole request, from its first byte; "
              "then 408 and the connection is closed (a client that sends part of a request and stops holds nothing)"),
     _Setting("DRAIN_TIMEOUT_S", "30", "on clean, SIGTERM or Ctrl-C: seconds requests in flight may take to finish"),
