@@ -19,6 +19,7 @@ Medians and minimums of ``--repeats`` runs, in ms.
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import time
 from collections.abc import Callable
@@ -57,38 +58,40 @@ def main() -> None:
     spans = [[((layer * 2 * blocks + 2 * block) * piece, piece) for layer in range(layers)] for block in range(blocks)]
     cache_address = cache.ctypes.data
     copier = Copier(bind=not args.unbound)
-    turn = [0]
+    turns = itertools.count()
+
+    def next_values() -> np.ndarray:
+        """The set of values the last two runs did not read: cold."""
+        first = next(turns) % 3 * blocks
+        return sources[first : first + blocks]
 
     def block_work(checked: bool) -> Callable[[int], bool]:
-        first = (turn[0] % 3) * blocks
-        turn[0] += 1
+        values = next_values()
 
         def work(block: int) -> bool:
-            value = sources[first + block]
             if checked:
-                data_digest(memoryview(value))
-            _move_all(_piece_moves(value.ctypes.data, cache_address, spans[block], to_cache=True))
+                data_digest(memoryview(values[block]))
+            _move_all(_piece_moves(values[block].ctypes.data, cache_address, spans[block], to_cache=True))
             return True
 
         return work
 
-    rows = {}
-    for checked in (False, True):
-        rows[f"one thread, {'checksum + ' if checked else ''}copies"] = _timed(
-            lambda: [work(block) for work in [block_work(checked)] for block in range(blocks)], args.repeats, idle_s
-        )
-        rows[f"{copier.threads} copy threads, {'checksum + ' if checked else ''}copies"] = _timed(
-            lambda: copier.each(block_work(checked), blocks), args.repeats, idle_s
-        )
-    hot = memoryview(sources[0])
-    rows["XXH3 only, hot (one value again and again)"] = _timed(lambda: [data_digest(hot) for _ in range(blocks)], args.repeats, idle_s)
+    def on_one_thread(checked: bool) -> None:
+        work = block_work(checked)
+        for block in range(blocks):
+            work(block)
 
     def hash_cold() -> None:
-        first = (turn[0] % 3) * blocks
-        turn[0] += 1
-        for block in range(blocks):
-            data_digest(memoryview(sources[first + block]))
+        for value in next_values():
+            data_digest(memoryview(value))
 
+    rows = {}
+    for checked in (False, True):
+        what = f"{'checksum + ' if checked else ''}copies"
+        rows[f"one thread, {what}"] = _timed(lambda: on_one_thread(checked), args.repeats, idle_s)
+        rows[f"{copier.threads} copy threads, {what}"] = _timed(lambda: copier.each(block_work(checked), blocks), args.repeats, idle_s)
+    hot = memoryview(sources[0])
+    rows["XXH3 only, hot (one value again and again)"] = _timed(lambda: [data_digest(hot) for _ in range(blocks)], args.repeats, idle_s)
     rows["XXH3 only, cold"] = _timed(hash_cold, args.repeats, idle_s)
     total_mib = blocks * value_bytes / 2**20
     print(f"{blocks} values of {value_bytes / 2**20:.2f} MiB ({layers} pieces of {args.piece_kib} KiB) = {total_mib:.0f} MiB;"
