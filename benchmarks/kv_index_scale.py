@@ -43,7 +43,7 @@ from pathlib import Path
 
 from door.kv_index import KVIndex
 from door.kv_policy import KVAware, PromptCache
-from door.kv_wire import BlockStored
+from common.kv_wire import BlockStored
 from door.policies import EngineLoad
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -26,7 +26,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from door.kv_wire import ExternalBlockHash
+from common.kv_wire import ExternalBlockHash
 
 ROOT = 0x6B765F696E646578  # the chain's start ("kv_index")
 _MASK64 = (1 << 64) - 1

@@ -34,7 +34,7 @@ from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from door.kv_holders import unset_holder
-from door.kv_wire import MEDIUM_GPU
+from common.kv_wire import MEDIUM_GPU
 
 
 class Claimant(Protocol):

@@ -35,7 +35,7 @@ import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
 from door.kv_index import KVIndex
-from door.kv_wire import END_SEQ, WireError, decode_batch, parse_seq
+from common.kv_wire import END_SEQ, WireError, decode_batch, parse_seq
 
 logger = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ import pytest
 from door.kv_chain import chained_hashes, request_extra_keys
 from door.kv_holders import Held, Roster
 from door.kv_index import KVIndex
-from door.kv_wire import MEDIUM_CPU, AllBlocksCleared, BlockRemoved, BlockStored
+from common.kv_wire import MEDIUM_CPU, AllBlocksCleared, BlockRemoved, BlockStored
 
 B = 4  # block size of these tests
 

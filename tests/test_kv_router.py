@@ -15,7 +15,7 @@ from door.kv_events import KVEventSubscriber
 from door.kv_index import KVIndex
 from door.kv_policy import KVAware
 from door.kv_router import KVRouter, PromptTokenizer
-from door.kv_wire import BlockStored
+from common.kv_wire import BlockStored
 from door.policies import EngineLoad
 from testkit.helpers import PROJECT_ROOT, free_port
 
