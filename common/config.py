@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+ENGINE_KINDS = ("vllm", "simulated")
 ROUTING_POLICIES = ("round_robin", "least_outstanding", "prefix_affinity", "kv_aware")
 # How an instance's DP ranks run: "independent", each rank its own vLLM server (the door
 # balances over them); "vllm", vLLM's own data parallelism: per node one engine for the
@@ -150,6 +151,7 @@ class ServiceConfig:
     yr_ds_address: str | None  # this node's data system worker as yr start recorded it (given to yr.init)
     cpu_cores_per_rank: int  # CPU engines: cores per TP rank
     simulated_nodes: int = 0  # local mode: engines spread over this many simulated nodes; 0: one node (this machine)
+    sim_profile: str | None = None  # ENGINE_KIND=simulated: every engine is a simulated one spending time as this profile says
     dp_mode: str = "independent"  # one of DP_MODES
     # This deployment's own session folder under sessions_dir (deploy.serve sets it);
     # None: before one is made (log_dir then names ``latest``, the newest session).
@@ -158,6 +160,10 @@ class ServiceConfig:
     @property
     def disaggregated(self) -> bool:
         return self.decode_instances > 0
+
+    @property
+    def simulated_engines(self) -> bool:
+        return self.sim_profile is not None
 
     @property
     def kv_events(self) -> bool:

@@ -168,6 +168,7 @@ def engine_specs(
                 data_parallel=engine.data_parallel,
                 api_key=config.api_key,
                 metrics_public=config.metrics_public,
+                sim_profile=config.sim_profile,
             )
         )
     return specs

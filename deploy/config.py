@@ -22,6 +22,7 @@ from pathlib import Path
 
 from common.config import (
     DP_MODES,
+    ENGINE_KINDS,
     EXAMPLE_KV_DIR,
     KV_CONNECTORS,
     NO_CONNECTOR,
@@ -38,6 +39,7 @@ from common.config import (
 from common.errors import ConfigError
 from deploy.master_info import MasterInfo, read_master_info, tcp_answers
 from deploy.settings import OWNED_ENGINE_FLAGS, SETTINGS
+from workers.sim_engine.profile import load_profile
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -94,11 +96,21 @@ def build_config(
         cpu_cores_per_rank=_int(raw, "CPU_CORES_PER_RANK", minimum=1),
         simulated_nodes=simulated_nodes,
         dp_mode=_choice(raw, "DP_MODE", DP_MODES),
+        sim_profile=_sim_profile(raw, cluster_mode=yr_server_address is not None),
     )
+    config = _derived_defaults(config, raw, given)
+    _check_consistency(config)
+    return config
+
+
+def _derived_defaults(config: ServiceConfig, raw: Mapping[str, str | None], given: set[str]) -> ServiceConfig:
+    """Defaults that depend on other settings."""
     if "ROUTING_POLICY" not in given and config.dp_mode == "vllm" and max(config.prefill_dp, config.decode_dp) > 1:
         # vLLM's own DP balancer picks the rank, so the door cannot see what a rank holds.
         config = dataclasses.replace(config, routing_policy="prefix_affinity")
-    _check_consistency(config)
+    if config.simulated_engines and not raw["VISIBLE_DEVICES"]:
+        # Virtual devices, one per engine: a simulated engine computes nothing.
+        config = dataclasses.replace(config, devices=tuple(range(max(config.devices_needed, config.simulated_nodes))))
     return config
 
 
@@ -267,6 +279,21 @@ def _startup_params(raw: Mapping[str, str | None], name: str) -> tuple[str, ...]
     return params
 
 
+def _sim_profile(raw: Mapping[str, str | None], cluster_mode: bool) -> str | None:
+    """The profile's name or file with ENGINE_KIND=simulated (checked: it loads); None for real engines."""
+    if _choice(raw, "ENGINE_KIND", ENGINE_KINDS) == "vllm":
+        return None
+    if cluster_mode:
+        raise _fail("ENGINE_KIND", "simulated", "must be vllm in cluster mode (simulated engines run in local mode, "
+                    "SIMULATED_NODES gives them nodes)")  # fmt: skip
+    name = raw["SIM_PROFILE"] or ""
+    try:
+        load_profile(name)
+    except ValueError as exc:
+        raise _fail("SIM_PROFILE", name, str(exc)) from None
+    return name
+
+
 def _simulated_nodes(raw: Mapping[str, str | None], cluster_mode: bool) -> int:
     nodes = _int(raw, "SIMULATED_NODES", minimum=0, maximum=SIMULATED_NODE_LIMIT)
     if nodes and cluster_mode:
@@ -343,6 +370,8 @@ def _check_consistency(config: ServiceConfig) -> None:
     if config.using_prefix_connector and kind != YUANRONG_CONNECTOR:
         raise ConfigError(f"USING_PREFIX_CONNECTOR=1 is invalid with KV_CONNECTOR={kind}: prefix reuse through the "
                           f"data system is {YUANRONG_CONNECTOR}'s; set USING_PREFIX_CONNECTOR=0")  # fmt: skip
+    if config.simulated_engines and config.dp_mode == "vllm":
+        raise _fail("DP_MODE", "vllm", "must be independent with ENGINE_KIND=simulated (a simulated engine runs one DP rank)")
     if config.dp_mode == "vllm" and config.kv_events and max(config.prefill_dp, config.decode_dp) > 1:
         raise ConfigError(f"ROUTING_POLICY={config.routing_policy} is invalid with DP_MODE=vllm and "
                           f"PDP={config.prefill_dp} DDP={config.decode_dp}: vLLM's own balancer picks the DP rank, so "

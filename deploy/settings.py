@@ -70,6 +70,12 @@ SETTINGS: tuple[_Setting, ...] = (
     _Setting("ACCELERATOR", None, "cpu, cuda or ascend; unset: detected"),
     _Setting("VISIBLE_DEVICES", None, 'device ids (CPU cores on cpu) engines may use, e.g. 0,1 or 0-3; on cuda/ascend defaults to '
              '`CUDA_VISIBLE_DEVICES` / `ASCEND_RT_VISIBLE_DEVICES`'),
+    _Setting("ENGINE_KIND", "vllm", 'vllm (real engines) or simulated: each engine is a simulated vLLM (its OpenAI API, KV events and '
+             "metrics from a simulated paged KV cache and scheduler, time spent as `SIM_PROFILE` says; no model "
+             "computed, no core taken; see docs/simulated-engines.md). With simulated engines `VISIBLE_DEVICES` "
+             "names virtual devices, one per engine by default; local mode only"),
+    _Setting("SIM_PROFILE", "cpu-93m-float32", "simulated engines' cost profile: a shipped one (workers/sim_engine/profiles) or a "
+             "JSON file (`bench calibrate` writes one)"),
     _Setting("PREFILL_STARTUP_PARAMS", "", "extra vLLM arguments for prefill engines"),
     _Setting("DECODE_STARTUP_PARAMS", "", "extra vLLM arguments for decode engines"),
     _Setting("VLLM_CPU_KVCACHE_SPACE", "1", "KV cache GiB per CPU engine"),

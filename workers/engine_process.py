@@ -33,6 +33,7 @@ logger = logging.getLogger(__name__)
 
 CONNECTOR_CLASS = "YuanRongConnector"
 CONNECTOR_MODULE = "patch.yuanrong_connector.connector"
+SIM_ENGINE_MODULE = "workers.sim_engine.server"
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,7 @@ class EngineSpec:
     data_parallel: VllmDataParallel | None = None  # DP_MODE=vllm with DP > 1; None: one rank, its own server
     api_key: str | None = field(default=None, repr=False)  # set: every path but /health needs it (api_key_guard)
     metrics_public: bool = False  # with api_key: /metrics served without it
+    sim_profile: str | None = None  # set: a simulated engine (workers/sim_engine) with this cost profile
 
     @property
     def headless(self) -> bool:
@@ -151,6 +153,8 @@ def build_engine_argv(spec: EngineSpec, port: int, python: str = sys.executable,
         raise ValueError(f"engine {spec.name}: KV events with vLLM's data parallelism are not supported")
     lower_priority = ["nice", "-n", str(CPU_ENGINE_NICENESS)] if spec.accelerator is Accelerator.CPU else []
     entry = ["vllm.entrypoints.cli.main", "serve"] if spec.headless else ["vllm.entrypoints.openai.api_server"]
+    if spec.sim_profile is not None:
+        entry = [SIM_ENGINE_MODULE, "--sim-profile", spec.sim_profile]
     http = [] if spec.headless else ["--host", spec.bind_host, "--port", str(port)]
     guarded = ["--middleware", ENGINE_MIDDLEWARE] if spec.api_key and not spec.headless else []
     return [
