@@ -26,6 +26,10 @@ EXPERIMENTS: dict[str, tuple[str, str]] = {
     "kv-index-scale": ("benchmarks.kv_index_scale", "the door's KV index with 256 engines and 1M blocks: decision time, memory"),
     "soak": ("benchmarks.soak", "concurrent streaming clients for a set time: errors, latency, memory"),
     "sdk-gil": ("benchmarks.sdk_gil", "whether a data system SDK call holds the GIL while it waits"),
+    "calibrate": ("benchmarks.calibrate", "fit a simulated engine's cost profile to a real engine on this machine"),
+    "sim-fidelity": ("benchmarks.sim_fidelity", "seed 000's and 002's workloads on 2 real engines and on 2 simulated ones"),
+    "sim-routing": ("benchmarks.sim_routing", "routing policies (ours, vllm-router's) at 16 and 64 simulated engines"),
+    "sim-scale": ("benchmarks.sim_scale", "the door at 256 simulated engines; scaling 8 -> 64 -> 8 under load"),
 }
 
 

@@ -41,9 +41,9 @@ import time
 import tracemalloc
 from pathlib import Path
 
+from common.kv_wire import BlockStored
 from door.kv_index import KVIndex
 from door.kv_policy import KVAware, PromptCache
-from common.kv_wire import BlockStored
 from door.policies import EngineLoad
 
 RESULTS = Path(__file__).resolve().parent / "results"

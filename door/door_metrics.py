@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+_DECISION_BUCKETS = (0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025)
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 
@@ -31,6 +32,10 @@ class DoorMetrics:
         self.latency = Histogram(
             "frontdoor_request_latency_seconds", "Request arrival to the last response byte.",
             ["endpoint"], buckets=_LATENCY_BUCKETS, registry=self.registry,
+        )  # fmt: skip
+        self.routing_decision = Histogram(
+            "frontdoor_routing_decision_seconds", "Request parsed to its engines chosen: tokenizing, the KV index's "
+            "match and the policy's order (the first leg's).", buckets=_DECISION_BUCKETS, registry=self.registry,
         )  # fmt: skip
         self.in_flight = Gauge(
             "frontdoor_in_flight_requests", "Requests in flight through the door, per engine.", ["engine", "role"],

@@ -244,12 +244,14 @@ class FrontDoor:
 
     async def _route(self, exchange: Exchange, endpoint: str, body: dict[str, Any], request_id: str, started: float) -> int:
         table, kv_router = self.table, self.kv_router
+        decision_started = time.perf_counter()
         leg = Leg(exchange, f"/v1/{endpoint}", endpoint, request_id, affinity_key(body), started)
         single = single_prompt(body)
         prompt = kv_router.prompt(body) if kv_router is not None and single else None
         ranker = None if prompt is None else functools.partial(kv_router.order, prompt=prompt)  # type: ignore[union-attr]
         if not table.disaggregated:
             engines = table.order("colocated", leg.key, ranker)
+            self.metrics.routing_decision.observe(time.perf_counter() - decision_started)
             self._computed_by(engines, prompt)
             return await self._answer(engines, body, leg, "colocated")
         if not table.healthy("decode") and table.healthy("prefill"):
@@ -261,6 +263,7 @@ class FrontDoor:
             return await self._answer(prefills, body, leg, "prefill")
         decodes = table.order("decode", leg.key, ranker) if prompt is not None else []
         if decodes and kv_router.skip_prefill(decodes[0], prompt):  # type: ignore[union-attr,arg-type]
+            self.metrics.routing_decision.observe(time.perf_counter() - decision_started)
             self.metrics.prefill_skipped.inc()
             logger.debug("[request=%s] %d prompt tokens, %s lacks at most %d: no prefill leg",
                          request_id, prompt.tokens, decodes[0].name, kv_router.selective_pd_tokens)  # type: ignore[union-attr]  # fmt: skip
@@ -269,6 +272,7 @@ class FrontDoor:
         decode_body = body
         if single:
             prefills = table.order("prefill", leg.key, ranker)
+            self.metrics.routing_decision.observe(time.perf_counter() - decision_started)
             self._computed_by(prefills, prompt)
             outcome = await self._prefill(prefills, body, leg)
             if isinstance(outcome, int):

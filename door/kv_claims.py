@@ -33,8 +33,8 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
-from door.kv_holders import unset_holder
 from common.kv_wire import MEDIUM_GPU
+from door.kv_holders import unset_holder
 
 
 class Claimant(Protocol):

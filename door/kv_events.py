@@ -34,8 +34,8 @@ import zmq
 import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
-from door.kv_index import KVIndex
 from common.kv_wire import END_SEQ, WireError, decode_batch, parse_seq
+from door.kv_index import KVIndex
 
 logger = logging.getLogger(__name__)
 

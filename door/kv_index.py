@@ -56,10 +56,10 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
+from common.kv_wire import MEDIUM_GPU, AllBlocksCleared, BlockRemoved, BlockStored, ExternalBlockHash
 from door.kv_chain import ROOT, chained_hashes, engine_hash, hashable, request_extra_keys
 from door.kv_claims import Claims, Hold
 from door.kv_holders import Held, Roster, drop_outs, unset_holder
-from common.kv_wire import MEDIUM_GPU, AllBlocksCleared, BlockRemoved, BlockStored, ExternalBlockHash
 
 logger = logging.getLogger(__name__)
 

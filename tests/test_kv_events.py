@@ -17,10 +17,10 @@ import msgspec
 import pytest
 import zmq
 
+from common.kv_wire import BlockRemoved, BlockStored, decode_batch
 from door.kv_chain import request_extra_keys
 from door.kv_events import KVEventSubscriber
 from door.kv_index import KVIndex
-from common.kv_wire import BlockRemoved, BlockStored, decode_batch
 from testkit.helpers import free_port, listening_addresses
 from workers.kv_events_config import event_endpoints, kv_events_args, kv_events_config
 

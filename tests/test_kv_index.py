@@ -8,10 +8,10 @@ import hashlib
 import msgspec
 import pytest
 
+from common.kv_wire import MEDIUM_CPU, AllBlocksCleared, BlockRemoved, BlockStored
 from door.kv_chain import chained_hashes, request_extra_keys
 from door.kv_holders import Held, Roster
 from door.kv_index import KVIndex
-from common.kv_wire import MEDIUM_CPU, AllBlocksCleared, BlockRemoved, BlockStored
 
 B = 4  # block size of these tests
 

@@ -9,13 +9,13 @@ import hashlib
 
 import pytest
 
+from common.kv_wire import BlockStored
 from deploy.embedded_model import ensure_embedded_model
 from door.door_metrics import DoorMetrics
 from door.kv_events import KVEventSubscriber
 from door.kv_index import KVIndex
 from door.kv_policy import KVAware
 from door.kv_router import KVRouter, PromptTokenizer
-from common.kv_wire import BlockStored
 from door.policies import EngineLoad
 from testkit.helpers import PROJECT_ROOT, free_port
 

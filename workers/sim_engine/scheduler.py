@@ -127,8 +127,9 @@ class SimScheduler:
                 await asyncio.sleep(0.001)
                 continue
             tokens = sum(n for _, n in batch)
-            attention = sum(n * (request.computed + n / 2) for request, n in batch)
-            cost = self.profile.step_s(tokens, attention, len(batch))
+            decoding = [request.computed + 1 for request, n in batch if request.computed >= len(request.prompt)]
+            pairs = sum(n * (request.computed + n / 2) for request, n in batch if request.computed < len(request.prompt))
+            cost = self.profile.step_s(tokens, pairs, sum(decoding), len(batch))
             await asyncio.sleep(max(0.0, started + cost - time.monotonic()))
             self.steps += 1
             self.busy_s += cost

@@ -348,7 +348,7 @@ def parse_settings(argv: list[str] | None = None, environ: MutableMapping[str, s
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--block-size", type=int, default=None)
     parser.add_argument("--num-gpu-blocks-override", type=int, default=None)
-    parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument("--max-num-seqs", type=int, default=None)
     parser.add_argument("--max-num-batched-tokens", type=int, default=None)
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--enable-prefix-caching", dest="prefix_caching", action="store_true", default=True)
@@ -359,27 +359,35 @@ def parse_settings(argv: list[str] | None = None, environ: MutableMapping[str, s
     args, ignored = parser.parse_known_args(argv)
     if ignored:
         logger.info("vLLM flags a simulated engine does not model, ignored: %s", " ".join(ignored))
+    profile = load_profile(args.sim_profile)
     config = json.loads((args.model / "config.json").read_text())
     max_model_len = args.max_model_len or int(config.get("max_position_embeddings", 2048))
-    block_size = args.block_size or int(environ.get("SIM_BLOCK_SIZE", "128"))
+    block_size = args.block_size or profile.block_size
     if args.num_gpu_blocks_override:
         num_blocks = args.num_gpu_blocks_override
+    elif profile.kv_cache_tokens:
+        num_blocks = profile.kv_cache_tokens // block_size
     else:
         dtype = config.get("torch_dtype", "bfloat16") if args.dtype == "auto" else args.dtype
-        layers = int(config["num_hidden_layers"])
-        heads = int(config.get("num_key_value_heads") or config["num_attention_heads"])
-        head_dim = int(config.get("head_dim") or int(config["hidden_size"]) // int(config["num_attention_heads"]))
-        per_token = 2 * layers * heads * head_dim * _DTYPE_BYTES.get(str(dtype), 2)
         space_gb = float(environ.get("VLLM_CPU_KVCACHE_SPACE", "4"))
-        num_blocks = max(1, int(space_gb * 2**30) // (per_token * block_size))
-    batched = args.max_num_batched_tokens or max(max_model_len, 4096)
+        num_blocks = int(space_gb * 2**30) // (kv_bytes_per_token(config, str(dtype)) * block_size)
+    batched = args.max_num_batched_tokens or profile.max_num_batched_tokens
+    seqs = args.max_num_seqs or profile.max_num_seqs
     return EngineSettings(
         model_path=args.model, served_model_name=args.served_model_name or str(args.model), host=args.host, port=args.port,
-        profile=load_profile(args.sim_profile), block_size=block_size, num_blocks=num_blocks,
-        limits=SchedulerLimits(batched, args.max_num_seqs, max_model_len), prefix_caching=args.prefix_caching,
+        profile=profile, block_size=block_size, num_blocks=max(1, num_blocks),
+        limits=SchedulerLimits(batched, seqs, max_model_len), prefix_caching=args.prefix_caching,
         kv_events=args.kv_events_config, kv_role=(args.kv_transfer_config or {}).get("kv_role"),
         middleware=tuple(args.middleware),
     )  # fmt: skip
+
+
+def kv_bytes_per_token(config: dict[str, Any], dtype: str) -> int:
+    """KV cache bytes one token takes across all layers (full attention)."""
+    layers = int(config["num_hidden_layers"])
+    heads = int(config.get("num_key_value_heads") or config["num_attention_heads"])
+    head_dim = int(config.get("head_dim") or int(config["hidden_size"]) // int(config["num_attention_heads"]))
+    return 2 * layers * heads * head_dim * _DTYPE_BYTES.get(dtype, 2)
 
 
 def build_app(engine: SimEngine) -> Any:
