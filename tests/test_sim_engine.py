@@ -179,3 +179,34 @@ def test_the_fit_recovers_known_coefficients() -> None:
     assert per_token == pytest.approx(0.004, rel=0.1)
     assert base + overhead == pytest.approx(0.03, rel=0.2)
     assert context == pytest.approx(0.003, rel=0.3)
+
+
+@pytest.mark.parametrize("blocks", [341, 40])
+def test_many_requests_sharing_heads_all_finish_and_free_every_block(blocks: int) -> None:
+    """Seed 000's shape (4 heads of 1400 tokens, 280 of their own) arriving at random, in a
+    roomy cache and in one so small that requests are preempted (a request growing past
+    its prefix hit once lost its blocks' names: the scheduler died and every request hung)."""
+    rng = random.Random(1)
+    scheduler = SimScheduler(SimKVCache(blocks, 128), _profile(base_s=0.0001), SchedulerLimits(2048, 128, 4096),
+                             lambda r: r.randrange(10, 4000))  # fmt: skip
+    heads = [[rng.randrange(10, 4000) for _ in range(1400)] for _ in range(4)]
+
+    async def go() -> int:
+        scheduler.start()
+
+        async def one(index: int) -> int:
+            await asyncio.sleep(rng.random() * 0.05)
+            request = SimRequest(str(index), heads[index % 4] + [rng.randrange(10, 4000) for _ in range(280)], max_tokens=3)
+            scheduler.add(request)
+            count = 0
+            while await request.output.get() is not None:
+                count += 1
+            return count
+
+        counts = await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(100))), 30)
+        await scheduler.close()
+        return sum(counts)
+
+    assert asyncio.run(go()) == 300
+    assert scheduler.cache.free_blocks == blocks
+    assert scheduler.prompt_tokens_by_source["local_cache_hit"] > 0

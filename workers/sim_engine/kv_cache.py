@@ -116,7 +116,7 @@ class SimKVCache:
             block.refs += 1
             allocation.block_ids.append(block.block_id)
             allocation.hashes.append(name)
-        allocation.named = len(allocation.block_ids)
+        allocation.named = len(allocation.hashes)
         for _ in range(self.blocks_needed(allocation, tokens)):
             block_id, _ = self._free.popitem(last=False)
             block = self._blocks[block_id]

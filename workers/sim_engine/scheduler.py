@@ -73,12 +73,15 @@ class SimRequest:
 
 class SimScheduler:
     def __init__(self, cache: SimKVCache, profile: CostProfile, limits: SchedulerLimits, vocab: Callable[[random.Random], int],
-                 publish: Callable[[list[KVEvent]], None] | None = None) -> None:  # fmt: skip
+                 publish: Callable[[list[KVEvent]], None] | None = None,
+                 on_failure: Callable[[BaseException], None] | None = None) -> None:  # fmt: skip
+        """``on_failure``: called if the step loop fails (the server ends the engine then)."""
         self.cache = cache
         self.profile = profile
         self.limits = limits
         self._sample = vocab
         self._publish = publish
+        self._on_failure = on_failure
         self.waiting: deque[SimRequest] = deque()
         self.running: list[SimRequest] = []
         self._wake = asyncio.Event()
@@ -93,7 +96,15 @@ class SimScheduler:
         self.ttft = Histogram(TTFT_BUCKETS)
 
     def start(self) -> None:
+        self._wake = asyncio.Event()  # of this loop
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="sim-scheduler")
+        self._task.add_done_callback(self._failed)
+
+    def _failed(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            logger.critical("the simulated scheduler failed", exc_info=task.exception())
+            if self._on_failure is not None:
+                self._on_failure(task.exception())  # type: ignore[arg-type]
 
     async def close(self) -> None:
         if self._task is not None:
@@ -231,3 +242,4 @@ class SimScheduler:
         self.cache.free(request.allocation)
         self.finished_requests += 1
         request.output.put_nowait(None)
+

@@ -92,7 +92,7 @@ class SimEngine:
                                             str(settings.kv_events.get("topic", "")),
                                             int(settings.kv_events.get("buffer_steps", 10_000)))  # fmt: skip
         self.scheduler = SimScheduler(self.cache, settings.profile, settings.limits, self.prompts.sample,
-                                      self.publisher.publish if self.publisher else None)  # fmt: skip
+                                      self.publisher.publish if self.publisher else None, _exit)  # fmt: skip
         self.created = int(time.time())
 
     async def start(self) -> None:
@@ -327,6 +327,12 @@ class SimEngine:
                 choice["prompt_token_ids"] = request.prompt
         return {"id": ident, "object": kind, "created": created, "model": self.settings.served_model_name,
                 "choices": [choice]}  # fmt: skip
+
+def _exit(error: BaseException) -> None:
+    """A scheduler that failed serves nothing again: end the engine (its actor restarts it)
+    rather than answer /health with every request hanging."""
+    os._exit(70)
+
 
 def _usage(choices: list[_Choice]) -> dict[str, int]:
     prompt = sum(len(choice.request.prompt) for choice in choices)
