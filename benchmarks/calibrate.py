@@ -7,8 +7,8 @@ Deploys ``--engines`` real colocated vLLM engines (the project's CLI, no KV conn
 core each) and measures them directly (their own ports, no door), all at once, as the
 deployments the profile stands in for run them: on a 2-core machine two engines' API
 servers and engine cores share the cores, which one engine alone does not show (measured:
-one engine alone fitted a profile 20-40% faster than two engines serving seed 000's
-workload). Each prompt is unique (a salt of its own, so nothing is found in the prefix
+with a profile fitted on one engine, a run of seed 000's workload was 23% faster in req/s
+than on the two real engines). Each prompt is unique (a salt of its own, so nothing is found in the prefix
 cache unless the measurement wants it):
 
 - prefill: one request of ``L`` tokens and ``max_tokens`` 1, for a grid of ``L``;

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -117,3 +118,32 @@ def test_an_adopted_engine_is_known_by_pid_and_start_time() -> None:
     finally:
         bystander.kill()
         bystander.wait()
+
+
+def test_an_engine_whose_port_was_taken_starts_on_another(tmp_path: Path) -> None:
+    """A simulated engine (a real process) whose chosen port another process binds first:
+    the actor starts it again on another port (seen: 256 engines starting side by side on
+    8 addresses were given the same port twice)."""
+    model = Path(__file__).resolve().parents[1] / ".cache" / "models"
+    from deploy.embedded_model import MODEL_CONFIG, MODEL_NAME, ensure_embedded_model
+
+    spec = EngineSpec(
+        name="colocated-0", instance="colocated-0", role=Role.COLOCATED, accelerator=Accelerator.CPU, tensor_parallel=1,
+        devices=(0,), model_path=str(ensure_embedded_model(model, MODEL_NAME, MODEL_CONFIG)), served_model_name="m",
+        startup_params=("--max-model-len", "512"), ds_worker_address="", prefix_reuse=False,
+        project_root=str(Path(__file__).resolve().parents[1]), cache_root=str(tmp_path), cpu_kvcache_gb=1,
+        connector="none", sim_profile="cpu-93m-float32",
+    )  # fmt: skip
+    supervised = EngineActor(spec, str(tmp_path), start_timeout_s=60, advertise_host="127.0.0.1")
+    taken = supervised.info()["port"]
+    blocker = socket.socket()
+    blocker.bind(("127.0.0.1", int(taken)))  # type: ignore[call-overload]
+    blocker.listen()
+    try:
+        info = supervised.start()
+        assert info["state"] == "healthy"
+        assert info["port"] != taken
+        assert "address already in use" in (tmp_path / "colocated-0.log").read_text()
+    finally:
+        blocker.close()
+        supervised.stop()

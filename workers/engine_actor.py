@@ -36,6 +36,8 @@ logger = logging.getLogger(__name__)
 
 MAX_RESTARTS = 3
 UNHEALTHY_AFTER = 3  # consecutive failed /health probes
+PORT_ATTEMPTS = 3
+ADDRESS_IN_USE = "address already in use"  # uvicorn's and zmq's words when a port is taken
 HEADLESS_SETTLE_S = 5.0  # a headless engine (no /health) that runs this long has started; its head says when it serves
 
 
@@ -120,7 +122,7 @@ class EngineActor:
         """Start the engine (or adopt the one running) and return its info once /health
         answers; raise StartupError if it cannot."""
         if not self._adopt():
-            self._launch()
+            self._launch_on_free_ports()
         self._supervisor = threading.Thread(target=self._supervise, name=f"supervise-{self._spec.name}", daemon=True)
         self._supervisor.start()
         return self.info()
@@ -152,6 +154,24 @@ class EngineActor:
         stop_process_group(process, grace_s=5)
         self._port = 0 if self._spec.headless else free_port(self._spec.bind_host)
         return False
+
+    def _launch_on_free_ports(self) -> None:
+        """``_launch``, again on other ports when the engine found one of its ports taken:
+        a port is chosen free, then bound by the engine seconds later, and engines starting
+        side by side on one address may be given the same one (seen with 256 engines on 8
+        addresses: "address already in use")."""
+        for attempt in range(1, PORT_ATTEMPTS + 1):
+            try:
+                self._launch()
+                return
+            except StartupError as exc:
+                if ADDRESS_IN_USE not in str(exc).lower() or attempt == PORT_ATTEMPTS or self._stopping.is_set():
+                    raise
+                logger.warning("[engine=%s] a port was taken before the engine bound it; starting it on other ports "
+                               "(attempt %d of %d)", self._spec.name, attempt + 1, PORT_ATTEMPTS)  # fmt: skip
+                self._state = EngineState.STARTING
+                if not self._spec.headless:
+                    self._port = free_port(self._spec.bind_host)
 
     def _launch(self) -> None:
         self._events_port = free_port_pair(self._spec.bind_host) if self._spec.kv_events else 0
