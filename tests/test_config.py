@@ -77,6 +77,12 @@ def test_decode_zero_means_colocated() -> None:
                                                       "each simulated node runs one data system worker"),
         ({"SIMULATED_NODES": "2", "YR_SERVER_ADDRESS": "10.0.0.1:31222"},
          "SIMULATED_NODES=2 is invalid: must be 0 in cluster mode, where the cluster's real nodes are used"),
+        ({"ENGINE_KIND": "fake"}, "ENGINE_KIND=fake is invalid: must be one of vllm, simulated"),
+        ({"ENGINE_KIND": "simulated", "SIM_PROFILE": "nope"},
+         "SIM_PROFILE=nope is invalid: no simulated engine profile 'nope': give a file or one of cpu-93m-float32, h100-llama3-8b-bf16"),
+        ({"ENGINE_KIND": "simulated", "YR_SERVER_ADDRESS": "10.0.0.1:31222"},
+         "ENGINE_KIND=simulated is invalid: must be vllm in cluster mode"),
+        ({"ENGINE_KIND": "simulated", "DP_MODE": "vllm"}, "DP_MODE=vllm is invalid: must be independent with ENGINE_KIND=simulated"),
     ],
 )
 def test_invalid_values_name_variable_value_and_allowed(env: dict[str, str], expected: str) -> None:
@@ -111,3 +117,12 @@ def test_api_key_is_read_and_never_described() -> None:
     assert build_config(CPU_2).api_key is None
     described = "\n".join(describe(config))
     assert "s3cret-value" not in described and "API key: required" in described
+
+
+def test_simulated_engines_get_a_virtual_device_each() -> None:
+    """256 simulated engines on a 2-core machine: one virtual device each, unless VISIBLE_DEVICES names more."""
+    config = build_config({"ACCELERATOR": "cpu", "ENGINE_KIND": "simulated", "PREFILL_INS_NUM": "128", "DECODE_INS_NUM": "128"})
+    assert (config.sim_profile, config.devices) == ("cpu-93m-float32", tuple(range(256)))
+    roomy = build_config({**CPU_2, "ENGINE_KIND": "simulated", "VISIBLE_DEVICES": "0-63"})
+    assert roomy.devices == tuple(range(64))
+    assert build_config(CPU_2).sim_profile is None
