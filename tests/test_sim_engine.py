@@ -210,3 +210,23 @@ def test_many_requests_sharing_heads_all_finish_and_free_every_block(blocks: int
     assert asyncio.run(go()) == 300
     assert scheduler.cache.free_blocks == blocks
     assert scheduler.prompt_tokens_by_source["local_cache_hit"] > 0
+
+
+def test_metrics_use_vllms_names_and_count_exactly() -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from workers.sim_engine.metrics import render_metrics
+
+    scheduler = _scheduler(_profile())
+    prompt = list(range(20))
+    _run(scheduler, [SimRequest("a", prompt, max_tokens=3)])
+    _run(scheduler, [SimRequest("b", prompt, max_tokens=2)])
+    samples = {(s.name, s.labels.get("source", "")): s.value
+               for family in text_string_to_metric_families(render_metrics(scheduler, scheduler.cache, "m"))
+               for s in family.samples}  # fmt: skip
+    assert samples[("vllm:generation_tokens_total", "")] == 5
+    assert samples[("vllm:request_success_total", "")] == 2
+    assert samples[("vllm:prompt_tokens_by_source_total", "local_cache_hit")] == 16
+    assert samples[("vllm:prefix_cache_queries_total", "")] == 40
+    assert samples[("vllm:time_to_first_token_seconds_count", "")] == 2
+    assert samples[("vllm:num_requests_running", "")] == 0

@@ -50,34 +50,31 @@ class Histogram:
 
 def render_metrics(scheduler: _Scheduler, cache: _Cache, model_name: str) -> str:
     labels = f'engine="0",model_name="{model_name}"'
+    unlabelled = (
+        ("vllm:num_requests_running", "gauge", "Number of requests in model execution batches.", len(scheduler.running)),
+        ("vllm:num_requests_waiting", "gauge", "Number of requests waiting to be processed.", len(scheduler.waiting)),  # type: ignore[arg-type]
+        ("vllm:kv_cache_usage_perc", "gauge", "KV-cache usage. 1 means 100 percent usage.", cache.usage),
+        ("vllm:num_preemptions_total", "counter", "Cumulative number of preemption from the engine.", scheduler.preemptions),
+        ("vllm:prompt_tokens_total", "counter", "Number of prefill tokens processed.",
+         sum(scheduler.prompt_tokens_by_source.values())),
+        ("vllm:generation_tokens_total", "counter", "Number of generation tokens processed.", scheduler.generation_tokens),
+        ("vllm:prefix_cache_queries_total", "counter", "Prefix cache queries, in terms of number of queried tokens.",
+         cache.queries),
+        ("vllm:prefix_cache_hits_total", "counter", "Prefix cache hits, in terms of number of cached tokens.", cache.hits),
+        ("vllm:sim_busy_seconds_total", "counter", "Simulated engine: seconds its steps took (the cost model's).",
+         scheduler.busy_s),
+    )  # fmt: skip
     lines: list[str] = []
-
-    def family(name: str, kind: str, help_text: str, samples: list[str]) -> None:
-        lines.extend([f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", *samples])
-
-    family("vllm:num_requests_running", "gauge", "Number of requests in model execution batches.",
-           [f"vllm:num_requests_running{{{labels}}} {len(scheduler.running)}"])
-    family("vllm:num_requests_waiting", "gauge", "Number of requests waiting to be processed.",
-           [f"vllm:num_requests_waiting{{{labels}}} {len(scheduler.waiting)}"])  # type: ignore[arg-type]
-    family("vllm:kv_cache_usage_perc", "gauge", "KV-cache usage. 1 means 100 percent usage.",
-           [f"vllm:kv_cache_usage_perc{{{labels}}} {cache.usage}"])
-    family("vllm:num_preemptions_total", "counter", "Cumulative number of preemption from the engine.",
-           [f"vllm:num_preemptions_total{{{labels}}} {scheduler.preemptions}"])
-    family("vllm:prompt_tokens_total", "counter", "Number of prefill tokens processed.",
-           [f"vllm:prompt_tokens_total{{{labels}}} {sum(scheduler.prompt_tokens_by_source.values())}"])
-    family("vllm:prompt_tokens_by_source_total", "counter", "Number of prompt tokens by source.",
-           [f'vllm:prompt_tokens_by_source_total{{{labels},source="{source}"}} {count}'
-            for source, count in scheduler.prompt_tokens_by_source.items()])
-    family("vllm:generation_tokens_total", "counter", "Number of generation tokens processed.",
-           [f"vllm:generation_tokens_total{{{labels}}} {scheduler.generation_tokens}"])
-    family("vllm:request_success_total", "counter", "Count of successfully processed requests.",
-           [f'vllm:request_success_total{{{labels},finished_reason="length"}} {scheduler.finished_requests}'])
-    family("vllm:prefix_cache_queries_total", "counter", "Prefix cache queries, in terms of number of queried tokens.",
-           [f"vllm:prefix_cache_queries_total{{{labels}}} {cache.queries}"])
-    family("vllm:prefix_cache_hits_total", "counter", "Prefix cache hits, in terms of number of cached tokens.",
-           [f"vllm:prefix_cache_hits_total{{{labels}}} {cache.hits}"])
-    family("vllm:time_to_first_token_seconds", "histogram", "Histogram of time to first token in seconds.",
-           scheduler.ttft.lines("vllm:time_to_first_token_seconds", labels))
-    family("vllm:sim_busy_seconds_total", "counter", "Simulated engine: seconds its steps took (the cost model's).",
-           [f"vllm:sim_busy_seconds_total{{{labels}}} {scheduler.busy_s}"])
+    for name, kind, help_text, value in unlabelled:
+        lines.extend([f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f"{name}{{{labels}}} {value}"])
+    lines.extend(["# HELP vllm:prompt_tokens_by_source_total Number of prompt tokens by source.",
+                  "# TYPE vllm:prompt_tokens_by_source_total counter"])  # fmt: skip
+    lines.extend(f'vllm:prompt_tokens_by_source_total{{{labels},source="{source}"}} {count}'
+                 for source, count in scheduler.prompt_tokens_by_source.items())  # fmt: skip
+    lines.extend(["# HELP vllm:request_success_total Count of successfully processed requests.",
+                  "# TYPE vllm:request_success_total counter",
+                  f'vllm:request_success_total{{{labels},finished_reason="length"}} {scheduler.finished_requests}'])  # fmt: skip
+    lines.extend(["# HELP vllm:time_to_first_token_seconds Histogram of time to first token in seconds.",
+                  "# TYPE vllm:time_to_first_token_seconds histogram",
+                  *scheduler.ttft.lines("vllm:time_to_first_token_seconds", labels)])  # fmt: skip
     return "\n".join(lines) + "\n"
