@@ -157,9 +157,10 @@ class EngineActor:
 
     def _launch_on_free_ports(self) -> None:
         """``_launch``, again on other ports when the engine found one of its ports taken:
-        a port is chosen free, then bound by the engine seconds later, and engines starting
-        side by side on one address may be given the same one (seen with 256 engines on 8
-        addresses: "address already in use")."""
+        a port is chosen free, then bound by the engine seconds later, and meanwhile another
+        engine starting beside it, or an outgoing connection, may take it (seen: 256 engines
+        starting on 8 addresses; a restarted engine's KV events port, in CI). A port taken
+        does not count as a restart."""
         for attempt in range(1, PORT_ATTEMPTS + 1):
             try:
                 self._launch()
@@ -225,7 +226,7 @@ class EngineActor:
             if self._stopping.wait(min(2**self._restarts, 10)):  # back-off, cut short by stop()
                 return
             try:
-                self._launch()
+                self._launch_on_free_ports()
             except StartupError as exc:
                 logger.error("[engine=%s] restart %d failed: %s", self._spec.name, self._restarts, exc)
 
