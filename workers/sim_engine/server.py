@@ -185,7 +185,7 @@ class SimEngine:
         """The API server's own time, then a handoff's load, then the scheduler."""
         await asyncio.sleep(self.settings.profile.request_overhead_s)
         if request.handed_over:
-            hashes = self.cache.prompt_hashes(request.prompt, request.extras)
+            hashes = request.prompt_hashes(self.cache)
             have = self.cache.cached_blocks(hashes, len(hashes)) * self.cache.block_size
             missing = max(0, request.handed_over - have)
             if missing:
