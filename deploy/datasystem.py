@@ -27,9 +27,10 @@ def dscli_path() -> str:
     return str(beside_python) if beside_python.exists() else (shutil.which("dscli") or "dscli")
 
 
-# The worker puts a unix socket at <home>/datasystem/uds/<8 hex>/client.sock, and Linux
-# refuses socket paths over 107 bytes: the worker then dies after a minute of retries.
-_SOCKET_SUFFIX_LEN = len("/datasystem/uds/01234567/client.sock")
+# The worker puts unix sockets at <home>/datasystem/uds/<8 hex>/ (the longest name is
+# exclusiveConn), and Linux refuses socket paths over 107 bytes: the worker then dies
+# after a minute of retries ("len(109) is greater than linux max socket len(108)").
+_SOCKET_SUFFIX_LEN = len("/datasystem/uds/01234567/exclusiveConn")
 _MAX_SOCKET_PATH = 107
 
 
