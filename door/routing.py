@@ -31,6 +31,10 @@ class RoutingTable:
         self._decode_policy = LeastOutstanding()  # decode is chosen by load
         self._metrics = metrics
         self._engines: dict[str, EngineLoad] = {}
+        # Per role, kept by ``update`` (the request path reads them, never loops over every engine):
+        self._by_role: dict[str, list[EngineLoad]] = {}
+        self._healthy_by_role: dict[str, list[EngineLoad]] = {}  # state healthy (suspects not taken out)
+        self._unhealthy_roles: set[str] = set()  # roles with a running engine that missed probes
         self._suspect_until: dict[str, float] = {}
         self._roles_seen: set[str] = set()
         self._in_flight: dict[tuple[str, str], Any] = {}  # (engine, role) -> its in-flight gauge child, made once
@@ -57,6 +61,12 @@ class RoutingTable:
             fresh[name] = known
         gone = [engine for name, engine in self._engines.items() if name not in fresh]
         self._engines = fresh
+        self._by_role, self._healthy_by_role = {}, {}
+        for engine in fresh.values():
+            self._by_role.setdefault(engine.role, []).append(engine)
+            if engine.healthy:
+                self._healthy_by_role.setdefault(engine.role, []).append(engine)
+        self._unhealthy_roles = {engine.role for engine in fresh.values() if engine.state == EngineState.UNHEALTHY}
         if version is not None:
             self.version = version
         self._publish_counts(gone)
@@ -88,15 +98,27 @@ class RoutingTable:
         return engine.healthy and time.monotonic() >= self._suspect_until.get(engine.name, 0.0)
 
     def _of_role(self, role: str) -> list[EngineLoad]:
-        return [engine for engine in self._engines.values() if engine.role == role]
+        return self._by_role.get(role, [])
+
+    def _suspects(self) -> bool:
+        """Whether an engine is still suspect (its entry dropped once its time is up)."""
+        if self._suspect_until:
+            now = time.monotonic()
+            self._suspect_until = {name: until for name, until in self._suspect_until.items() if until > now}
+        return bool(self._suspect_until)
+
+    def _usable_of(self, role: str) -> list[EngineLoad]:
+        """The engines of ``role`` that routing uses now (the kept list itself: not to be changed)."""
+        healthy = self._healthy_by_role.get(role, [])
+        return [engine for engine in healthy if self._usable(engine)] if self._suspects() else healthy
 
     def healthy(self, role: str) -> list[EngineLoad]:
-        return [engine for engine in self._of_role(role) if self._usable(engine)]
+        return list(self._usable_of(role))
 
     @property
     def disaggregated(self) -> bool:
         """Whether the deployment has prefill and decode instances (whatever their health)."""
-        return bool(self._of_role("prefill") and self._of_role("decode"))
+        return bool(self._by_role.get("prefill") and self._by_role.get("decode"))
 
     @property
     def ready(self) -> bool:
@@ -119,6 +141,9 @@ class RoutingTable:
         request lately): on a machine too busy to answer probes in time, a slow answer is
         better than a 503."""
         policy = self._decode_policy if role == "decode" else self.policy
+        if role not in self._unhealthy_roles and not self._suspects():  # the common case: nobody in doubt
+            healthy = self._healthy_by_role.get(role, [])
+            return ranker(healthy) if ranker is not None else policy.order(healthy, affinity_key)
         healthy, doubtful = [], []
         for engine in self._of_role(role):
             if self._usable(engine):
