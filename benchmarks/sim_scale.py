@@ -28,7 +28,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
+import resource
 import statistics
 import subprocess
 import tempfile
@@ -114,6 +116,57 @@ def decision_p99_us(metrics_text: str, before: dict[float, float]) -> tuple[floa
     return p99 * 1e6, counts
 
 
+_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_s(stat_paths: list[str]) -> float:
+    """CPU seconds (user + system) of the processes or threads whose /proc stat files are given."""
+    total = 0
+    for path in stat_paths:
+        try:
+            fields = Path(path).read_text().rpartition(")")[2].split()
+        except OSError:  # gone meanwhile
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / _TICKS_PER_S
+
+
+def busy_cores_s() -> float:
+    """CPU seconds the whole machine spent busy (not idle, not waiting on I/O)."""
+    fields = [int(value) for value in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    return (sum(fields) - fields[3] - fields[4]) / _TICKS_PER_S
+
+
+class CpuMeter:
+    """CPU seconds by party over one path's run: the door (the deploy process's main
+    thread, where Uvicorn serves it), the rest of the deploy process (the Controller and
+    engine actors: health probes, snapshots), the engines, the data system workers, this
+    client, and the machine as a whole."""
+
+    def __init__(self, state: DeploymentState) -> None:
+        pid = state.pid
+        self.paths = {
+            "door": [f"/proc/{pid}/task/{pid}/stat"],
+            "deploy_process": [f"/proc/{pid}/stat"],
+            "engines": [f"/proc/{e['pid']}/stat" for e in state.engines],
+            "data_system_workers": [f"/proc/{p}/stat" for p in pids_matching("--worker_address=")],
+        }
+
+    def read(self) -> dict[str, float]:
+        figures = {party: cpu_s(paths) for party, paths in self.paths.items()}
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        figures["client"] = usage.ru_utime + usage.ru_stime
+        figures["machine"] = busy_cores_s()
+        return figures
+
+    @staticmethod
+    def per_request_ms(before: dict[str, float], after: dict[str, float], requests: int) -> dict[str, float]:
+        spent = {party: after[party] - before[party] for party in after}
+        spent["actors_and_controller"] = spent["deploy_process"] - spent["door"]
+        del spent["deploy_process"]
+        return {party: round(seconds * 1000 / max(requests, 1), 3) for party, seconds in spent.items()}
+
+
 def memory_mib(state: DeploymentState, env: dict[str, str]) -> dict[str, float]:
     engines = [_rss_mib(_group(int(e["pid"]))) for e in state.engines]  # type: ignore[call-overload]
     return {
@@ -154,35 +207,48 @@ def door_experiment(args: argparse.Namespace) -> dict[str, object]:
     tmp = Path(tempfile.mkdtemp(prefix="sim-scale-door-", dir="/tmp"))
     env = _env(tmp, args.engines, args.nodes)
     door = f"http://127.0.0.1:{env['SERVER_PORT']}"
+    by_rate: list[dict[str, object]] = []
     try:
         state, ready_s = _deploy(env)
         print(f"  {args.engines} simulated engines on {args.nodes} nodes ready in {ready_s:.1f} s", flush=True)
         memory = memory_mib(state, env)
         print(f"  memory MiB: {memory}", flush=True)
-        urls = [f"http://{e['host']}:{e['port']}" for e in state.engines]
-        paths: dict[str, Callable[[int], str]] = {"direct": lambda i: urls[i % len(urls)], "door": lambda i: door}
-        rounds: list[dict[str, object]] = []
-        buckets: dict[float, float] = {}
-        for number in range(args.rounds):
-            figures: dict[str, object] = {}
-            for name in rotated(list(paths), number):
-                if name == "door":
-                    _, buckets = decision_p99_us(_get(f"{door}/metrics"), {})
-                run = asyncio.run(paced(paths[name], state.served_model_name, args.rate, args.seconds, seed=number))
-                figures[name] = {"sent": run.sent, "ok": len(run.latencies), "failures": run.failures,
-                                 "p50_ms": percentile_ms(run.latencies, 0.5), "p99_ms": percentile_ms(run.latencies, 0.99)}  # fmt: skip
-                if name == "door":
-                    figures["decision_p99_us"], _ = decision_p99_us(_get(f"{door}/metrics"), buckets)
-            direct, through = figures["direct"], figures["door"]
-            figures["added_p50_ms"] = round(through["p50_ms"] - direct["p50_ms"], 3)  # type: ignore[index]
-            figures["added_p99_ms"] = round(through["p99_ms"] - direct["p99_ms"], 3)  # type: ignore[index]
-            print(f"  round {number + 1}: {json.dumps(figures)}", flush=True)
-            rounds.append(figures)
+        meter = CpuMeter(state)
+        idle_before = meter.read()
+        time.sleep(5)
+        idle = CpuMeter.per_request_ms(idle_before, meter.read(), 5)  # "per request" of 5: ms per second idle
+        print(f"  idle, CPU ms per second: {idle}", flush=True)
+        for rate in args.rate:
+            rounds = [_door_round(args, state, meter, door, rate, number) for number in range(args.rounds)]
+            by_rate.append({"rate": rate, "rounds": rounds})
     finally:
         left = _clean(env)
     print(f"  clean left {left} processes running", flush=True)
-    return {"engines": args.engines, "nodes": args.nodes, "rate": args.rate, "seconds": args.seconds, "ready_s": round(ready_s, 1),
-            "memory_mib": memory, "rounds": rounds, "left_running_after_clean": left}  # fmt: skip
+    return {"engines": args.engines, "nodes": args.nodes, "seconds": args.seconds, "ready_s": round(ready_s, 1),
+            "memory_mib": memory, "idle_cpu_ms_per_s": idle, "by_rate": by_rate, "left_running_after_clean": left}  # fmt: skip
+
+
+def _door_round(args: argparse.Namespace, state: DeploymentState, meter: CpuMeter, door: str, rate: float,
+                number: int) -> dict[str, object]:  # fmt: skip
+    """Both paths at ``rate``, in rotated order: latencies, failures, the door's routing
+    decision p99 and each party's CPU per request."""
+    urls = [f"http://{e['host']}:{e['port']}" for e in state.engines]
+    paths: dict[str, Callable[[int], str]] = {"direct": lambda i: urls[i % len(urls)], "door": lambda i: door}
+    figures: dict[str, object] = {}
+    for name in rotated(list(paths), number):
+        _, buckets = decision_p99_us(_get(f"{door}/metrics"), {})
+        before = meter.read()
+        run = asyncio.run(paced(paths[name], state.served_model_name, rate, args.seconds, seed=number))
+        figures[name] = {"sent": run.sent, "ok": len(run.latencies), "failures": run.failures,
+                         "p50_ms": percentile_ms(run.latencies, 0.5), "p99_ms": percentile_ms(run.latencies, 0.99),
+                         "cpu_ms_per_request": CpuMeter.per_request_ms(before, meter.read(), run.sent)}  # fmt: skip
+        if name == "door":
+            figures["decision_p99_us"], _ = decision_p99_us(_get(f"{door}/metrics"), buckets)
+    direct, through = figures["direct"], figures["door"]
+    figures["added_p50_ms"] = round(through["p50_ms"] - direct["p50_ms"], 3)  # type: ignore[index]
+    figures["added_p99_ms"] = round(through["p99_ms"] - direct["p99_ms"], 3)  # type: ignore[index]
+    print(f"  {rate:g} req/s, round {number + 1}: {json.dumps(figures)}", flush=True)
+    return figures
 
 
 def _get(url: str) -> str:
@@ -231,7 +297,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("experiment", choices=("door", "scaling"))
     parser.add_argument("--engines", type=int, default=256)
     parser.add_argument("--nodes", type=int, default=8)
-    parser.add_argument("--rate", type=float, default=None, help="requests/s (door: 1000, scaling: 200)")
+    parser.add_argument("--rate", type=float, nargs="+", default=None,
+                        help="requests/s (door: one round set per rate, default 1000; scaling: one rate, default 200)")
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--low", type=int, default=8)
@@ -240,7 +307,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--results", default=None)
     args = parser.parse_args(argv)
     if args.rate is None:
-        args.rate = 1000.0 if args.experiment == "door" else 200.0
+        args.rate = [1000.0] if args.experiment == "door" else [200.0]
+    if args.experiment == "scaling":
+        args.rate = args.rate[0]
     outcome = door_experiment(args) if args.experiment == "door" else scaling_experiment(args)
     outcome["command"] = "bash run_vllm_on_yr.sh bench sim-scale " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
     path = RESULTS / f"{args.results or 'sim_scale_' + args.experiment}.json"

@@ -404,6 +404,18 @@ def build_app(engine: SimEngine) -> Any:
     return app
 
 
+class _QuietServer(uvicorn.Server):
+    """Uvicorn waking once a second instead of ten times (its default tick): idle, 256
+    engines on one machine spent a sixth of a core on those wakeups. The tick only
+    refreshes the Date header (once a second anyway) and notices ``should_exit``."""
+
+    async def main_loop(self) -> None:
+        counter = 0
+        while not await self.on_tick(counter):
+            counter = (counter + 10) % 864000  # on_tick refreshes its headers when counter % 10 == 0
+            await asyncio.sleep(1.0)
+
+
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = parse_settings(argv)
@@ -415,7 +427,7 @@ def main(argv: list[str] | None = None) -> None:
                 settings.limits.max_num_seqs, "on" if settings.kv_events else "off", settings.kv_role)  # fmt: skip
     config = uvicorn.Config(build_app(engine), host=settings.host, port=settings.port, log_level="warning",
                             access_log=False, lifespan="on", timeout_graceful_shutdown=5)  # fmt: skip
-    server = uvicorn.Server(config)
+    server = _QuietServer(config)
     signal.signal(signal.SIGTERM, lambda *_: setattr(server, "should_exit", True))
     server.run()
 
