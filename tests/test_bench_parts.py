@@ -194,3 +194,20 @@ def test_the_door_on_uvicorns_httptools_answers_as_the_door_does() -> None:
         refused = httpx.post(f"{url}/v1/completions", json={"prompt": "hi", "model": "other"})
         assert refused.status_code == 404 and refused.json()["error"]["param"] == "model"
         assert httpx.get(f"{url}/health").status_code == 200  # FastAPI's path
+
+
+def test_sim_fidelity_pools_the_repeats_requests_and_compares_the_pooled_figures() -> None:
+    from benchmarks.sim_fidelity import pooled, report
+
+    def run(tpot: float, completed: int, duration: float) -> dict[str, float]:
+        return {"mean_ttft_ms": 1000.0, "mean_tpot_ms": tpot, "request_throughput": completed / duration,
+                "completed": completed, "duration_s": duration}  # fmt: skip
+
+    real = [run(100.0, 16, 10.0), run(400.0, 16, 30.0), run(130.0, 32, 24.0)]
+    assert pooled(real, "mean_tpot_ms") == (100 * 16 + 400 * 16 + 130 * 32) / 64  # 190.0
+    assert pooled(real, "request_throughput") == 64 / 64.0
+    simulated = [run(95.0, 16, 10.0), run(380.0, 16, 30.0), run(95.0, 32, 24.0)]  # median -27%, pooled -13%
+    _, differences = report({"seed000": {"real": real, "simulated": simulated}})
+    assert differences["seed000"]["mean_tpot_ms"] == round((95 * 16 + 380 * 16 + 95 * 32) / 64 / 190.0 - 1, 4)
+    assert differences["seed000"]["mean_tpot_ms_of_medians"] == round(95 / 130 - 1, 4)
+    assert differences["seed000"]["mean_ttft_ms"] == 0.0
