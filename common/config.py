@@ -115,6 +115,14 @@ class AdmissionConfig:
 
 
 @dataclass(frozen=True)
+class SloConfig:
+    """The service levels a request should meet (the door counts those that do: goodput)."""
+
+    ttft_ms: float = 2000.0  # time to first token
+    itl_ms: float = 100.0  # mean inter-token latency (TPOT)
+
+
+@dataclass(frozen=True)
 class ServiceConfig:
     server_ip: str
     server_port: int
@@ -153,6 +161,7 @@ class ServiceConfig:
     simulated_nodes: int = 0  # local mode: engines spread over this many simulated nodes; 0: one node (this machine)
     sim_profile: str | None = None  # ENGINE_KIND=simulated: every engine is a simulated one spending time as this profile says
     dp_mode: str = "independent"  # one of DP_MODES
+    slo: SloConfig = field(default_factory=SloConfig)  # SLO_TTFT_MS, SLO_ITL_MS
     # This deployment's own session folder under sessions_dir (deploy.serve sets it);
     # None: before one is made (log_dir then names ``latest``, the newest session).
     session_dir: Path | None = None

@@ -23,6 +23,7 @@ from common.processes import pid_alive, read_pid, write_pid
 from deploy import config as config_module
 from deploy.admin_client import scale
 from deploy.datasystem import stop_workers, worker_listens
+from deploy.goodput import door_goodput_line
 from deploy.node_status import NODE_HEADER, node_rows, table_lines, yr_cli_path, yr_status_lines
 from deploy.settings import add_arguments
 from deploy.state import READY_MARKER, DeploymentState
@@ -199,6 +200,9 @@ def status(config: ServiceConfig) -> int:
         return 1
     door = "healthy" if is_healthy(_probe_host(config), config.server_port) else "not answering"
     print(f"front door {state.endpoint}  pid {state.pid}  {door}  (openYuanrong {state.yr_mode} mode)")
+    goodput = door_goodput_line(_probe_host(config), config.server_port, config.api_key) if door == "healthy" else None
+    if goodput is not None:
+        print(goodput)
     print(f"keeper pid {pid} (deploy.pid: restarts the front door's process, pid {state.pid}, if it is killed)")
     print(f"model {state.served_model_name}  data system worker(s) {state.ds_worker_address}")
     # ADDRESS: where the door reaches the engine (its node's address with simulated nodes

@@ -34,6 +34,7 @@ from common.config import (
     ConnectorConfig,
     DataSystemConfig,
     ServiceConfig,
+    SloConfig,
     simulated_node_address,
 )
 from common.errors import ConfigError
@@ -97,6 +98,7 @@ def build_config(
         simulated_nodes=simulated_nodes,
         dp_mode=_choice(raw, "DP_MODE", DP_MODES),
         sim_profile=_sim_profile(raw, cluster_mode=yr_server_address is not None),
+        slo=SloConfig(ttft_ms=_milliseconds(raw, "SLO_TTFT_MS"), itl_ms=_milliseconds(raw, "SLO_ITL_MS")),
     )
     config = _derived_defaults(config, raw, given)
     _check_consistency(config)
@@ -163,6 +165,17 @@ def _int(raw: Mapping[str, str | None], name: str, minimum: int, maximum: int | 
     except ValueError:
         raise _fail(name, value, allowed) from None
     if number < minimum or (maximum is not None and number > maximum):
+        raise _fail(name, value, allowed)
+    return number
+
+
+def _milliseconds(raw: Mapping[str, str | None], name: str) -> float:
+    value, allowed = raw[name], "must be a number of milliseconds > 0 and <= 3600000"
+    try:
+        number = float(str(value).strip())
+    except ValueError:
+        raise _fail(name, value, allowed) from None
+    if not 0 < number <= 3_600_000:  # NaN too
         raise _fail(name, value, allowed)
     return number
 
@@ -401,39 +414,3 @@ def _check_consistency(config: ServiceConfig) -> None:
     if max(worker_ports) > 65535:
         raise _fail("DS_WORKERS", config.datasystem.local_workers, "too many workers for the port after DS_WORKER_ADDRESS")
 
-
-def describe(config: ServiceConfig) -> Sequence[str]:
-    """Lines an operator reads at start: what will be deployed."""
-    mode = "PD-disaggregated" if config.disaggregated else "PD-colocated"
-    lines = [
-        f"mode: {mode}, accelerator: {config.accelerator.value}, devices: {','.join(map(str, config.devices))}",
-        f"prefill: {config.prefill_instances} instance(s) x TP{config.prefill_tp} x DP{config.prefill_dp}",
-    ]
-    if config.disaggregated:
-        lines.append(f"decode: {config.decode_instances} instance(s) x TP{config.decode_tp} x DP{config.decode_dp}")
-    if max(config.prefill_dp, config.decode_dp) > 1:
-        lines.append("data parallel: " + ("vLLM's own (one engine per node of an instance, --headless off the "
-                                          "rank-0 node)" if config.dp_mode == "vllm" else "one vLLM server per rank"))
-    lines.append(f"model: {config.model_path or 'embedded random-weight Qwen2 (gibberish by design)'}")
-    lines.append(f"routing: {config.routing_policy} (decode by least outstanding requests)")
-    if config.api_key:
-        lines.append("API key: required on every port, door and engines (Authorization: Bearer); /health open"
-                     + (", /metrics open (METRICS_PUBLIC=1)" if config.metrics_public else ""))  # fmt: skip
-    else:
-        lines.append("API key: off (door and engines open)")
-    lines.append(
-        f"overload: {config.admission.max_in_flight_per_engine} requests in flight per serving engine, "
-        f"{config.admission.queue_size} waiting at most {config.admission.queue_timeout_s:.0f} s, then 429"
-    )
-    if config.simulated_nodes:
-        lines.append(f"simulated nodes: {config.simulated_nodes} at "
-                     f"{', '.join(config.datasystem.node_hosts)} (one data system worker each)")  # fmt: skip
-    workers = (f"the data system worker on each engine's node (port {config.datasystem.node_worker_port})"
-               if config.cluster_mode else
-               f"{len(config.datasystem.addresses)} data system worker(s) at {', '.join(config.datasystem.addresses)}")  # fmt: skip
-    lines.append(
-        f"KV store: {workers}, "
-        f"prefix reuse {'on' if config.using_prefix_connector else 'off'}, TTL {config.connector.ttl_s or 'none'} s"
-    )
-    lines.append(f"endpoint: http://{config.server_ip}:{config.server_port}")
-    return lines

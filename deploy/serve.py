@@ -36,6 +36,7 @@ from controller.scale_plan import adopted_specs
 from controller.scaling import ActorControl, Scaler
 from deploy import config as config_module
 from deploy.datasystem import start_workers, stop_workers, worker_answers
+from deploy.describe import describe
 from deploy.embedded_model import ensure_embedded_model
 from deploy.runtime import CONTROLLER_NAME, CONTROLLER_NAMESPACE, finalize_yr, init_yr, resource_view
 from deploy.settings import add_arguments
@@ -90,7 +91,7 @@ def serve(config: ServiceConfig, adopt: bool = False) -> int:
     signal.signal(signal.SIGTERM, _raise_on_sigterm)
     previous = DeploymentState.read(config.state_file) if adopt else None
     config = dataclasses.replace(config, session_dir=prepare_session(config, previous))
-    for line in config_module.describe(config):
+    for line in describe(config):
         logger.info("%s", line)
     mode = init_yr(config)
     # Locally deploy starts its own workers; in a cluster each engine uses its node's worker.

@@ -115,6 +115,9 @@ SETTINGS: tuple[_Setting, ...] = (
     _Setting("SELECTIVE_PD_TOKENS", "256", "kv_aware, PD: a request whose prompt the chosen decode engine lacks at most this many "
              "tokens of skips the prefill leg; 0: every request takes both legs"),
     _Setting("MAX_IN_FLIGHT_PER_ENGINE", "128", "requests the door lets each serving (decode or colocated) engine have at once"),
+    _Setting("SLO_TTFT_MS", "2000", "service level for time to first token; the door counts the requests that meet it and "
+             "`SLO_ITL_MS` (goodput, `frontdoor_slo_requests_total`, `status`)"),
+    _Setting("SLO_ITL_MS", "100", "service level for the mean inter-token latency of a stream (TPOT)"),
     _Setting("DOOR_QUEUE_SIZE", "256", "requests that may wait at the door for a slot; beyond: 429 at once"),
     _Setting("DOOR_QUEUE_TIMEOUT_S", "30", "seconds a request may wait at the door for a slot; then 429"),
     _Setting("STREAM_MIGRATIONS", "1", 'times a stream (completions or chat) whose engine dies mid-way is continued on another engine '

@@ -40,7 +40,7 @@ def build_door(
     admission = admission or Admission(config.admission)
     return FrontDoor(table, served_model_name, metrics, refresh, admission, config.api_key,
                      config.stream_migrations, kv_router, scaler, config.metrics_public,
-                     config.prefill_timeout_s, config.door_read_timeout_s)  # fmt: skip
+                     config.prefill_timeout_s, config.door_read_timeout_s, config.slo)  # fmt: skip
 
 
 def build_kv_router(config: ServiceConfig, model_path: str, metrics: DoorMetrics | None = None,

@@ -33,6 +33,14 @@ class DoorMetrics:
             "frontdoor_request_latency_seconds", "Request arrival to the last response byte.",
             ["endpoint"], buckets=_LATENCY_BUCKETS, registry=self.registry,
         )  # fmt: skip
+        self.slo_requests = Counter(
+            "frontdoor_slo_requests", "Answers completed (200), by whether they met SLO_TTFT_MS and SLO_ITL_MS: met "
+            "(goodput: its rate), missed_ttft, missed_itl, missed_both.", ["endpoint", "outcome"], registry=self.registry,
+        )  # fmt: skip
+        self.slo_target = Gauge(
+            "frontdoor_slo_target_seconds", "The service levels answers are judged by (SLO_TTFT_MS, SLO_ITL_MS).", ["level"],
+            registry=self.registry,
+        )  # fmt: skip
         self.routing_decision = Histogram(
             "frontdoor_routing_decision_seconds", "Request parsed to its engines chosen: tokenizing, the KV index's "
             "match and the policy's order (the first leg's).", buckets=_DECISION_BUCKETS, registry=self.registry,

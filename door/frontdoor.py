@@ -36,6 +36,7 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from common.config import SloConfig
 from common.scale_port import ScaleControl
 from door.admin import add_admin_routes
 from door.admission import Admission
@@ -48,6 +49,7 @@ from door.legs import REQUEST_ID_HEADER, Leg, decode_request, prefill_request, s
 from door.migration import engine_request, migratable
 from door.policies import EngineLoad, affinity_key
 from door.routing import RoutingTable
+from door.slo import SloCounts
 from door.stream_relay import RETRYABLE_STATUS, UNAVAILABLE_STATUS, EngineLegs
 from workers.api_key_guard import UNAUTHORIZED_MESSAGE, BearerCheck, KeyGuard
 
@@ -106,6 +108,7 @@ class FrontDoor:
         metrics_public: bool = False,
         prefill_timeout_s: float = 120.0,
         read_timeout_s: float = READ_TIMEOUT_S,
+        slo: SloConfig | None = None,
     ) -> None:
         self.table = table
         self.served_model_name = served_model_name
@@ -119,7 +122,8 @@ class FrontDoor:
         self._latency = {endpoint: self.metrics.latency.labels(endpoint) for endpoint in _ENDPOINTS}
         self._counted: dict[tuple[str, int], Any] = {}
         self._bearer = BearerCheck(api_key) if api_key is not None else None
-        self.legs = EngineLegs(table, self.client, self.metrics, self._ttft, self._latency, stream_migrations)
+        self.slo = SloCounts(slo or SloConfig(), self.metrics.slo_requests, self.metrics.slo_target)
+        self.legs = EngineLegs(table, self.client, self.metrics, self._ttft, self._latency, stream_migrations, self.slo)
         self.watch = EngineWatch(table, refresh, kv_router, self.client, self.metrics)
         self.app = self._fallback_app(scaler)
         if api_key is not None:
@@ -206,6 +210,8 @@ class FrontDoor:
             elapsed = time.perf_counter() - started
             self._ttft[endpoint].observe(elapsed)
             self._latency[endpoint].observe(elapsed)
+            if status == 200:  # a whole answer: its first token reaches the client with its last byte
+                self.slo.whole(endpoint, elapsed)
 
     def _parsed(self, exchange: Exchange, required: str) -> dict[str, Any]:
         if not self._authorized(exchange.headers.get("authorization", "")):

@@ -19,6 +19,7 @@ from door.legs import Leg
 from door.migration import CONTINUATION_PATH, StreamFollower
 from door.policies import EngineLoad
 from door.routing import SUSPECT_S, RoutingTable
+from door.slo import SloCounts, StreamClock
 
 logger = logging.getLogger(__name__)
 
@@ -35,13 +36,14 @@ class EngineLegs:
     may be continued on another engine."""
 
     def __init__(self, table: RoutingTable, client: EngineClient, metrics: DoorMetrics, ttft: Mapping[str, Any],
-                 latency: Mapping[str, Any], stream_migrations: int) -> None:  # fmt: skip
+                 latency: Mapping[str, Any], stream_migrations: int, slo: SloCounts) -> None:  # fmt: skip
         self.table = table
         self.client = client
         self.metrics = metrics
         self.ttft = ttft
         self.latency = latency
         self.stream_migrations = stream_migrations
+        self.slo = slo
 
     async def post(self, engine: EngineLoad, leg: Leg, payload: bytes, path: str = "") -> Upstream:
         return await self.client.request("POST", engine.host, engine.port, path or leg.path, payload, leg.engine_headers)
@@ -54,15 +56,17 @@ class EngineLegs:
                        f" (engine skipped for {SUSPECT_S:.0f} s)" if unavailable else "")  # fmt: skip
 
     async def relay(self, upstream: Upstream, engine: EngineLoad, leg: Leg) -> None:
-        first, complete = True, False
+        first, complete, clock = True, False, StreamClock(leg.started)
         try:
             async for chunk in upstream.chunks():
                 if first:
                     self.ttft[leg.endpoint].observe(time.perf_counter() - leg.started)
                     first = False
+                clock.saw(chunk)
                 await leg.exchange.write(chunk)
             complete = True
             leg.exchange.end()
+            self.slo.stream(leg.endpoint, clock)
         except StreamCut as exc:
             logger.warning("[request=%s engine=%s] stream broke (%s); not continued", leg.request_id, engine.name, exc)
             leg.exchange.abort()
@@ -76,7 +80,7 @@ class EngineLegs:
     async def follow(self, upstream: Upstream, engine: EngineLoad, body: dict[str, Any], leg: Leg) -> None:
         """``relay``, for a stream that is continued on another engine if it breaks."""
         follower = StreamFollower(body, chat=leg.endpoint == "chat/completions")
-        first, migrations_left = True, self.stream_migrations
+        first, migrations_left, clock = True, self.stream_migrations, StreamClock(leg.started)
         try:
             while True:
                 complete, broken, drained = False, None, True
@@ -87,6 +91,7 @@ class EngineLegs:
                             self.ttft[leg.endpoint].observe(time.perf_counter() - leg.started)
                             first = False
                         if relayed:
+                            clock.saw(relayed)
                             await leg.exchange.write(relayed)
                         if follower.stopped_here:  # a stop string across a cut: the engine is stopped by closing
                             drained = False
@@ -103,11 +108,13 @@ class EngineLegs:
                     self.table.release(engine)
                 if broken is None:
                     leg.exchange.end()
+                    self.slo.stream(leg.endpoint, clock)
                     return
                 if follower.finished:  # cut after its last token: end the client's stream
                     if not follower.done_sent:
                         await leg.exchange.write(b"data: [DONE]\n\n")
                     leg.exchange.end()
+                    self.slo.stream(leg.endpoint, clock)
                     return
                 self.table.mark_failed(engine)
                 continuation = follower.continuation() if migrations_left else None

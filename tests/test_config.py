@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from common.config import Accelerator
+from common.config import Accelerator, SloConfig
 from common.errors import ConfigError
-from deploy.config import build_config, describe, parse_device_list
+from deploy.config import build_config, parse_device_list
+from deploy.describe import describe
 from deploy.settings import add_arguments
 
 CPU_2 = {"ACCELERATOR": "cpu", "VISIBLE_DEVICES": "0,1"}
@@ -83,6 +84,10 @@ def test_decode_zero_means_colocated() -> None:
         ({"ENGINE_KIND": "simulated", "YR_SERVER_ADDRESS": "10.0.0.1:31222"},
          "ENGINE_KIND=simulated is invalid: must be vllm in cluster mode"),
         ({"ENGINE_KIND": "simulated", "DP_MODE": "vllm"}, "DP_MODE=vllm is invalid: must be independent with ENGINE_KIND=simulated"),
+        ({"SLO_TTFT_MS": "0"}, "SLO_TTFT_MS=0 is invalid: must be a number of milliseconds > 0 and <= 3600000"),
+        ({"SLO_ITL_MS": "fast"}, "SLO_ITL_MS=fast is invalid: must be a number of milliseconds > 0 and <= 3600000"),
+        ({"SLO_ITL_MS": "nan"}, "SLO_ITL_MS=nan is invalid: must be a number of milliseconds > 0 and <= 3600000"),
+        ({"SLO_TTFT_MS": "-1"}, "SLO_TTFT_MS=-1 is invalid: must be a number of milliseconds > 0 and <= 3600000"),
     ],
 )
 def test_invalid_values_name_variable_value_and_allowed(env: dict[str, str], expected: str) -> None:
@@ -109,6 +114,13 @@ def test_device_lists() -> None:
     for bad in ("", "1,1", "3-1", "a"):
         with pytest.raises(ValueError):
             parse_device_list(bad)
+
+
+def test_service_levels_are_read_in_milliseconds_and_described() -> None:
+    assert build_config(CPU_2).slo == SloConfig(ttft_ms=2000.0, itl_ms=100.0)
+    config = build_config({**CPU_2, "SLO_TTFT_MS": "750.5", "SLO_ITL_MS": "40"})
+    assert config.slo == SloConfig(ttft_ms=750.5, itl_ms=40.0)
+    assert "service levels: TTFT <= 750.5 ms, inter-token latency <= 40 ms" in "\n".join(describe(config))
 
 
 def test_api_key_is_read_and_never_described() -> None:
