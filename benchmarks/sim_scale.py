@@ -1,19 +1,23 @@
 """The door and the control plane at scale, on simulated engines (``ENGINE_KIND=simulated``,
 profile ``h100-llama3-8b-bf16``: engines as fast as H100s, so the door carries the load).
 
-    bash run_vllm_on_yr.sh bench sim-scale door [--engines 256] [--nodes 8] [--rate 1000]
+    bash run_vllm_on_yr.sh bench sim-scale door [--engines 256] [--nodes 8] [--rate 1000 ...]
         [--seconds 10] [--rounds 3]
     bash run_vllm_on_yr.sh bench sim-scale scaling [--rate 200] [--step 8] [--low 8] [--high 64]
 
 ``door``: ``--engines`` colocated simulated engines on ``--nodes`` simulated nodes, KV-aware
 routing (every engine's KV event stream followed by the door). Reports the time from
 ``deploy`` to ready, memory (engines, the deploy process with the Controller, actors and
-door, the data system workers), then per round two paths one after the other (rotated):
-this process sending at ``--rate`` requests/s (open loop, token-id prompts of 64 groups
-sharing 48-token heads, 1 output token) straight to the engines (in turn) and through
-the door; the door's added latency is the difference of the two p50s (p99s), and its
-routing decision p99 comes from its ``frontdoor_routing_decision_seconds`` histogram (a
-bucket's upper bound). Finally ``clean``, and what it left running (must be nothing).
+door, the data system workers) and the CPU each party takes idle, then for each
+``--rate`` and round two paths one after the other (rotated): this process sending at
+that rate (open loop, token-id prompts of 64 groups sharing 48-token heads, 1 output
+token) straight to the engines (in turn) and through the door. The door's added latency
+is the difference of the two p50s (p99s); its routing decision p99 comes from its
+``frontdoor_routing_decision_seconds`` histogram (a bucket's upper bound); each party's
+CPU per request from /proc over the path's run: the door (the deploy process's main
+thread, where Uvicorn serves it), the Controller and engine actors (the rest of that
+process), the engines, the data system workers, this client, and the whole machine.
+Finally ``clean``, and what it left running (must be nothing).
 
 ``scaling``: ``--low`` engines (8 simulated nodes, 8 virtual devices each) under a steady
 ``--rate`` through the door while ``scale colocated +step`` runs until ``--high``, then
