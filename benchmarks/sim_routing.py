@@ -148,22 +148,26 @@ def main(argv: list[str] | None = None) -> None:
         print(f"  {why}", flush=True)
         if router is None:
             policies = [p for p in policies if not p.startswith(ARM_PREFIX)]
+    command = (f"bash run_vllm_on_yr.sh bench sim-routing --engines {args.engines} --workloads {args.workloads} "
+               f"--policies {args.policies} --repeats {args.repeats} --profile {args.profile}")  # fmt: skip
     results: dict[str, dict[str, dict[str, list[dict[str, float]]]]] = {}
+    table = "no arm ran"
     for engines in counts:
         for workload in workloads:
             for policy in policies:
                 runs = run_arm(engines, workload, policy, bench.path, args.profile, args.repeats, router)
                 results.setdefault(str(engines), {}).setdefault(workload, {})[policy] = [r.as_dict() for r in runs]
-    table, verdicts = report(results)
+                # After every arm: a run stopped later (a timeout, SIGTERM) keeps the arms it finished.
+                table = write_results(RESULTS.with_name(args.results), command, bench.name, results)
     print(table)
-    print(json.dumps(verdicts, indent=2))
-    stem = RESULTS.with_name(args.results)
-    stem.with_suffix(".json").write_text(json.dumps({
-        "command": f"bash run_vllm_on_yr.sh bench sim-routing --engines {args.engines} --workloads {args.workloads} "
-                   f"--policies {args.policies} --repeats {args.repeats} --profile {args.profile}",
-        "model": bench.name, "verdicts": verdicts, "runs": results}, indent=2) + "\n")  # fmt: skip
-    stem.with_suffix(".md").write_text(table + "\n")
 
+
+def write_results(stem: Path, command: str, model: str, results: dict[str, dict[str, dict[str, list[dict[str, float]]]]]) -> str:
+    table, verdicts = report(results)
+    stem.with_suffix(".json").write_text(json.dumps({"command": command, "model": model, "verdicts": verdicts,
+                                                     "runs": results}, indent=2) + "\n")  # fmt: skip
+    stem.with_suffix(".md").write_text(table + "\n")
+    return table
 
 if __name__ == "__main__":
     main()
