@@ -313,6 +313,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.rate is None:
         args.rate = [1000.0] if args.experiment == "door" else [200.0]
     if args.experiment == "scaling":
+        if len(args.rate) > 1:
+            raise SystemExit(f"--rate {' '.join(f'{r:g}' for r in args.rate)}: scaling takes one rate (the steady load)")
         args.rate = args.rate[0]
     outcome = door_experiment(args) if args.experiment == "door" else scaling_experiment(args)
     outcome["command"] = "bash run_vllm_on_yr.sh bench sim-scale " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
