@@ -92,7 +92,7 @@ def pooled(runs: list[dict[str, float]], key: str) -> float:
     completed requests, req/s as all completed over all durations. Seed 000's TPOT is
     one gap per request (2 output tokens) and bimodal (~60 ms, or a whole prefill step
     when another prompt's prefill shares the step), so the median of 3 repeats is one
-    repeat's draw; the pooled mean is the mean over all 48 requests."""
+    repeat's draw; the pooled mean is the mean over all the requests (48 for 3 repeats)."""
     if key == "request_throughput":
         return sum(run["completed"] for run in runs) / sum(run["duration_s"] for run in runs)
     return sum(run[key] * run["completed"] for run in runs) / sum(run["completed"] for run in runs)
@@ -161,6 +161,7 @@ def main(argv: list[str] | None = None, run: Callable[..., list[ServeResult]] = 
     command = (f"bash run_vllm_on_yr.sh bench sim-fidelity --repeats {args.repeats} --profile {args.profile} "
                f"--dtype {args.dtype} --workloads {args.workloads}")  # fmt: skip
     print(write_results(RESULTS.with_name(args.results), command, bench.name, results))
+
 
 if __name__ == "__main__":
     main()
