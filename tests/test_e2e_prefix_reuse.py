@@ -90,7 +90,10 @@ def test_prompt_computed_on_one_instance_is_loaded_by_the_other_through_another_
 
 def test_shared_prefix_is_reused_and_the_rest_computed(deployment: Deployment) -> None:
     prefix = [(13 * i + 5) % 4000 + 10 for i in range(2 * BLOCK_SIZE)]
+    storing_url = deployment.engine_url("colocated-1")
+    stored_before = _stored_blocks(storing_url)
     deployment.engine_complete("colocated-1", _body(prefix + [42] * 30))  # stores the prefix via worker B
+    _wait_for_stored_blocks(storing_url, stored_before + 2)  # saves are published after the response
     other_url = deployment.engine_url("colocated-0")
     before = external_kv_tokens(other_url)
     with_new_suffix = prefix + [(17 * i) % 4000 + 10 for i in range(70)]
