@@ -20,7 +20,6 @@ from common.config import SloConfig
 
 MET = "met"
 OUTCOMES = (MET, "missed_ttft", "missed_itl", "missed_both")
-_USAGE_EVENTS = (b'"choices":[]', b'"choices": []')  # vLLM's (compact JSON), the simulated engine's
 
 
 class StreamClock:
@@ -41,7 +40,8 @@ class StreamClock:
         events = chunk.count(b"\n\n") + (self._newline_last and chunk[:1] == b"\n")
         self._newline_last = chunk[-1:] == b"\n"
         if events:
-            events -= chunk.count(b"[DONE]") + sum(chunk.count(usage) for usage in _USAGE_EVENTS)
+            # [DONE] and the usage event (no choices: vLLM's compact JSON, the simulated engine's)
+            events -= chunk.count(b"[DONE]") + chunk.count(b'"choices":[]') + chunk.count(b'"choices": []')
         if events > 0:
             if not self.tokens:
                 self.first_at = now
