@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -345,7 +346,7 @@ def wait_until_healthy(
     while time.monotonic() < deadline:
         code = process.poll()
         if code is not None:
-            raise StartupError(f"engine {name} exited with code {code} while starting; last log lines:\n{tail(log_path)}")
+            raise StartupError(f"engine {name} exited with code {code} while starting; {failure_summary(log_path)}")
         if is_healthy(host, port):
             return
         time.sleep(0.5)
@@ -360,12 +361,22 @@ def wait_until_settled(process: EngineProcess, settle_s: float, log_path: Path, 
     while time.monotonic() < deadline:
         code = process.poll()
         if code is not None:
-            raise StartupError(f"engine {name} exited with code {code} while starting; last log lines:\n{tail(log_path)}")
+            raise StartupError(f"engine {name} exited with code {code} while starting; {failure_summary(log_path)}")
         time.sleep(0.2)
 
 
-def tail(path: Path, lines: int = 15) -> str:
+_RAISED = re.compile(r"^\s*(?:\([^)]*\)\s*)?[A-Za-z_][\w.]*(?:Error|Exception|Exit)\b:?")  # a traceback's last line
+
+
+def failure_summary(path: Path, lines: int = 15, causes: int = 6) -> str:
+    """What an engine's log says about its death: the exceptions raised (the last line of
+    each traceback, the root cause first; vLLM's API server ends its log with "Engine core
+    initialization failed. See root cause above", which is all a plain tail shows), then
+    the last ``lines`` lines."""
     try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+        text = path.read_text(errors="replace").splitlines()
     except OSError:
         return "(no log)"
+    raised = list(dict.fromkeys(line.strip() for line in text if _RAISED.match(line)))[-causes:]
+    cause = "exceptions raised:\n  " + "\n  ".join(raised) + "\n" if raised else ""
+    return cause + "last log lines:\n" + "\n".join(text[-lines:])
