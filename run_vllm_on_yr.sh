@@ -78,6 +78,19 @@ ensure_env() {
   echo "environment ready: $VENV" >&2
 }
 
+# The dashboard's browser test drives Debian's headless Chromium; the test verb installs it
+# where it is missing and apt can (as root); elsewhere that one test is skipped.
+ensure_browser() {
+  command -v chromium >/dev/null 2>&1 && return 0
+  if [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null 2>&1; then
+    echo "installing chromium for the dashboard's browser test (first run only) ..." >&2
+    if ! { apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1 \
+           || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1; }; }; then
+      echo "warning: chromium could not be installed; the dashboard's browser test is skipped" >&2
+    fi
+  fi
+}
+
 # status, logs and clean of a checkout that never deployed (a fresh clone) answer at once,
 # without setting up the environment first: there is nothing of theirs to look at.
 nothing_deployed() {
@@ -107,6 +120,8 @@ case "$verb" in
       shift
       # everything but the tests that start real engines, on two processes (a module stays on one)
       fast=(-m "not e2e" -n 2 --dist loadfile)
+    else
+      ensure_browser
     fi
     ensure_env
     cd "$ROOT"

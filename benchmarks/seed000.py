@@ -96,7 +96,8 @@ STORE_FAILURE = re.compile(r"\[store=[^\]]+\] [^:]*(?: failed|: no answer within
 WARMUP_SEED = 10_000
 STORE_MB = 4096  # the ~93M model's KV for every prompt of 3 runs, with room; scaled by KV bytes per token
 BASE_KV_BYTES_PER_TOKEN = 12 * 1024
-REPORTED = ("request_throughput", "mean_ttft_ms", "median_ttft_ms", "p99_ttft_ms", "mean_tpot_ms", "total_token_throughput")
+REPORTED = ("request_throughput", "mean_ttft_ms", "median_ttft_ms", "p99_ttft_ms", "mean_tpot_ms", "total_token_throughput",
+            "request_goodput")
 
 
 def store_failures(sessions_dir: Path) -> int:
@@ -197,6 +198,7 @@ TABLE_COLUMNS = (
     ("mean_tpot_ms", "mean TPOT ms", 1),
     ("output_throughput", "output tok/s", 1),
     ("total_token_throughput", "total tok/s", 0),
+    ("request_goodput", "goodput req/s", 2),  # met SLO_TTFT_MS and SLO_ITL_MS (TPOT) at their defaults
 )
 
 
@@ -204,10 +206,11 @@ def write_report(arms: dict[str, dict[str, object]], stem: Path) -> list[Path]:
     """``<stem>.md``: one row per arm, each figure the median of its runs (min-max);
     ``<stem>_req_s.png`` and ``<stem>_ttft.png``: the same as bars with ranges."""
     spreads = {
-        arm: {key: Spread.of([run[key] for run in figures["runs"]]) for key, _, _ in TABLE_COLUMNS}  # type: ignore[index,union-attr]
+        arm: {key: Spread.of([run[key] for run in figures["runs"]]) for key, _, _ in TABLE_COLUMNS  # type: ignore[index,union-attr]
+              if all(key in run for run in figures["runs"])}  # type: ignore[union-attr]  # (runs before goodput lack it)
         for arm, figures in arms.items()
     }
-    rows = [[arm] + [spreads[arm][key].cell(digits) for key, _, digits in TABLE_COLUMNS]
+    rows = [[arm] + [spreads[arm][key].cell(digits) if key in spreads[arm] else "-" for key, _, digits in TABLE_COLUMNS]
             + [str(arms[arm]["failed_requests"]), str(arms[arm]["store_call_failures"])] for arm in arms]  # fmt: skip
     header = ["arm"] + [title for _, title, _ in TABLE_COLUMNS] + ["failed requests", "store calls failed or late"]
     table = stem.with_suffix(".md")

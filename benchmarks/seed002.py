@@ -100,6 +100,7 @@ TABLE_COLUMNS = (
     ("request_throughput", "req/s", 2),
     ("output_throughput", "output tok/s", 2),
     ("total_token_throughput", "total tok/s", 2),
+    ("request_goodput", "goodput req/s", 2),  # met SLO_TTFT_MS and SLO_ITL_MS (TPOT) at their defaults
 )
 REPORTED = tuple(key for key, _, _ in TABLE_COLUMNS)
 
@@ -124,7 +125,8 @@ def percent_difference(value: float, baseline: float) -> float | None:
 def arm_spreads(arms: Mapping[str, Mapping[str, object]]) -> dict[str, dict[str, Spread]]:
     """Each measured arm's figures over its runs (skipped or failed arms have none)."""
     return {
-        arm: {key: Spread.of([float(run[key]) for run in figures["runs"]]) for key in REPORTED}  # type: ignore[attr-defined,index]
+        arm: {key: Spread.of([float(run[key]) for run in figures["runs"]]) for key in REPORTED  # type: ignore[attr-defined,index]
+              if all(key in run for run in figures["runs"])}  # type: ignore[attr-defined]  # (runs before goodput lack it)
         for arm, figures in arms.items()
         if figures.get("runs")
     }
@@ -135,6 +137,9 @@ def difference_row(spreads: Mapping[str, Mapping[str, Spread]], against: str, ba
     (``-17.61%``: less; for duration and latencies, better)."""
     cells = [f"% difference ({against} vs {baseline})"]
     for key, _, _ in TABLE_COLUMNS:
+        if key not in spreads[against] or key not in spreads[baseline]:
+            cells.append("-")
+            continue
         change = percent_difference(spreads[against][key].median, spreads[baseline][key].median)
         cells.append("-" if change is None else f"{change:+.2f}%")
     return cells
@@ -144,7 +149,8 @@ def report_table(arms: Mapping[str, Mapping[str, object]], against: str, baselin
     """Seed 002's table: one row per measured arm, each cell the median of its runs
     (min-max), then the % difference row when both compared arms were measured."""
     spreads = arm_spreads(arms)
-    rows = [[arm] + [spreads[arm][key].cell(digits) for key, _, digits in TABLE_COLUMNS] for arm in spreads]
+    rows = [[arm] + [spreads[arm][key].cell(digits) if key in spreads[arm] else "-" for key, _, digits in TABLE_COLUMNS]
+            for arm in spreads]  # fmt: skip
     if against in spreads and baseline in spreads:
         rows.append(difference_row(spreads, against, baseline))
     return markdown_table(["arm"] + [title for _, title, _ in TABLE_COLUMNS], rows)

@@ -1,5 +1,7 @@
 """Load generation with ``vllm bench serve`` (its own process) against an OpenAI endpoint,
-and the figures we report from its ``--save-result`` JSON."""
+and the figures we report from its ``--save-result`` JSON. Every run counts goodput:
+requests per second that met both service levels (``--goodput ttft:<ms> tpot:<ms>``,
+the deployment's defaults ``SLO_TTFT_MS`` and ``SLO_ITL_MS`` unless the caller gives others)."""
 
 from __future__ import annotations
 
@@ -9,6 +11,8 @@ import sys
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from common.config import SloConfig
 
 VLLM_CLI = Path(sys.executable).with_name("vllm")
 
@@ -33,6 +37,7 @@ class ServeResult:
     mean_e2el_ms: float
     median_e2el_ms: float
     p99_e2el_ms: float
+    request_goodput: float = 0.0  # req/s that met both service levels
 
     def as_dict(self) -> dict[str, float]:
         return asdict(self)
@@ -56,9 +61,12 @@ def parse_result(saved: dict[str, object]) -> ServeResult:
 
 
 def serve_bench(
-    base_url: str, model: str, tokenizer: Path, dataset: Path, num_prompts: int, concurrency: int, output_tokens: int
+    base_url: str, model: str, tokenizer: Path, dataset: Path, num_prompts: int, concurrency: int, output_tokens: int,
+    slo: SloConfig | None = None, request_rate: float | None = None,
 ) -> ServeResult:
-    """Send ``dataset`` (custom JSONL) to ``base_url`` with at most ``concurrency`` requests in flight."""
+    """Send ``dataset`` (custom JSONL) to ``base_url`` with at most ``concurrency`` requests
+    in flight (``request_rate``: that many a second, Poisson; None: as fast as allowed)."""
+    slo = slo or SloConfig()
     with tempfile.TemporaryDirectory(prefix="serve-bench-") as results:
         command = [
             str(VLLM_CLI), "bench", "serve",
@@ -66,9 +74,10 @@ def serve_bench(
             "--model", model, "--tokenizer", str(tokenizer),
             "--dataset-name", "custom", "--dataset-path", str(dataset), "--skip-chat-template",
             "--custom-output-len", str(output_tokens), "--ignore-eos",
-            "--num-prompts", str(num_prompts), "--max-concurrency", str(concurrency), "--request-rate", "inf",
+            "--num-prompts", str(num_prompts), "--max-concurrency", str(concurrency), "--request-rate", "inf" if request_rate is None else str(request_rate),
             "--temperature", "0", "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,99",
             "--disable-tqdm", "--save-result", "--result-dir", results, "--result-filename", "result.json",
+            "--goodput", f"ttft:{slo.ttft_ms:g}", f"tpot:{slo.itl_ms:g}",
         ]  # fmt: skip
         run = subprocess.run(command, capture_output=True, text=True, timeout=3600)
         saved = Path(results) / "result.json"

@@ -17,6 +17,10 @@ ROUTING_POLICIES = ("round_robin", "least_outstanding", "prefix_affinity", "kv_a
 # balances over them); "vllm", vLLM's own data parallelism: per node one engine for the
 # ranks the plan put there, the rank-0 node's serving HTTP, the others --headless.
 DP_MODES = ("independent", "vllm")
+# Engine roles: "fixed", each engine prefill, decode or colocated for its life; "adaptive",
+# every engine can serve a request whole, a prefill leg or a decode leg, and the planner
+# (controller/role_planner.py) moves each between those as the service levels ask.
+ROLE_MODES = ("fixed", "adaptive")
 
 
 class Accelerator(str, enum.Enum):
@@ -29,10 +33,11 @@ class Role(str, enum.Enum):
     PREFILL = "prefill"
     DECODE = "decode"
     COLOCATED = "colocated"
+    ADAPTIVE = "adaptive"  # ROLES=adaptive: its acting role (prefill, decode, colocated) changes while it runs
 
     @property
     def kv_role(self) -> str:
-        return {"prefill": "kv_producer", "decode": "kv_consumer", "colocated": "kv_both"}[self.value]
+        return {"prefill": "kv_producer", "decode": "kv_consumer"}.get(self.value, "kv_both")
 
 
 @dataclass(frozen=True)
@@ -123,6 +128,14 @@ class SloConfig:
 
 
 @dataclass(frozen=True)
+class PlannerConfig:
+    """ROLES=adaptive: how the role planner judges (controller/role_planner.py)."""
+
+    window_s: float = 20.0  # the door's service-level window the planner judges
+    settle_s: float = 30.0  # after a role change, how long the new layout serves before it is judged
+
+
+@dataclass(frozen=True)
 class ServiceConfig:
     server_ip: str
     server_port: int
@@ -162,13 +175,20 @@ class ServiceConfig:
     sim_profile: str | None = None  # ENGINE_KIND=simulated: every engine is a simulated one spending time as this profile says
     dp_mode: str = "independent"  # one of DP_MODES
     slo: SloConfig = field(default_factory=SloConfig)  # SLO_TTFT_MS, SLO_ITL_MS
+    roles: str = "fixed"  # one of ROLE_MODES; adaptive: PREFILL_INS_NUM + DECODE_INS_NUM engines, that split at start
+    planner: PlannerConfig = field(default_factory=PlannerConfig)  # PLANNER_WINDOW_S, PLANNER_SETTLE_S
     # This deployment's own session folder under sessions_dir (deploy.serve sets it);
     # None: before one is made (log_dir then names ``latest``, the newest session).
     session_dir: Path | None = None
 
     @property
+    def adaptive_roles(self) -> bool:
+        return self.roles == "adaptive"
+
+    @property
     def disaggregated(self) -> bool:
-        return self.decode_instances > 0
+        """Fixed prefill and decode engines (adaptive ones split per request instead)."""
+        return self.decode_instances > 0 and not self.adaptive_roles
 
     @property
     def simulated_engines(self) -> bool:

@@ -15,7 +15,7 @@ from typing import Protocol
 from common.errors import ConfigError, DeployError
 
 MAX_SCALE_STEP = 8  # instances one operation may add or remove
-ROLE_WORDS = ("prefill", "decode", "colocated")
+ROLE_WORDS = ("prefill", "decode", "colocated", "adaptive")
 
 
 def parse_delta(text: str) -> int:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,6 +23,8 @@ import yr
 from common.config import Accelerator, ServiceConfig
 from common.engine_state import EngineState
 from common.errors import ConfigError, StartupError
+from common.service_levels import ServiceLevels
+from controller.adaptive_roles import AdaptiveRoles
 from controller.node_affinity import NODE_LABEL, node_affinities, node_label_value
 from controller.placement import ENGINE_MEMORY_MB
 from workers.engine_actor import EngineActor
@@ -81,6 +84,9 @@ class Controller:
         self._version = 0
         self._closed = False  # shut down: engines that finish starting now are stopped, not listed
         self._lock = threading.Lock()
+        # ROLES=adaptive: each engine's acting role, the planner, its decisions (else None).
+        self._roles = AdaptiveRoles([spec.name for spec in specs], config.prefill_instances, config.decode_instances,
+                                    config.slo, config.planner.settle_s) if config.adaptive_roles else None  # fmt: skip
 
     def initialize(self) -> list[dict[str, object]]:
         """Start all engines in parallel; return their infos, or stop them all and raise."""
@@ -95,7 +101,7 @@ class Controller:
         # Adopted engines (a restarted deploy process took them over) are warm already.
         self._warm_up(self._specs, [info for info in infos if info["name"] not in self._adopt_ports], [])
         with self._lock:
-            self._infos = infos
+            self._infos = infos = self._with_acting(infos)
         return list(infos)
 
     def add_engines(self, specs: Sequence[EngineSpec]) -> list[dict[str, object]]:
@@ -123,9 +129,11 @@ class Controller:
             with self._lock:
                 closed = self._closed
                 if not closed:
+                    if self._roles is not None:
+                        self._roles.added(names, time.time())
                     self._specs.extend(specs)
                     self._engines.extend(handles)
-                    self._infos.extend(infos)
+                    self._infos.extend(self._with_acting(infos))
                     self._version += 1
             if closed:
                 _stop_handles(handles)
@@ -156,6 +164,8 @@ class Controller:
             info = self._infos.pop(index) if index < len(self._infos) else {"name": name}
             self._draining.discard(name)
             self._version += 1
+            if self._roles is not None:
+                self._roles.removed(name, time.time())
         _stop_handles([handle])
         logger.info("[engine=%s] removed (pid %s)", name, info.get("pid"))
         return info
@@ -173,10 +183,40 @@ class Controller:
             if handles != self._engines:  # engines came or went meanwhile (the version moved): next poll
                 return self._version, list(self._infos)
             infos = [{**info, "state": EngineState.DRAINING} if info["name"] in self._draining else info for info in infos]
+            infos = self._with_acting(infos)
             if [_routing_view(i) for i in infos] != [_routing_view(i) for i in self._infos]:
                 self._version += 1
                 self._infos = infos
             return self._version, list(self._infos)
+
+    def _with_acting(self, infos: list[dict[str, object]]) -> list[dict[str, object]]:
+        """ROLES=adaptive: each engine's info with its acting role (under the lock)."""
+        if self._roles is None:
+            return infos
+        acting = self._roles.acting
+        return [{**info, "acting": acting[str(info["name"])]} if info["name"] in acting else info for info in infos]
+
+    def observe(self, levels: dict[str, object]) -> list[dict[str, object]]:
+        """The door's service levels of its last window (common/service_levels.py); with
+        ROLES=adaptive the role planner may change engines' acting roles (the next
+        snapshot has them). Returns the planner's decisions so far, oldest first."""
+        if self._roles is None:
+            return []
+        with self._lock:
+            self._roles.observe(ServiceLevels.from_dict(levels), time.time())
+            return list(self._roles.decisions)
+
+    def set_roles(self, roles: dict[str, str], reason: str = "set by an operator") -> dict[str, object]:
+        """Set adaptive engines' acting roles (``POST /admin/roles``): the decision, or
+        ``{"error": why}`` when the deployment is not ROLES=adaptive or a name or role is
+        unknown (a plain answer: an exception would reach the caller wrapped by the runtime)."""
+        if self._roles is None:
+            return {"error": "roles are fixed in this deployment (ROLES=fixed); deploy with ROLES=adaptive to change them"}
+        with self._lock:
+            try:
+                return self._roles.set(roles, reason, time.time()).as_dict()
+            except ConfigError as exc:
+                return {"error": str(exc)}
 
     def shutdown(self) -> None:
         with self._lock:
@@ -243,4 +283,5 @@ def _stop_handles(handles: Sequence[Any]) -> None:
 
 
 def _routing_view(info: dict[str, object]) -> tuple[object, ...]:
-    return info["name"], info["host"], info["port"], info["state"], info.get("events_port", 0), info.get("restarts", 0)
+    return (info["name"], info["host"], info["port"], info["state"], info.get("events_port", 0), info.get("restarts", 0),
+            info.get("acting"))

@@ -45,6 +45,9 @@ class InstancePlan:
 
 
 def instance_plans(config: ServiceConfig) -> list[InstancePlan]:
+    if config.adaptive_roles:  # one kind of engine (TP, DP and startup parameters: the prefill's)
+        engines = config.prefill_instances + config.decode_instances
+        return [InstancePlan(Role.ADAPTIVE, engines, config.prefill_tp, config.prefill_dp, config.prefill_startup_params)]
     if not config.disaggregated:
         return [
             InstancePlan(Role.COLOCATED, config.prefill_instances, config.prefill_tp, config.prefill_dp, config.prefill_startup_params)

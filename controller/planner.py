@@ -38,6 +38,7 @@ _SETTINGS = {
     Role.PREFILL: ("PREFILL_INS_NUM", "PTP", "PDP"),
     Role.DECODE: ("DECODE_INS_NUM", "DTP", "DDP"),
     Role.COLOCATED: ("PREFILL_INS_NUM", "PTP", "PDP"),
+    Role.ADAPTIVE: ("PREFILL_INS_NUM + DECODE_INS_NUM", "PTP", "PDP"),
 }
 _NODES_LISTED = 8  # a refusal lists this many nodes' free counts, then "and N more"
 

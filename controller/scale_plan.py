@@ -35,7 +35,8 @@ from controller.placement import InstancePlan, engine_specs, instance_plans, loc
 from controller.planner import EnginePlacement, InstanceRequest, PlacementError, PlacementRequest, plan_placement
 from workers.engine_process import EngineSpec
 
-_SETTINGS = {Role.PREFILL: ("PTP", "PDP"), Role.DECODE: ("DTP", "DDP"), Role.COLOCATED: ("PTP", "PDP")}
+_SETTINGS = {Role.PREFILL: ("PTP", "PDP"), Role.DECODE: ("DTP", "DDP"), Role.COLOCATED: ("PTP", "PDP"),
+             Role.ADAPTIVE: ("PTP", "PDP")}
 
 
 @dataclass(frozen=True)
@@ -44,8 +45,13 @@ class MorePlacements:
     shared_cores: tuple[int, ...] = ()  # CPU: cores the new engines share with running ones (a warning)
 
 
-def resolve_role(word: str, disaggregated: bool) -> Role:
+def resolve_role(word: str, disaggregated: bool, adaptive: bool = False) -> Role:
     """The role ``word`` names in this deployment, or ConfigError saying what is allowed."""
+    if adaptive:
+        if word == "adaptive":
+            return Role.ADAPTIVE
+        raise ConfigError(f"role {word!r} is invalid: this deployment's engines change roles (ROLES=adaptive); "
+                          "scale adaptive")  # fmt: skip
     if disaggregated and word in ("prefill", "decode"):
         return Role(word)
     if not disaggregated and word in ("colocated", "prefill"):

@@ -133,7 +133,7 @@ class Scaler:
         try:
             if not check_delta(delta):
                 raise ConfigError(f"delta {delta!r} is invalid: must be a non-zero integer from -{MAX_SCALE_STEP} to {MAX_SCALE_STEP}")
-            role = resolve_role(role_word, self._config.disaggregated)
+            role = resolve_role(role_word, self._config.disaggregated, self._config.adaptive_roles)
             started = self._clock()
             self._progress = Progress(f"{role.value} {delta:+d}", "placing", started)
             if delta > 0:

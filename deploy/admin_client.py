@@ -31,7 +31,8 @@ CALL_MARGIN_S = 300  # beyond the engines' start timeout and the drain timeout
 def scale(config: ServiceConfig, role_word: str, delta_text: str) -> int:
     if role_word not in ROLE_WORDS:
         raise ConfigError(f"scale role {role_word!r} is invalid: must be one of {', '.join(ROLE_WORDS)} (prefill or "
-                          "decode in a PD deployment; colocated, or prefill, when DECODE_INS_NUM=0)")  # fmt: skip
+                          "decode in a PD deployment; colocated, or prefill, when DECODE_INS_NUM=0; adaptive with "
+                          "ROLES=adaptive)")  # fmt: skip
     delta = parse_delta(delta_text)
     url = door_url(config)
     headers = {"Content-Type": "application/json"}

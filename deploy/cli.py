@@ -54,6 +54,12 @@ def check_not_running(config: ServiceConfig) -> None:
         )
 
 
+def _role(engine: dict[str, object]) -> str:
+    """An engine's role for ``status``: an adaptive one's with the role it acts in now."""
+    acting = engine.get("acting")
+    return f"adaptive ({acting})" if acting else str(engine["role"])
+
+
 def _probe_host(config: ServiceConfig) -> str:
     return "127.0.0.1" if config.server_ip in ("0.0.0.0", "::") else config.server_ip
 
@@ -217,7 +223,7 @@ def status(config: ServiceConfig) -> int:
         devices = ",".join(str(d) for d in engine["devices"]) or "-"  # type: ignore[attr-defined]
         address = "-" if engine.get("headless") else f"{engine['host']}:{engine['port']}"
         rows.append(
-            (str(engine["name"]), str(engine["role"]), devices, address, str(engine["pid"]), health, str(engine["restarts"]), str(engine["log"]))
+            (str(engine["name"]), _role(engine), devices, address, str(engine["pid"]), health, str(engine["restarts"]), str(engine["log"]))
         )
     if len(rows) == 1:
         print("engines are still starting; progress in", config.deploy_log)

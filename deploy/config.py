@@ -19,6 +19,7 @@ import os
 import shlex
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from common.config import (
     DP_MODES,
@@ -26,6 +27,7 @@ from common.config import (
     EXAMPLE_KV_DIR,
     KV_CONNECTORS,
     NO_CONNECTOR,
+    ROLE_MODES,
     ROUTING_POLICIES,
     SIMULATED_NODE_LIMIT,
     YUANRONG_CONNECTOR,
@@ -33,6 +35,7 @@ from common.config import (
     AdmissionConfig,
     ConnectorConfig,
     DataSystemConfig,
+    PlannerConfig,
     ServiceConfig,
     SloConfig,
     simulated_node_address,
@@ -99,6 +102,7 @@ def build_config(
         dp_mode=_choice(raw, "DP_MODE", DP_MODES),
         sim_profile=_sim_profile(raw, cluster_mode=yr_server_address is not None),
         slo=SloConfig(ttft_ms=_milliseconds(raw, "SLO_TTFT_MS"), itl_ms=_milliseconds(raw, "SLO_ITL_MS")),
+        **_roles(raw),
     )
     config = _derived_defaults(config, raw, given)
     _check_consistency(config)
@@ -110,6 +114,8 @@ def _derived_defaults(config: ServiceConfig, raw: Mapping[str, str | None], give
     if "ROUTING_POLICY" not in given and config.dp_mode == "vllm" and max(config.prefill_dp, config.decode_dp) > 1:
         # vLLM's own DP balancer picks the rank, so the door cannot see what a rank holds.
         config = dataclasses.replace(config, routing_policy="prefix_affinity")
+    if config.adaptive_roles:  # an engine's prefill legs are saved for the decode leg elsewhere
+        config = dataclasses.replace(config, using_prefix_connector=True)
     if config.simulated_engines and not raw["VISIBLE_DEVICES"]:
         # Virtual devices, one per engine: a simulated engine computes nothing.
         config = dataclasses.replace(config, devices=tuple(range(max(config.devices_needed, config.simulated_nodes))))
@@ -151,6 +157,14 @@ def _admission(raw: Mapping[str, str | None]) -> AdmissionConfig:
         queue_size=_int(raw, "DOOR_QUEUE_SIZE", minimum=0),
         queue_timeout_s=float(_int(raw, "DOOR_QUEUE_TIMEOUT_S", minimum=0)),
     )
+
+
+def _roles(raw: Mapping[str, str | None]) -> dict[str, Any]:
+    """ROLES and, for adaptive ones, the role planner's timing."""
+    window_s = _int(raw, "PLANNER_WINDOW_S", minimum=5, maximum=600)
+    settle_s = _int(raw, "PLANNER_SETTLE_S", minimum=window_s, maximum=3600)
+    return {"roles": _choice(raw, "ROLES", ROLE_MODES),
+            "planner": PlannerConfig(window_s=float(window_s), settle_s=float(settle_s))}  # fmt: skip
 
 
 def _fail(name: str, value: object, allowed: str) -> ConfigError:
@@ -369,7 +383,26 @@ def _connector_extra(raw: Mapping[str, str | None]) -> dict[str, object]:
     return extra
 
 
+def _check_adaptive(config: ServiceConfig) -> None:
+    """ROLES=adaptive: engines alike (one TP size, one DP rank each), at least two, our connector."""
+    engines = config.prefill_instances + config.decode_instances
+    if engines < 2:
+        raise ConfigError(f"ROLES=adaptive is invalid with {engines} engine: roles can only move between engines; "
+                          "set PREFILL_INS_NUM + DECODE_INS_NUM >= 2, or ROLES=fixed")  # fmt: skip
+    if config.decode_instances and config.prefill_tp != config.decode_tp:
+        raise ConfigError(f"ROLES=adaptive is invalid with PTP={config.prefill_tp} DTP={config.decode_tp}: an engine "
+                          "that changes roles keeps its TP size; set PTP=DTP, or ROLES=fixed")  # fmt: skip
+    if max(config.prefill_dp, config.decode_dp) > 1:
+        raise ConfigError(f"ROLES=adaptive is invalid with PDP={config.prefill_dp} DDP={config.decode_dp}: each engine "
+                          "changes roles alone; set PDP=DDP=1 (more engines: PREFILL_INS_NUM), or ROLES=fixed")  # fmt: skip
+    if config.connector.kind != YUANRONG_CONNECTOR:
+        raise ConfigError(f"ROLES=adaptive is invalid with KV_CONNECTOR={config.connector.kind}: a decode leg on any "
+                          f"engine loads its prompt through the data system; set KV_CONNECTOR={YUANRONG_CONNECTOR}")  # fmt: skip
+
+
 def _check_consistency(config: ServiceConfig) -> None:
+    if config.adaptive_roles:
+        _check_adaptive(config)
     kind = config.connector.kind
     try:
         block_size = config.kv_block_size

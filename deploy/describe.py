@@ -10,10 +10,17 @@ from common.config import ServiceConfig
 def describe(config: ServiceConfig) -> Sequence[str]:
     """Lines an operator reads at start: what will be deployed."""
     mode = "PD-disaggregated" if config.disaggregated else "PD-colocated"
-    lines = [
-        f"mode: {mode}, accelerator: {config.accelerator.value}, devices: {','.join(map(str, config.devices))}",
-        f"prefill: {config.prefill_instances} instance(s) x TP{config.prefill_tp} x DP{config.prefill_dp}",
-    ]
+    if config.adaptive_roles:
+        mode = "adaptive roles"
+    lines = [f"mode: {mode}, accelerator: {config.accelerator.value}, devices: {','.join(map(str, config.devices))}"]
+    if config.adaptive_roles:
+        start = (f"{config.prefill_instances} prefill + {config.decode_instances} decode" if config.decode_instances
+                 else "all colocated")  # fmt: skip
+        lines.append(f"engines: {config.prefill_instances + config.decode_instances} x TP{config.prefill_tp}, each "
+                     f"serving whole requests, prefill or decode legs; starting as {start}; the planner moves "
+                     "them to meet the service levels")  # fmt: skip
+    else:
+        lines.append(f"prefill: {config.prefill_instances} instance(s) x TP{config.prefill_tp} x DP{config.prefill_dp}")
     if config.disaggregated:
         lines.append(f"decode: {config.decode_instances} instance(s) x TP{config.decode_tp} x DP{config.decode_dp}")
     if max(config.prefill_dp, config.decode_dp) > 1:

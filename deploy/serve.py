@@ -193,11 +193,28 @@ def _run_door(config: ServiceConfig, state: DeploymentState, controller: Any, sc
 
     metrics = DoorMetrics()
     kv_router = build_kv_router(config, model_path, metrics) if config.kv_events else None
-    door = build_door(config, state.engines, state.served_model_name, metrics, refresh, kv_router, scaler)
+    roles = ControllerRoles(controller) if config.adaptive_roles else None
+    door = build_door(config, state.engines, state.served_model_name, metrics, refresh, kv_router, scaler, roles=roles)
     server = uvicorn.Server(door.uvicorn_config(config.server_ip, config.server_port, config.drain_timeout_s))
     tune_gc_for_serving()
     logger.info("%s %s", READY_MARKER, state.endpoint)
     server.run()
+
+
+class ControllerRoles:
+    """The door's role planner (common/role_port.py): the Controller actor's."""
+
+    def __init__(self, controller: Any) -> None:
+        self._controller = controller
+
+    def observe(self, levels: dict[str, object]) -> list[dict[str, object]]:
+        return yr.get(self._controller.observe.invoke(levels), timeout=60)  # type: ignore[no-any-return]
+
+    def set_roles(self, roles: dict[str, str], reason: str) -> dict[str, object]:
+        answer: dict[str, object] = yr.get(self._controller.set_roles.invoke(roles, reason), timeout=60)
+        if "error" in answer:
+            raise ConfigError(str(answer["error"]))
+        return answer
 
 
 def _shut_down(config: ServiceConfig, started: _Started) -> None:

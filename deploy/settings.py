@@ -117,6 +117,13 @@ SETTINGS: tuple[_Setting, ...] = (
     _Setting("MAX_IN_FLIGHT_PER_ENGINE", "128", "requests the door lets each serving (decode or colocated) engine have at once"),
     _Setting("SLO_TTFT_MS", "2000", "service level for time to first token; the door counts the requests that meet it and "
              "`SLO_ITL_MS` (goodput, `frontdoor_slo_requests_total`, `status`)"),
+    _Setting("ROLES", "fixed", "fixed: engines are prefill, decode (or colocated) for life; adaptive: PREFILL_INS_NUM + "
+             "DECODE_INS_NUM engines that each serve whole requests, prefill legs or decode legs, starting as that split; "
+             "a planner changes their roles to meet SLO_TTFT_MS and SLO_ITL_MS, with no restart (prefix reuse on; "
+             "PTP=DTP, PDP=DDP=1)"),
+    _Setting("PLANNER_WINDOW_S", "20", "ROLES=adaptive: seconds of answers the role planner judges at a time (5-600)"),
+    _Setting("PLANNER_SETTLE_S", "30", "ROLES=adaptive: seconds a new role layout serves before the planner judges it "
+             "(at least PLANNER_WINDOW_S)"),
     _Setting("SLO_ITL_MS", "100", "service level for the mean inter-token latency of a stream (TPOT)"),
     _Setting("DOOR_QUEUE_SIZE", "256", "requests that may wait at the door for a slot; beyond: 429 at once"),
     _Setting("DOOR_QUEUE_TIMEOUT_S", "30", "seconds a request may wait at the door for a slot; then 429"),

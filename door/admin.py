@@ -8,6 +8,10 @@
   409: another scale operation is under way; 500: new engines failed to start (stopped
   again); 501: this door has no scaler.
 - ``GET /admin/scale``: the operation under way (its phase and elapsed seconds), if any.
+- ``GET /admin/roles``: ROLES=adaptive, each engine's acting role and the role planner's
+  decisions; ``POST /admin/roles`` ``{"roles": {"adaptive-0": "prefill"}, "reason": "..."}``
+  sets acting roles (no restart; requests in flight finish where they are), answered once
+  the door routes by them. 400: refused; 501: roles are fixed in this deployment.
 
 The Scaler blocks (actor calls, engine starts), so it runs in a thread; it sees the door
 through ``LoopDoor``, which runs what it asks on the door's event loop.
@@ -24,8 +28,10 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from common.errors import ConfigError
+from common.role_port import RoleControl
 from common.scale_port import MAX_SCALE_STEP, ROLE_WORDS, ScaleBusy, ScaleControl, check_delta
 from door.door_metrics import DoorMetrics
+from door.engine_watch import EngineWatch
 from door.routing import RoutingTable
 
 logger = logging.getLogger(__name__)
@@ -73,8 +79,8 @@ def add_admin_routes(
 
     @app.get("/admin/engines")
     async def engines() -> Response:
-        rows = [{"name": e.name, "role": e.role, "url": e.url, "state": e.state, "in_flight": e.outstanding,
-                 "restarts": e.restarts} for e in table.all_engines()]  # fmt: skip
+        rows = [{"name": e.name, "role": e.role, "acting": e.acting, "url": e.url, "state": e.state,
+                 "in_flight": e.outstanding, "restarts": e.restarts} for e in table.all_engines()]  # fmt: skip
         return JSONResponse({"version": table.version, "engines": rows})
 
     @app.get("/admin/scale")
@@ -103,6 +109,44 @@ def add_admin_routes(
         role, delta = checked
         door = LoopDoor(table, refresh_once, asyncio.get_running_loop())
         return await _scaled(scaler, role, delta, door, metrics, error)
+
+
+def add_role_routes(app: FastAPI, table: RoutingTable, roles: RoleControl | None, watch: EngineWatch,
+                    error: ErrorResponse) -> None:  # fmt: skip
+    def fixed() -> Response | None:
+        if roles is None or not table.adaptive:
+            return error(501, "roles are fixed in this deployment; deploy with ROLES=adaptive to change them",
+                         "not_implemented")  # fmt: skip
+        return None
+
+    @app.get("/admin/roles")
+    async def acting_roles() -> Response:
+        if (refused := fixed()) is not None:
+            return refused
+        return JSONResponse({"roles": {e.name: e.acting for e in table.all_engines()}, "decisions": watch.decisions})
+
+    @app.post("/admin/roles")
+    async def set_roles(request: Request) -> Response:
+        if (refused := fixed()) is not None:
+            return refused
+        assert roles is not None
+        try:
+            body = await request.json()
+        except ValueError as exc:
+            return error(400, f"request body is not valid JSON: {exc}", "invalid_request_error")
+        wanted = body.get("roles") if isinstance(body, dict) else None
+        reason = body.get("reason", "set by an operator") if isinstance(body, dict) else ""
+        if not isinstance(wanted, dict) or not wanted or not all(isinstance(v, str) for v in wanted.values()) \
+                or not isinstance(reason, str):
+            return error(400, 'request body must be a JSON object such as {"roles": {"adaptive-0": "prefill"}}, '
+                         'with an optional "reason" string', "invalid_request_error", "roles")  # fmt: skip
+        try:
+            decision = await asyncio.to_thread(roles.set_roles, wanted, reason)
+        except ConfigError as exc:
+            return error(400, str(exc), "invalid_request_error", "roles")
+        await watch.refresh_once()  # the door routes by the new roles before it answers
+        watch.decisions = [*watch.decisions, decision]  # (the planner's next answer lists it too)
+        return JSONResponse(decision)
 
 
 def _checked_scale_request(body: object, error: ErrorResponse) -> tuple[str, int] | Response:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from common.config import ServiceConfig
+from common.role_port import RoleControl
 from common.scale_port import ScaleControl
 from door.admission import Admission
 from door.door_metrics import DoorMetrics
@@ -32,6 +33,7 @@ def build_door(
     kv_router: KVRouter | None = None,
     scaler: ScaleControl | None = None,
     admission: Admission | None = None,
+    roles: RoleControl | None = None,
 ) -> FrontDoor:
     """A door routing to ``engines`` (the Controller's engine entries) as ``config`` says;
     ``admission``: slots the caller holds (a test that watches them), else ``config``'s."""
@@ -40,7 +42,7 @@ def build_door(
     admission = admission or Admission(config.admission)
     return FrontDoor(table, served_model_name, metrics, refresh, admission, config.api_key,
                      config.stream_migrations, kv_router, scaler, config.metrics_public,
-                     config.prefill_timeout_s, config.door_read_timeout_s, config.slo)  # fmt: skip
+                     config.prefill_timeout_s, config.door_read_timeout_s, config.slo, roles, config.planner.window_s)  # fmt: skip
 
 
 def build_kv_router(config: ServiceConfig, model_path: str, metrics: DoorMetrics | None = None,

@@ -108,6 +108,14 @@ class DoorMetrics:
             "frontdoor_engines", "Engines in the routing table, by role (any state, draining ones too).", ["role"],
             registry=self.registry,
         )  # fmt: skip
+        self.whole_on_idle_decode = Counter(
+            "frontdoor_whole_on_idle_decode", "ROLES=adaptive: requests a decode engine with nothing in flight "
+            "served whole while every prefill engine was busy.", registry=self.registry,
+        )  # fmt: skip
+        self.acting = Gauge(
+            "frontdoor_engine_acting_role", "ROLES=adaptive: 1 for the role each engine acts in now (prefill, decode, "
+            "colocated), 0 for the others", ["engine", "role"], registry=self.registry,
+        )
         self.healthy = Gauge(
             "frontdoor_engine_healthy", "1 if the routing table counts the engine healthy.", ["engine", "role"],
             registry=self.registry,

@@ -1,14 +1,19 @@
 """The door following the Controller: its engine list copied into the routing table once
 a second (``REFRESH_S``), the KV router told which engines to follow and publishing its
-gauges, and every ``KV_SCRAPE_EVERY`` rounds each engine's KV-hit counters copied into
-the door's metrics."""
+gauges, every ``KV_SCRAPE_EVERY`` rounds each engine's KV-hit counters copied into the
+door's metrics, and every ``REPORT_EVERY`` rounds (ROLES=adaptive) the service levels
+of the last ``LEVELS_WINDOW_S`` reported to the role planner, whose decisions come back.
+The windows and decisions are kept for the dashboard (door/dashboard.py)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 
+from common.role_port import RoleControl
 from door.door_metrics import DoorMetrics
 from door.engine_client import EngineClient, EngineUnreachable, StreamCut
 from door.kv_router import KVRouter
@@ -18,6 +23,9 @@ logger = logging.getLogger(__name__)
 
 REFRESH_S = 1.0  # how often the routing table is refreshed from the Controller
 KV_SCRAPE_EVERY = 5  # refreshes between scrapes of the engines' KV token counters
+REPORT_EVERY = 5  # refreshes between service-level windows (kept, and reported to the role planner)
+LEVELS_WINDOW_S = 20.0  # the window's length by default (PLANNER_WINDOW_S): the planner judges the last 20 s
+SERIES_KEPT = 720  # windows kept for the dashboard (an hour at REPORT_EVERY x REFRESH_S)
 
 # A callable returning the Controller's engine list (and its version), run off the
 # event loop; None for a fixed table.
@@ -26,9 +34,15 @@ Refresh = Callable[[], tuple[int, Sequence[Mapping[str, object]]]]
 
 class EngineWatch:
     def __init__(self, table: RoutingTable, refresh: Refresh | None, kv_router: KVRouter | None,
-                 client: EngineClient, metrics: DoorMetrics) -> None:  # fmt: skip
+                 client: EngineClient, metrics: DoorMetrics, levels: Callable[[float, Mapping[str, int]], object] | None = None,
+                 roles: RoleControl | None = None, window_s: float = LEVELS_WINDOW_S) -> None:  # fmt: skip
         self.table = table
         self.refresh = refresh
+        self.levels = levels  # SloCounts.levels: the window's ServiceLevels
+        self.roles = roles
+        self.window_s = window_s        # For the dashboard: (wall time, ServiceLevels dict, acting role by engine) per window; the planner's decisions.
+        self.series: deque[tuple[float, dict[str, object], dict[str, str]]] = deque(maxlen=SERIES_KEPT)
+        self.decisions: list[dict[str, object]] = []
         self.kv_router = kv_router
         self.client = client
         self.metrics = metrics
@@ -61,12 +75,24 @@ class EngineWatch:
                     self.kv_router.publish()
                 if rounds % KV_SCRAPE_EVERY == 0:
                     await self._scrape_kv_tokens()
+                if rounds % REPORT_EVERY == REPORT_EVERY - 1:
+                    await self.report_levels()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # the table stays as it was; try again
                 logger.warning("refreshing the routing table failed: %s", exc)
             rounds += 1
             await asyncio.sleep(REFRESH_S)
+
+    async def report_levels(self) -> None:
+        """Keep the last window's service levels and, with a role planner, report them."""
+        if self.levels is None:
+            return
+        in_flight = {engine.name: engine.outstanding for engine in self.table.all_engines()}
+        levels = self.levels(self.window_s, in_flight).as_dict()  # type: ignore[attr-defined]
+        self.series.append((time.time(), levels, {engine.name: engine.acting for engine in self.table.all_engines()}))
+        if self.roles is not None and self.table.adaptive:
+            self.decisions = await asyncio.to_thread(self.roles.observe, levels)
 
     async def _scrape_kv_tokens(self) -> None:
         """Copy each engine's prompt-tokens-by-source counters (KV hits) into the door's metrics."""

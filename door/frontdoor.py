@@ -37,12 +37,14 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from common.config import SloConfig
+from common.role_port import RoleControl
 from common.scale_port import ScaleControl
-from door.admin import add_admin_routes
+from door.admin import add_admin_routes, add_role_routes
 from door.admission import Admission
+from door.dashboard import add_dashboard_routes
 from door.door_metrics import DoorMetrics
 from door.engine_client import EngineClient, EngineUnreachable, StreamCut
-from door.engine_watch import EngineWatch, Refresh
+from door.engine_watch import LEVELS_WINDOW_S, EngineWatch, Refresh
 from door.http_server import READ_TIMEOUT_S, Exchange, door_protocol, error_body, error_object
 from door.kv_router import KVRouter, RoutedPrompt
 from door.legs import REQUEST_ID_HEADER, Leg, decode_request, prefill_request, single_prompt
@@ -90,6 +92,9 @@ class FrontDoor:
     table's policy, and every PD request takes both legs.
     ``scaler``: adds and removes engines at runtime behind ``POST /admin/scale``
     (door/admin.py); None: that endpoint answers 501.
+    ``roles``: ROLES=adaptive, the role planner the door reports its service levels to
+    (door/engine_watch.py) every ``levels_window_s`` of answers, and ``/admin/roles``
+    sets roles through; None: fixed roles.
     ``prefill_timeout_s``: a prefill leg not answered within it is abandoned (the engine
     aborts it and is suspected) and the decode engine computes the prompt itself.
     ``read_timeout_s``: a client's request must arrive whole within it (http_server.py)."""
@@ -109,6 +114,8 @@ class FrontDoor:
         prefill_timeout_s: float = 120.0,
         read_timeout_s: float = READ_TIMEOUT_S,
         slo: SloConfig | None = None,
+        roles: RoleControl | None = None,
+        levels_window_s: float = LEVELS_WINDOW_S,
     ) -> None:
         self.table = table
         self.served_model_name = served_model_name
@@ -124,8 +131,9 @@ class FrontDoor:
         self._bearer = BearerCheck(api_key) if api_key is not None else None
         self.slo = SloCounts(slo or SloConfig(), self.metrics.slo_requests, self.metrics.slo_target)
         self.legs = EngineLegs(table, self.client, self.metrics, self._ttft, self._latency, stream_migrations, self.slo)
-        self.watch = EngineWatch(table, refresh, kv_router, self.client, self.metrics)
-        self.app = self._fallback_app(scaler)
+        self.watch = EngineWatch(table, refresh, kv_router, self.client, self.metrics, self.slo.levels, roles,
+                                 levels_window_s)  # fmt: skip
+        self.app = self._fallback_app(scaler, roles)
         if api_key is not None:
             self.app.add_middleware(KeyGuard, api_key=api_key, metrics_public=metrics_public)
         # The completions paths' handlers, served by the door's own HTTP layer.
@@ -162,7 +170,7 @@ class FrontDoor:
     def _authorized(self, authorization: str) -> bool:
         return self._bearer is None or self._bearer(authorization.encode("latin-1"))
 
-    def _fallback_app(self, scaler: ScaleControl | None) -> FastAPI:
+    def _fallback_app(self, scaler: ScaleControl | None, roles: RoleControl | None) -> FastAPI:
         app = FastAPI(title="vLLM on openYuanrong", lifespan=self._lifespan)
         table, metrics = self.table, self.metrics
 
@@ -183,6 +191,8 @@ class FrontDoor:
             return JSONResponse({"object": "list", "data": [model]})
 
         add_admin_routes(app, table, scaler, metrics, self.watch.refresh_once, openai_error)
+        add_role_routes(app, table, roles, self.watch, openai_error)
+        add_dashboard_routes(app, table, self.watch, metrics, self.slo.slo)
         return app
 
     # -- completions (the door's own HTTP layer) ---------------------------------------
@@ -275,6 +285,12 @@ class FrontDoor:
                          request_id, prompt.tokens, decodes[0].name, kv_router.selective_pd_tokens)  # type: ignore[union-attr]  # fmt: skip
             self._computed_by(decodes, prompt)
             return await self._decode_or_whole(decodes, body, body, leg, ranker)
+        if single and table.adaptive and (idle := self._idle_decodes(table)):
+            # Every prefill engine is busy and a decode engine has nothing to stall: it serves the request whole.
+            self.metrics.routing_decision.observe(time.perf_counter() - decision_started)
+            self.metrics.whole_on_idle_decode.inc()
+            self._computed_by(idle, prompt)
+            return await self._decode_or_whole(idle, body, body, leg, ranker)
         decode_body = body
         if single:
             prefills = table.order("prefill", leg.key, ranker)
@@ -307,6 +323,17 @@ class FrontDoor:
             logger.warning("[request=%s] no decode engine took the request (%s); a prefill engine serves it whole",
                            leg.request_id, refused)  # fmt: skip
             return await self._answer(prefills, body, leg, "prefill")
+
+    @staticmethod
+    def _idle_decodes(table: RoutingTable) -> list[EngineLoad]:
+        """ROLES=adaptive: when every prefill engine has a request in flight, the decode
+        engines with none (then the others, least busy first, as fallbacks); else []."""
+        decodes = table.healthy("decode")
+        if not decodes or min(engine.outstanding for engine in decodes) > 0:
+            return []
+        if any(engine.outstanding == 0 for engine in table.healthy("prefill")):
+            return []
+        return sorted(decodes, key=lambda engine: engine.outstanding)
 
     def _computed_by(self, engines: list[EngineLoad], prompt: RoutedPrompt | None) -> None:
         """``engines[0]`` is to compute ``prompt``: count what it should find cached, and

@@ -40,6 +40,7 @@ class EngineLoad:
     port: int = 0
     events_port: int = 0  # where the engine publishes its KV events (0: it does not)
     restarts: int = 0
+    acting: str = ""  # the role the door routes it as: its role, or (ROLES=adaptive) the one the planner set
 
 
 class Policy(Protocol):

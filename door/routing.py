@@ -16,10 +16,12 @@ from contextlib import contextmanager
 from typing import Any
 
 from common.engine_state import EngineState
+from common.service_levels import ACTING_ROLES
 from door.door_metrics import DoorMetrics
 from door.policies import EngineLoad, LeastOutstanding, Policy, RoundRobin
 
 SUSPECT_S = 5.0
+ADAPTIVE = "adaptive"  # the deploy role of ROLES=adaptive engines
 Ranker = Callable[[list[EngineLoad]], list[EngineLoad]]  # an engine the door could not reach is skipped this long
 
 
@@ -39,6 +41,7 @@ class RoutingTable:
         self._roles_seen: set[str] = set()
         self._in_flight: dict[tuple[str, str], Any] = {}  # (engine, role) -> its in-flight gauge child, made once
         self.version = -1
+        self.adaptive = False  # ROLES=adaptive: engines route as their acting roles, which change
         self.update(engines)
 
     def update(self, engines: Iterable[Mapping[str, object]], version: int | None = None) -> None:
@@ -56,6 +59,8 @@ class RoutingTable:
             known.events_port = int(engine.get("events_port", 0) or 0)  # type: ignore[call-overload]
             known.restarts = int(engine.get("restarts", 0) or 0)  # type: ignore[call-overload]
             known.role = str(engine["role"])
+            # An adaptive engine acts in the role the Controller's planner gave it (colocated until it says).
+            known.acting = str(engine.get("acting") or (known.role if known.role != ADAPTIVE else "colocated"))
             known.state = str(engine.get("state", EngineState.HEALTHY))
             known.healthy = known.state == EngineState.HEALTHY
             fresh[name] = known
@@ -63,10 +68,11 @@ class RoutingTable:
         self._engines = fresh
         self._by_role, self._healthy_by_role = {}, {}
         for engine in fresh.values():
-            self._by_role.setdefault(engine.role, []).append(engine)
+            self._by_role.setdefault(engine.acting, []).append(engine)
             if engine.healthy:
-                self._healthy_by_role.setdefault(engine.role, []).append(engine)
-        self._unhealthy_roles = {engine.role for engine in fresh.values() if engine.state == EngineState.UNHEALTHY}
+                self._healthy_by_role.setdefault(engine.acting, []).append(engine)
+        self._unhealthy_roles = {engine.acting for engine in fresh.values() if engine.state == EngineState.UNHEALTHY}
+        self.adaptive = any(engine.role == ADAPTIVE for engine in fresh.values())
         if version is not None:
             self.version = version
         self._publish_counts(gone)
@@ -87,6 +93,16 @@ class RoutingTable:
         self._roles_seen.update(counts)
         for role in self._roles_seen:
             self._metrics.engines.labels(role).set(counts.get(role, 0))
+        for engine in gone:
+            for acting in ACTING_ROLES:
+                try:
+                    self._metrics.acting.remove(engine.name, acting)
+                except KeyError:
+                    pass
+        for engine in self._engines.values():
+            if engine.role == ADAPTIVE:
+                for acting in ACTING_ROLES:
+                    self._metrics.acting.labels(engine.name, acting).set(1 if engine.acting == acting else 0)
 
     def publish_health(self) -> None:
         """Set each engine's health gauge to what routing uses now."""

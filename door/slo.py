@@ -14,12 +14,16 @@ chunk; no I/O."""
 from __future__ import annotations
 
 import time
+from collections import deque
+from collections.abc import Mapping
 from typing import Any
 
 from common.config import SloConfig
+from common.service_levels import ServiceLevels
 
 MET = "met"
 OUTCOMES = (MET, "missed_ttft", "missed_itl", "missed_both")
+RECENT_KEPT = 20_000  # answers remembered for the windows (at 1,000 answers a second: 20 s)
 
 
 class StreamClock:
@@ -71,20 +75,44 @@ class SloCounts:
 
     def __init__(self, slo: SloConfig, counter: Any, target: Any = None) -> None:
         self.slo = slo
+        # (when it ended, TTFT s, inter-token s or None, outcome), oldest first: ``levels``' window
+        self.recent: deque[tuple[float, float, float | None, str]] = deque(maxlen=RECENT_KEPT)
         self._counter = counter
         self._children: dict[tuple[str, str], Any] = {}  # labelled children made once
         if target is not None:  # the levels on /metrics, beside the counts (status, dashboards)
             target.labels("ttft").set(slo.ttft_ms / 1000.0)
             target.labels("itl").set(slo.itl_ms / 1000.0)
 
-    def _count(self, endpoint: str, outcome: str) -> None:
+    def _count(self, endpoint: str, outcome: str, ttft_s: float, itl_s: float | None) -> None:
+        self.recent.append((time.monotonic(), ttft_s, itl_s, outcome))
         child = self._children.get((endpoint, outcome))
         if child is None:
             child = self._children[(endpoint, outcome)] = self._counter.labels(endpoint, outcome)
         child.inc()
 
     def stream(self, endpoint: str, clock: StreamClock) -> None:
-        self._count(endpoint, clock.outcome(self.slo))
+        self._count(endpoint, clock.outcome(self.slo), clock.ttft_s(), clock.itl_s() if clock.tokens > 1 else None)
 
     def whole(self, endpoint: str, latency_s: float) -> None:
-        self._count(endpoint, MET if latency_s * 1000.0 <= self.slo.ttft_ms else "missed_ttft")
+        self._count(endpoint, MET if latency_s * 1000.0 <= self.slo.ttft_ms else "missed_ttft", latency_s, None)
+
+    def levels(self, window_s: float, in_flight: Mapping[str, int] | None = None) -> ServiceLevels:
+        """The answers of the last ``window_s`` seconds: counts by outcome and p90s."""
+        since = time.monotonic() - window_s
+        recent = self.recent
+        while recent and recent[0][0] < since:
+            recent.popleft()
+        outcomes = [entry[3] for entry in recent]
+        ttfts = sorted(entry[1] for entry in recent)
+        itls = sorted(entry[2] for entry in recent if entry[2] is not None)
+        return ServiceLevels(
+            window_s=window_s, requests=len(outcomes), met=outcomes.count(MET),
+            missed_ttft=outcomes.count("missed_ttft"), missed_itl=outcomes.count("missed_itl"),
+            missed_both=outcomes.count("missed_both"), ttft_p90_ms=_p90(ttfts) * 1000.0, itl_p90_ms=_p90(itls) * 1000.0,
+            in_flight=dict(in_flight or {}),
+        )  # fmt: skip
+
+
+def _p90(ordered: list[float]) -> float:
+    """The 90th percentile (nearest rank) of an ascending list; 0 when empty."""
+    return ordered[max(0, -(-9 * len(ordered) // 10) - 1)] if ordered else 0.0

@@ -146,8 +146,9 @@ _SCALE_USAGE = "usage: bash run_vllm_on_yr.sh scale <prefill|decode|colocated> <
                           "-1 drains and removes one)"),
         (("decode", "+9"), "error: scale count '+9' is invalid: must be +N or -N with N from 1 to 8"),
         (("decode", "many"), "error: scale count 'many' is invalid: must be +N or -N with N from 1 to 8"),
-        (("gpu", "+1"), "error: scale role 'gpu' is invalid: must be one of prefill, decode, colocated (prefill or "
-                        "decode in a PD deployment; colocated, or prefill, when DECODE_INS_NUM=0)"),
+        (("gpu", "+1"), "error: scale role 'gpu' is invalid: must be one of prefill, decode, colocated, adaptive "
+                        "(prefill or decode in a PD deployment; colocated, or prefill, when DECODE_INS_NUM=0; adaptive "
+                        "with ROLES=adaptive)"),
         (("decode",), f"error: scale: the following arguments are required: delta; {_SCALE_USAGE}"),
         (("decode", "+1", "more"), f"error: scale: unrecognized arguments: more; {_SCALE_USAGE}"),
     ],

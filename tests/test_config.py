@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from common.config import Accelerator, SloConfig
+from common.config import Accelerator, Role, SloConfig
 from common.errors import ConfigError
+from controller.placement import instance_plans
 from deploy.config import build_config, parse_device_list
 from deploy.describe import describe
 from deploy.settings import add_arguments
@@ -88,6 +89,16 @@ def test_decode_zero_means_colocated() -> None:
         ({"SLO_ITL_MS": "fast"}, "SLO_ITL_MS=fast is invalid: must be a number of milliseconds > 0 and <= 3600000"),
         ({"SLO_ITL_MS": "nan"}, "SLO_ITL_MS=nan is invalid: must be a number of milliseconds > 0 and <= 3600000"),
         ({"SLO_TTFT_MS": "-1"}, "SLO_TTFT_MS=-1 is invalid: must be a number of milliseconds > 0 and <= 3600000"),
+        ({"PLANNER_WINDOW_S": "4"}, "PLANNER_WINDOW_S=4 is invalid: must be an integer >= 5 and <= 600"),
+        ({"PLANNER_WINDOW_S": "30", "PLANNER_SETTLE_S": "20"}, "PLANNER_SETTLE_S=20 is invalid: must be an integer >= 30"),
+        ({"ROLES": "dynamic"}, "ROLES=dynamic is invalid: must be one of fixed, adaptive"),
+        ({"ROLES": "adaptive", "DECODE_INS_NUM": "0"}, "ROLES=adaptive is invalid with 1 engine: roles can only move "
+                                                       "between engines; set PREFILL_INS_NUM + DECODE_INS_NUM >= 2, or ROLES=fixed"),
+        ({"ROLES": "adaptive", "DTP": "2", "VISIBLE_DEVICES": "0-3"}, "ROLES=adaptive is invalid with PTP=1 DTP=2: an engine "
+                                                                      "that changes roles keeps its TP size; set PTP=DTP, or ROLES=fixed"),
+        ({"ROLES": "adaptive", "PDP": "2", "DDP": "2", "VISIBLE_DEVICES": "0-3"}, "ROLES=adaptive is invalid with PDP=2 DDP=2"),
+        ({"ROLES": "adaptive", "KV_CONNECTOR": "ExampleConnector"}, "ROLES=adaptive is invalid with KV_CONNECTOR=ExampleConnector: "
+                                                                    "a decode leg on any engine loads its prompt through the data system"),
     ],
 )
 def test_invalid_values_name_variable_value_and_allowed(env: dict[str, str], expected: str) -> None:
@@ -138,3 +149,16 @@ def test_simulated_engines_get_a_virtual_device_each() -> None:
     roomy = build_config({**CPU_2, "ENGINE_KIND": "simulated", "VISIBLE_DEVICES": "0-63"})
     assert roomy.devices == tuple(range(64))
     assert build_config(CPU_2).sim_profile is None
+
+
+def test_adaptive_roles_run_alike_engines_with_prefix_reuse_and_start_as_the_split_given() -> None:
+    config = build_config({**CPU_2, "ROLES": "adaptive"})
+    assert (config.adaptive_roles, config.disaggregated, config.using_prefix_connector) == (True, False, True)
+    plans = instance_plans(config)
+    assert [(plan.role, plan.count, plan.tensor_parallel) for plan in plans] == [(Role.ADAPTIVE, 2, 1)]
+    assert Role.ADAPTIVE.kv_role == "kv_both"
+    lines = "\n".join(describe(config))
+    assert "mode: adaptive roles" in lines and "starting as 1 prefill + 1 decode" in lines
+    assert "starting as all colocated" in "\n".join(describe(build_config({**CPU_2, "ROLES": "adaptive",
+                                                                          "PREFILL_INS_NUM": "2", "DECODE_INS_NUM": "0"})))
+    assert build_config(CPU_2).roles == "fixed"

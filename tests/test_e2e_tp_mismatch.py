@@ -59,9 +59,9 @@ from workers.engine_process import (
     EngineSpec,
     build_engine_argv,
     build_engine_env,
+    failure_summary,
     start_process,
     stop_process_group,
-    tail,
     wait_until_healthy,
 )
 
@@ -152,7 +152,7 @@ def engines(ds_worker: DataSystemConfig, tmp_path_factory: pytest.TempPathFactor
                                    max(deadline - time.monotonic(), 1.0), logs[spec.name], spec.name)  # fmt: skip
             except StartupError as error:
                 pytest.fail(f"{spec.name} (TP={spec.tensor_parallel}, cores {spec.devices}) did not start: {error}\n"
-                            f"last lines of {logs[spec.name]}:\n{tail(logs[spec.name], 40)}")  # fmt: skip
+                            f"last lines of {logs[spec.name]}:\n{failure_summary(logs[spec.name], 40)}")  # fmt: skip
         yield EnginePair(
             prefill_url=f"http://127.0.0.1:{ports['prefill-tp2']}",
             decode_url=f"http://127.0.0.1:{ports['decode-tp1']}",
@@ -186,7 +186,7 @@ def test_tp2_prefill_feeds_tp1_decode_with_recompute_output(engines: EnginePair,
     assert loaded == expected, (
         f"the TP=1 decode loaded {loaded:.0f} prompt tokens through the connector, expected {expected} "
         f"({prompt_tokens} tokens, blocks of {BLOCK_SIZE}); handoff {params}; decode log "
-        f"{engines.logs['decode-tp1']}:\n{tail(engines.logs['decode-tp1'], 20)}"
+        f"{engines.logs['decode-tp1']}:\n{failure_summary(engines.logs['decode-tp1'], 20)}"
     )
 
     # 3. the same prompt computed by the decode alone: a salt of its own misses its prefix

@@ -49,7 +49,7 @@ def warm_up_pairs(new: Sequence[Mapping[str, object]], running: Sequence[Mapping
     served = [engine for engine in new if not engine.get("headless")]
     partners = {role: [e for e in served if e["role"] == role] or [e for e in running if e["role"] == role and not e.get("headless")]
                 for role in ("prefill", "decode")}  # fmt: skip
-    pairs: list[tuple[Mapping[str, object], ...]] = [(engine,) for engine in served if engine["role"] == "colocated"]
+    pairs: list[tuple[Mapping[str, object], ...]] = [(engine,) for engine in served if engine["role"] in ("colocated", "adaptive")]
     new_prefills = [e for e in served if e["role"] == "prefill"]
     new_decodes = [e for e in served if e["role"] == "decode"]
     for index in range(max(len(new_prefills), len(new_decodes))):

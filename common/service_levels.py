@@ -1,0 +1,41 @@
+"""What the door observed of the service levels over a recent window, as the control
+plane's role planner reads it (door/slo.py measures; controller/role_planner.py decides).
+Plain data: it travels to the Controller actor as a dict."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+# The roles an adaptive engine acts in (its deploy role stays "adaptive").
+ACTING_ROLES = ("prefill", "decode", "colocated")
+
+
+@dataclass(frozen=True)
+class ServiceLevels:
+    """Answers completed in the last ``window_s`` seconds and how they fared."""
+
+    window_s: float
+    requests: int  # answers (HTTP 200) completed in the window
+    met: int  # of which met both service levels
+    missed_ttft: int  # missed the TTFT level only
+    missed_itl: int  # missed the inter-token level only
+    missed_both: int
+    ttft_p90_ms: float  # 0 with no answers
+    itl_p90_ms: float  # over streams of 2+ tokens; 0 with none
+    in_flight: dict[str, int] = field(default_factory=dict)  # engine -> requests in flight through the door now
+
+    @property
+    def attainment(self) -> float:
+        """The share of answers that met both levels (1.0 with none)."""
+        return self.met / self.requests if self.requests else 1.0
+
+    @property
+    def goodput_rps(self) -> float:
+        return self.met / self.window_s if self.window_s > 0 else 0.0
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+    @staticmethod
+    def from_dict(data: dict[str, object]) -> ServiceLevels:
+        return ServiceLevels(**data)  # type: ignore[arg-type]

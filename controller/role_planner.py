@@ -1,0 +1,145 @@
+"""The role planner (ROLES=adaptive): from the service levels the door observed, which
+role each engine acts in: all colocated (every engine serves whole requests), or split
+into prefill and decode engines (the door sends each request's prefill leg to one and its
+decode leg to another). Pure: the Controller feeds it the door's windows and applies what
+it returns (controller/controller.py); tests feed it recorded series.
+
+The rules, judged on a window that began after the last change:
+- both levels met: nothing changes;
+- inter-token latency missed (prefills stall the decodes sharing their engine) on an
+  all-colocated pool: split, one prefill engine and the rest decode;
+- TTFT missed on a split pool (prefills queue): one more prefill engine, or with a single
+  decode engine left, back to all colocated;
+- inter-token latency missed on a split pool with several prefill engines: one more decode;
+- the worse of the two (measured against its level) decides when both are missed.
+A layout seen within ``memory_s`` whose share of answers meeting both levels was no better
+than now's is not gone back to (no flapping between two layouts that both miss); when no
+change helps, the planner says so once per ``settle_s``: more engines are needed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+
+from common.config import SloConfig
+from common.service_levels import ServiceLevels
+
+Layout = tuple[int, int, int]  # engines acting prefill, decode, colocated
+
+
+@dataclass(frozen=True)
+class RoleDecision:
+    """What the planner decided and why; ``moved`` empty: advice only (no change helps)."""
+
+    at: float  # the time it was decided (the caller's clock)
+    roles: dict[str, str]  # every adaptive engine's acting role after it
+    reason: str
+    moved: dict[str, tuple[str, str]] = field(default_factory=dict)  # engine -> (from, to)
+    attainment: float = 1.0  # of the window it was decided on
+    ttft_p90_ms: float = 0.0
+    itl_p90_ms: float = 0.0
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def initial_roles(names: list[str], prefill: int, decode: int) -> dict[str, str]:
+    """The first ``prefill`` engines act prefill and the rest decode; with no decode
+    engines asked for, all act colocated."""
+    if decode <= 0:
+        return {name: "colocated" for name in names}
+    return {name: "prefill" if index < prefill else "decode" for index, name in enumerate(names)}
+
+
+def layout_of(roles: Mapping[str, str]) -> Layout:
+    values = list(roles.values())
+    return values.count("prefill"), values.count("decode"), values.count("colocated")
+
+
+def describe_layout(layout: Layout) -> str:
+    prefill, decode, colocated = layout
+    parts = [f"{prefill}P" if prefill else "", f"{decode}D" if decode else "", f"{colocated}C" if colocated else ""]
+    return "+".join(part for part in parts if part) or "none"
+
+
+class RolePlanner:
+    def __init__(self, slo: SloConfig, min_requests: int = 10, settle_s: float = 30.0, memory_s: float = 600.0) -> None:
+        self.slo = slo
+        self.min_requests = min_requests  # a window with fewer answers decides nothing
+        self.settle_s = settle_s  # after a change, the layout serves this long (and a whole window) before it is judged
+        self.memory_s = memory_s  # how long a layout's attainment is remembered
+        self._changed_at = -math.inf
+        self._advised_at = -math.inf
+        self._seen: dict[Layout, tuple[float, float]] = {}  # layout -> (attainment, when judged)
+
+    def changed(self, now: float) -> None:
+        """Roles changed from outside (an operator, new engines): judge afresh after ``settle_s``."""
+        self._changed_at = now
+
+    def decide(self, levels: ServiceLevels, roles: Mapping[str, str], now: float) -> RoleDecision | None:
+        """The decision for this window, or None (keep the roles as they are)."""
+        if len(roles) < 2 or levels.requests < self.min_requests:
+            return None
+        if now - self._changed_at < max(self.settle_s, levels.window_s):
+            return None  # the window still holds answers of the layout before
+        current = layout_of(roles)
+        self._seen[current] = (levels.attainment, now)
+        ttft_over = levels.ttft_p90_ms / self.slo.ttft_ms
+        itl_over = levels.itl_p90_ms / self.slo.itl_ms
+        if ttft_over <= 1 and itl_over <= 1:
+            return None
+        target, why = _target(dict(roles), ttft_over >= itl_over if ttft_over > 1 else False, levels)
+        summary = (f"TTFT p90 {levels.ttft_p90_ms:.0f} ms (SLO {self.slo.ttft_ms:g}), inter-token p90 "
+                   f"{levels.itl_p90_ms:.0f} ms (SLO {self.slo.itl_ms:g}), {levels.met} of {levels.requests} answers "
+                   f"in {levels.window_s:g} s met both ({levels.attainment:.0%}) on {describe_layout(current)}")  # fmt: skip
+        if target is not None:
+            seen = self._seen.get(layout_of(target))
+            if seen is not None and now - seen[1] <= self.memory_s and seen[0] <= levels.attainment:
+                why = (f"{describe_layout(layout_of(target))} met both levels for {seen[0]:.0%} of answers "
+                       f"{now - seen[1]:.0f} s ago, no better")  # fmt: skip
+                target = None
+        if target is None:
+            if now - self._advised_at < self.settle_s:
+                return None
+            self._advised_at = now
+            return self._decision(now, dict(roles), f"{summary}; no role change helps ({why}): more engines needed",
+                                  levels)  # fmt: skip
+        self._changed_at = now
+        moved = {name: (roles[name], role) for name, role in target.items() if roles[name] != role}
+        return self._decision(now, target, f"{summary}; {why}", levels, moved)
+
+    @staticmethod
+    def _decision(now: float, roles: dict[str, str], reason: str, levels: ServiceLevels,
+                  moved: dict[str, tuple[str, str]] | None = None) -> RoleDecision:  # fmt: skip
+        return RoleDecision(at=now, roles=roles, reason=reason, moved=moved or {}, attainment=levels.attainment,
+                            ttft_p90_ms=levels.ttft_p90_ms, itl_p90_ms=levels.itl_p90_ms)  # fmt: skip
+
+
+def _target(roles: dict[str, str], ttft_worse: bool, levels: ServiceLevels) -> tuple[dict[str, str] | None, str]:
+    """The roles to move to and why; (None, why not) when no role change helps."""
+    prefill, decode, colocated = layout_of(roles)
+    if colocated and not (prefill or decode):
+        if ttft_worse:
+            return None, "all engines compute prompts already"
+        first = _least_busy(roles, "colocated", levels)
+        split = {name: "prefill" if name == first else "decode" for name in roles}
+        return split, f"splitting: {first} computes prompts, the others decode undisturbed"
+    roles = {name: "decode" if role == "colocated" else role for name, role in roles.items()}
+    decode += colocated
+    if ttft_worse:
+        if decode >= 2:
+            name = _least_busy(roles, "decode", levels)
+            return {**roles, name: "prefill"}, f"{name} decode -> prefill: prompts queue"
+        return {name: "colocated" for name in roles}, "all colocated: prompts queue and one decode engine is left"
+    if prefill >= 2:
+        name = _least_busy(roles, "prefill", levels)
+        return {**roles, name: "decode"}, f"{name} prefill -> decode: decodes are too many for their engines"
+    return None, "one prefill engine is the least a split pool has"
+
+
+def _least_busy(roles: Mapping[str, str], role: str, levels: ServiceLevels) -> str:
+    """Of the engines acting ``role``, the one with the fewest requests in flight (then by name)."""
+    return min((name for name, acting in roles.items() if acting == role),
+               key=lambda name: (levels.in_flight.get(name, 0), name))  # fmt: skip

@@ -1,0 +1,152 @@
+"""The role planner's decisions on recorded service-level series (pure: no engines).
+
+The series are the door's 20 s windows as a load would produce them: seed 002's decode-heavy
+load on colocated engines misses the inter-token level (prefills stall decodes; measured
+228 ms p99 against 38.8 ms for 1P1D), seed 000's prompt-heavy load on 1P1D misses TTFT.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from common.config import SloConfig
+from common.errors import ConfigError
+from common.service_levels import ServiceLevels
+from controller.adaptive_roles import AdaptiveRoles
+from controller.role_planner import RolePlanner, initial_roles, layout_of
+
+SLO = SloConfig(ttft_ms=2000, itl_ms=100)
+WINDOW = 20.0
+
+
+def window(ttft_ms: float, itl_ms: float, requests: int = 40, met: int | None = None,
+           in_flight: dict[str, int] | None = None) -> ServiceLevels:  # fmt: skip
+    met = requests if met is None else met
+    return ServiceLevels(window_s=WINDOW, requests=requests, met=met, missed_ttft=0, missed_itl=requests - met,
+                         missed_both=0, ttft_p90_ms=ttft_ms, itl_p90_ms=itl_ms, in_flight=in_flight or {})  # fmt: skip
+
+
+def replay(planner: RolePlanner, roles: dict[str, str], series: list[ServiceLevels], start: float = 1000.0,
+           every: float = 5.0) -> list[tuple[float, dict[str, str], dict[str, tuple[str, str]]]]:  # fmt: skip
+    """Feed the windows ``every`` seconds apart, applying role changes; (when, roles after, moved) per decision."""
+    decisions = []
+    for index, levels in enumerate(series):
+        now = start + index * every
+        decision = planner.decide(levels, roles, now)
+        if decision is not None:
+            if decision.moved:
+                roles = dict(decision.roles)
+            decisions.append((now, dict(decision.roles), decision.moved))
+    return decisions
+
+
+def test_initial_roles_follow_the_configured_split() -> None:
+    names = ["adaptive-0", "adaptive-1", "adaptive-2"]
+    assert initial_roles(names, 1, 2) == {"adaptive-0": "prefill", "adaptive-1": "decode", "adaptive-2": "decode"}
+    assert initial_roles(names, 3, 0) == {name: "colocated" for name in names}
+
+
+def test_inter_token_misses_on_colocated_engines_split_them_once() -> None:
+    planner = RolePlanner(SLO)
+    roles = {"adaptive-0": "colocated", "adaptive-1": "colocated"}
+    # seed 002 on colocated engines, then (after the split) the same load met
+    series = [window(600, 228, met=10, in_flight={"adaptive-0": 5, "adaptive-1": 3})] * 6 + [window(700, 39)] * 12
+    decisions = replay(planner, roles, series)
+    assert decisions == [(1000.0, {"adaptive-0": "decode", "adaptive-1": "prefill"},
+                          {"adaptive-0": ("colocated", "decode"), "adaptive-1": ("colocated", "prefill")})]  # fmt: skip
+
+
+def test_nothing_changes_while_both_levels_are_met_or_answers_are_few() -> None:
+    planner = RolePlanner(SLO, min_requests=10)
+    roles = {"adaptive-0": "prefill", "adaptive-1": "decode"}
+    assert replay(planner, roles, [window(1999, 100)] * 10 + [window(9000, 900, requests=9)] * 10) == []
+
+
+def test_a_new_layout_is_judged_only_on_a_window_of_its_own() -> None:
+    planner = RolePlanner(SLO, settle_s=30.0)
+    roles = {"adaptive-0": "colocated", "adaptive-1": "colocated"}
+    assert planner.decide(window(500, 300, met=10), roles, now=0.0) is not None  # split at t=0
+    split = {"adaptive-0": "prefill", "adaptive-1": "decode"}
+    for now in (5.0, 10.0, 25.0, 29.9):  # the windows still hold colocated answers; then settling
+        assert planner.decide(window(3000, 50), split, now) is None
+    decision = planner.decide(window(3000, 50, met=5), split, now=30.0)  # worse than colocated (25%)
+    assert decision is not None and decision.roles == {"adaptive-0": "colocated", "adaptive-1": "colocated"}
+
+
+def test_prompt_queues_on_a_split_pool_move_the_idlest_decode_engine_to_prefill() -> None:
+    planner = RolePlanner(SLO)
+    roles = {"adaptive-0": "prefill", "adaptive-1": "decode", "adaptive-2": "decode", "adaptive-3": "decode"}
+    busy = {"adaptive-1": 4, "adaptive-2": 1, "adaptive-3": 6}
+    decisions = replay(planner, roles, [window(3500, 40, met=5, in_flight=busy)] + [window(1200, 60)] * 10)
+    assert [moved for _, _, moved in decisions] == [{"adaptive-2": ("decode", "prefill")}]
+
+
+def test_decode_misses_with_several_prefill_engines_move_one_back() -> None:
+    planner = RolePlanner(SLO)
+    roles = {"adaptive-0": "prefill", "adaptive-1": "prefill", "adaptive-2": "decode"}
+    decisions = replay(planner, roles, [window(800, 180, met=12, in_flight={"adaptive-0": 2, "adaptive-1": 0})])
+    assert [moved for _, _, moved in decisions] == [{"adaptive-1": ("prefill", "decode")}]
+
+
+def test_the_worse_level_decides_when_both_are_missed() -> None:
+    roles = {"adaptive-0": "prefill", "adaptive-1": "decode", "adaptive-2": "decode"}
+    ttft_worse = replay(RolePlanner(SLO), roles, [window(6000, 150, met=0)])  # 3.0x against 1.5x
+    assert [moved for _, _, moved in ttft_worse] == [{"adaptive-1": ("decode", "prefill")}]
+    roles = {"adaptive-0": "prefill", "adaptive-1": "prefill", "adaptive-2": "decode"}
+    itl_worse = replay(RolePlanner(SLO), roles, [window(2500, 400, met=0)])  # 1.25x against 4x
+    assert [moved for _, _, moved in itl_worse] == [{"adaptive-0": ("prefill", "decode")}]
+
+
+def test_no_flapping_between_two_layouts_that_both_miss() -> None:
+    """Colocated misses inter-token latency (60% met), split misses TTFT (30% met): the
+    planner splits once, goes back to colocated once, then stays and says more engines are needed."""
+    planner = RolePlanner(SLO, settle_s=30.0, memory_s=600.0)
+    roles = {"adaptive-0": "colocated", "adaptive-1": "colocated"}
+    colocated, split = window(900, 250, met=24), window(4000, 40, met=12)
+    t, decisions = 0.0, []
+    for _ in range(60):  # 5 minutes of windows, 5 s apart
+        decision = planner.decide(colocated if layout_of(roles)[2] else split, roles, t)
+        if decision is not None:
+            decisions.append((t, decision.moved, decision.reason))
+            roles = dict(decision.roles) if decision.moved else roles
+        t += 5.0
+    moves = [(when, moved) for when, moved, _ in decisions if moved]
+    assert [when for when, _ in moves] == [0.0, 30.0]
+    assert layout_of(roles) == (0, 0, 2)
+    advice = [(when, reason) for when, moved, reason in decisions if not moved]
+    assert [when for when, _ in advice] == [60.0, 90.0, 120.0, 150.0, 180.0, 210.0, 240.0, 270.0]
+    assert "1P+1D met both levels for 30% of answers" in advice[0][1] and advice[0][1].endswith("more engines needed")
+
+
+def test_a_remembered_layout_is_tried_again_once_forgotten() -> None:
+    planner = RolePlanner(SLO, settle_s=30.0, memory_s=120.0)
+    roles = {"adaptive-0": "colocated", "adaptive-1": "colocated"}
+    planner.decide(window(900, 250, met=24), roles, 0.0)  # split
+    split = {"adaptive-0": "prefill", "adaptive-1": "decode"}
+    planner.decide(window(4000, 40, met=12), split, 30.0)  # back
+    assert not planner.decide(window(900, 250, met=24), roles, 60.0).moved  # type: ignore[union-attr]
+    again = planner.decide(window(900, 250, met=24), roles, 151.0)  # 1P+1D judged at 30 s: forgotten after 150 s
+    assert again is not None and again.moved == {"adaptive-0": ("colocated", "prefill"), "adaptive-1": ("colocated", "decode")}
+
+
+def test_operator_roles_are_checked_and_scale_steps_keep_the_pool_valid() -> None:
+    roles = AdaptiveRoles(["adaptive-0", "adaptive-1"], prefill=1, decode=1, slo=SLO)
+    with pytest.raises(ConfigError, match="adaptive-7 are not adaptive engines"):
+        roles.set({"adaptive-7": "decode"}, "test", 0.0)
+    with pytest.raises(ConfigError, match="role 'both' for adaptive-0 is invalid: must be one of prefill, decode, colocated"):
+        roles.set({"adaptive-0": "both"}, "test", 0.0)
+    with pytest.raises(ConfigError, match="roles 2D are invalid"):
+        roles.set({"adaptive-0": "decode"}, "test", 0.0)
+    decision = roles.set({"adaptive-0": "colocated", "adaptive-1": "colocated"}, "test", 0.0)
+    assert decision.moved == {"adaptive-0": ("prefill", "colocated"), "adaptive-1": ("decode", "colocated")}
+    roles.added(["adaptive-2"], 1.0)
+    assert roles.acting["adaptive-2"] == "colocated"
+    with pytest.raises(ConfigError, match="roles 1P\\+1D\\+1C are invalid: colocated engines"):
+        roles.set({"adaptive-0": "prefill", "adaptive-1": "decode"}, "test", 2.0)
+    roles.set({"adaptive-0": "prefill", "adaptive-1": "decode", "adaptive-2": "decode"}, "test", 2.0)
+    roles.added(["adaptive-3"], 3.0)
+    assert roles.acting == {"adaptive-0": "prefill", "adaptive-1": "decode", "adaptive-2": "decode", "adaptive-3": "decode"}
+    for name in ("adaptive-1", "adaptive-2", "adaptive-3"):
+        roles.removed(name, 4.0)
+    assert roles.acting == {"adaptive-0": "colocated"}  # the last decode engine went: the rest serve whole requests
+    assert [d["reason"] for d in roles.decisions] == ["test", "test"]  # the refused ones left no trace
