@@ -29,6 +29,7 @@ EXPERIMENTS: dict[str, tuple[str, str]] = {
     "calibrate": ("benchmarks.calibrate", "fit a simulated engine's cost profile to a real engine on this machine"),
     "sim-fidelity": ("benchmarks.sim_fidelity", "seed 000's and 002's workloads on 2 real engines and on 2 simulated ones"),
     "sim-routing": ("benchmarks.sim_routing", "routing policies (ours, vllm-router's) at 16 and 64 simulated engines"),
+    "adaptive-roles": ("benchmarks.adaptive_roles", "goodput of ROLES=adaptive against colocated and 1P1D on four workloads"),
     "sim-scale": ("benchmarks.sim_scale", "the door at 256 simulated engines; scaling 8 -> 64 -> 8 under load"),
 }
 

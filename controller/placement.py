@@ -182,6 +182,8 @@ def connector_options(config: ServiceConfig) -> dict[str, object]:
     of different TP sizes, ours also gets ``peer_tp_sizes``: both sizes (each engine leaves
     its own out), so an engine reuses prefixes the other role stored (resharded on load)."""
     options = config.connector.extra_config()
+    if config.adaptive_roles and config.connector.kind == YUANRONG_CONNECTOR:
+        options["handoff_saves"] = True  # any engine may take a prefill leg: it saves that prompt for the decode leg
     sizes = sorted({plan.tensor_parallel for plan in instance_plans(config)})
     if config.connector.kind == YUANRONG_CONNECTOR and config.using_prefix_connector and len(sizes) > 1:
         options["peer_tp_sizes"] = sizes

@@ -114,8 +114,6 @@ def _derived_defaults(config: ServiceConfig, raw: Mapping[str, str | None], give
     if "ROUTING_POLICY" not in given and config.dp_mode == "vllm" and max(config.prefill_dp, config.decode_dp) > 1:
         # vLLM's own DP balancer picks the rank, so the door cannot see what a rank holds.
         config = dataclasses.replace(config, routing_policy="prefix_affinity")
-    if config.adaptive_roles:  # an engine's prefill legs are saved for the decode leg elsewhere
-        config = dataclasses.replace(config, using_prefix_connector=True)
     if config.simulated_engines and not raw["VISIBLE_DEVICES"]:
         # Virtual devices, one per engine: a simulated engine computes nothing.
         config = dataclasses.replace(config, devices=tuple(range(max(config.devices_needed, config.simulated_nodes))))

@@ -119,7 +119,7 @@ SETTINGS: tuple[_Setting, ...] = (
              "`SLO_ITL_MS` (goodput, `frontdoor_slo_requests_total`, `status`)"),
     _Setting("ROLES", "fixed", "fixed: engines are prefill, decode (or colocated) for life; adaptive: PREFILL_INS_NUM + "
              "DECODE_INS_NUM engines that each serve whole requests, prefill legs or decode legs, starting as that split; "
-             "a planner changes their roles to meet SLO_TTFT_MS and SLO_ITL_MS, with no restart (prefix reuse on; "
+             "a planner changes their roles to meet SLO_TTFT_MS and SLO_ITL_MS, with no restart (a prefill leg's prompt is saved for its decode leg; USING_PREFIX_CONNECTOR=1 reuses every prompt's; "
              "PTP=DTP, PDP=DDP=1)"),
     _Setting("PLANNER_WINDOW_S", "20", "ROLES=adaptive: seconds of answers the role planner judges at a time (5-600)"),
     _Setting("PLANNER_SETTLE_S", "30", "ROLES=adaptive: seconds a new role layout serves before the planner judges it "

@@ -9,7 +9,7 @@ import pytest
 
 from common.config import Accelerator, Role, SloConfig
 from common.errors import ConfigError
-from controller.placement import instance_plans
+from controller.placement import connector_options, instance_plans
 from deploy.config import build_config, parse_device_list
 from deploy.describe import describe
 from deploy.settings import add_arguments
@@ -153,7 +153,9 @@ def test_simulated_engines_get_a_virtual_device_each() -> None:
 
 def test_adaptive_roles_run_alike_engines_with_prefix_reuse_and_start_as_the_split_given() -> None:
     config = build_config({**CPU_2, "ROLES": "adaptive"})
-    assert (config.adaptive_roles, config.disaggregated, config.using_prefix_connector) == (True, False, True)
+    assert (config.adaptive_roles, config.disaggregated, config.using_prefix_connector) == (True, False, False)
+    assert connector_options(config)["handoff_saves"] is True  # kv_both engines save their prefill legs' prompts
+    assert "handoff_saves" not in connector_options(build_config(CPU_2))
     plans = instance_plans(config)
     assert [(plan.role, plan.count, plan.tensor_parallel) for plan in plans] == [(Role.ADAPTIVE, 2, 1)]
     assert Role.ADAPTIVE.kv_role == "kv_both"

@@ -41,10 +41,12 @@ class FakeRequest:
 
 def _scheduler(address: str, model: str, *, role: str, prefix_reuse: bool = False, max_pending: int = 4096,
                handoff_wait_ms: int = 400) -> YuanRongScheduler:  # fmt: skip
+    """``role`` prefill, decode, colocated, or adaptive (kv_both saving its prefill legs only)."""
     layout = KVLayout(model, "torch.bfloat16", BLOCK, 2, 64, 2, 1)
-    settings = ConnectorSettings(address, saves=role == "prefill" or prefix_reuse, prefix_reuse=prefix_reuse,
-                                 loads_remote_prefill=role == "decode", layout=layout, request_timeout_ms=500,
-                                 handoff_wait_ms=handoff_wait_ms, max_pending_save_blocks=max_pending)  # fmt: skip
+    settings = ConnectorSettings(address, saves=role in ("prefill", "adaptive") or prefix_reuse, prefix_reuse=prefix_reuse,
+                                 loads_remote_prefill=role in ("decode", "adaptive"), layout=layout, request_timeout_ms=500,
+                                 handoff_wait_ms=handoff_wait_ms, max_pending_save_blocks=max_pending,
+                                 saves_every_prompt=role == "prefill" or prefix_reuse)  # fmt: skip
     return YuanRongScheduler(settings, BlockStore(address, request_timeout_ms=500))
 
 
@@ -294,3 +296,21 @@ def test_one_scheduling_pass_waits_for_lookups_once_not_once_per_request(
             assert waited < 2.5, f"one pass waited {waited * 1000:.0f} ms for lookups (a budget per request: >= 5000 ms)"
     finally:
         gate.set()
+
+
+def test_an_adaptive_engine_saves_its_prefill_legs_and_nothing_else(ds_worker: DataSystemConfig) -> None:
+    """ROLES=adaptive without prefix reuse: a prefill leg's prompt is saved for the decode
+    leg on another engine; a request it serves whole is not saved (a store write per prompt
+    the pool never reads)."""
+    adaptive = _scheduler(ds_worker.address, "adaptive-legs", role="adaptive")
+    tokens = list(range(2 * BLOCK + 5))
+    whole = FakeRequest("w1", tokens)
+    assert adaptive.get_num_new_matched_tokens(whole, 0) == (0, False)
+    assert _saves(adaptive.build_connector_meta(_step([_new(whole, [1, 2, 3])], scheduled={"w1": 2 * BLOCK + 5}))) == []
+    assert adaptive.request_finished(whole, []) == (False, None)  # type: ignore[arg-type]
+    leg = FakeRequest("l1", tokens, {"do_remote_decode": True})
+    adaptive.get_num_new_matched_tokens(leg, 0)
+    assert _saves(adaptive.build_connector_meta(_step([_new(leg, [4, 5, 6])], scheduled={"l1": 2 * BLOCK + 5}))) == [(4, 5, 6)]
+    hold, params = adaptive.request_finished(leg, [])  # type: ignore[arg-type]
+    assert hold is True and params is not None and (params["num_saved_blocks"], params["saved_tail_tokens"]) == (2, 5)
+    assert adaptive._prefill_legs == set()  # forgotten once finished

@@ -113,6 +113,7 @@ class YuanRongScheduler:
     _loading: dict[str, frozenset[int]] = field(default_factory=dict)  # request -> blocks its async load fills
     _load_failed: set[str] = field(default_factory=set)  # a load of theirs failed: they compute from now on
     _with_saves: set[str] = field(default_factory=set)  # vLLM holds their blocks until saved
+    _prefill_legs: set[str] = field(default_factory=set)  # saves_every_prompt off: the requests to save
     _arrived: dict[str, float] = field(default_factory=dict)  # for the debug timeline
     _planned_save_blocks: int = 0
     _done_save_blocks: int = 0
@@ -134,6 +135,8 @@ class YuanRongScheduler:
         self._arrived.setdefault(request_id, time.monotonic())
         hashes = self._block_hashes(request)
         prompt = request.prompt_token_ids or ()
+        if not self.settings.saves_every_prompt and (request.kv_transfer_params or {}).get("do_remote_decode"):
+            self._prefill_legs.add(request_id)
         # A prefill leg's partial last block is handed over when it holds more than the
         # prompt's last token (which the decode computes anyway).
         if (request_id not in self._tails and self.settings.saves and len(prompt) % self.block_size >= 2
@@ -311,7 +314,7 @@ class YuanRongScheduler:
             return meta
         for new in scheduler_output.scheduled_new_reqs:
             hashes = self._hashes.get(new.req_id)
-            if hashes is None:
+            if hashes is None or not (self.settings.saves_every_prompt or new.req_id in self._prefill_legs):
                 continue
             # Blocks from vLLM's own prefix cache may be missing in the store (another
             # worker, evicted): save them again; blocks loaded from the store are there.
@@ -384,6 +387,7 @@ class YuanRongScheduler:
             state.pop(request_id, None)  # type: ignore[attr-defined]
         saved_tail_tokens = self._announced_tail.pop(request_id, 0)
         self._load_failed.discard(request_id)
+        self._prefill_legs.discard(request_id)
         arrived = self._arrived.pop(request_id, None)
         announced = self._announced.pop(request_id, 0)
         if arrived is not None:

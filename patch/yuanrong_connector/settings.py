@@ -18,7 +18,7 @@ DS_ADDRESS_FIELD = "ds_worker_address"
 @dataclass(frozen=True)
 class ConnectorSettings:
     ds_address: str
-    saves: bool  # this engine writes its prompts' blocks to the store
+    saves: bool  # this engine writes prompts' blocks to the store (every prompt's, or only its prefill legs')
     prefix_reuse: bool  # this engine looks for any prompt's leading blocks in the store
     loads_remote_prefill: bool  # this engine loads blocks a prefill engine handed over
     layout: KVLayout
@@ -32,6 +32,9 @@ class ConnectorSettings:
     # Prefix reuse: TP sizes of other engines of this model whose blocks are looked up
     # (and resharded on load) when this engine's own TP size has fewer; a handoff says its own.
     peer_tp_sizes: tuple[int, ...] = ()
+    # False (kv_both with ``handoff_saves`` and no prefix reuse, ROLES=adaptive): only the
+    # prompts of prefill legs (``do_remote_decode``) are saved, for their decode leg elsewhere.
+    saves_every_prompt: bool = True
 
     @staticmethod
     def from_vllm_config(vllm_config: VllmConfig) -> ConnectorSettings:
@@ -45,11 +48,13 @@ class ConnectorSettings:
                 "(host:port of a data system worker) in --kv-transfer-config"
             )
         prefix_reuse = bool(extra.get("prefix_reuse", False))
+        handoff_saves = bool(extra.get("handoff_saves", False))  # kv_both: save prefill legs
         role = transfer.kv_role
         layout = layout_of(vllm_config)
         return ConnectorSettings(
             ds_address=str(address),
-            saves=role == "kv_producer" or (role == "kv_both" and prefix_reuse),
+            saves=role == "kv_producer" or (role == "kv_both" and (prefix_reuse or handoff_saves)),
+            saves_every_prompt=role == "kv_producer" or prefix_reuse,
             prefix_reuse=prefix_reuse,
             loads_remote_prefill=role in ("kv_consumer", "kv_both"),
             layout=layout,
