@@ -133,6 +133,8 @@ class PlannerConfig:
 
     window_s: float = 20.0  # the door's service-level window the planner judges
     settle_s: float = 30.0  # after a role change, how long the new layout serves before it is judged
+    max_engines: int = 0  # the planner adds engines up to this many (the scale path); 0: it never scales
+    min_engines: int = 2  # and removes them down to this many
 
 
 @dataclass(frozen=True)

@@ -9,10 +9,17 @@ import logging
 from collections import deque
 from collections.abc import Mapping
 
-from common.config import SloConfig
+from common.config import PlannerConfig, SloConfig
 from common.errors import ConfigError
 from common.service_levels import ACTING_ROLES, ServiceLevels
-from controller.role_planner import RoleDecision, RolePlanner, describe_layout, initial_roles, layout_of
+from controller.role_planner import (
+    RoleDecision,
+    RolePlanner,
+    after_removal,
+    describe_layout,
+    initial_roles,
+    layout_of,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -20,9 +27,10 @@ DECISIONS_KEPT = 200
 
 
 class AdaptiveRoles:
-    def __init__(self, names: list[str], prefill: int, decode: int, slo: SloConfig, settle_s: float = 30.0) -> None:
+    def __init__(self, names: list[str], prefill: int, decode: int, slo: SloConfig, planner: PlannerConfig) -> None:
         self.acting: dict[str, str] = initial_roles(names, prefill, decode)
-        self.planner = RolePlanner(slo, settle_s=settle_s)
+        self.planner = RolePlanner(slo, settle_s=planner.settle_s, min_engines=planner.min_engines,
+                                   max_engines=planner.max_engines)  # fmt: skip
         self.decisions: deque[dict[str, object]] = deque(maxlen=DECISIONS_KEPT)
 
     def observe(self, levels: ServiceLevels, now: float) -> RoleDecision | None:
@@ -30,7 +38,9 @@ class AdaptiveRoles:
         decision = self.planner.decide(levels, self.acting, now)
         if decision is None:
             return None
-        if decision.moved:
+        if decision.scale:
+            logger.info("role planner: scale adaptive %+d (%s)", decision.scale, decision.reason)
+        elif decision.moved:
             self.acting = dict(decision.roles)
             logger.info("role planner: %s -> %s (%s)", ", ".join(f"{name} {old}->{new}" for name, (old, new)
                         in decision.moved.items()), describe_layout(layout_of(self.acting)), decision.reason)  # fmt: skip
@@ -74,8 +84,5 @@ class AdaptiveRoles:
         self.planner.changed(now)
 
     def removed(self, name: str, now: float) -> None:
-        self.acting.pop(name, None)
-        acting = set(self.acting.values())
-        if ("prefill" in acting) != ("decode" in acting):  # the last of one role went (scale-in)
-            self.acting = {engine: "colocated" for engine in self.acting}
+        self.acting = after_removal(self.acting, name)
         self.planner.changed(now)

@@ -14,7 +14,11 @@ The rules, judged on a window that began after the last change:
 - the worse of the two (measured against its level) decides when both are missed.
 A layout seen within ``memory_s`` whose share of answers meeting both levels was no better
 than now's is not gone back to (no flapping between two layouts that both miss); when no
-change helps, the planner says so once per ``settle_s``: more engines are needed.
+change helps, the planner adds an engine (``scale`` +1, up to ``max_engines``; 0: it never
+scales) or says, once per ``settle_s``, that more engines are needed. With both levels met
+with room (each p90 at most half its level, 99% of answers meeting both), it removes one
+(the highest-numbered, as the scale path does; down to ``min_engines``), unless the smaller
+layout was seen doing worse within ``memory_s``.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ from common.config import SloConfig
 from common.service_levels import ServiceLevels
 
 Layout = tuple[int, int, int]  # engines acting prefill, decode, colocated
+ROOM = 0.5  # both p90s at most this share of their levels: an engine may go
+ROOM_ATTAINMENT = 0.99
 
 
 @dataclass(frozen=True)
@@ -37,6 +43,7 @@ class RoleDecision:
     roles: dict[str, str]  # every adaptive engine's acting role after it
     reason: str
     moved: dict[str, tuple[str, str]] = field(default_factory=dict)  # engine -> (from, to)
+    scale: int = 0  # engines to add (+1) or remove (-1) through the scale path; 0: none
     attainment: float = 1.0  # of the window it was decided on
     ttft_p90_ms: float = 0.0
     itl_p90_ms: float = 0.0
@@ -53,6 +60,21 @@ def initial_roles(names: list[str], prefill: int, decode: int) -> dict[str, str]
     return {name: "prefill" if index < prefill else "decode" for index, name in enumerate(names)}
 
 
+def after_removal(roles: Mapping[str, str], name: str) -> dict[str, str]:
+    """The roles once ``name`` is gone: when the last engine of one role went, the rest
+    serve whole requests (a split pool needs both)."""
+    rest = {engine: role for engine, role in roles.items() if engine != name}
+    acting = set(rest.values())
+    if ("prefill" in acting) != ("decode" in acting):
+        return {engine: "colocated" for engine in rest}
+    return rest
+
+
+def highest_numbered(names: list[str]) -> str:
+    """The engine the scale path removes first: ``adaptive-10`` before ``adaptive-9``."""
+    return max(names, key=lambda name: (int(name.rsplit("-", 1)[1]) if name.rsplit("-", 1)[-1].isdigit() else -1, name))
+
+
 def layout_of(roles: Mapping[str, str]) -> Layout:
     values = list(roles.values())
     return values.count("prefill"), values.count("decode"), values.count("colocated")
@@ -65,8 +87,11 @@ def describe_layout(layout: Layout) -> str:
 
 
 class RolePlanner:
-    def __init__(self, slo: SloConfig, min_requests: int = 10, settle_s: float = 30.0, memory_s: float = 600.0) -> None:
+    def __init__(self, slo: SloConfig, min_requests: int = 10, settle_s: float = 30.0, memory_s: float = 600.0,
+                 min_engines: int = 2, max_engines: int = 0) -> None:  # fmt: skip
         self.slo = slo
+        self.min_engines = min_engines
+        self.max_engines = max_engines  # 0: the planner never scales
         self.min_requests = min_requests  # a window with fewer answers decides nothing
         self.settle_s = settle_s  # after a change, the layout serves this long (and a whole window) before it is judged
         self.memory_s = memory_s  # how long a layout's attainment is remembered
@@ -88,33 +113,59 @@ class RolePlanner:
         self._seen[current] = (levels.attainment, now)
         ttft_over = levels.ttft_p90_ms / self.slo.ttft_ms
         itl_over = levels.itl_p90_ms / self.slo.itl_ms
-        if ttft_over <= 1 and itl_over <= 1:
-            return None
-        target, why = _target(dict(roles), ttft_over >= itl_over if ttft_over > 1 else False, levels)
         summary = (f"TTFT p90 {levels.ttft_p90_ms:.0f} ms (SLO {self.slo.ttft_ms:g}), inter-token p90 "
                    f"{levels.itl_p90_ms:.0f} ms (SLO {self.slo.itl_ms:g}), {levels.met} of {levels.requests} answers "
                    f"in {levels.window_s:g} s met both ({levels.attainment:.0%}) on {describe_layout(current)}")  # fmt: skip
+        if ttft_over <= 1 and itl_over <= 1:
+            return self._scale_in(dict(roles), levels, now, summary, max(ttft_over, itl_over))
+        target, why = _target(dict(roles), ttft_over >= itl_over if ttft_over > 1 else False, levels)
         if target is not None:
-            seen = self._seen.get(layout_of(target))
-            if seen is not None and now - seen[1] <= self.memory_s and seen[0] <= levels.attainment:
-                why = (f"{describe_layout(layout_of(target))} met both levels for {seen[0]:.0%} of answers "
-                       f"{now - seen[1]:.0f} s ago, no better")  # fmt: skip
-                target = None
+            worse = self._worse_before(layout_of(target), levels, now)
+            if worse:
+                why, target = worse, None
         if target is None:
-            if now - self._advised_at < self.settle_s:
-                return None
-            self._advised_at = now
-            return self._decision(now, dict(roles), f"{summary}; no role change helps ({why}): more engines needed",
-                                  levels)  # fmt: skip
+            return self._scale_out(dict(roles), levels, now, summary, why)
         self._changed_at = now
         moved = {name: (roles[name], role) for name, role in target.items() if roles[name] != role}
         return self._decision(now, target, f"{summary}; {why}", levels, moved)
 
+    def _worse_before(self, layout: Layout, levels: ServiceLevels, now: float) -> str:
+        """Why ``layout`` is not to be gone back to ("" if it may be)."""
+        seen = self._seen.get(layout)
+        if seen is not None and now - seen[1] <= self.memory_s and seen[0] <= levels.attainment:
+            return f"{describe_layout(layout)} met both levels for {seen[0]:.0%} of answers {now - seen[1]:.0f} s ago, no better"
+        return ""
+
+    def _scale_out(self, roles: dict[str, str], levels: ServiceLevels, now: float, summary: str,
+                   why: str) -> RoleDecision | None:  # fmt: skip
+        if self.max_engines and len(roles) < self.max_engines:
+            self._changed_at = now
+            return self._decision(now, roles, f"{summary}; no role change helps ({why}): adding an engine "
+                                  f"({len(roles)} -> {len(roles) + 1}, at most {self.max_engines})", levels, scale=1)  # fmt: skip
+        if now - self._advised_at < self.settle_s:
+            return None
+        self._advised_at = now
+        return self._decision(now, roles, f"{summary}; no role change helps ({why}): more engines needed", levels)
+
+    def _scale_in(self, roles: dict[str, str], levels: ServiceLevels, now: float, summary: str,
+                  worst_over: float) -> RoleDecision | None:  # fmt: skip
+        if not self.max_engines or len(roles) <= self.min_engines:
+            return None
+        if worst_over > ROOM or levels.attainment < ROOM_ATTAINMENT:
+            return None
+        smaller = after_removal(roles, highest_numbered(list(roles)))
+        if self._worse_before(layout_of(smaller), levels, now):
+            return None
+        self._changed_at = now
+        return self._decision(now, roles, f"{summary}; both levels met with room: removing an engine "
+                              f"({len(roles)} -> {len(roles) - 1}, at least {self.min_engines})", levels, scale=-1)  # fmt: skip
+
     @staticmethod
     def _decision(now: float, roles: dict[str, str], reason: str, levels: ServiceLevels,
-                  moved: dict[str, tuple[str, str]] | None = None) -> RoleDecision:  # fmt: skip
-        return RoleDecision(at=now, roles=roles, reason=reason, moved=moved or {}, attainment=levels.attainment,
-                            ttft_p90_ms=levels.ttft_p90_ms, itl_p90_ms=levels.itl_p90_ms)  # fmt: skip
+                  moved: dict[str, tuple[str, str]] | None = None, scale: int = 0) -> RoleDecision:  # fmt: skip
+        return RoleDecision(at=now, roles=roles, reason=reason, moved=moved or {}, scale=scale,
+                            attainment=levels.attainment, ttft_p90_ms=levels.ttft_p90_ms,
+                            itl_p90_ms=levels.itl_p90_ms)  # fmt: skip
 
 
 def _target(roles: dict[str, str], ttft_worse: bool, levels: ServiceLevels) -> tuple[dict[str, str] | None, str]:

@@ -41,6 +41,7 @@ from common.config import (
     simulated_node_address,
 )
 from common.errors import ConfigError
+from deploy.adaptive_config import check_adaptive
 from deploy.master_info import MasterInfo, read_master_info, tcp_answers
 from deploy.settings import OWNED_ENGINE_FLAGS, SETTINGS
 from workers.sim_engine.profile import load_profile
@@ -161,8 +162,11 @@ def _roles(raw: Mapping[str, str | None]) -> dict[str, Any]:
     """ROLES and, for adaptive ones, the role planner's timing."""
     window_s = _int(raw, "PLANNER_WINDOW_S", minimum=5, maximum=600)
     settle_s = _int(raw, "PLANNER_SETTLE_S", minimum=window_s, maximum=3600)
-    return {"roles": _choice(raw, "ROLES", ROLE_MODES),
-            "planner": PlannerConfig(window_s=float(window_s), settle_s=float(settle_s))}  # fmt: skip
+    min_engines = _int(raw, "PLANNER_MIN_ENGINES", minimum=2, maximum=1024)
+    max_engines = _int(raw, "PLANNER_MAX_ENGINES", minimum=0, maximum=1024)
+    planner = PlannerConfig(window_s=float(window_s), settle_s=float(settle_s), max_engines=max_engines,
+                            min_engines=min_engines)  # fmt: skip
+    return {"roles": _choice(raw, "ROLES", ROLE_MODES), "planner": planner}
 
 
 def _fail(name: str, value: object, allowed: str) -> ConfigError:
@@ -381,26 +385,9 @@ def _connector_extra(raw: Mapping[str, str | None]) -> dict[str, object]:
     return extra
 
 
-def _check_adaptive(config: ServiceConfig) -> None:
-    """ROLES=adaptive: engines alike (one TP size, one DP rank each), at least two, our connector."""
-    engines = config.prefill_instances + config.decode_instances
-    if engines < 2:
-        raise ConfigError(f"ROLES=adaptive is invalid with {engines} engine: roles can only move between engines; "
-                          "set PREFILL_INS_NUM + DECODE_INS_NUM >= 2, or ROLES=fixed")  # fmt: skip
-    if config.decode_instances and config.prefill_tp != config.decode_tp:
-        raise ConfigError(f"ROLES=adaptive is invalid with PTP={config.prefill_tp} DTP={config.decode_tp}: an engine "
-                          "that changes roles keeps its TP size; set PTP=DTP, or ROLES=fixed")  # fmt: skip
-    if max(config.prefill_dp, config.decode_dp) > 1:
-        raise ConfigError(f"ROLES=adaptive is invalid with PDP={config.prefill_dp} DDP={config.decode_dp}: each engine "
-                          "changes roles alone; set PDP=DDP=1 (more engines: PREFILL_INS_NUM), or ROLES=fixed")  # fmt: skip
-    if config.connector.kind != YUANRONG_CONNECTOR:
-        raise ConfigError(f"ROLES=adaptive is invalid with KV_CONNECTOR={config.connector.kind}: a decode leg on any "
-                          f"engine loads its prompt through the data system; set KV_CONNECTOR={YUANRONG_CONNECTOR}")  # fmt: skip
-
-
 def _check_consistency(config: ServiceConfig) -> None:
     if config.adaptive_roles:
-        _check_adaptive(config)
+        check_adaptive(config)
     kind = config.connector.kind
     try:
         block_size = config.kv_block_size

@@ -124,6 +124,10 @@ SETTINGS: tuple[_Setting, ...] = (
     _Setting("PLANNER_WINDOW_S", "20", "ROLES=adaptive: seconds of answers the role planner judges at a time (5-600)"),
     _Setting("PLANNER_SETTLE_S", "30", "ROLES=adaptive: seconds a new role layout serves before the planner judges it "
              "(at least PLANNER_WINDOW_S)"),
+    _Setting("PLANNER_MAX_ENGINES", "0", "ROLES=adaptive: when no role change meets the service levels the planner adds "
+             "engines (scale adaptive +1) up to this many; 0: it never scales, it says more engines are needed"),
+    _Setting("PLANNER_MIN_ENGINES", "2", "ROLES=adaptive with PLANNER_MAX_ENGINES: the planner removes engines (both "
+             "levels met with room) down to this many"),
     _Setting("SLO_ITL_MS", "100", "service level for the mean inter-token latency of a stream (TPOT)"),
     _Setting("DOOR_QUEUE_SIZE", "256", "requests that may wait at the door for a slot; beyond: 429 at once"),
     _Setting("DOOR_QUEUE_TIMEOUT_S", "30", "seconds a request may wait at the door for a slot; then 429"),

@@ -184,3 +184,25 @@ async def _scaled(scaler: ScaleControl, role: str, delta: int, door: LoopDoor, m
         return error(500, f"scale {role} {delta:+d} failed: {exc}", "server_error")
     metrics.scale_operations.labels(role, direction, "done").inc()
     return JSONResponse(result.to_dict())
+
+
+async def scale_for_planner(scaler: ScaleControl, delta: int, table: RoutingTable,
+                            refresh_once: Callable[[], Awaitable[None]], metrics: DoorMetrics) -> None:  # fmt: skip
+    """A role planner's scale step (``scale adaptive +1`` or ``-1``), run as ``/admin/scale``
+    runs one; its outcome is logged and counted, never raised."""
+    direction, outcome = ("out" if delta > 0 else "in"), "done"
+    door = LoopDoor(table, refresh_once, asyncio.get_running_loop())
+    try:
+        result = await asyncio.to_thread(scaler.scale, "adaptive", delta, door)
+    except ScaleBusy as exc:
+        outcome = "busy"
+        logger.info("role planner's scale adaptive %+d skipped: %s", delta, exc)
+    except ConfigError as exc:
+        outcome = "refused"
+        logger.warning("role planner's scale adaptive %+d refused: %s", delta, exc)
+    except Exception as exc:  # an engine failed to start; an actor call failed
+        outcome = "failed"
+        logger.error("role planner's scale adaptive %+d failed: %s", delta, exc)
+    else:
+        logger.info("role planner's scale adaptive %+d done: %s", delta, result.to_dict())
+    metrics.scale_operations.labels("adaptive", direction, outcome).inc()

@@ -11,7 +11,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 from common.role_port import RoleControl
 from door.door_metrics import DoorMetrics
@@ -35,12 +35,16 @@ Refresh = Callable[[], tuple[int, Sequence[Mapping[str, object]]]]
 class EngineWatch:
     def __init__(self, table: RoutingTable, refresh: Refresh | None, kv_router: KVRouter | None,
                  client: EngineClient, metrics: DoorMetrics, levels: Callable[[float, Mapping[str, int]], object] | None = None,
-                 roles: RoleControl | None = None, window_s: float = LEVELS_WINDOW_S) -> None:  # fmt: skip
+                 roles: RoleControl | None = None, window_s: float = LEVELS_WINDOW_S,
+                 scale: Callable[[int], Awaitable[None]] | None = None) -> None:  # fmt: skip
         self.table = table
         self.refresh = refresh
         self.levels = levels  # SloCounts.levels: the window's ServiceLevels
         self.roles = roles
-        self.window_s = window_s        # For the dashboard: (wall time, ServiceLevels dict, acting role by engine) per window; the planner's decisions.
+        self.window_s = window_s
+        self.scale = scale  # runs a planner's scale step through the scale path (FrontDoor's)
+        self._scaled_at = time.time()  # scale steps decided before this were carried out
+        self._scaling: asyncio.Task[None] | None = None        # For the dashboard: (wall time, ServiceLevels dict, acting role by engine) per window; the planner's decisions.
         self.series: deque[tuple[float, dict[str, object], dict[str, str]]] = deque(maxlen=SERIES_KEPT)
         self.decisions: list[dict[str, object]] = []
         self.kv_router = kv_router
@@ -93,6 +97,16 @@ class EngineWatch:
         self.series.append((time.time(), levels, {engine.name: engine.acting for engine in self.table.all_engines()}))
         if self.roles is not None and self.table.adaptive:
             self.decisions = await asyncio.to_thread(self.roles.observe, levels)
+            self._start_scale_steps()
+
+    def _start_scale_steps(self) -> None:
+        """The newest scale step the planner decided since the last one, run in the
+        background (the table keeps following the Controller meanwhile); one at a time."""
+        steps = [d for d in self.decisions if d.get("scale") and float(d["at"]) > self._scaled_at]  # type: ignore[arg-type]
+        if not steps or self.scale is None or (self._scaling is not None and not self._scaling.done()):
+            return
+        self._scaled_at = float(steps[-1]["at"])  # type: ignore[arg-type]
+        self._scaling = asyncio.create_task(self.scale(int(steps[-1]["scale"])))  # type: ignore[call-overload]
 
     async def _scrape_kv_tokens(self) -> None:
         """Copy each engine's prompt-tokens-by-source counters (KV hits) into the door's metrics."""

@@ -39,7 +39,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from common.config import SloConfig
 from common.role_port import RoleControl
 from common.scale_port import ScaleControl
-from door.admin import add_admin_routes, add_role_routes
+from door.admin import add_admin_routes, add_role_routes, scale_for_planner
 from door.admission import Admission
 from door.dashboard import add_dashboard_routes
 from door.door_metrics import DoorMetrics
@@ -132,7 +132,8 @@ class FrontDoor:
         self.slo = SloCounts(slo or SloConfig(), self.metrics.slo_requests, self.metrics.slo_target)
         self.legs = EngineLegs(table, self.client, self.metrics, self._ttft, self._latency, stream_migrations, self.slo)
         self.watch = EngineWatch(table, refresh, kv_router, self.client, self.metrics, self.slo.levels, roles,
-                                 levels_window_s)  # fmt: skip
+                                 levels_window_s, self._planner_scale if scaler is not None else None)  # fmt: skip
+        self._scaler = scaler
         self.app = self._fallback_app(scaler, roles)
         if api_key is not None:
             self.app.add_middleware(KeyGuard, api_key=api_key, metrics_public=metrics_public)
@@ -194,6 +195,11 @@ class FrontDoor:
         add_role_routes(app, table, roles, self.watch, openai_error)
         add_dashboard_routes(app, table, self.watch, metrics, self.slo.slo)
         return app
+
+    async def _planner_scale(self, delta: int) -> None:
+        """A scale step the role planner decided, through the scale path ``/admin/scale`` takes."""
+        assert self._scaler is not None
+        await scale_for_planner(self._scaler, delta, self.table, self.watch.refresh_once, self.metrics)
 
     # -- completions (the door's own HTTP layer) ---------------------------------------
     async def _handle(self, exchange: Exchange, endpoint: str, required: str) -> None:

@@ -91,6 +91,8 @@ def test_decode_zero_means_colocated() -> None:
         ({"SLO_TTFT_MS": "-1"}, "SLO_TTFT_MS=-1 is invalid: must be a number of milliseconds > 0 and <= 3600000"),
         ({"PLANNER_WINDOW_S": "4"}, "PLANNER_WINDOW_S=4 is invalid: must be an integer >= 5 and <= 600"),
         ({"PLANNER_WINDOW_S": "30", "PLANNER_SETTLE_S": "20"}, "PLANNER_SETTLE_S=20 is invalid: must be an integer >= 30"),
+        ({"ROLES": "adaptive", "PLANNER_MAX_ENGINES": "1"}, "PLANNER_MAX_ENGINES=1 is invalid: must be 0 (the planner never "
+                                                            "scales) or at least PLANNER_MIN_ENGINES=2 and PREFILL_INS_NUM + DECODE_INS_NUM=2"),
         ({"ROLES": "dynamic"}, "ROLES=dynamic is invalid: must be one of fixed, adaptive"),
         ({"ROLES": "adaptive", "DECODE_INS_NUM": "0"}, "ROLES=adaptive is invalid with 1 engine: roles can only move "
                                                        "between engines; set PREFILL_INS_NUM + DECODE_INS_NUM >= 2, or ROLES=fixed"),

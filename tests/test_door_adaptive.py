@@ -1,14 +1,22 @@
 """The door with ROLES=adaptive engines (real HTTP servers standing in for them): each
-routes as the role it acts in now, a change is one table update, and an idle decode
-engine serves a request whole while every prefill engine is busy."""
+routes as the role it acts in now, a change is one table update, an idle decode engine
+serves a request whole while every prefill engine is busy, and the role planner's scale
+steps run once each."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
+import time
 
 import httpx
 
+from common.config import SloConfig
+from door.door_metrics import DoorMetrics
+from door.engine_client import EngineClient
+from door.engine_watch import EngineWatch
 from door.routing import RoutingTable
+from door.slo import SloCounts
 from testkit.metrics import metric
 from tests.fake_engines import FakeEngine
 from tests.test_frontdoor_routing import door
@@ -79,3 +87,42 @@ def test_an_idle_decode_engine_serves_a_request_whole_while_the_prefill_engine_i
         # nothing in flight: the next request takes both legs again
         assert httpx.post(f"{url}/v1/completions", json={"prompt": "third"}, timeout=10).status_code == 200
         assert (_legs(prefill), _legs(decode)) == (["prefill", "prefill"], ["whole", "decode", "decode"])
+
+
+def test_each_scale_step_the_planner_decides_runs_once_in_the_background() -> None:
+    table = RoutingTable([{"name": "adaptive-0", "role": "adaptive", "host": "127.0.0.1", "port": 1, "acting": "colocated"}])
+    metrics = DoorMetrics()
+    started = time.time()
+
+    class Planner:  # the Controller's side of common/role_port.py: the decisions so far
+        decisions: list[dict[str, object]] = [{"at": started - 5, "scale": 1}]  # decided before this door started
+
+        def observe(self, levels: dict[str, object]) -> list[dict[str, object]]:
+            return list(self.decisions)
+
+        def set_roles(self, roles: dict[str, str], reason: str) -> dict[str, object]:
+            raise AssertionError("not asked")
+
+    steps: list[int] = []
+
+    async def scale(delta: int) -> None:
+        steps.append(delta)
+
+    planner = Planner()
+    watch = EngineWatch(table, None, None, EngineClient(), metrics, SloCounts(SloConfig(), metrics.slo_requests).levels,
+                        planner, scale=scale)  # fmt: skip
+
+    async def windows() -> None:
+        await watch.report_levels()
+        planner.decisions.append({"at": started + 1, "scale": 1})
+        for _ in range(3):  # the same decision, reported again: not run again
+            await watch.report_levels()
+            await asyncio.sleep(0)
+        planner.decisions.append({"at": started + 2, "scale": -1})
+        planner.decisions.append({"at": started + 3, "moved": {"adaptive-0": ["colocated", "prefill"]}, "scale": 0})
+        await watch.report_levels()
+        await asyncio.sleep(0)
+
+    asyncio.run(windows())
+    assert steps == [1, -1]
+    assert len(watch.series) == 5 and watch.decisions == planner.decisions

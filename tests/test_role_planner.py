@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from common.config import SloConfig
+from common.config import PlannerConfig, SloConfig
 from common.errors import ConfigError
 from common.service_levels import ServiceLevels
 from controller.adaptive_roles import AdaptiveRoles
@@ -130,7 +130,7 @@ def test_a_remembered_layout_is_tried_again_once_forgotten() -> None:
 
 
 def test_operator_roles_are_checked_and_scale_steps_keep_the_pool_valid() -> None:
-    roles = AdaptiveRoles(["adaptive-0", "adaptive-1"], prefill=1, decode=1, slo=SLO)
+    roles = AdaptiveRoles(["adaptive-0", "adaptive-1"], prefill=1, decode=1, slo=SLO, planner=PlannerConfig())
     with pytest.raises(ConfigError, match="adaptive-7 are not adaptive engines"):
         roles.set({"adaptive-7": "decode"}, "test", 0.0)
     with pytest.raises(ConfigError, match="role 'both' for adaptive-0 is invalid: must be one of prefill, decode, colocated"):
@@ -150,3 +150,43 @@ def test_operator_roles_are_checked_and_scale_steps_keep_the_pool_valid() -> Non
         roles.removed(name, 4.0)
     assert roles.acting == {"adaptive-0": "colocated"}  # the last decode engine went: the rest serve whole requests
     assert [d["reason"] for d in roles.decisions] == ["test", "test"]  # the refused ones left no trace
+
+
+def test_over_capacity_the_planner_adds_engines_up_to_its_limit_then_says_so() -> None:
+    planner = RolePlanner(SLO, settle_s=30.0, max_engines=4)
+    roles = {f"adaptive-{i}": "colocated" for i in range(2)}
+    decisions = []
+    for step in range(16):  # prompts queue on every layout: 80 s of windows 5 s apart
+        now = step * 5.0
+        decision = planner.decide(window(4000, 60, met=8), roles, now)
+        if decision is not None:
+            decisions.append((now, decision.scale, bool(decision.moved)))
+            if decision.scale > 0:  # the scale path adds one: it serves whole requests in a colocated pool
+                roles = {**roles, f"adaptive-{len(roles)}": "colocated"}
+    assert decisions == [(0.0, 1, False), (30.0, 1, False), (60.0, 0, False)]  # then advice, every 30 s
+    assert len(roles) == 4
+
+
+def test_with_room_to_spare_the_planner_removes_engines_down_to_its_floor() -> None:
+    planner = RolePlanner(SLO, settle_s=30.0, min_engines=2, max_engines=8)
+    roles = {f"adaptive-{i}": "prefill" if i == 0 else "decode" for i in range(4)}
+    removed = []
+    for step in range(20):
+        now = step * 5.0
+        decision = planner.decide(window(600, 30), roles, now)  # both p90s under half their levels, all met
+        if decision is not None:
+            assert decision.scale == -1 and "removing an engine" in decision.reason
+            gone = max(roles, key=lambda name: int(name.rsplit("-", 1)[1]))
+            removed.append((now, gone))
+            roles = {name: role for name, role in roles.items() if name != gone}
+    assert removed == [(0.0, "adaptive-3"), (30.0, "adaptive-2")]
+    assert planner.decide(window(1100, 30), {"a-0": "colocated", "a-1": "colocated", "a-2": "colocated"}, 200.0) is None
+
+
+def test_no_engine_is_removed_where_the_smaller_pool_did_worse() -> None:
+    planner = RolePlanner(SLO, settle_s=30.0, min_engines=2, max_engines=4)
+    three = {f"adaptive-{i}": "colocated" for i in range(3)}
+    assert planner.decide(window(2500, 60, met=20), three, 0.0).scale == 1  # type: ignore[union-attr]
+    four = {**three, "adaptive-3": "colocated"}
+    assert planner.decide(window(500, 20), four, 30.0) is None  # 3 engines met 50%, 4 meet 100%: keep 4
+    assert planner.decide(window(500, 20), four, 700.0).scale == -1  # type: ignore[union-attr]  # forgotten
