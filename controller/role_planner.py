@@ -8,9 +8,12 @@ The rules, judged on a window that began after the last change:
 - both levels met: nothing changes;
 - inter-token latency missed (prefills stall the decodes sharing their engine) on an
   all-colocated pool: split, one prefill engine and the rest decode;
-- TTFT missed on a split pool (prefills queue): one more prefill engine, or with a single
-  decode engine left, back to all colocated;
-- inter-token latency missed on a split pool with several prefill engines: one more decode;
+- TTFT missed on a split pool (prompts queue): more prefill engines, the idlest decode
+  ones, ``ceil(prefill x (over - 1))`` of them (``over``: the p90 against its level, at
+  most 3; one decode engine stays), or with a single decode engine left, back to all
+  colocated;
+- inter-token latency missed on a split pool with several prefill engines: more decode
+  engines, in the same proportion;
 - the worse of the two (measured against its level) decides when both are missed.
 A layout seen within ``memory_s`` whose share of answers meeting both levels was no better
 than now's is not gone back to (no flapping between two layouts that both miss); when no
@@ -118,7 +121,7 @@ class RolePlanner:
                    f"in {levels.window_s:g} s met both ({levels.attainment:.0%}) on {describe_layout(current)}")  # fmt: skip
         if ttft_over <= 1 and itl_over <= 1:
             return self._scale_in(dict(roles), levels, now, summary, max(ttft_over, itl_over))
-        target, why = _target(dict(roles), ttft_over >= itl_over if ttft_over > 1 else False, levels)
+        target, why = _target(dict(roles), ttft_over, itl_over, levels)
         if target is not None:
             worse = self._worse_before(layout_of(target), levels, now)
             if worse:
@@ -168,29 +171,38 @@ class RolePlanner:
                             itl_p90_ms=levels.itl_p90_ms)  # fmt: skip
 
 
-def _target(roles: dict[str, str], ttft_worse: bool, levels: ServiceLevels) -> tuple[dict[str, str] | None, str]:
-    """The roles to move to and why; (None, why not) when no role change helps."""
+def _target(roles: dict[str, str], ttft_over: float, itl_over: float,
+            levels: ServiceLevels) -> tuple[dict[str, str] | None, str]:  # fmt: skip
+    """The roles to move to and why; (None, why not) when no role change helps. The
+    worse level (against its own) decides; a split pool moves engines in proportion to
+    how far it is over: ``ceil(n x (over - 1))`` of the ``n`` engines of the short role,
+    ``over`` taken at most 3 (so one prefill engine becomes 2, 3, then 3x as many)."""
+    ttft_worse = ttft_over > 1 and ttft_over >= itl_over
     prefill, decode, colocated = layout_of(roles)
     if colocated and not (prefill or decode):
         if ttft_worse:
             return None, "all engines compute prompts already"
-        first = _least_busy(roles, "colocated", levels)
+        first = _least_busy(roles, "colocated", levels, 1)[0]
         split = {name: "prefill" if name == first else "decode" for name in roles}
         return split, f"splitting: {first} computes prompts, the others decode undisturbed"
     roles = {name: "decode" if role == "colocated" else role for name, role in roles.items()}
     decode += colocated
     if ttft_worse:
         if decode >= 2:
-            name = _least_busy(roles, "decode", levels)
-            return {**roles, name: "prefill"}, f"{name} decode -> prefill: prompts queue"
+            names = _least_busy(roles, "decode", levels, min(decode - 1, _step(prefill, ttft_over)))
+            return {**roles, **dict.fromkeys(names, "prefill")}, f"{', '.join(names)} decode -> prefill: prompts queue"
         return {name: "colocated" for name in roles}, "all colocated: prompts queue and one decode engine is left"
     if prefill >= 2:
-        name = _least_busy(roles, "prefill", levels)
-        return {**roles, name: "decode"}, f"{name} prefill -> decode: decodes are too many for their engines"
+        names = _least_busy(roles, "prefill", levels, min(prefill - 1, _step(decode, itl_over)))
+        return {**roles, **dict.fromkeys(names, "decode")}, f"{', '.join(names)} prefill -> decode: decodes are too many for their engines"
     return None, "one prefill engine is the least a split pool has"
 
 
-def _least_busy(roles: Mapping[str, str], role: str, levels: ServiceLevels) -> str:
-    """Of the engines acting ``role``, the one with the fewest requests in flight (then by name)."""
-    return min((name for name, acting in roles.items() if acting == role),
-               key=lambda name: (levels.in_flight.get(name, 0), name))  # fmt: skip
+def _step(engines: int, over: float) -> int:
+    return max(1, math.ceil(engines * (min(over, 3.0) - 1)))
+
+
+def _least_busy(roles: Mapping[str, str], role: str, levels: ServiceLevels, count: int) -> list[str]:
+    """Of the engines acting ``role``, the ``count`` with the fewest requests in flight (then by name)."""
+    return sorted((name for name, acting in roles.items() if acting == role),
+                  key=lambda name: (levels.in_flight.get(name, 0), name))[:count]  # fmt: skip

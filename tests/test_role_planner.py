@@ -190,3 +190,14 @@ def test_no_engine_is_removed_where_the_smaller_pool_did_worse() -> None:
     four = {**three, "adaptive-3": "colocated"}
     assert planner.decide(window(500, 20), four, 30.0) is None  # 3 engines met 50%, 4 meet 100%: keep 4
     assert planner.decide(window(500, 20), four, 700.0).scale == -1  # type: ignore[union-attr]  # forgotten
+
+
+def test_a_large_pool_moves_engines_in_proportion_to_how_far_a_level_is_over() -> None:
+    planner = RolePlanner(SLO, settle_s=30.0)
+    roles = {f"adaptive-{i:02d}": "prefill" if i < 2 else "decode" for i in range(16)}
+    decision = planner.decide(window(5000, 40, met=4), roles, 0.0)  # TTFT 2.5x its level: 2 prefill engines -> 5
+    assert decision is not None and layout_of(decision.roles) == (5, 11, 0)
+    decision = planner.decide(window(9000, 40, met=4), decision.roles, 30.0)  # 4.5x, taken as 3x: 5 -> 15, one decode left
+    assert decision is not None and layout_of(decision.roles) == (15, 1, 0)
+    decision = planner.decide(window(1000, 150, met=20), decision.roles, 60.0)  # inter-token 1.5x on 1 decode: +1
+    assert decision is not None and layout_of(decision.roles) == (14, 2, 0)
