@@ -30,6 +30,7 @@ EXPERIMENTS: dict[str, tuple[str, str]] = {
     "sim-fidelity": ("benchmarks.sim_fidelity", "seed 000's and 002's workloads on 2 real engines and on 2 simulated ones"),
     "sim-routing": ("benchmarks.sim_routing", "routing policies (ours, vllm-router's) at 16 and 64 simulated engines"),
     "adaptive-roles": ("benchmarks.adaptive_roles", "goodput of ROLES=adaptive against colocated and 1P1D on four workloads"),
+    "adaptive-ramp": ("benchmarks.adaptive_ramp", "the role planner under a 0.2x -> 1.5x -> 0.5x load ramp, 8-32 simulated engines"),
     "sim-scale": ("benchmarks.sim_scale", "the door at 256 simulated engines; scaling 8 -> 64 -> 8 under load"),
 }
 

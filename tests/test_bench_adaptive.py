@@ -1,4 +1,4 @@
-"""The adaptive-roles benchmark's arithmetic and table (pure: no engines)."""
+"""The adaptive-roles and adaptive-ramp benchmarks' arithmetic and tables (pure: no engines)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.adaptive_ramp import Answer, Ramp, buckets, pool_capacity, rate_at
 from benchmarks.adaptive_roles import ARMS, COMMON, combined, report_table, write_report
 from benchmarks.serve_bench import ServeResult
-from common.config import Role
+from common.config import Role, SloConfig
 from controller.placement import instance_plans
 from deploy.config import build_config
 
@@ -58,3 +59,23 @@ def test_every_arm_is_two_one_core_engines_and_only_the_roles_differ() -> None:
                             master_answers=lambda host, port: False)  # fmt: skip
     assert [(plan.role, plan.count) for plan in instance_plans(adaptive)] == [(Role.ADAPTIVE, 2)]
     assert (adaptive.planner.window_s, adaptive.planner.settle_s) == (10.0, 15.0)
+
+
+def test_the_ramp_goes_low_up_high_down_and_ends_where_asked() -> None:
+    total = 700.0  # sevenths of 100 s
+    rates = [rate_at(t, total, 10.0, 0.2, 1.5, 0.5) for t in (0, 50, 100, 200, 300, 350, 400, 450, 500, 700)]
+    assert rates == pytest.approx([2.0, 2.0, 2.0, 8.5, 15.0, 15.0, 15.0, 10.0, 5.0, 5.0])
+
+
+def test_the_pool_capacity_grows_with_its_engines_and_the_inter_token_level() -> None:
+    slo = SloConfig()
+    assert pool_capacity(32, slo) == pytest.approx(2 * pool_capacity(16, slo))
+    assert pool_capacity(32, SloConfig(itl_ms=200)) > pool_capacity(32, slo) > 0
+
+
+def test_ramp_buckets_count_attainment_and_failures_by_when_requests_left() -> None:
+    ramp = Ramp(answers=[Answer(1.0, 200, ttft_s=0.5, itl_s=0.05, tokens=32), Answer(2.0, 200, ttft_s=2.5, itl_s=0.05),
+                         Answer(3.0, 429, error="busy"), Answer(12.0, 200, ttft_s=0.1, itl_s=0.2)])  # fmt: skip
+    rows = buckets(ramp, SloConfig(), 20.0, 10.0, lambda t: 5.0)
+    assert rows == [{"t": 0.0, "load": 0.5, "sent": 3, "attainment": 1 / 3, "failed": 1},
+                    {"t": 10.0, "load": 0.5, "sent": 1, "attainment": 0.0, "failed": 0}]  # fmt: skip
