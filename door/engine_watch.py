@@ -14,6 +14,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 from common.role_port import RoleControl
+from common.service_levels import ServiceLevels
 from door.door_metrics import DoorMetrics
 from door.engine_client import EngineClient, EngineUnreachable, StreamCut
 from door.kv_router import KVRouter
@@ -34,7 +35,8 @@ Refresh = Callable[[], tuple[int, Sequence[Mapping[str, object]]]]
 
 class EngineWatch:
     def __init__(self, table: RoutingTable, refresh: Refresh | None, kv_router: KVRouter | None,
-                 client: EngineClient, metrics: DoorMetrics, levels: Callable[[float, Mapping[str, int]], object] | None = None,
+                 client: EngineClient, metrics: DoorMetrics,
+                 levels: Callable[[float, Mapping[str, int]], ServiceLevels] | None = None,
                  roles: RoleControl | None = None, window_s: float = LEVELS_WINDOW_S,
                  scale: Callable[[int], Awaitable[None]] | None = None) -> None:  # fmt: skip
         self.table = table
@@ -43,8 +45,9 @@ class EngineWatch:
         self.roles = roles
         self.window_s = window_s
         self.scale = scale  # runs a planner's scale step through the scale path (FrontDoor's)
-        self._scaled_at = time.time()  # scale steps decided before this were carried out
-        self._scaling: asyncio.Task[None] | None = None        # For the dashboard: (wall time, ServiceLevels dict, acting role by engine) per window; the planner's decisions.
+        self._steps_seen: set[float] | None = None  # the planner's scale steps run (or decided before this door)
+        self._scaling: asyncio.Task[None] | None = None
+        # For the dashboard: (wall time, ServiceLevels dict, acting role by engine) per window; the planner's decisions.
         self.series: deque[tuple[float, dict[str, object], dict[str, str]]] = deque(maxlen=SERIES_KEPT)
         self.decisions: list[dict[str, object]] = []
         self.kv_router = kv_router
@@ -93,7 +96,7 @@ class EngineWatch:
         if self.levels is None:
             return
         in_flight = {engine.name: engine.outstanding for engine in self.table.all_engines()}
-        levels = self.levels(self.window_s, in_flight).as_dict()  # type: ignore[attr-defined]
+        levels = self.levels(self.window_s, in_flight).as_dict()
         self.series.append((time.time(), levels, {engine.name: engine.acting for engine in self.table.all_engines()}))
         if self.roles is not None and self.table.adaptive:
             self.decisions = await asyncio.to_thread(self.roles.observe, levels)
@@ -101,12 +104,20 @@ class EngineWatch:
 
     def _start_scale_steps(self) -> None:
         """The newest scale step the planner decided since the last one, run in the
-        background (the table keeps following the Controller meanwhile); one at a time."""
-        steps = [d for d in self.decisions if d.get("scale") and float(d["at"]) > self._scaled_at]  # type: ignore[arg-type]
-        if not steps or self.scale is None or (self._scaling is not None and not self._scaling.done()):
+        background (the table keeps following the Controller meanwhile); one at a time.
+        Steps decided before this door's first report (another door process's) are not run."""
+        steps = [d for d in self.decisions if d.get("scale")]
+        if self._steps_seen is None:
+            self._steps_seen = {float(d["at"]) for d in steps}  # type: ignore[arg-type]
             return
-        self._scaled_at = float(steps[-1]["at"])  # type: ignore[arg-type]
-        self._scaling = asyncio.create_task(self.scale(int(steps[-1]["scale"])))  # type: ignore[call-overload]
+        new = [d for d in steps if float(d["at"]) not in self._steps_seen]  # type: ignore[arg-type]
+        if not new or self.scale is None:
+            return
+        self._steps_seen.update(float(d["at"]) for d in new)  # type: ignore[arg-type]
+        if self._scaling is not None and not self._scaling.done():
+            logger.info("role planner's scale adaptive %+d skipped: a scale step is under way", int(new[-1]["scale"]))  # type: ignore[call-overload]
+            return
+        self._scaling = asyncio.create_task(self.scale(int(new[-1]["scale"])))  # type: ignore[call-overload]
 
     async def _scrape_kv_tokens(self) -> None:
         """Copy each engine's prompt-tokens-by-source counters (KV hits) into the door's metrics."""
