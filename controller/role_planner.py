@@ -15,9 +15,12 @@ The rules, judged on a window that began after the last change:
 - inter-token latency missed on a split pool with several prefill engines: more decode
   engines, in the same proportion;
 - the worse of the two (measured against its level) decides when both are missed.
-A layout seen within ``memory_s`` whose share of answers meeting both levels was no better
-than now's is not gone back to (no flapping between two layouts that both miss); when no
-change helps, the planner adds an engine (``scale`` +1, up to ``max_engines``; 0: it never
+Layouts are compared by goodput, the answers a second that met both levels (under a
+closed-loop load a layout that serves faster gets more answers, so a share would mislead):
+a layout seen within ``memory_s`` doing no better than now is not gone to (no flapping
+between two layouts that both miss), and when the rules above find no move, the layout
+before the last change is gone back to if it did better than now. When no change helps,
+the planner adds an engine (``scale`` +1, up to ``max_engines``; 0: it never
 scales) or says, once per ``settle_s``, that more engines are needed. With both levels met
 with room (each p90 at most half its level, 99% of answers meeting both), it removes one
 (the highest-numbered, as the scale path does; down to ``min_engines``), unless the smaller
@@ -90,17 +93,18 @@ def describe_layout(layout: Layout) -> str:
 
 
 class RolePlanner:
-    def __init__(self, slo: SloConfig, min_requests: int = 10, settle_s: float = 30.0, memory_s: float = 600.0,
+    def __init__(self, slo: SloConfig, min_requests: int = 10, settle_s: float = 30.0, memory_s: float = 300.0,
                  min_engines: int = 2, max_engines: int = 0) -> None:  # fmt: skip
         self.slo = slo
         self.min_engines = min_engines
         self.max_engines = max_engines  # 0: the planner never scales
         self.min_requests = min_requests  # a window with fewer answers decides nothing
         self.settle_s = settle_s  # after a change, the layout serves this long (and a whole window) before it is judged
-        self.memory_s = memory_s  # how long a layout's attainment is remembered
+        self.memory_s = memory_s  # how long a layout's goodput is remembered
         self._changed_at = -math.inf
         self._advised_at = -math.inf
-        self._seen: dict[Layout, tuple[float, float]] = {}  # layout -> (attainment, when judged)
+        self._seen: dict[Layout, tuple[float, float]] = {}  # layout -> (goodput answers/s, when judged)
+        self._before: dict[str, str] | None = None  # the roles before the planner's last change
 
     def changed(self, now: float) -> None:
         """Roles changed from outside (an operator, new engines): judge afresh after ``settle_s``."""
@@ -113,12 +117,13 @@ class RolePlanner:
         if now - self._changed_at < max(self.settle_s, levels.window_s):
             return None  # the window still holds answers of the layout before
         current = layout_of(roles)
-        self._seen[current] = (levels.attainment, now)
+        self._seen[current] = (levels.goodput_rps, now)
         ttft_over = levels.ttft_p90_ms / self.slo.ttft_ms
         itl_over = levels.itl_p90_ms / self.slo.itl_ms
         summary = (f"TTFT p90 {levels.ttft_p90_ms:.0f} ms (SLO {self.slo.ttft_ms:g}), inter-token p90 "
                    f"{levels.itl_p90_ms:.0f} ms (SLO {self.slo.itl_ms:g}), {levels.met} of {levels.requests} answers "
-                   f"in {levels.window_s:g} s met both ({levels.attainment:.0%}) on {describe_layout(current)}")  # fmt: skip
+                   f"in {levels.window_s:g} s met both ({levels.attainment:.0%}, {levels.goodput_rps:.2f}/s) on "
+                   f"{describe_layout(current)}")  # fmt: skip
         if ttft_over <= 1 and itl_over <= 1:
             return self._scale_in(dict(roles), levels, now, summary, max(ttft_over, itl_over))
         target, why = _target(dict(roles), ttft_over, itl_over, levels)
@@ -126,17 +131,24 @@ class RolePlanner:
             worse = self._worse_before(layout_of(target), levels, now)
             if worse:
                 why, target = worse, None
+        if target is None and self._before is not None and set(self._before) == set(roles):
+            seen = self._seen.get(layout_of(self._before))
+            if seen is not None and now - seen[1] <= self.memory_s and seen[0] > levels.goodput_rps:
+                target = self._before
+                why = (f"{why}; back to {describe_layout(layout_of(target))}: it met both levels at {seen[0]:.2f} "
+                       f"answers/s {now - seen[1]:.0f} s ago")  # fmt: skip
         if target is None:
             return self._scale_out(dict(roles), levels, now, summary, why)
-        self._changed_at = now
+        self._changed_at, self._before = now, dict(roles)
         moved = {name: (roles[name], role) for name, role in target.items() if roles[name] != role}
         return self._decision(now, target, f"{summary}; {why}", levels, moved)
 
     def _worse_before(self, layout: Layout, levels: ServiceLevels, now: float) -> str:
-        """Why ``layout`` is not to be gone back to ("" if it may be)."""
+        """Why ``layout`` is not to be gone to ("" if it may be): seen lately doing no better."""
         seen = self._seen.get(layout)
-        if seen is not None and now - seen[1] <= self.memory_s and seen[0] <= levels.attainment:
-            return f"{describe_layout(layout)} met both levels for {seen[0]:.0%} of answers {now - seen[1]:.0f} s ago, no better"
+        if seen is not None and now - seen[1] <= self.memory_s and seen[0] <= levels.goodput_rps:
+            return (f"{describe_layout(layout)} met both levels at {seen[0]:.2f} answers/s {now - seen[1]:.0f} s ago, "
+                    "no better")  # fmt: skip
         return ""
 
     def _scale_out(self, roles: dict[str, str], levels: ServiceLevels, now: float, summary: str,

@@ -242,7 +242,7 @@ def test_a_failed_start_answers_500_and_changes_nothing() -> None:
     [
         (b"{not json", 400, None, "request body is not valid JSON"),
         (b"[1]", 400, None, "request body must be a JSON object"),
-        ({"role": "gpu", "delta": 1}, 400, "role", "'role' 'gpu' is invalid: must be one of prefill, decode, colocated"),
+        ({"role": "gpu", "delta": 1}, 400, "role", "'role' 'gpu' is invalid: must be one of prefill, decode, colocated, adaptive"),
         ({"role": "decode", "delta": 0}, 400, "delta", "'delta' 0 is invalid: must be a non-zero integer from -8 to 8"),
         ({"role": "decode", "delta": "1"}, 400, "delta", "'delta' '1' is invalid"),
         ({"role": "decode", "delta": True}, 400, "delta", "'delta' True is invalid"),
