@@ -11,6 +11,7 @@ import pytest
 
 from common.config import SloConfig
 from door import slo as slo_module
+from door.door_metrics import DoorMetrics
 from door.slo import StreamClock
 from testkit.metrics import metric
 from tests.fake_engines import FakeEngine
@@ -123,3 +124,24 @@ def test_status_s_goodput_line_reads_the_door_s_levels_and_counts() -> None:
             "service levels TTFT <= 1500 ms, inter-token <= 25 ms: 3 of 4 answers met both (75%) since the door "
             "started (missed TTFT 0, inter-token 1, both 0)")  # fmt: skip
         assert door_goodput_line("127.0.0.1", port, None) is None  # /metrics needs the key: no line
+
+
+def test_the_planner_s_window_holds_the_last_answers_with_their_p90s(monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [100.0]
+    monkeypatch.setattr(slo_module.time, "monotonic", lambda: now[0])
+    metrics = DoorMetrics()
+    counts = slo_module.SloCounts(SloConfig(ttft_ms=1000, itl_ms=50), metrics.slo_requests)
+    counts.whole("completions", 5.0)  # at 100 s: leaves the window below
+    now[0] = 115.0
+    for ttft_ms in range(100, 1100, 100):  # ten streams: TTFT 100..1000 ms, inter-token 10..100 ms
+        clock = StreamClock(started=0.0)
+        clock.tokens, clock.first_at, clock.last_at = 11, ttft_ms / 1000, ttft_ms / 1000 + ttft_ms / 1000
+        counts.stream("completions", clock)
+    counts.whole("chat/completions", 0.25)  # a whole answer: TTFT only
+    levels = counts.levels(10.0, {"e0": 3})
+    assert (levels.requests, levels.met, levels.missed_ttft, levels.missed_itl, levels.missed_both) == (11, 6, 0, 5, 0)
+    assert levels.ttft_p90_ms == pytest.approx(900.0)  # nearest rank of 11: the 10th (250 ms sorts in)
+    assert levels.itl_p90_ms == pytest.approx(90.0)  # of the ten streams alone
+    assert levels.goodput_rps == pytest.approx(0.6) and levels.in_flight == {"e0": 3}
+    now[0] = 126.0
+    assert counts.levels(10.0).requests == 0  # all older than the window
