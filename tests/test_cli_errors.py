@@ -54,7 +54,7 @@ def test_unknown_benchmark_is_refused(tmp_path: Path) -> None:
     assert result.stderr.strip().splitlines() == [
         "error: unknown experiment 'seed001': must be one of seed000, seed002, seed003, pd-handoff, connector-io, checksum-cost, load-floor, cuda-staging, "
         "door-overhead, prefix-affinity, selective-pd, kv-index-scale, soak, sdk-gil, calibrate, sim-fidelity, sim-routing, "
-        "sim-scale"
+        "adaptive-roles, adaptive-ramp, sim-scale"
     ]
 
 
