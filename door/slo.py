@@ -24,6 +24,8 @@ from common.service_levels import ServiceLevels
 MET = "met"
 OUTCOMES = (MET, "missed_ttft", "missed_itl", "missed_both")
 RECENT_KEPT = 20_000  # answers remembered for the windows (at 1,000 answers a second: 20 s)
+MIN_ANSWERS = 10  # a window with fewer answers reaches further back for them (slow answers: long outputs)
+LONGEST_WINDOW = 10  # times the window asked for: how far back it may reach
 
 
 class StreamClock:
@@ -97,14 +99,20 @@ class SloCounts:
         self._count(endpoint, MET if latency_s * 1000.0 <= self.slo.ttft_ms else "missed_ttft", latency_s, None)
 
     def levels(self, window_s: float, in_flight: Mapping[str, int] | None = None) -> ServiceLevels:
-        """The answers of the last ``window_s`` seconds: counts by outcome and p90s."""
-        since = time.monotonic() - window_s
+        """The answers of the last ``window_s`` seconds, or of the last ``MIN_ANSWERS`` if
+        that is fewer (at most ``LONGEST_WINDOW`` x ``window_s`` back; ``window_s`` of the
+        result says how far it reached): counts by outcome and p90s."""
+        now = time.monotonic()
         recent = self.recent
-        while recent and recent[0][0] < since:
+        while recent and recent[0][0] < now - LONGEST_WINDOW * window_s:
             recent.popleft()
-        outcomes = [entry[3] for entry in recent]
-        ttfts = sorted(entry[1] for entry in recent)
-        itls = sorted(entry[2] for entry in recent if entry[2] is not None)
+        chosen = [entry for entry in recent if entry[0] >= now - window_s]
+        if len(chosen) < MIN_ANSWERS and len(recent) > len(chosen):
+            chosen = list(recent)[-MIN_ANSWERS:]
+            window_s = max(window_s, now - chosen[0][0])
+        outcomes = [entry[3] for entry in chosen]
+        ttfts = sorted(entry[1] for entry in chosen)
+        itls = sorted(entry[2] for entry in chosen if entry[2] is not None)
         return ServiceLevels(
             window_s=window_s, requests=len(outcomes), met=outcomes.count(MET),
             missed_ttft=outcomes.count("missed_ttft"), missed_itl=outcomes.count("missed_itl"),

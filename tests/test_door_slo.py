@@ -143,5 +143,8 @@ def test_the_planner_s_window_holds_the_last_answers_with_their_p90s(monkeypatch
     assert levels.ttft_p90_ms == pytest.approx(900.0)  # nearest rank of 11: the 10th (250 ms sorts in)
     assert levels.itl_p90_ms == pytest.approx(90.0)  # of the ten streams alone
     assert levels.goodput_rps == pytest.approx(0.6) and levels.in_flight == {"e0": 3}
-    now[0] = 126.0
-    assert counts.levels(10.0).requests == 0  # all older than the window
+    now[0] = 126.0  # none in the last 10 s: the window reaches back for the last 10 answers (slow ones, long outputs)
+    later = counts.levels(10.0)
+    assert (later.requests, later.window_s, later.met) == (10, pytest.approx(11.0), 5)  # the first stream left
+    now[0] = 216.0  # older than 10 windows: forgotten
+    assert (counts.levels(10.0).requests, counts.levels(10.0).window_s) == (0, 10.0)
