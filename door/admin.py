@@ -23,6 +23,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -99,10 +100,9 @@ def add_admin_routes(
         if (refused := scale_refused()) is not None:
             return refused
         assert scaler is not None
-        try:
-            body = await request.json()
-        except ValueError as exc:
-            return error(400, f"request body is not valid JSON: {exc}", "invalid_request_error")
+        body = await _json_body(request, error)
+        if isinstance(body, Response):
+            return body
         checked = _checked_scale_request(body, error)
         if isinstance(checked, Response):
             return checked
@@ -130,10 +130,9 @@ def add_role_routes(app: FastAPI, table: RoutingTable, roles: RoleControl | None
         if (refused := fixed()) is not None:
             return refused
         assert roles is not None
-        try:
-            body = await request.json()
-        except ValueError as exc:
-            return error(400, f"request body is not valid JSON: {exc}", "invalid_request_error")
+        body = await _json_body(request, error)
+        if isinstance(body, Response):
+            return body
         wanted = body.get("roles") if isinstance(body, dict) else None
         reason = body.get("reason", "set by an operator") if isinstance(body, dict) else ""
         if not isinstance(wanted, dict) or not wanted or not all(isinstance(v, str) for v in wanted.values()) \
@@ -147,6 +146,14 @@ def add_role_routes(app: FastAPI, table: RoutingTable, roles: RoleControl | None
         await watch.refresh_once()  # the door routes by the new roles before it answers
         watch.decisions = [*watch.decisions, decision]  # (the planner's next answer lists it too)
         return JSONResponse(decision)
+
+
+async def _json_body(request: Request, error: ErrorResponse) -> Any:
+    """The request's JSON body, or the 400 that says it is not JSON."""
+    try:
+        return await request.json()
+    except ValueError as exc:
+        return error(400, f"request body is not valid JSON: {exc}", "invalid_request_error")
 
 
 def _checked_scale_request(body: object, error: ErrorResponse) -> tuple[str, int] | Response:
@@ -166,43 +173,44 @@ def _checked_scale_request(body: object, error: ErrorResponse) -> tuple[str, int
     return role, delta
 
 
+async def _run_scale(scaler: ScaleControl, role: str, delta: int, door: LoopDoor,
+                     metrics: DoorMetrics) -> tuple[str, Any]:  # fmt: skip
+    """Run one scale operation (in a thread: it blocks) and count it: its outcome (done,
+    busy, refused, failed) and the result, or the exception that ended it."""
+    outcome: str
+    try:
+        answer: Any = await asyncio.to_thread(scaler.scale, role, delta, door)
+        outcome = "done"
+    except ScaleBusy as exc:
+        outcome, answer = "busy", exc
+    except ConfigError as exc:
+        outcome, answer = "refused", exc
+    except Exception as exc:  # an engine failed to start; an actor call failed
+        outcome, answer = "failed", exc
+    metrics.scale_operations.labels(role, "out" if delta > 0 else "in", outcome).inc()
+    return outcome, answer
+
+
 async def _scaled(scaler: ScaleControl, role: str, delta: int, door: LoopDoor, metrics: DoorMetrics,
                   error: ErrorResponse) -> Response:  # fmt: skip
-    """Run one scale operation (in a thread: it blocks) and answer with its outcome."""
-    direction = "out" if delta > 0 else "in"
-    try:
-        result = await asyncio.to_thread(scaler.scale, role, delta, door)
-    except ScaleBusy as exc:
-        metrics.scale_operations.labels(role, direction, "busy").inc()
-        return error(409, str(exc), "conflict")
-    except ConfigError as exc:
-        metrics.scale_operations.labels(role, direction, "refused").inc()
-        return error(400, str(exc), "invalid_request_error")
-    except Exception as exc:  # an engine failed to start; an actor call failed
-        metrics.scale_operations.labels(role, direction, "failed").inc()
-        logger.error("[scale %s %+d] failed: %s", role, delta, exc)
-        return error(500, f"scale {role} {delta:+d} failed: {exc}", "server_error")
-    metrics.scale_operations.labels(role, direction, "done").inc()
-    return JSONResponse(result.to_dict())
+    """Run one scale operation and answer with its outcome."""
+    outcome, answer = await _run_scale(scaler, role, delta, door, metrics)
+    if outcome == "busy":
+        return error(409, str(answer), "conflict")
+    if outcome == "refused":
+        return error(400, str(answer), "invalid_request_error")
+    if outcome == "failed":
+        logger.error("[scale %s %+d] failed: %s", role, delta, answer)
+        return error(500, f"scale {role} {delta:+d} failed: {answer}", "server_error")
+    return JSONResponse(answer.to_dict())
 
 
 async def scale_for_planner(scaler: ScaleControl, delta: int, table: RoutingTable,
                             refresh_once: Callable[[], Awaitable[None]], metrics: DoorMetrics) -> None:  # fmt: skip
     """A role planner's scale step (``scale adaptive +1`` or ``-1``), run as ``/admin/scale``
     runs one; its outcome is logged and counted, never raised."""
-    direction, outcome = ("out" if delta > 0 else "in"), "done"
     door = LoopDoor(table, refresh_once, asyncio.get_running_loop())
-    try:
-        result = await asyncio.to_thread(scaler.scale, "adaptive", delta, door)
-    except ScaleBusy as exc:
-        outcome = "busy"
-        logger.info("role planner's scale adaptive %+d skipped: %s", delta, exc)
-    except ConfigError as exc:
-        outcome = "refused"
-        logger.warning("role planner's scale adaptive %+d refused: %s", delta, exc)
-    except Exception as exc:  # an engine failed to start; an actor call failed
-        outcome = "failed"
-        logger.error("role planner's scale adaptive %+d failed: %s", delta, exc)
-    else:
-        logger.info("role planner's scale adaptive %+d done: %s", delta, result.to_dict())
-    metrics.scale_operations.labels("adaptive", direction, outcome).inc()
+    outcome, answer = await _run_scale(scaler, "adaptive", delta, door, metrics)
+    level = {"done": logging.INFO, "busy": logging.INFO, "refused": logging.WARNING}.get(outcome, logging.ERROR)
+    logger.log(level, "role planner's scale adaptive %+d %s: %s", delta, outcome,
+               answer.to_dict() if outcome == "done" else answer)  # fmt: skip

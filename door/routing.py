@@ -15,13 +15,14 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
+from common.config import Role
 from common.engine_state import EngineState
 from common.service_levels import ACTING_ROLES
 from door.door_metrics import DoorMetrics
 from door.policies import EngineLoad, LeastOutstanding, Policy, RoundRobin
 
 SUSPECT_S = 5.0
-ADAPTIVE = "adaptive"  # the deploy role of ROLES=adaptive engines
+ADAPTIVE = Role.ADAPTIVE.value  # the deploy role of ROLES=adaptive engines
 Ranker = Callable[[list[EngineLoad]], list[EngineLoad]]  # an engine the door could not reach is skipped this long
 
 
