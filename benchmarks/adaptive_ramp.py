@@ -17,8 +17,9 @@ planner's decisions from ``/admin/roles``.
 
 Reports, per 10 s of sending: the rate, the share of answers meeting both levels
 (attainment) and the engines by role; the attainment over the time the rate was within
-capacity (the bar: at least 90%), the failed requests (the bar: none), the role changes
-and scale steps. Results: benchmarks/results/adaptive_ramp.json and adaptive_ramp.png.
+capacity (the bar: at least 90%), the failed requests (the bar: none; counted apart: those
+the door shed with 429 while the rate was over capacity, and errors or cut streams), the
+role changes and scale steps. Results: benchmarks/results/adaptive_ramp.json and adaptive_ramp.png.
 """
 
 from __future__ import annotations
@@ -206,7 +207,7 @@ def main(argv: list[str] | None = None) -> None:
                        PLANNER_MAX_ENGINES=str(args.max), PLANNER_MIN_ENGINES=str(args.min), PLANNER_WINDOW_S="10",
                        PLANNER_SETTLE_S="10", DS_SHARED_MEMORY_MB="64", DS_SHARED_MEMORY_POPULATE="0",
                        WARM_UP_TOKENS="64", PREFILL_STARTUP_PARAMS="--max-model-len 4096",
-                       MAX_IN_FLIGHT_PER_ENGINE="64", DOOR_QUEUE_SIZE="4096")  # fmt: skip
+                       MAX_IN_FLIGHT_PER_ENGINE="16", DOOR_QUEUE_SIZE="4096", DOOR_QUEUE_TIMEOUT_S="4")  # fmt: skip
     print(f"capacity of {args.max} engines: {capacity:.1f} req/s; ramp {args.low}x -> {args.high}x -> {args.end}x "
           f"over {total_s:.0f} s", flush=True)  # fmt: skip
     try:
@@ -223,9 +224,14 @@ def main(argv: list[str] | None = None) -> None:
     within = [r for r in rows if r["load"] <= 1.0 and r["sent"]]
     attainment = sum(r["attainment"] * r["sent"] for r in within) / max(1, sum(r["sent"] for r in within))
     failed = sum(1 for a in ramp.answers if a.status != 200)
+    over = {id(a) for a in ramp.answers if schedule(a.sent_at) > capacity}
+    shed = sum(1 for a in ramp.answers if a.status == 429 and id(a) in over)  # the door's admission at overload
+    broken = sum(1 for a in ramp.answers if a.status not in (200, 429))  # errors, cut streams: never expected
     moves = sum(1 for d in decisions if d.get("moved") and not d.get("scale"))
     steps = [int(d["scale"]) for d in decisions if d.get("scale")]
-    print(f"{len(ramp.answers)} requests, {failed} failed; attainment while load <= capacity {attainment:.1%}; "
+    print(f"{len(ramp.answers)} requests, {failed} failed ({shed} shed with 429 while the load was over capacity, "
+          f"{failed - shed} otherwise, {broken} of them errors or cut streams); "
+          f"attainment while load <= capacity {attainment:.1%}; "
           f"{moves} role changes, scale steps {steps}; left running after clean: {left}", flush=True)  # fmt: skip
     for row in rows:
         print(f"  t={row['t']:4.0f} s load {row['load']:.2f}x sent {row['sent']:4.0f} attainment {row['attainment']:.0%} "
@@ -233,6 +239,7 @@ def main(argv: list[str] | None = None) -> None:
     results = {"capacity_req_s": capacity, "engines": {"start": args.start, "min": args.min, "max": args.max},
                "ramp": {"low": args.low, "high": args.high, "end": args.end, "seconds": total_s},
                "slo": {"ttft_ms": slo.ttft_ms, "itl_ms": slo.itl_ms}, "requests": len(ramp.answers), "failed": failed,
+               "shed_over_capacity": shed, "failed_otherwise": failed - shed, "errors_or_cut": broken,
                "attainment_within_capacity": attainment, "role_changes": moves, "scale_steps": steps,
                "left_running": left, "buckets": rows, "layouts": ramp.layouts, "decisions": decisions,
                "errors": sorted({a.error for a in ramp.answers if a.error})[:10]}  # fmt: skip

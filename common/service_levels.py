@@ -23,6 +23,10 @@ class ServiceLevels:
     ttft_p90_ms: float  # 0 with no answers
     itl_p90_ms: float  # over streams of 2+ tokens; 0 with none
     in_flight: dict[str, int] = field(default_factory=dict)  # engine -> requests in flight through the door now
+    # What the answers were like (the planner's workload signature and work estimate):
+    output_tokens: float = 0.0  # mean token events per streamed answer; 0 with none
+    ttft_p50_ms: float = 0.0
+    decode_p50_s: float = 0.0  # median time from a stream's first token to its last
 
     @property
     def attainment(self) -> float:

@@ -77,10 +77,13 @@ class AdaptiveRoles:
         return decision
 
     def added(self, names: list[str], now: float) -> None:
-        """New engines (scale-out) decode in a split pool, else serve whole requests."""
+        """New engines (scale-out): in a split pool they take the role the planner found
+        short when it asked for them (decode when an operator did), else serve whole requests."""
         split = any(role != "colocated" for role in self.acting.values())
+        short = self.planner.new_role if self.planner.new_role != "colocated" else "decode"
         for name in names:
-            self.acting[name] = "decode" if split else "colocated"
+            self.acting[name] = short if split else "colocated"
+        self.planner.new_role = "colocated"
         self.planner.changed(now)
 
     def removed(self, name: str, now: float) -> None:

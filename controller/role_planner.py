@@ -5,26 +5,34 @@ decode leg to another). Pure: the Controller feeds it the door's windows and app
 it returns (controller/controller.py); tests feed it recorded series.
 
 The rules, judged on a window that began after the last change:
-- both levels met: nothing changes;
+- both levels met: nothing changes, but a split pool tries all colocated once per
+  workload (below) if that was not seen on it;
 - inter-token latency missed (prefills stall the decodes sharing their engine) on an
-  all-colocated pool: split, one prefill engine and the rest decode;
+  all-colocated pool: split by the measured work (``split_prefill``): prefill engines
+  enough for the answers a second, each prompt holding one about the median TTFT, the
+  rest decode;
 - TTFT missed on a split pool (prompts queue): more prefill engines, the idlest decode
   ones, ``ceil(prefill x (over - 1))`` of them (``over``: the p90 against its level, at
   most 3; one decode engine stays), or with a single decode engine left, back to all
   colocated;
 - inter-token latency missed on a split pool with several prefill engines: more decode
   engines, in the same proportion;
-- the worse of the two (measured against its level) decides when both are missed.
+- the worse of the two (measured against its level) decides when both are missed; where
+  engines may be added, a split pool whose other level is over ``GIVE`` of its own too
+  moves nothing (neither role has engines to spare) and grows instead.
 Layouts are compared by goodput, the answers a second that met both levels (under a
-closed-loop load a layout that serves faster gets more answers, so a share would mislead):
-a layout seen within ``memory_s`` doing no better than now is not gone to (no flapping
-between two layouts that both miss), and when the rules above find no move, the layout
-before the last change is gone back to if it did better than now. When no change helps,
-the planner adds an engine (``scale`` +1, up to ``max_engines``; 0: it never
-scales) or says, once per ``settle_s``, that more engines are needed. With both levels met
-with room (each p90 at most half its level, 99% of answers meeting both), it removes one
-(the highest-numbered, as the scale path does; down to ``min_engines``), unless the smaller
-layout was seen doing worse within ``memory_s``.
+closed-loop load a layout that serves faster gets more answers, so a share would mislead),
+and only under the same workload (mean output tokens within ``SAME_WORKLOAD`` x): a layout
+seen within ``memory_s`` doing no better than now is not gone to (no flapping between two
+layouts that both miss), and when the rules above find no move, the layout before the
+last change is gone back to if it did better than now. When no change helps, the planner
+adds engines (``scale``: ``ceil(n x (over - 1))``, at least 1, at most ``n`` and up to
+``max_engines``; 0: it never scales), new ones taking the role that is short
+(``new_role``), or says, once per ``settle_s``, that more engines are needed. With both
+levels met with room (each p90 at most half its level, 99% of answers meeting both) for
+``QUIET_WINDOWS`` windows in a row, it removes one (the highest-numbered, as the scale
+path does; down to ``min_engines``), unless the smaller layout was seen doing worse
+within ``memory_s``.
 """
 
 from __future__ import annotations
@@ -34,11 +42,16 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 
 from common.config import SloConfig
+from common.scale_port import MAX_SCALE_STEP
 from common.service_levels import ServiceLevels
 
 Layout = tuple[int, int, int]  # engines acting prefill, decode, colocated
 ROOM = 0.5  # both p90s at most this share of their levels: an engine may go
 ROOM_ATTAINMENT = 0.99
+PREFILL_BUSY = 0.85  # the share of their time a split's prefill engines are sized to be busy
+GIVE = 0.8  # a role gives engines to the other only with its own level this far under (when engines may be added)
+QUIET_WINDOWS = 3  # windows in a row with room before an engine goes
+SAME_WORKLOAD = 1.5  # mean output tokens within this factor: the same workload (layouts compare)
 
 
 @dataclass(frozen=True)
@@ -103,8 +116,10 @@ class RolePlanner:
         self.memory_s = memory_s  # how long a layout's goodput is remembered
         self._changed_at = -math.inf
         self._advised_at = -math.inf
-        self._seen: dict[Layout, tuple[float, float]] = {}  # layout -> (goodput answers/s, when judged)
+        self._seen: dict[Layout, tuple[float, float, float]] = {}  # layout -> (goodput answers/s, when judged, output tokens)
         self._before: dict[str, str] | None = None  # the roles before the planner's last change
+        self._quiet_since: float | None = None  # since when every window had room
+        self.new_role = "colocated"  # the role engines added by the planner's last scale-out take
 
     def changed(self, now: float) -> None:
         """Roles changed from outside (an operator, new engines): judge afresh after ``settle_s``."""
@@ -117,7 +132,7 @@ class RolePlanner:
         if now - self._changed_at < max(self.settle_s, levels.window_s):
             return None  # the window still holds answers of the layout before
         current = layout_of(roles)
-        self._seen[current] = (levels.goodput_rps, now)
+        self._seen[current] = (levels.goodput_rps, now, levels.output_tokens)
         ttft_over = levels.ttft_p90_ms / self.slo.ttft_ms
         itl_over = levels.itl_p90_ms / self.slo.itl_ms
         summary = (f"TTFT p90 {levels.ttft_p90_ms:.0f} ms (SLO {self.slo.ttft_ms:g}), inter-token p90 "
@@ -125,38 +140,70 @@ class RolePlanner:
                    f"in {levels.window_s:g} s met both ({levels.attainment:.0%}, {levels.goodput_rps:.2f}/s) on "
                    f"{describe_layout(current)}")  # fmt: skip
         if ttft_over <= 1 and itl_over <= 1:
-            return self._scale_in(dict(roles), levels, now, summary, max(ttft_over, itl_over))
-        target, why = _target(dict(roles), ttft_over, itl_over, levels)
+            probe = self._probe_colocated(dict(roles), levels, now, summary)
+            return probe or self._scale_in(dict(roles), levels, now, summary, max(ttft_over, itl_over))
+        self._quiet_since = None
+        can_grow = bool(self.max_engines) and len(roles) < self.max_engines
+        target, why = _target(dict(roles), ttft_over, itl_over, levels, can_grow)
         if target is not None:
             worse = self._worse_before(layout_of(target), levels, now)
             if worse:
                 why, target = worse, None
         if target is None and self._before is not None and set(self._before) == set(roles):
-            seen = self._seen.get(layout_of(self._before))
-            if seen is not None and now - seen[1] <= self.memory_s and seen[0] > levels.goodput_rps:
+            seen = self._recall(layout_of(self._before), levels, now)
+            if seen is not None and seen[0] > levels.goodput_rps:
                 target = self._before
                 why = (f"{why}; back to {describe_layout(layout_of(target))}: it met both levels at {seen[0]:.2f} "
                        f"answers/s {now - seen[1]:.0f} s ago")  # fmt: skip
         if target is None:
-            return self._scale_out(dict(roles), levels, now, summary, why)
+            return self._scale_out(dict(roles), levels, now, summary, why, max(ttft_over, itl_over),
+                                   "prefill" if ttft_over >= itl_over else "decode")  # fmt: skip
         self._changed_at, self._before = now, dict(roles)
         moved = {name: (roles[name], role) for name, role in target.items() if roles[name] != role}
         return self._decision(now, target, f"{summary}; {why}", levels, moved)
 
+    def _probe_colocated(self, roles: dict[str, str], levels: ServiceLevels, now: float,
+                         summary: str) -> RoleDecision | None:  # fmt: skip
+        """A split pool meeting both levels tries all colocated once per workload: a
+        layout that meets the levels may still serve fewer answers (under a closed-loop
+        load), and only a window of the other says so; the goodput comparison returns."""
+        colocated = (0, 0, len(roles))
+        if layout_of(roles) == colocated or self._recall(colocated, levels, now) is not None:
+            return None
+        target = dict.fromkeys(roles, "colocated")
+        self._changed_at, self._before, self._quiet_since = now, dict(roles), None
+        moved = {name: (role, "colocated") for name, role in roles.items()}
+        return self._decision(now, target, f"{summary}; trying all colocated: not seen on this workload "
+                              f"(about {levels.output_tokens:.0f} tokens out) for {self.memory_s:g} s", levels, moved)  # fmt: skip
+
+    def _recall(self, layout: Layout, levels: ServiceLevels, now: float) -> tuple[float, float, float] | None:
+        """``layout``'s goodput (and when it was judged) if seen within ``memory_s`` under the
+        same workload as now (a layout's goodput on other requests says nothing)."""
+        seen = self._seen.get(layout)
+        if seen is None or now - seen[1] > self.memory_s:
+            return None
+        low, high = sorted((max(seen[2], 1.0), max(levels.output_tokens, 1.0)))
+        return seen if high <= SAME_WORKLOAD * low else None
+
     def _worse_before(self, layout: Layout, levels: ServiceLevels, now: float) -> str:
         """Why ``layout`` is not to be gone to ("" if it may be): seen lately doing no better."""
-        seen = self._seen.get(layout)
-        if seen is not None and now - seen[1] <= self.memory_s and seen[0] <= levels.goodput_rps:
+        seen = self._recall(layout, levels, now)
+        if seen is not None and seen[0] <= levels.goodput_rps:
             return (f"{describe_layout(layout)} met both levels at {seen[0]:.2f} answers/s {now - seen[1]:.0f} s ago, "
                     "no better")  # fmt: skip
         return ""
 
-    def _scale_out(self, roles: dict[str, str], levels: ServiceLevels, now: float, summary: str,
-                   why: str) -> RoleDecision | None:  # fmt: skip
+    def _scale_out(self, roles: dict[str, str], levels: ServiceLevels, now: float, summary: str, why: str,
+                   over: float, short: str) -> RoleDecision | None:  # fmt: skip
+        """Add engines in proportion to how far the worse level is over (``short``: the
+        role that is short in a split pool; an all-colocated pool adds colocated ones)."""
         if self.max_engines and len(roles) < self.max_engines:
+            count = min(self.max_engines - len(roles), MAX_SCALE_STEP, _step(len(roles), min(over, 2.0)))
+            self.new_role = "colocated" if set(roles.values()) == {"colocated"} else short
             self._changed_at = now
-            return self._decision(now, roles, f"{summary}; no role change helps ({why}): adding an engine "
-                                  f"({len(roles)} -> {len(roles) + 1}, at most {self.max_engines})", levels, scale=1)  # fmt: skip
+            return self._decision(now, roles, f"{summary}; no role change helps ({why}): adding {count} "
+                                  f"{self.new_role} engine(s) ({len(roles)} -> {len(roles) + count}, at most "
+                                  f"{self.max_engines})", levels, scale=count)  # fmt: skip
         if now - self._advised_at < self.settle_s:
             return None
         self._advised_at = now
@@ -167,12 +214,17 @@ class RolePlanner:
         if not self.max_engines or len(roles) <= self.min_engines:
             return None
         if worst_over > ROOM or levels.attainment < ROOM_ATTAINMENT:
+            self._quiet_since = None
             return None
+        if self._quiet_since is None:
+            self._quiet_since = now
+        if now - self._quiet_since < QUIET_WINDOWS * levels.window_s:
+            return None  # room for one window is not yet a trend
         smaller = after_removal(roles, highest_numbered(list(roles)))
         if self._worse_before(layout_of(smaller), levels, now):
             return None
-        self._changed_at = now
-        return self._decision(now, roles, f"{summary}; both levels met with room: removing an engine "
+        self._changed_at, self._quiet_since = now, None
+        return self._decision(now, roles, f"{summary}; both levels met with room for {QUIET_WINDOWS} windows: removing an engine "
                               f"({len(roles)} -> {len(roles) - 1}, at least {self.min_engines})", levels, scale=-1)  # fmt: skip
 
     @staticmethod
@@ -183,20 +235,26 @@ class RolePlanner:
                             itl_p90_ms=levels.itl_p90_ms)  # fmt: skip
 
 
-def _target(roles: dict[str, str], ttft_over: float, itl_over: float,
-            levels: ServiceLevels) -> tuple[dict[str, str] | None, str]:  # fmt: skip
+def _target(roles: dict[str, str], ttft_over: float, itl_over: float, levels: ServiceLevels,
+            can_grow: bool = False) -> tuple[dict[str, str] | None, str]:  # fmt: skip
     """The roles to move to and why; (None, why not) when no role change helps. The
     worse level (against its own) decides; a split pool moves engines in proportion to
     how far it is over: ``ceil(n x (over - 1))`` of the ``n`` engines of the short role,
-    ``over`` taken at most 3 (so one prefill engine becomes 2, 3, then 3x as many)."""
+    ``over`` taken at most 3 (so one prefill engine becomes 2, 3, then 3x as many).
+    ``can_grow`` (engines may be added): a split pool whose other level has no room
+    either (over ``GIVE`` of its level) moves nothing: both roles are short."""
     ttft_worse = ttft_over > 1 and ttft_over >= itl_over
     prefill, decode, colocated = layout_of(roles)
+    if can_grow and (prefill or decode) and min(ttft_over, itl_over) > GIVE:
+        return None, "neither role has engines to spare"
     if colocated and not (prefill or decode):
         if ttft_worse:
             return None, "all engines compute prompts already"
-        first = _least_busy(roles, "colocated", levels, 1)[0]
-        split = {name: "prefill" if name == first else "decode" for name in roles}
-        return split, f"splitting: {first} computes prompts, the others decode undisturbed"
+        prefill_count = split_prefill(len(roles), levels)
+        first = _least_busy(roles, "colocated", levels, prefill_count)
+        split = {name: "prefill" if name in first else "decode" for name in roles}
+        return split, (f"splitting {prefill_count}P+{len(roles) - prefill_count}D by the measured work: "
+                       f"{', '.join(first)} compute prompts, the others decode undisturbed")  # fmt: skip
     roles = {name: "decode" if role == "colocated" else role for name, role in roles.items()}
     decode += colocated
     if ttft_worse:
@@ -208,6 +266,18 @@ def _target(roles: dict[str, str], ttft_over: float, itl_over: float,
         names = _least_busy(roles, "prefill", levels, min(prefill - 1, _step(decode, itl_over)))
         return {**roles, **dict.fromkeys(names, "decode")}, f"{', '.join(names)} prefill -> decode: decodes are too many for their engines"
     return None, "one prefill engine is the least a split pool has"
+
+
+def split_prefill(engines: int, levels: ServiceLevels) -> int:
+    """How many of ``engines`` to compute prompts when a colocated pool splits: enough for
+    the answers a second of the window, each prompt holding an engine about the window's
+    median TTFT, at ``PREFILL_BUSY`` of their time; the rest decode. At least 1 and at
+    most ``engines - 1``; 1 when nothing was measured."""
+    rate = levels.requests / levels.window_s if levels.window_s > 0 else 0.0
+    prompt_s = levels.ttft_p50_ms / 1000.0
+    if rate <= 0 or prompt_s <= 0:
+        return 1
+    return min(engines - 1, max(1, math.ceil(rate * prompt_s / PREFILL_BUSY)))
 
 
 def _step(engines: int, over: float) -> int:

@@ -77,23 +77,24 @@ class SloCounts:
 
     def __init__(self, slo: SloConfig, counter: Any, target: Any = None) -> None:
         self.slo = slo
-        # (when it ended, TTFT s, inter-token s or None, outcome), oldest first: ``levels``' window
-        self.recent: deque[tuple[float, float, float | None, str]] = deque(maxlen=RECENT_KEPT)
+        # (when it ended, TTFT s, inter-token s or None, outcome, token events), oldest first: ``levels``' window
+        self.recent: deque[tuple[float, float, float | None, str, int]] = deque(maxlen=RECENT_KEPT)
         self._counter = counter
         self._children: dict[tuple[str, str], Any] = {}  # labelled children made once
         if target is not None:  # the levels on /metrics, beside the counts (status, dashboards)
             target.labels("ttft").set(slo.ttft_ms / 1000.0)
             target.labels("itl").set(slo.itl_ms / 1000.0)
 
-    def _count(self, endpoint: str, outcome: str, ttft_s: float, itl_s: float | None) -> None:
-        self.recent.append((time.monotonic(), ttft_s, itl_s, outcome))
+    def _count(self, endpoint: str, outcome: str, ttft_s: float, itl_s: float | None, tokens: int = 0) -> None:
+        self.recent.append((time.monotonic(), ttft_s, itl_s, outcome, tokens))
         child = self._children.get((endpoint, outcome))
         if child is None:
             child = self._children[(endpoint, outcome)] = self._counter.labels(endpoint, outcome)
         child.inc()
 
     def stream(self, endpoint: str, clock: StreamClock) -> None:
-        self._count(endpoint, clock.outcome(self.slo), clock.ttft_s(), clock.itl_s() if clock.tokens > 1 else None)
+        itl_s = clock.itl_s() if clock.tokens > 1 else None
+        self._count(endpoint, clock.outcome(self.slo), clock.ttft_s(), itl_s, clock.tokens)
 
     def whole(self, endpoint: str, latency_s: float) -> None:
         self._count(endpoint, MET if latency_s * 1000.0 <= self.slo.ttft_ms else "missed_ttft", latency_s, None)
@@ -113,14 +114,19 @@ class SloCounts:
         outcomes = [entry[3] for entry in chosen]
         ttfts = sorted(entry[1] for entry in chosen)
         itls = sorted(entry[2] for entry in chosen if entry[2] is not None)
+        streams = [entry for entry in chosen if entry[4]]
+        decodes = sorted(entry[2] * (entry[4] - 1) for entry in streams if entry[2] is not None)
         return ServiceLevels(
             window_s=window_s, requests=len(outcomes), met=outcomes.count(MET),
             missed_ttft=outcomes.count("missed_ttft"), missed_itl=outcomes.count("missed_itl"),
-            missed_both=outcomes.count("missed_both"), ttft_p90_ms=_p90(ttfts) * 1000.0, itl_p90_ms=_p90(itls) * 1000.0,
+            missed_both=outcomes.count("missed_both"), ttft_p90_ms=_percentile(ttfts, 90) * 1000.0,
+            itl_p90_ms=_percentile(itls, 90) * 1000.0,
             in_flight=dict(in_flight or {}),
+            output_tokens=sum(entry[4] for entry in streams) / len(streams) if streams else 0.0,
+            ttft_p50_ms=_percentile(ttfts, 50) * 1000.0, decode_p50_s=_percentile(decodes, 50),
         )  # fmt: skip
 
 
-def _p90(ordered: list[float]) -> float:
-    """The 90th percentile (nearest rank) of an ascending list; 0 when empty."""
-    return ordered[max(0, -(-9 * len(ordered) // 10) - 1)] if ordered else 0.0
+def _percentile(ordered: list[float], percent: int) -> float:
+    """The ``percent``th percentile (nearest rank) of an ascending list; 0 when empty."""
+    return ordered[max(0, -(-percent * len(ordered) // 100) - 1)] if ordered else 0.0

@@ -7,13 +7,15 @@ load on colocated engines misses the inter-token level (prefills stall decodes; 
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from common.config import PlannerConfig, SloConfig
 from common.errors import ConfigError
 from common.service_levels import ServiceLevels
 from controller.adaptive_roles import AdaptiveRoles
-from controller.role_planner import RolePlanner, initial_roles, layout_of
+from controller.role_planner import RolePlanner, initial_roles, layout_of, split_prefill
 
 SLO = SloConfig(ttft_ms=2000, itl_ms=100)
 WINDOW = 20.0
@@ -58,7 +60,7 @@ def test_inter_token_misses_on_colocated_engines_split_them_once() -> None:
 
 def test_nothing_changes_while_both_levels_are_met_or_answers_are_few() -> None:
     planner = RolePlanner(SLO, min_requests=10)
-    roles = {"adaptive-0": "prefill", "adaptive-1": "decode"}
+    roles = {"adaptive-0": "colocated", "adaptive-1": "colocated"}
     assert replay(planner, roles, [window(1999, 100)] * 10 + [window(9000, 900, requests=9)] * 10) == []
 
 
@@ -78,7 +80,9 @@ def test_prompt_queues_on_a_split_pool_move_the_idlest_decode_engine_to_prefill(
     roles = {"adaptive-0": "prefill", "adaptive-1": "decode", "adaptive-2": "decode", "adaptive-3": "decode"}
     busy = {"adaptive-1": 4, "adaptive-2": 1, "adaptive-3": 6}
     decisions = replay(planner, roles, [window(3500, 40, met=5, in_flight=busy)] + [window(1200, 60)] * 10)
-    assert [moved for _, _, moved in decisions] == [{"adaptive-2": ("decode", "prefill")}]
+    assert decisions[0][2] == {"adaptive-2": ("decode", "prefill")}
+    # 2P+2D meets both levels: all colocated, never seen on this workload, is tried once (30 s to settle)
+    assert [(when, layout_of(roles)) for when, roles, _ in decisions[1:]] == [(1030.0, (0, 0, 4))]
 
 
 def test_decode_misses_with_several_prefill_engines_move_one_back() -> None:
@@ -155,7 +159,7 @@ def test_operator_roles_are_checked_and_scale_steps_keep_the_pool_valid() -> Non
 
 
 def test_over_capacity_the_planner_adds_engines_up_to_its_limit_then_says_so() -> None:
-    planner = RolePlanner(SLO, settle_s=30.0, max_engines=4)
+    planner = RolePlanner(SLO, settle_s=30.0, max_engines=5)
     roles = {f"adaptive-{i}": "colocated" for i in range(2)}
     decisions = []
     for step in range(16):  # prompts queue on every layout: 80 s of windows 5 s apart
@@ -163,17 +167,36 @@ def test_over_capacity_the_planner_adds_engines_up_to_its_limit_then_says_so() -
         decision = planner.decide(window(4000, 60, met=8), roles, now)
         if decision is not None:
             decisions.append((now, decision.scale, bool(decision.moved)))
-            if decision.scale > 0:  # the scale path adds one: it serves whole requests in a colocated pool
+            for _ in range(decision.scale):  # the scale path adds them: colocated ones in a colocated pool
                 roles = {**roles, f"adaptive-{len(roles)}": "colocated"}
-    assert decisions == [(0.0, 1, False), (30.0, 1, False), (60.0, 0, False)]  # then advice, every 30 s
-    assert len(roles) == 4
+    # TTFT 2x its level: 2 engines more (as many as there are), then the last one allowed, then advice every 30 s
+    assert decisions == [(0.0, 2, False), (30.0, 1, False), (60.0, 0, False)]
+    assert len(roles) == 5
+
+
+def test_new_engines_take_the_role_that_is_short() -> None:
+    roles = AdaptiveRoles([f"adaptive-{i}" for i in range(4)], prefill=1, decode=3, slo=SLO,
+                          planner=PlannerConfig(max_engines=8))  # fmt: skip
+    roles.planner.max_engines = 0
+    roles.set(dict.fromkeys(roles.acting, "colocated"), "test", 0.0)
+    assert roles.observe(window(3000, 60, met=5), 100.0) is not None  # 4C: 0.25 answers/s, more engines needed
+    roles.planner.max_engines = 8
+    roles.set({"adaptive-0": "prefill", "adaptive-1": "prefill", "adaptive-2": "prefill", "adaptive-3": "decode"},
+              "test", 101.0)  # fmt: skip
+    # 3P+1D, TTFT 1.5x: all colocated did worse; ceil(4 x 0.5) = 2 prefill engines more
+    decision = roles.observe(window(3000, 60, met=10), 200.0)
+    assert decision is not None and decision.scale == 2 and "adding 2 prefill engine(s) (4 -> 6" in decision.reason
+    roles.added(["adaptive-4", "adaptive-5"], 201.0)
+    assert layout_of(roles.acting) == (5, 1, 0)
+    roles.added(["adaptive-6"], 202.0)  # an operator's: decode, as before
+    assert roles.acting["adaptive-6"] == "decode"
 
 
 def test_with_room_to_spare_the_planner_removes_engines_down_to_its_floor() -> None:
     planner = RolePlanner(SLO, settle_s=30.0, min_engines=2, max_engines=8)
-    roles = {f"adaptive-{i}": "prefill" if i == 0 else "decode" for i in range(4)}
+    roles = {f"adaptive-{i}": "colocated" for i in range(4)}
     removed = []
-    for step in range(20):
+    for step in range(40):
         now = step * 5.0
         decision = planner.decide(window(600, 30), roles, now)  # both p90s under half their levels, all met
         if decision is not None:
@@ -181,8 +204,18 @@ def test_with_room_to_spare_the_planner_removes_engines_down_to_its_floor() -> N
             gone = max(roles, key=lambda name: int(name.rsplit("-", 1)[1]))
             removed.append((now, gone))
             roles = {name: role for name, role in roles.items() if name != gone}
-    assert removed == [(0.0, "adaptive-3"), (30.0, "adaptive-2")]
-    assert planner.decide(window(1100, 30), {"a-0": "colocated", "a-1": "colocated", "a-2": "colocated"}, 200.0) is None
+    # room for 3 windows (60 s) in a row, each time: the first at 60 s, the next 30 s to settle + 60 s later
+    assert removed == [(60.0, "adaptive-3"), (150.0, "adaptive-2")]
+    assert planner.decide(window(1100, 30), {"a-0": "colocated", "a-1": "colocated", "a-2": "colocated"}, 300.0) is None
+
+
+def test_one_window_without_room_restarts_the_count_before_an_engine_goes() -> None:
+    planner = RolePlanner(SLO, settle_s=10.0, min_engines=2, max_engines=8)
+    roles = {f"adaptive-{i}": "colocated" for i in range(4)}
+    series = [window(600, 30)] * 8 + [window(1500, 30)] + [window(600, 30)] * 12 + [window(600, 30)]
+    scaled = [(index * 5.0, d.scale) for index, levels in enumerate(series)
+              if (d := planner.decide(levels, roles, index * 5.0)) is not None]  # fmt: skip
+    assert scaled == [(105.0, -1)]  # not at 60 s (a busy window at 40 s): 60 s after the quiet ones began again at 45 s
 
 
 def test_no_engine_is_removed_where_the_smaller_pool_did_worse() -> None:
@@ -190,8 +223,46 @@ def test_no_engine_is_removed_where_the_smaller_pool_did_worse() -> None:
     three = {f"adaptive-{i}": "colocated" for i in range(3)}
     assert planner.decide(window(2500, 60, met=20), three, 0.0).scale == 1  # type: ignore[union-attr]
     four = {**three, "adaptive-3": "colocated"}
-    assert planner.decide(window(500, 20), four, 30.0) is None  # 3 engines met 50%, 4 meet 100%: keep 4
+    for now in (30.0, 60.0, 95.0):  # 3 engines met 50%, 4 meet 100%: keep 4
+        assert planner.decide(window(500, 20), four, now) is None
     assert planner.decide(window(500, 20), four, 700.0).scale == -1  # type: ignore[union-attr]  # forgotten
+
+
+def test_a_colocated_pool_splits_by_the_measured_work() -> None:
+    planner = RolePlanner(SLO)
+    roles = {f"adaptive-{i}": "colocated" for i in range(10)}
+    # 100 answers in 20 s (5/s), each prompt ~1 s: 5 engines busy, 6 at 85%; 4 decode
+    levels = replace(window(1500, 150, requests=100, met=10, in_flight={name: 5 for name in roles}),
+                     ttft_p50_ms=1000.0)  # fmt: skip
+    decision = planner.decide(levels, roles, 0.0)
+    assert decision is not None and layout_of(decision.roles) == (6, 4, 0) and "splitting 6P+4D" in decision.reason
+    assert split_prefill(10, replace(levels, ttft_p50_ms=4000.0)) == 9  # one decode engine stays
+    assert split_prefill(10, replace(levels, ttft_p50_ms=0.0)) == 1  # nothing measured
+
+
+def test_with_engines_to_add_a_split_pool_short_of_both_roles_grows() -> None:
+    planner = RolePlanner(SLO, max_engines=12)
+    roles = {f"adaptive-{i}": "prefill" if i < 6 else "decode" for i in range(8)}
+    decision = planner.decide(window(3000, 90, met=5), roles, 0.0)  # TTFT 1.5x, inter-token 0.9x: no decode to spare
+    assert decision is not None and not decision.moved and decision.scale == 4
+    assert "neither role has engines to spare" in decision.reason and planner.new_role == "prefill"
+    planner = RolePlanner(SLO)  # engines may not be added: the decode engines are moved as before
+    decision = planner.decide(window(3000, 90, met=5), roles, 0.0)
+    assert decision is not None and layout_of(decision.roles) == (7, 1, 0)
+
+
+def test_layouts_compare_only_on_the_same_workload() -> None:
+    """Seen on 2 real engines: colocated's goodput on seed 000 (2 tokens out) kept the pool
+    split on seed 002 (128 out), where colocated serves more. A split pool meeting both
+    levels tries colocated once per workload; a remembered goodput counts only on its own."""
+    planner = RolePlanner(SLO, settle_s=30.0)
+    colocated = {"adaptive-0": "colocated", "adaptive-1": "colocated"}
+    split = planner.decide(replace(window(1500, 220, met=26), output_tokens=2.0), colocated, 0.0)  # 1.3/s
+    assert split is not None and layout_of(split.roles) == (1, 1, 0)
+    assert planner.decide(replace(window(1200, 40, met=40), output_tokens=2.0), split.roles, 30.0) is None
+    probe = planner.decide(replace(window(1200, 40, requests=17), output_tokens=128.0), split.roles, 60.0)
+    assert probe is not None and probe.roles == colocated and "trying all colocated" in probe.reason
+    assert planner.decide(replace(window(800, 60, requests=30), output_tokens=128.0), colocated, 90.0) is None
 
 
 def test_a_large_pool_moves_engines_in_proportion_to_how_far_a_level_is_over() -> None:
