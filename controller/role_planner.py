@@ -11,6 +11,9 @@ The rules, judged on a window that began after the last change:
   all-colocated pool: split by the measured work (``split_prefill``): prefill engines
   enough for the answers a second, each prompt holding one about the median TTFT, the
   rest decode;
+- TTFT missed on a split pool whose prefill engines have under one request in flight
+  each (answers wait for decode slots, not prompts for prefill): more decode engines, in
+  proportion as below;
 - TTFT missed on a split pool (prompts queue): more prefill engines, the idlest decode
   ones, ``ceil(prefill x (over - 1))`` of them (``over``: the p90 against its level, at
   most 3; one decode engine stays), or with a single decode engine left, back to all
@@ -19,9 +22,10 @@ The rules, judged on a window that began after the last change:
   engines, in the same proportion;
 - the worse of the two (measured against its level) decides when both are missed; where
   engines may be added, a split pool whose other level is over ``GIVE`` of its own too
-  moves nothing (neither role has engines to spare) and grows instead.
+  moves nothing (neither role has engines to spare) and grows at once (no going back).
 Layouts are compared by goodput, the answers a second that met both levels (under a
-closed-loop load a layout that serves faster gets more answers, so a share would mislead),
+closed-loop load a layout that serves faster gets more answers, so a share would mislead;
+equal goodput, e.g. none met: by answers a second),
 and only under the same workload (mean output tokens within ``SAME_WORKLOAD`` x): a layout
 seen within ``memory_s`` doing no better than now is not gone to (no flapping between two
 layouts that both miss), and when the rules above find no move, the layout before the
@@ -52,6 +56,24 @@ PREFILL_BUSY = 0.85  # the share of their time a split's prefill engines are siz
 GIVE = 0.8  # a role gives engines to the other only with its own level this far under (when engines may be added)
 QUIET_WINDOWS = 3  # windows in a row with room before an engine goes
 SAME_WORKLOAD = 1.5  # mean output tokens within this factor: the same workload (layouts compare)
+
+
+@dataclass(frozen=True)
+class Seen:
+    """A layout's window, as remembered to compare layouts."""
+
+    goodput: float  # answers a second that met both levels
+    answers: float  # answers a second (ties in goodput, e.g. none met: the one that served more did better)
+    at: float  # when it was judged
+    output_tokens: float  # the workload: mean tokens out
+
+    @property
+    def served(self) -> tuple[float, float]:
+        return self.goodput, self.answers
+
+
+def _served(levels: ServiceLevels) -> tuple[float, float]:
+    return levels.goodput_rps, levels.requests / levels.window_s
 
 
 @dataclass(frozen=True)
@@ -116,7 +138,7 @@ class RolePlanner:
         self.memory_s = memory_s  # how long a layout's goodput is remembered
         self._changed_at = -math.inf
         self._advised_at = -math.inf
-        self._seen: dict[Layout, tuple[float, float, float]] = {}  # layout -> (goodput answers/s, when judged, output tokens)
+        self._seen: dict[Layout, Seen] = {}
         self._before: dict[str, str] | None = None  # the roles before the planner's last change
         self._quiet_since: float | None = None  # since when every window had room
         self.new_role = "colocated"  # the role engines added by the planner's last scale-out take
@@ -132,7 +154,7 @@ class RolePlanner:
         if now - self._changed_at < max(self.settle_s, levels.window_s):
             return None  # the window still holds answers of the layout before
         current = layout_of(roles)
-        self._seen[current] = (levels.goodput_rps, now, levels.output_tokens)
+        self._seen[current] = Seen(levels.goodput_rps, levels.requests / levels.window_s, now, levels.output_tokens)
         ttft_over = levels.ttft_p90_ms / self.slo.ttft_ms
         itl_over = levels.itl_p90_ms / self.slo.itl_ms
         summary = (f"TTFT p90 {levels.ttft_p90_ms:.0f} ms (SLO {self.slo.ttft_ms:g}), inter-token p90 "
@@ -143,21 +165,24 @@ class RolePlanner:
             probe = self._probe_colocated(dict(roles), levels, now, summary)
             return probe or self._scale_in(dict(roles), levels, now, summary, max(ttft_over, itl_over))
         self._quiet_since = None
-        can_grow = bool(self.max_engines) and len(roles) < self.max_engines
-        target, why = _target(dict(roles), ttft_over, itl_over, levels, can_grow)
+        short = "prefill" if ttft_over >= itl_over else "decode"
+        if self.max_engines and len(roles) < self.max_engines and set(roles.values()) != {"colocated"} \
+                and min(ttft_over, itl_over) > GIVE:  # fmt: skip
+            return self._scale_out(dict(roles), levels, now, summary, "neither role has engines to spare",
+                                   max(ttft_over, itl_over), short)  # fmt: skip
+        target, why = _target(dict(roles), ttft_over, itl_over, levels)
         if target is not None:
             worse = self._worse_before(layout_of(target), levels, now)
             if worse:
                 why, target = worse, None
         if target is None and self._before is not None and set(self._before) == set(roles):
             seen = self._recall(layout_of(self._before), levels, now)
-            if seen is not None and seen[0] > levels.goodput_rps:
+            if seen is not None and seen.served > _served(levels):
                 target = self._before
-                why = (f"{why}; back to {describe_layout(layout_of(target))}: it met both levels at {seen[0]:.2f} "
-                       f"answers/s {now - seen[1]:.0f} s ago")  # fmt: skip
+                why = (f"{why}; back to {describe_layout(layout_of(target))}: it met both levels at {seen.goodput:.2f} "
+                       f"answers/s {now - seen.at:.0f} s ago")  # fmt: skip
         if target is None:
-            return self._scale_out(dict(roles), levels, now, summary, why, max(ttft_over, itl_over),
-                                   "prefill" if ttft_over >= itl_over else "decode")  # fmt: skip
+            return self._scale_out(dict(roles), levels, now, summary, why, max(ttft_over, itl_over), short)
         self._changed_at, self._before = now, dict(roles)
         moved = {name: (roles[name], role) for name, role in target.items() if roles[name] != role}
         return self._decision(now, target, f"{summary}; {why}", levels, moved)
@@ -176,20 +201,20 @@ class RolePlanner:
         return self._decision(now, target, f"{summary}; trying all colocated: not seen on this workload "
                               f"(about {levels.output_tokens:.0f} tokens out) for {self.memory_s:g} s", levels, moved)  # fmt: skip
 
-    def _recall(self, layout: Layout, levels: ServiceLevels, now: float) -> tuple[float, float, float] | None:
+    def _recall(self, layout: Layout, levels: ServiceLevels, now: float) -> Seen | None:
         """``layout``'s goodput (and when it was judged) if seen within ``memory_s`` under the
         same workload as now (a layout's goodput on other requests says nothing)."""
         seen = self._seen.get(layout)
-        if seen is None or now - seen[1] > self.memory_s:
+        if seen is None or now - seen.at > self.memory_s:
             return None
-        low, high = sorted((max(seen[2], 1.0), max(levels.output_tokens, 1.0)))
+        low, high = sorted((max(seen.output_tokens, 1.0), max(levels.output_tokens, 1.0)))
         return seen if high <= SAME_WORKLOAD * low else None
 
     def _worse_before(self, layout: Layout, levels: ServiceLevels, now: float) -> str:
         """Why ``layout`` is not to be gone to ("" if it may be): seen lately doing no better."""
         seen = self._recall(layout, levels, now)
-        if seen is not None and seen[0] <= levels.goodput_rps:
-            return (f"{describe_layout(layout)} met both levels at {seen[0]:.2f} answers/s {now - seen[1]:.0f} s ago, "
+        if seen is not None and seen.served <= _served(levels):
+            return (f"{describe_layout(layout)} met both levels at {seen.goodput:.2f} answers/s {now - seen.at:.0f} s ago, "
                     "no better")  # fmt: skip
         return ""
 
@@ -235,18 +260,14 @@ class RolePlanner:
                             itl_p90_ms=levels.itl_p90_ms)  # fmt: skip
 
 
-def _target(roles: dict[str, str], ttft_over: float, itl_over: float, levels: ServiceLevels,
-            can_grow: bool = False) -> tuple[dict[str, str] | None, str]:  # fmt: skip
+def _target(roles: dict[str, str], ttft_over: float, itl_over: float,
+            levels: ServiceLevels) -> tuple[dict[str, str] | None, str]:  # fmt: skip
     """The roles to move to and why; (None, why not) when no role change helps. The
     worse level (against its own) decides; a split pool moves engines in proportion to
     how far it is over: ``ceil(n x (over - 1))`` of the ``n`` engines of the short role,
-    ``over`` taken at most 3 (so one prefill engine becomes 2, 3, then 3x as many).
-    ``can_grow`` (engines may be added): a split pool whose other level has no room
-    either (over ``GIVE`` of its level) moves nothing: both roles are short."""
+    ``over`` taken at most 3 (so one prefill engine becomes 2, 3, then 3x as many)."""
     ttft_worse = ttft_over > 1 and ttft_over >= itl_over
     prefill, decode, colocated = layout_of(roles)
-    if can_grow and (prefill or decode) and min(ttft_over, itl_over) > GIVE:
-        return None, "neither role has engines to spare"
     if colocated and not (prefill or decode):
         if ttft_worse:
             return None, "all engines compute prompts already"
@@ -258,6 +279,10 @@ def _target(roles: dict[str, str], ttft_over: float, itl_over: float, levels: Se
     roles = {name: "decode" if role == "colocated" else role for name, role in roles.items()}
     decode += colocated
     if ttft_worse:
+        if prefill >= 2 and levels.in_flight and _mean_in_flight(roles, "prefill", levels) < 1:
+            names = _least_busy(roles, "prefill", levels, min(prefill - 1, _step(decode, ttft_over)))
+            return {**roles, **dict.fromkeys(names, "decode")}, (f"{', '.join(names)} prefill -> decode: prompts do "
+                    "not queue at the prefill engines (under one in flight each), answers wait for decode slots")  # fmt: skip
         if decode >= 2:
             names = _least_busy(roles, "decode", levels, min(decode - 1, _step(prefill, ttft_over)))
             return {**roles, **dict.fromkeys(names, "prefill")}, f"{', '.join(names)} decode -> prefill: prompts queue"
@@ -282,6 +307,11 @@ def split_prefill(engines: int, levels: ServiceLevels) -> int:
 
 def _step(engines: int, over: float) -> int:
     return max(1, math.ceil(engines * (min(over, 3.0) - 1)))
+
+
+def _mean_in_flight(roles: Mapping[str, str], role: str, levels: ServiceLevels) -> float:
+    engines = [name for name, acting in roles.items() if acting == role]
+    return sum(levels.in_flight.get(name, 0) for name in engines) / max(1, len(engines))
 
 
 def _least_busy(roles: Mapping[str, str], role: str, levels: ServiceLevels, count: int) -> list[str]:

@@ -246,6 +246,12 @@ def test_with_engines_to_add_a_split_pool_short_of_both_roles_grows() -> None:
     decision = planner.decide(window(3000, 90, met=5), roles, 0.0)  # TTFT 1.5x, inter-token 0.9x: no decode to spare
     assert decision is not None and not decision.moved and decision.scale == 4
     assert "neither role has engines to spare" in decision.reason and planner.new_role == "prefill"
+    # a split from colocated that did better: still more engines (under a rising load the window before was lighter)
+    planner = RolePlanner(SLO, settle_s=10.0, max_engines=12)
+    split = planner.decide(window(900, 150, met=30), dict.fromkeys(roles, "colocated"), 0.0)
+    assert split is not None and split.moved
+    grow = planner.decide(window(2300, 140, met=10), split.roles, 30.0)
+    assert grow is not None and grow.scale == 4 and not grow.moved and "4 decode" in grow.reason  # ceil(8 x 0.4)
     planner = RolePlanner(SLO)  # engines may not be added: the decode engines are moved as before
     decision = planner.decide(window(3000, 90, met=5), roles, 0.0)
     assert decision is not None and layout_of(decision.roles) == (7, 1, 0)
@@ -291,3 +297,26 @@ def test_when_no_rule_applies_the_layout_before_is_gone_back_to_if_it_did_better
                                 "1.50 answers/s 30 s ago")  # fmt: skip
     stay = planner.decide(window(1500, 220, requests=60, met=30), colocated, 60.0)
     assert stay is not None and not stay.moved and "1P+1D met both levels at 0.30 answers/s" in stay.reason
+
+
+def test_answers_waiting_for_decode_slots_move_idle_prefill_engines_to_decode() -> None:
+    """Seen in the ramp on simulated engines: 31P+1D, the door admitting only as many
+    requests as the one decode engine may hold; TTFT read 15 s while the prefill engines
+    sat idle. More prefill engines would not help; more decode ones do."""
+    planner = RolePlanner(SLO)
+    roles = {f"adaptive-{i}": "prefill" if i < 6 else "decode" for i in range(8)}
+    in_flight = {**{f"adaptive-{i}": 0 for i in range(5)}, "adaptive-5": 1, "adaptive-6": 16, "adaptive-7": 16}
+    decision = planner.decide(window(4000, 50, met=5, in_flight=in_flight), roles, 0.0)  # TTFT 2x: ceil(2 x 1) = 2
+    assert decision is not None and layout_of(decision.roles) == (4, 4, 0)
+    assert set(decision.moved) == {"adaptive-0", "adaptive-1"} and "answers wait for decode slots" in decision.reason
+
+
+def test_when_no_layout_met_the_levels_the_one_that_served_more_did_better() -> None:
+    planner = RolePlanner(SLO, settle_s=10.0)
+    split = {f"adaptive-{i}": "prefill" if i < 3 else "decode" for i in range(4)}
+    colocated = dict.fromkeys(split, "colocated")
+    planner.decide(window(15000, 400, requests=160, met=0), colocated, 0.0)  # 8 answers/s, none met: no move helps
+    # 3P+1D: none met either, 1 answer/s, one decode engine left: all colocated served more, so it is gone back to
+    # (compared by goodput alone, 0 against 0, it read "no better" and the pool stayed on its one decode engine)
+    decision = planner.decide(window(15000, 400, requests=20, met=0), split, 100.0)
+    assert decision is not None and decision.roles == colocated
