@@ -50,13 +50,14 @@ BUCKET_S = 10.0
 
 def pool_capacity(engines: int, slo: SloConfig) -> float:
     """Requests a second ``engines`` simulated engines serve within the levels, split at
-    their best: a prefill engine computes one prompt at a time (its overhead plus its
-    tokens), a decode engine holds as many streams as keep a step under the inter-token
-    level; the split that balances the two."""
+    their best: a prefill engine computes one prompt at a time (its overhead plus a step
+    of its tokens), a decode engine holds as many streams as keep a step (each stream's
+    token over its mean context) under the inter-token level; the split that balances the two."""
     profile = load_profile(PROFILE)
-    prefill_rate = 1.0 / (profile.request_overhead_s + profile.per_token_s * PROMPT_TOKENS)
-    streams = max(1, int((slo.itl_ms / 1000 - profile.base_s) / (profile.per_token_s + profile.per_sequence_s)))
-    decode_rate = streams / (OUTPUT_TOKENS * slo.itl_ms / 1000)
+    prefill_s = profile.request_overhead_s + profile.step_s(PROMPT_TOKENS, PROMPT_TOKENS * PROMPT_TOKENS / 2, 0, 1)
+    per_stream_s = profile.step_s(1, 0, PROMPT_TOKENS + OUTPUT_TOKENS / 2, 1) - profile.base_s
+    streams = max(1, int((slo.itl_ms / 1000 - profile.base_s) / per_stream_s))
+    prefill_rate, decode_rate = 1.0 / prefill_s, streams / (OUTPUT_TOKENS * slo.itl_ms / 1000)
     prefill = engines * decode_rate / (prefill_rate + decode_rate)
     return prefill * prefill_rate
 
@@ -124,7 +125,7 @@ async def _watch(client: aiohttp.ClientSession, url: str, began: float, stop: as
 async def run_ramp(url: str, model: str, total_s: float, rate: object) -> Ramp:
     """Open loop: request ``i + 1`` leaves ``1 / rate(t_i)`` after request ``i``."""
     ramp, stop = Ramp(), asyncio.Event()
-    connector = aiohttp.TCPConnector(limit=0)
+    connector = aiohttp.TCPConnector(limit=0, force_close=True)  # a connection each: no keep-alive close races
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=300)) as client:
         began = time.perf_counter()
         watcher = asyncio.create_task(_watch(client, url, began, stop, ramp))
