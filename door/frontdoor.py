@@ -210,6 +210,8 @@ class FrontDoor:
             status = await self._admitted(exchange, endpoint, required, request_id, started)
         except _Refused as refused:
             status = refused.status
+            if status >= 500:  # the door's own failure to serve (4xx: the client's request or the load)
+                logger.warning("[request=%s] answered %d: %s", request_id, status, refused)
             exchange.send(status, error_body(status, str(refused), refused.error_type, refused.param),
                           headers=((REQUEST_ID_HEADER, request_id), *refused.headers))  # fmt: skip
         except asyncio.CancelledError:
@@ -310,7 +312,15 @@ class FrontDoor:
                 logger.warning("[request=%s] no prefill engine answered; the decode engine computes the prompt", request_id)
             else:
                 decode_body = decode_request(body, outcome)
-        return await self._decode_or_whole(table.order("decode", leg.key, ranker), decode_body, body, leg, ranker)
+        return await self._decode_or_whole(self._serving(table, "decode", leg, ranker), decode_body, body, leg, ranker)
+
+    @staticmethod
+    def _serving(table: RoutingTable, role: str, leg: Leg, ranker: Any) -> list[EngineLoad]:
+        """The engines of ``role`` for a request's next leg; in an adaptive pool whose roles
+        changed to all colocated while its prefill leg ran, the colocated ones: each loads a
+        handed-over prompt as a decode engine does, or serves the request whole."""
+        engines = table.order(role, leg.key, ranker)
+        return engines or (table.order("colocated", leg.key, ranker) if table.adaptive else [])
 
     async def _decode_or_whole(self, decodes: list[EngineLoad], decode_body: dict[str, Any], body: dict[str, Any],
                                leg: Leg, ranker: Any) -> int:  # fmt: skip
@@ -320,9 +330,10 @@ class FrontDoor:
         request with 503."""
         try:
             # healthy(), not order(): ordering advances a policy's rotation, and is wanted only on failure.
-            return await self._answer(decodes, decode_body, leg, "decode", more_after=bool(self.table.healthy("prefill")))
+            more_after = bool(self.table.healthy("prefill") or (self.table.adaptive and self.table.healthy("colocated")))
+            return await self._answer(decodes, decode_body, leg, "decode", more_after=more_after)
         except _Refused as refused:
-            prefills = [] if refused.status != 503 or leg.exchange.answered else self.table.order("prefill", leg.key, ranker)
+            prefills = [] if refused.status != 503 or leg.exchange.answered else self._serving(self.table, "prefill", leg, ranker)
             if not prefills:
                 raise
             self.metrics.whole_on_prefill.inc()

@@ -89,6 +89,27 @@ def test_an_idle_decode_engine_serves_a_request_whole_while_the_prefill_engine_i
         assert (_legs(prefill), _legs(decode)) == (["prefill", "prefill"], ["whole", "decode", "decode"])
 
 
+def test_a_request_whose_pool_turns_colocated_during_its_prefill_leg_is_decoded_all_the_same() -> None:
+    """Seen in bench adaptive-roles: the roles went 1P+1D -> 2C while a 2,048-token prompt's
+    prefill leg ran; its decode leg found no decode engine and the client got a 503."""
+    prefill, decode = _adaptive("adaptive-0", "prefill", delay_s=1.0), _adaptive("adaptive-1", "decode")
+    engines = [prefill, decode]
+    with door(engines) as (url, table):
+        _update(table, engines, 1)
+        answers: list[httpx.Response] = []
+        request = threading.Thread(target=lambda: answers.append(
+            httpx.post(f"{url}/v1/completions", json={"prompt": "long"}, timeout=10)))  # fmt: skip
+        request.start()
+        while not prefill.received:  # the prefill leg is in flight
+            threading.Event().wait(0.01)
+        prefill.acting = decode.acting = "colocated"  # type: ignore[attr-defined]
+        _update(table, engines, 2)
+        request.join()
+        assert answers[0].status_code == 200, answers[0].text
+        # the handed-over prompt is loaded by a colocated engine, as a decode leg
+        assert sorted(_legs(prefill) + _legs(decode)) == ["decode", "prefill"]
+
+
 def test_each_scale_step_the_planner_decides_runs_once_in_the_background() -> None:
     table = RoutingTable([{"name": "adaptive-0", "role": "adaptive", "host": "127.0.0.1", "port": 1, "acting": "colocated"}])
     metrics = DoorMetrics()
