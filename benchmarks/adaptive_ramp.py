@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> None:
                        PLANNER_MAX_ENGINES=str(args.max), PLANNER_MIN_ENGINES=str(args.min), PLANNER_WINDOW_S="10",
                        PLANNER_SETTLE_S="10", DS_SHARED_MEMORY_MB="64", DS_SHARED_MEMORY_POPULATE="0",
                        WARM_UP_TOKENS="64", PREFILL_STARTUP_PARAMS="--max-model-len 4096",
-                       MAX_IN_FLIGHT_PER_ENGINE="16", DOOR_QUEUE_SIZE="4096", DOOR_QUEUE_TIMEOUT_S="4")  # fmt: skip
+                       MAX_IN_FLIGHT_PER_ENGINE="12", DOOR_QUEUE_SIZE="4096", DOOR_QUEUE_TIMEOUT_S="4")  # fmt: skip
     print(f"capacity of {args.max} engines: {capacity:.1f} req/s; ramp {args.low}x -> {args.high}x -> {args.end}x "
           f"over {total_s:.0f} s", flush=True)  # fmt: skip
     try:

@@ -13,7 +13,7 @@ The rules, judged on a window that began after the last change:
   rest decode;
 - TTFT missed on a split pool whose prefill engines have under one request in flight
   each (answers wait for decode slots, not prompts for prefill): more decode engines, in
-  proportion as below;
+  proportion as below (``over`` taken at most 2); engines added then decode too;
 - TTFT missed on a split pool (prompts queue): more prefill engines, the idlest decode
   ones, ``ceil(prefill x (over - 1))`` of them (``over``: the p90 against its level, at
   most 3; one decode engine stays), or with a single decode engine left, back to all
@@ -165,7 +165,7 @@ class RolePlanner:
             probe = self._probe_colocated(dict(roles), levels, now, summary)
             return probe or self._scale_in(dict(roles), levels, now, summary, max(ttft_over, itl_over))
         self._quiet_since = None
-        short = "prefill" if ttft_over >= itl_over else "decode"
+        short = "prefill" if ttft_over >= itl_over and not _prefill_idle(roles, levels) else "decode"
         if self.max_engines and len(roles) < self.max_engines and set(roles.values()) != {"colocated"} \
                 and min(ttft_over, itl_over) > GIVE:  # fmt: skip
             return self._scale_out(dict(roles), levels, now, summary, "neither role has engines to spare",
@@ -279,8 +279,8 @@ def _target(roles: dict[str, str], ttft_over: float, itl_over: float,
     roles = {name: "decode" if role == "colocated" else role for name, role in roles.items()}
     decode += colocated
     if ttft_worse:
-        if prefill >= 2 and levels.in_flight and _mean_in_flight(roles, "prefill", levels) < 1:
-            names = _least_busy(roles, "prefill", levels, min(prefill - 1, _step(decode, ttft_over)))
+        if prefill >= 2 and _prefill_idle(roles, levels):
+            names = _least_busy(roles, "prefill", levels, min(prefill - 1, _step(decode, min(ttft_over, 2.0))))
             return {**roles, **dict.fromkeys(names, "decode")}, (f"{', '.join(names)} prefill -> decode: prompts do "
                     "not queue at the prefill engines (under one in flight each), answers wait for decode slots")  # fmt: skip
         if decode >= 2:
@@ -309,9 +309,12 @@ def _step(engines: int, over: float) -> int:
     return max(1, math.ceil(engines * (min(over, 3.0) - 1)))
 
 
-def _mean_in_flight(roles: Mapping[str, str], role: str, levels: ServiceLevels) -> float:
-    engines = [name for name, acting in roles.items() if acting == role]
-    return sum(levels.in_flight.get(name, 0) for name in engines) / max(1, len(engines))
+def _prefill_idle(roles: Mapping[str, str], levels: ServiceLevels) -> bool:
+    """A split pool's prefill engines hold under one request each (measured): prompts do
+    not queue there; a missed TTFT is answers waiting for decode slots (the door admits as
+    many requests as its decode engines may hold)."""
+    engines = [name for name, acting in roles.items() if acting == "prefill"]
+    return bool(engines and levels.in_flight) and sum(levels.in_flight.get(name, 0) for name in engines) < len(engines)
 
 
 def _least_busy(roles: Mapping[str, str], role: str, levels: ServiceLevels, count: int) -> list[str]:

@@ -309,6 +309,10 @@ def test_answers_waiting_for_decode_slots_move_idle_prefill_engines_to_decode() 
     decision = planner.decide(window(4000, 50, met=5, in_flight=in_flight), roles, 0.0)  # TTFT 2x: ceil(2 x 1) = 2
     assert decision is not None and layout_of(decision.roles) == (4, 4, 0)
     assert set(decision.moved) == {"adaptive-0", "adaptive-1"} and "answers wait for decode slots" in decision.reason
+    # with engines to add and neither role to spare (inter-token at 0.9x its level), the new engines decode
+    planner = RolePlanner(SLO, max_engines=12)
+    decision = planner.decide(window(4000, 90, met=5, in_flight=in_flight), roles, 0.0)
+    assert decision is not None and decision.scale == 4 and "adding 4 decode engine(s)" in decision.reason
 
 
 def test_when_no_layout_met_the_levels_the_one_that_served_more_did_better() -> None:
