@@ -11,7 +11,7 @@ The rules, judged on a window that began after the last change:
   all-colocated pool: split by the measured work (``split_prefill``): prefill engines
   enough for the answers a second, each prompt holding one about the median TTFT, the
   rest decode;
-- TTFT missed on a split pool whose prefill engines have under one request in flight
+- TTFT missed on a split pool whose prefill engines have under half a request in flight
   each (answers wait for decode slots, not prompts for prefill): more decode engines, in
   proportion as below (``over`` taken at most 2); engines added then decode too;
 - TTFT missed on a split pool (prompts queue): more prefill engines, the idlest decode
@@ -310,11 +310,13 @@ def _step(engines: int, over: float) -> int:
 
 
 def _prefill_idle(roles: Mapping[str, str], levels: ServiceLevels) -> bool:
-    """A split pool's prefill engines hold under one request each (measured): prompts do
+    """A split pool's prefill engines hold under half a request each (measured): prompts do
     not queue there; a missed TTFT is answers waiting for decode slots (the door admits as
-    many requests as its decode engines may hold)."""
+    many requests as its decode engines may hold). Half: while every prefill engine holds
+    one, the door lends whole requests to idle decode engines, so a busy prefill side
+    reads about one each."""
     engines = [name for name, acting in roles.items() if acting == "prefill"]
-    return bool(engines and levels.in_flight) and sum(levels.in_flight.get(name, 0) for name in engines) < len(engines)
+    return bool(engines and levels.in_flight) and sum(levels.in_flight.get(name, 0) for name in engines) < len(engines) / 2
 
 
 def _least_busy(roles: Mapping[str, str], role: str, levels: ServiceLevels, count: int) -> list[str]:

@@ -305,10 +305,14 @@ def test_answers_waiting_for_decode_slots_move_idle_prefill_engines_to_decode() 
     sat idle. More prefill engines would not help; more decode ones do."""
     planner = RolePlanner(SLO)
     roles = {f"adaptive-{i}": "prefill" if i < 6 else "decode" for i in range(8)}
-    in_flight = {**{f"adaptive-{i}": 0 for i in range(5)}, "adaptive-5": 1, "adaptive-6": 16, "adaptive-7": 16}
+    in_flight = {**{f"adaptive-{i}": 0 for i in range(4)}, "adaptive-4": 1, "adaptive-5": 1, "adaptive-6": 16, "adaptive-7": 16}
     decision = planner.decide(window(4000, 50, met=5, in_flight=in_flight), roles, 0.0)  # TTFT 2x: ceil(2 x 1) = 2
     assert decision is not None and layout_of(decision.roles) == (4, 4, 0)
     assert set(decision.moved) == {"adaptive-0", "adaptive-1"} and "answers wait for decode slots" in decision.reason
+    # a prefill engine holding one each (the door lends whole requests to idle decode engines then): prompts queue
+    busy = {**{f"adaptive-{i}": 1 for i in range(6)}, "adaptive-6": 16, "adaptive-7": 16}
+    decision = RolePlanner(SLO).decide(window(4000, 50, met=5, in_flight=busy), roles, 0.0)
+    assert decision is not None and layout_of(decision.roles) == (7, 1, 0)
     # with engines to add and neither role to spare (inter-token at 0.9x its level), the new engines decode
     planner = RolePlanner(SLO, max_engines=12)
     decision = planner.decide(window(4000, 90, met=5, in_flight=in_flight), roles, 0.0)
