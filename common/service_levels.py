@@ -26,7 +26,6 @@ class ServiceLevels:
     # What the answers were like (the planner's workload signature and work estimate):
     output_tokens: float = 0.0  # mean token events per streamed answer; 0 with none
     ttft_p50_ms: float = 0.0
-    decode_p50_s: float = 0.0  # median time from a stream's first token to its last
 
     @property
     def attainment(self) -> float:

@@ -154,7 +154,7 @@ class RolePlanner:
         if now - self._changed_at < max(self.settle_s, levels.window_s):
             return None  # the window still holds answers of the layout before
         current = layout_of(roles)
-        self._seen[current] = Seen(levels.goodput_rps, levels.requests / levels.window_s, now, levels.output_tokens)
+        self._seen[current] = Seen(*_served(levels), now, levels.output_tokens)
         ttft_over = levels.ttft_p90_ms / self.slo.ttft_ms
         itl_over = levels.itl_p90_ms / self.slo.itl_ms
         summary = (f"TTFT p90 {levels.ttft_p90_ms:.0f} ms (SLO {self.slo.ttft_ms:g}), inter-token p90 "
@@ -282,7 +282,7 @@ def _target(roles: dict[str, str], ttft_over: float, itl_over: float,
         if prefill >= 2 and _prefill_idle(roles, levels):
             names = _least_busy(roles, "prefill", levels, min(prefill - 1, _step(decode, min(ttft_over, 2.0))))
             return {**roles, **dict.fromkeys(names, "decode")}, (f"{', '.join(names)} prefill -> decode: prompts do "
-                    "not queue at the prefill engines (under one in flight each), answers wait for decode slots")  # fmt: skip
+                    "not queue at the prefill engines (under half a request each), answers wait for decode slots")  # fmt: skip
         if decode >= 2:
             names = _least_busy(roles, "decode", levels, min(decode - 1, _step(prefill, ttft_over)))
             return {**roles, **dict.fromkeys(names, "prefill")}, f"{', '.join(names)} decode -> prefill: prompts queue"

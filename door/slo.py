@@ -115,7 +115,6 @@ class SloCounts:
         ttfts = sorted(entry[1] for entry in chosen)
         itls = sorted(entry[2] for entry in chosen if entry[2] is not None)
         streams = [entry for entry in chosen if entry[4]]
-        decodes = sorted(entry[2] * (entry[4] - 1) for entry in streams if entry[2] is not None)
         return ServiceLevels(
             window_s=window_s, requests=len(outcomes), met=outcomes.count(MET),
             missed_ttft=outcomes.count("missed_ttft"), missed_itl=outcomes.count("missed_itl"),
@@ -123,7 +122,7 @@ class SloCounts:
             itl_p90_ms=_percentile(itls, 90) * 1000.0,
             in_flight=dict(in_flight or {}),
             output_tokens=sum(entry[4] for entry in streams) / len(streams) if streams else 0.0,
-            ttft_p50_ms=_percentile(ttfts, 50) * 1000.0, decode_p50_s=_percentile(decodes, 50),
+            ttft_p50_ms=_percentile(ttfts, 50) * 1000.0,
         )  # fmt: skip
 
 
