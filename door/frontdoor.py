@@ -343,14 +343,16 @@ class FrontDoor:
 
     @staticmethod
     def _idle_decodes(table: RoutingTable) -> list[EngineLoad]:
-        """ROLES=adaptive: when every prefill engine has a request in flight, the decode
-        engines with none (then the others, least busy first, as fallbacks); else []."""
+        """ROLES=adaptive with one decode engine: when every prefill engine has a request in
+        flight and the decode engine none, it serves the request whole ([it]; else []). A pool of several decode engines is left to the planner, which can
+        move one to prefill: there, lent requests stall the streams of the decode engines
+        and the prefill side reads idle (bench adaptive-ramp)."""
         decodes = table.healthy("decode")
-        if not decodes or min(engine.outstanding for engine in decodes) > 0:
+        if len(decodes) != 1 or decodes[0].outstanding > 0:
             return []
         if any(engine.outstanding == 0 for engine in table.healthy("prefill")):
             return []
-        return sorted(decodes, key=lambda engine: engine.outstanding)
+        return decodes
 
     def _computed_by(self, engines: list[EngineLoad], prompt: RoutedPrompt | None) -> None:
         """``engines[0]`` is to compute ``prompt``: count what it should find cached, and

@@ -89,6 +89,25 @@ def test_an_idle_decode_engine_serves_a_request_whole_while_the_prefill_engine_i
         assert (_legs(prefill), _legs(decode)) == (["prefill", "prefill"], ["whole", "decode", "decode"])
 
 
+def test_with_several_decode_engines_none_is_lent_a_whole_request() -> None:
+    """On 32 simulated engines lent requests stalled the decode engines' streams and the
+    prefill side read idle; a pool of several decode engines is the planner's to balance."""
+    prefill = _adaptive("adaptive-0", "prefill", delay_s=1.5)
+    decodes = [_adaptive("adaptive-1", "decode"), _adaptive("adaptive-2", "decode")]
+    engines = [prefill, *decodes]
+    with door(engines) as (url, table):
+        _update(table, engines, 1)
+        slow = threading.Thread(target=httpx.post, args=(f"{url}/v1/completions",),
+                                kwargs={"json": {"prompt": "first"}, "timeout": 10})  # fmt: skip
+        slow.start()
+        while not prefill.received:  # the first request's prefill leg is in flight
+            threading.Event().wait(0.01)
+        assert httpx.post(f"{url}/v1/completions", json={"prompt": "second"}, timeout=10).status_code == 200
+        slow.join()
+        assert _legs(prefill) == ["prefill", "prefill"] and sorted(_legs(decodes[0]) + _legs(decodes[1])) == ["decode", "decode"]
+        assert metric(url, "frontdoor_whole_on_idle_decode_total") == 0
+
+
 def test_a_request_whose_pool_turns_colocated_during_its_prefill_leg_is_decoded_all_the_same() -> None:
     """Seen in bench adaptive-roles: the roles went 1P+1D -> 2C while a 2,048-token prompt's
     prefill leg ran; its decode leg found no decode engine and the client got a 503."""
