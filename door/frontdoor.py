@@ -316,9 +316,8 @@ class FrontDoor:
 
     @staticmethod
     def _serving(table: RoutingTable, role: str, leg: Leg, ranker: Any) -> list[EngineLoad]:
-        """The engines of ``role`` for a request's next leg; in an adaptive pool whose roles
-        changed to all colocated while its prefill leg ran, the colocated ones: each loads a
-        handed-over prompt as a decode engine does, or serves the request whole."""
+        """The engines of ``role`` for a request's next leg; in an adaptive pool turned all colocated
+        meanwhile, the colocated ones (each loads a handoff as a decode engine does, or serves whole)."""
         engines = table.order(role, leg.key, ranker)
         return engines or (table.order("colocated", leg.key, ranker) if table.adaptive else [])
 
@@ -344,9 +343,8 @@ class FrontDoor:
     @staticmethod
     def _idle_decodes(table: RoutingTable) -> list[EngineLoad]:
         """ROLES=adaptive with one decode engine: when every prefill engine has a request in
-        flight and the decode engine none, it serves the request whole ([it]; else []). A pool of several decode engines is left to the planner, which can
-        move one to prefill: there, lent requests stall the streams of the decode engines
-        and the prefill side reads idle (bench adaptive-ramp)."""
+        flight and the decode engine none, it serves the request whole ([it]; else []).
+        Several decode engines are the planner's to balance (it can move one to prefill)."""
         decodes = table.healthy("decode")
         if len(decodes) != 1 or decodes[0].outstanding > 0:
             return []
