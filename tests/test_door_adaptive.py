@@ -45,6 +45,18 @@ def _update(table: RoutingTable, engines: list[FakeEngine], version: int) -> Non
     table.update(_infos(engines), version)
 
 
+def _first_request_prefilling(url: str, prefill: FakeEngine, answers: list[httpx.Response] | None = None) -> threading.Thread:
+    """A request sent in the background, returned once its prefill leg is in flight on
+    ``prefill`` (its answer appended to ``answers``); join it for the answer."""
+    keep = answers if answers is not None else []
+    thread = threading.Thread(target=lambda: keep.append(httpx.post(f"{url}/v1/completions", json={"prompt": "first"},
+                                                                    timeout=10)))  # fmt: skip
+    thread.start()
+    while not prefill.received:
+        threading.Event().wait(0.01)
+    return thread
+
+
 def test_acting_roles_route_and_change_with_one_table_update() -> None:
     first, second = _adaptive("adaptive-0", "colocated"), _adaptive("adaptive-1", "colocated")
     engines = [first, second]
@@ -74,11 +86,7 @@ def test_an_idle_decode_engine_serves_a_request_whole_while_the_prefill_engine_i
     engines = [prefill, decode]
     with door(engines) as (url, table):
         _update(table, engines, 1)
-        slow = threading.Thread(target=httpx.post, args=(f"{url}/v1/completions",),
-                                kwargs={"json": {"prompt": "first"}, "timeout": 10})  # fmt: skip
-        slow.start()
-        while not prefill.received:  # the first request's prefill leg is in flight
-            threading.Event().wait(0.01)
+        slow = _first_request_prefilling(url, prefill)
         response = httpx.post(f"{url}/v1/completions", json={"prompt": "second"}, timeout=10)
         slow.join()
         assert response.status_code == 200 and response.json()["choices"][0]["text"] == "adaptive-1"
@@ -97,11 +105,7 @@ def test_with_several_decode_engines_none_is_lent_a_whole_request() -> None:
     engines = [prefill, *decodes]
     with door(engines) as (url, table):
         _update(table, engines, 1)
-        slow = threading.Thread(target=httpx.post, args=(f"{url}/v1/completions",),
-                                kwargs={"json": {"prompt": "first"}, "timeout": 10})  # fmt: skip
-        slow.start()
-        while not prefill.received:  # the first request's prefill leg is in flight
-            threading.Event().wait(0.01)
+        slow = _first_request_prefilling(url, prefill)
         assert httpx.post(f"{url}/v1/completions", json={"prompt": "second"}, timeout=10).status_code == 200
         slow.join()
         assert _legs(prefill) == ["prefill", "prefill"] and sorted(_legs(decodes[0]) + _legs(decodes[1])) == ["decode", "decode"]
@@ -116,11 +120,7 @@ def test_a_request_whose_pool_turns_colocated_during_its_prefill_leg_is_decoded_
     with door(engines) as (url, table):
         _update(table, engines, 1)
         answers: list[httpx.Response] = []
-        request = threading.Thread(target=lambda: answers.append(
-            httpx.post(f"{url}/v1/completions", json={"prompt": "long"}, timeout=10)))  # fmt: skip
-        request.start()
-        while not prefill.received:  # the prefill leg is in flight
-            threading.Event().wait(0.01)
+        request = _first_request_prefilling(url, prefill, answers)
         prefill.acting = decode.acting = "colocated"  # type: ignore[attr-defined]
         _update(table, engines, 2)
         request.join()
