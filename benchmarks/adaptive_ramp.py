@@ -37,7 +37,7 @@ import aiohttp
 import httpx
 
 from benchmarks.deployment import exit_on_sigterm
-from benchmarks.sim_scale import _clean, _deploy
+from benchmarks.sim_scale import _clean, _deploy, busy_cores_s
 from common.config import SloConfig
 from testkit.helpers import isolated_env
 from workers.sim_engine.profile import load_profile
@@ -86,6 +86,7 @@ class Answer:
 class Ramp:
     answers: list[Answer] = field(default_factory=list)
     layouts: list[tuple[float, dict[str, int]]] = field(default_factory=list)  # (t, engines by acting role)
+    host: list[dict[str, float]] = field(default_factory=list)  # per watch: t, machine busy cores, engines' late s, streams
 
 
 async def _one(client: aiohttp.ClientSession, url: str, model: str, index: int, sent_at: float, ramp: Ramp) -> None:
@@ -108,7 +109,26 @@ async def _one(client: aiohttp.ClientSession, url: str, model: str, index: int, 
     ramp.answers.append(Answer(sent_at, 200, first - started, itl, tokens))
 
 
+async def _engine_figures(client: aiohttp.ClientSession, engines: list[dict[str, object]]) -> tuple[float, int]:
+    """The engines' late seconds summed (steps past their cost: the host's cores were
+    busy) and the most requests one decode engine runs."""
+    late, streams = 0.0, 0
+    for engine in engines:
+        try:
+            async with client.get(f"{engine['url']}/metrics") as response:
+                text = await response.text()
+        except (aiohttp.ClientError, asyncio.TimeoutError):
+            continue
+        for line in text.splitlines():
+            if line.startswith("vllm:sim_late_seconds_total"):
+                late += float(line.rpartition(" ")[2])
+            elif line.startswith("vllm:num_requests_running") and engine["acting"] == "decode":
+                streams = max(streams, int(float(line.rpartition(" ")[2])))
+    return late, streams
+
+
 async def _watch(client: aiohttp.ClientSession, url: str, began: float, stop: asyncio.Event, ramp: Ramp) -> None:
+    last_cpu, last_at = busy_cores_s(), time.perf_counter()
     while not stop.is_set():
         try:
             async with client.get(f"{url}/admin/engines") as response:
@@ -116,7 +136,13 @@ async def _watch(client: aiohttp.ClientSession, url: str, began: float, stop: as
             counts: dict[str, int] = {}
             for engine in engines:
                 counts[engine["acting"]] = counts.get(engine["acting"], 0) + 1
-            ramp.layouts.append((time.perf_counter() - began, counts))
+            now = time.perf_counter()
+            ramp.layouts.append((now - began, counts))
+            late, streams = await _engine_figures(client, engines)
+            cpu = busy_cores_s()
+            ramp.host.append({"t": now - began, "busy_cores": (cpu - last_cpu) / (now - last_at), "late_s": late,
+                              "decode_streams_max": streams})  # fmt: skip
+            last_cpu, last_at = cpu, now
         except (aiohttp.ClientError, asyncio.TimeoutError, KeyError):
             pass
         await asyncio.sleep(2.0)
@@ -151,9 +177,16 @@ def buckets(ramp: Ramp, slo: SloConfig, total_s: float, capacity: float,
         t0, t1 = start * BUCKET_S, (start + 1) * BUCKET_S
         sent = [a for a in ramp.answers if t0 <= a.sent_at < t1]
         met = [a for a in sent if a.status == 200 and a.ttft_s * 1000 <= slo.ttft_ms and a.itl_s * 1000 <= slo.itl_ms]
+        answered = sorted(a.itl_s for a in sent if a.status == 200)
+        host = [h for h in ramp.host if t0 <= h["t"] < t1]
+        before = [h for h in ramp.host if h["t"] < t0] or host[:1]  # the engines' late seconds so far (a counter)
         rows.append({"t": t0, "load": rate((t0 + t1) / 2) / capacity, "sent": len(sent),  # type: ignore[operator]
                      "attainment": len(met) / len(sent) if sent else 1.0,
-                     "failed": sum(1 for a in sent if a.status != 200)})  # fmt: skip
+                     "failed": sum(1 for a in sent if a.status != 200),
+                     "itl_p50_ms": 1000 * answered[len(answered) // 2] if answered else 0.0,
+                     "busy_cores": sum(h["busy_cores"] for h in host) / len(host) if host else 0.0,
+                     "engines_late_s": host[-1]["late_s"] - before[-1]["late_s"] if host else 0.0,
+                     "decode_streams_max": max((h["decode_streams_max"] for h in host), default=0)})  # fmt: skip
     return rows
 
 
@@ -236,7 +269,9 @@ def main(argv: list[str] | None = None) -> None:
           f"{moves} role changes, scale steps {steps}; left running after clean: {left}", flush=True)  # fmt: skip
     for row in rows:
         print(f"  t={row['t']:4.0f} s load {row['load']:.2f}x sent {row['sent']:4.0f} attainment {row['attainment']:.0%} "
-              f"failed {row['failed']:.0f}", flush=True)  # fmt: skip
+              f"failed {row['failed']:.0f} ITL p50 {row['itl_p50_ms']:.0f} ms; host: busy cores {row['busy_cores']:.2f}, "
+              f"engines late {row['engines_late_s']:.1f} s, most streams on a decode engine {row['decode_streams_max']}",
+              flush=True)  # fmt: skip
     results = {"capacity_req_s": capacity, "engines": {"start": args.start, "min": args.min, "max": args.max},
                "ramp": {"low": args.low, "high": args.high, "end": args.end, "seconds": total_s},
                "slo": {"ttft_ms": slo.ttft_ms, "itl_ms": slo.itl_ms}, "requests": len(ramp.answers), "failed": failed,

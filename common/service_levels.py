@@ -8,6 +8,13 @@ from dataclasses import asdict, dataclass, field
 
 # The roles an adaptive engine acts in (its deploy role stays "adaptive").
 ACTING_ROLES = ("prefill", "decode", "colocated")
+SAME_WORKLOAD = 1.5  # output tokens (answered or asked for) within this factor: the same workload
+
+
+def same_workload(tokens: float, other: float) -> bool:
+    """Whether two workload signatures (mean or median output tokens) are within ``SAME_WORKLOAD`` x."""
+    low, high = sorted((max(tokens, 1.0), max(other, 1.0)))
+    return high <= SAME_WORKLOAD * low
 
 
 @dataclass(frozen=True)
@@ -26,6 +33,7 @@ class ServiceLevels:
     # What the answers were like (the planner's workload signature and work estimate):
     output_tokens: float = 0.0  # mean token events per streamed answer; 0 with none
     ttft_p50_ms: float = 0.0
+    arriving_tokens: float = 0.0  # the output tokens the latest requests asked for (median, door/arrivals.py); 0: unknown
 
     @property
     def attainment(self) -> float:

@@ -42,12 +42,13 @@ within ``memory_s``.
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 
 from common.config import SloConfig
 from common.scale_port import MAX_SCALE_STEP
-from common.service_levels import ServiceLevels
+from common.service_levels import ServiceLevels, same_workload
 
 Layout = tuple[int, int, int]  # engines acting prefill, decode, colocated
 ROOM = 0.5  # both p90s at most this share of their levels: an engine may go
@@ -55,7 +56,7 @@ ROOM_ATTAINMENT = 0.99
 PREFILL_BUSY = 0.85  # the share of their time a split's prefill engines are sized to be busy
 GIVE = 0.8  # a role gives engines to the other only with its own level this far under (when engines may be added)
 QUIET_WINDOWS = 3  # windows in a row with room before an engine goes
-SAME_WORKLOAD = 1.5  # mean output tokens within this factor: the same workload (layouts compare)
+HISTORY_KEPT = 512  # judged windows remembered (layout, how it served)
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,7 @@ class Seen:
     answers: float  # answers a second (ties in goodput, e.g. none met: the one that served more did better)
     at: float  # when it was judged
     output_tokens: float  # the workload: mean tokens out
+    arriving_tokens: float = 0.0  # the workload as its requests asked: median max tokens of the latest; 0: unknown
 
     @property
     def served(self) -> tuple[float, float]:
@@ -129,16 +131,18 @@ def describe_layout(layout: Layout) -> str:
 
 class RolePlanner:
     def __init__(self, slo: SloConfig, min_requests: int = 10, settle_s: float = 30.0, memory_s: float = 300.0,
-                 min_engines: int = 2, max_engines: int = 0) -> None:  # fmt: skip
+                 min_engines: int = 2, max_engines: int = 0, recall_s: float = 1800.0) -> None:  # fmt: skip
         self.slo = slo
         self.min_engines = min_engines
         self.max_engines = max_engines  # 0: the planner never scales
         self.min_requests = min_requests  # a window with fewer answers decides nothing
         self.settle_s = settle_s  # after a change, the layout serves this long (and a whole window) before it is judged
         self.memory_s = memory_s  # how long a layout's goodput is remembered
+        self.recall_s = recall_s  # how long the layout that served a workload best is gone back to when it returns
         self._changed_at = -math.inf
         self._advised_at = -math.inf
-        self._seen: dict[Layout, Seen] = {}
+        self._history: deque[tuple[Layout, Seen]] = deque(maxlen=HISTORY_KEPT)  # judged windows, oldest first
+        self._serving = 0.0  # the workload (tokens asked for) the current layout was set or judged on
         self._before: dict[str, str] | None = None  # the roles before the planner's last change
         self._quiet_since: float | None = None  # since when every window had room
         self.new_role = "colocated"  # the role engines added by the planner's last scale-out take
@@ -149,12 +153,16 @@ class RolePlanner:
 
     def decide(self, levels: ServiceLevels, roles: Mapping[str, str], now: float) -> RoleDecision | None:
         """The decision for this window, or None (keep the roles as they are)."""
-        if len(roles) < 2 or levels.requests < self.min_requests:
+        if len(roles) < 2:
             return None
+        returned = self._workload_returned(levels, roles, now)
+        if returned is not None or levels.requests < self.min_requests:
+            return returned
         if now - self._changed_at < max(self.settle_s, levels.window_s):
             return None  # the window still holds answers of the layout before
         current = layout_of(roles)
-        self._seen[current] = Seen(*_served(levels), now, levels.output_tokens)
+        self._history.append((current, Seen(*_served(levels), now, levels.output_tokens, levels.arriving_tokens)))
+        self._serving = levels.arriving_tokens or self._serving
         ttft_over = levels.ttft_p90_ms / self.slo.ttft_ms
         itl_over = levels.itl_p90_ms / self.slo.itl_ms
         summary = (f"TTFT p90 {levels.ttft_p90_ms:.0f} ms (SLO {self.slo.ttft_ms:g}), inter-token p90 "
@@ -201,14 +209,42 @@ class RolePlanner:
         return self._decision(now, target, f"{summary}; trying all colocated: not seen on this workload "
                               f"(about {levels.output_tokens:.0f} tokens out) for {self.memory_s:g} s", levels, moved)  # fmt: skip
 
+    def _workload_returned(self, levels: ServiceLevels, roles: Mapping[str, str], now: float) -> RoleDecision | None:
+        """The requests arriving now ask for another workload than the layout was set or
+        judged on (their output tokens, ``arriving_tokens``): go at once, without waiting for
+        answers or settling, to the layout that served that workload best within
+        ``recall_s`` on as many engines. A workload's phases can be shorter than the windows
+        that would find the layout again."""
+        arriving = levels.arriving_tokens
+        if arriving <= 0 or self._serving <= 0 or same_workload(arriving, self._serving):
+            return None
+        was, self._serving = self._serving, arriving
+        best: dict[Layout, Seen] = {}  # each layout's latest window on the arriving workload
+        for layout, seen in self._history:
+            if now - seen.at <= self.recall_s and seen.arriving_tokens > 0 and sum(layout) == len(roles) \
+                    and same_workload(seen.arriving_tokens, arriving):  # fmt: skip
+                best[layout] = seen
+        if not best:
+            return None
+        layout, seen = max(best.items(), key=lambda item: item[1].served)
+        if layout == layout_of(roles):
+            return None
+        target = _roles_of(layout, roles, levels)
+        self._changed_at, self._before, self._quiet_since = now, dict(roles), None
+        moved = {name: (roles[name], role) for name, role in target.items() if roles[name] != role}
+        return self._decision(now, target, f"the arriving requests ask for about {arriving:.0f} tokens out, "
+                              f"not {was:.0f}: back to {describe_layout(layout)}, which served that workload best "
+                              f"({seen.goodput:.2f} answers/s met both levels {now - seen.at:.0f} s ago)", levels, moved)  # fmt: skip
+
     def _recall(self, layout: Layout, levels: ServiceLevels, now: float) -> Seen | None:
         """``layout``'s goodput (and when it was judged) if seen within ``memory_s`` under the
         same workload as now (a layout's goodput on other requests says nothing)."""
-        seen = self._seen.get(layout)
-        if seen is None or now - seen.at > self.memory_s:
-            return None
-        low, high = sorted((max(seen.output_tokens, 1.0), max(levels.output_tokens, 1.0)))
-        return seen if high <= SAME_WORKLOAD * low else None
+        for seen_layout, seen in reversed(self._history):
+            if now - seen.at > self.memory_s:
+                return None
+            if seen_layout == layout:
+                return seen if same_workload(seen.output_tokens, levels.output_tokens) else None
+        return None
 
     def _worse_before(self, layout: Layout, levels: ServiceLevels, now: float) -> str:
         """Why ``layout`` is not to be gone to ("" if it may be): seen lately doing no better."""
@@ -317,6 +353,16 @@ def _prefill_idle(roles: Mapping[str, str], levels: ServiceLevels) -> bool:
     reads about one each."""
     engines = [name for name, acting in roles.items() if acting == "prefill"]
     return bool(engines and levels.in_flight) and sum(levels.in_flight.get(name, 0) for name in engines) < len(engines) / 2
+
+
+def _roles_of(layout: Layout, roles: Mapping[str, str], levels: ServiceLevels) -> dict[str, str]:
+    """``roles`` moved to ``layout`` (as many engines): the prefill engines are those
+    prefilling now, then the ones with the fewest requests in flight; the rest decode."""
+    prefill, _, colocated = layout
+    if colocated:
+        return dict.fromkeys(roles, "colocated")
+    order = sorted(roles, key=lambda name: (roles[name] != "prefill", levels.in_flight.get(name, 0), name))
+    return {name: "prefill" if name in order[:prefill] else "decode" for name in roles}
 
 
 def _least_busy(roles: Mapping[str, str], role: str, levels: ServiceLevels, count: int) -> list[str]:

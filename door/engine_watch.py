@@ -2,12 +2,14 @@
 a second (``REFRESH_S``), the KV router told which engines to follow and publishing its
 gauges, every ``KV_SCRAPE_EVERY`` rounds each engine's KV-hit counters copied into the
 door's metrics, and every ``REPORT_EVERY`` rounds (ROLES=adaptive) the service levels
-of the last ``LEVELS_WINDOW_S`` reported to the role planner, whose decisions come back.
+of the last ``LEVELS_WINDOW_S`` reported to the role planner, whose decisions come back;
+reported at once when the arriving requests ask for another workload (door/arrivals.py).
 The windows and decisions are kept for the dashboard (door/dashboard.py)."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections import deque
@@ -15,6 +17,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 from common.role_port import RoleControl
 from common.service_levels import ServiceLevels
+from door.arrivals import Arrivals
 from door.door_metrics import DoorMetrics
 from door.engine_client import EngineClient, EngineUnreachable, StreamCut
 from door.kv_router import KVRouter
@@ -45,6 +48,7 @@ class EngineWatch:
         self.roles = roles
         self.window_s = window_s
         self.scale = scale  # runs a planner's scale step through the scale path (FrontDoor's)
+        self.arrivals = Arrivals()  # what the arriving requests ask for (the door tells it; reported with the levels)
         self._steps_seen: set[float] | None = None  # the planner's scale steps run (or decided before this door)
         self._scaling: asyncio.Task[None] | None = None
         # For the dashboard: (wall time, ServiceLevels dict, acting role by engine) per window; the planner's decisions.
@@ -82,7 +86,7 @@ class EngineWatch:
                     self.kv_router.publish()
                 if rounds % KV_SCRAPE_EVERY == 0:
                     await self._scrape_kv_tokens()
-                if rounds % REPORT_EVERY == REPORT_EVERY - 1:
+                if rounds % REPORT_EVERY == REPORT_EVERY - 1 or self._workload_moved():
                     await self.report_levels()
             except asyncio.CancelledError:
                 raise
@@ -96,11 +100,19 @@ class EngineWatch:
         if self.levels is None:
             return
         in_flight = {engine.name: engine.outstanding for engine in self.table.all_engines()}
-        levels = self.levels(self.window_s, in_flight).as_dict()
+        window = self.levels(self.window_s, in_flight)
+        window = dataclasses.replace(window, arriving_tokens=self.arrivals.tokens())
+        self.arrivals.reported = window.arriving_tokens
+        levels = window.as_dict()
         self.series.append((time.time(), levels, {engine.name: engine.acting for engine in self.table.all_engines()}))
         if self.roles is not None and self.table.adaptive:
             self.decisions = await asyncio.to_thread(self.roles.observe, levels)
             self._start_scale_steps()
+
+    def _workload_moved(self) -> bool:
+        """An adaptive pool's arriving requests ask for another workload than last
+        reported: the planner hears of it within a refresh, not a report period."""
+        return self.roles is not None and self.table.adaptive and self.arrivals.moved()
 
     def _start_scale_steps(self) -> None:
         """The newest scale step the planner decided since the last one, run in the

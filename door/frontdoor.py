@@ -270,6 +270,7 @@ class FrontDoor:
         table, kv_router = self.table, self.kv_router
         decision_started = time.perf_counter()
         leg = Leg(exchange, f"/v1/{endpoint}", endpoint, request_id, affinity_key(body), started)
+        self.watch.arrivals.saw(body)  # the workload the planner sees arriving
         single = single_prompt(body)
         prompt = kv_router.prompt(body) if kv_router is not None and single else None
         ranker = None if prompt is None else functools.partial(kv_router.order, prompt=prompt)  # type: ignore[union-attr]
@@ -286,7 +287,7 @@ class FrontDoor:
             self._computed_by(prefills, prompt)
             return await self._answer(prefills, body, leg, "prefill")
         decodes = table.order("decode", leg.key, ranker) if prompt is not None else []
-        if decodes and kv_router.skip_prefill(decodes[0], prompt):  # type: ignore[union-attr,arg-type]
+        if decodes and kv_router.skip_prefill(decodes[0], prompt, table.adaptive):  # type: ignore[union-attr,arg-type]
             self.metrics.routing_decision.observe(time.perf_counter() - decision_started)
             self.metrics.prefill_skipped.inc()
             logger.debug("[request=%s] %d prompt tokens, %s lacks at most %d: no prefill leg",
@@ -342,9 +343,8 @@ class FrontDoor:
 
     @staticmethod
     def _idle_decodes(table: RoutingTable) -> list[EngineLoad]:
-        """ROLES=adaptive with one decode engine: when every prefill engine has a request in
-        flight and the decode engine none, it serves the request whole ([it]; else []).
-        Several decode engines are the planner's to balance (it can move one to prefill)."""
+        """ROLES=adaptive with one decode engine: when every prefill engine has a request in flight and the
+        decode engine none, it serves the request whole ([it]; else []). Several are the planner's to balance."""
         decodes = table.healthy("decode")
         if len(decodes) != 1 or decodes[0].outstanding > 0:
             return []

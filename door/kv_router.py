@@ -11,7 +11,9 @@ engine, without the prefill leg, when the part of its prompt that the chosen dec
 engine does not hold in its device cache is at most ``selective_pd_tokens`` tokens
 (short prompts, repeated prompts, later turns of a conversation that decode served).
 The decode engine then computes that part itself; the prefill leg's round trip, its
-save and the decode's load are saved.
+save and the decode's load are saved. In an adaptive pool (ROLES=adaptive) the planner
+split the engines to keep prompts from stalling the decodes, so there a request skips
+its prefill leg only to a decode engine with nothing in flight.
 
 The data system tier: with prefix reuse on, the index estimates what the store holds
 from the same events (``KVIndex.store_match``: every block an engine announced was
@@ -168,9 +170,11 @@ class KVRouter:
     def order(self, candidates: Sequence[EngineLoad], prompt: RoutedPrompt) -> list[EngineLoad]:
         return self.policy.order_cached(candidates, prompt.cache)
 
-    def skip_prefill(self, decode: EngineLoad, prompt: RoutedPrompt) -> bool:
-        """Whether ``decode`` computes the rest of this prompt itself (module docstring)."""
-        if self.selective_pd_tokens <= 0:
+    def skip_prefill(self, decode: EngineLoad, prompt: RoutedPrompt, only_idle: bool = False) -> bool:
+        """Whether ``decode`` computes the rest of this prompt itself (module docstring).
+        ``only_idle`` (an adaptive pool, split to keep prompts off the decode engines):
+        only when ``decode`` has nothing in flight, no stream for the prompt to stall."""
+        if self.selective_pd_tokens <= 0 or (only_idle and decode.outstanding > 0):
             return False
         uncached = prompt.tokens - self.policy.saved_tokens(decode.name, prompt.cache)
         return uncached <= self.selective_pd_tokens

@@ -75,7 +75,12 @@ def test_the_pool_capacity_grows_with_its_engines_and_the_inter_token_level() ->
 
 def test_ramp_buckets_count_attainment_and_failures_by_when_requests_left() -> None:
     ramp = Ramp(answers=[Answer(1.0, 200, ttft_s=0.5, itl_s=0.05, tokens=32), Answer(2.0, 200, ttft_s=2.5, itl_s=0.05),
-                         Answer(3.0, 429, error="busy"), Answer(12.0, 200, ttft_s=0.1, itl_s=0.2)])  # fmt: skip
+                         Answer(3.0, 429, error="busy"), Answer(12.0, 200, ttft_s=0.1, itl_s=0.2)],
+                host=[{"t": 2.0, "busy_cores": 0.5, "late_s": 1.0, "decode_streams_max": 3},
+                      {"t": 4.0, "busy_cores": 0.7, "late_s": 1.5, "decode_streams_max": 5},
+                      {"t": 12.0, "busy_cores": 1.0, "late_s": 4.0, "decode_streams_max": 2}])  # fmt: skip
     rows = buckets(ramp, SloConfig(), 20.0, 10.0, lambda t: 5.0)
-    assert rows == [{"t": 0.0, "load": 0.5, "sent": 3, "attainment": 1 / 3, "failed": 1},
-                    {"t": 10.0, "load": 0.5, "sent": 1, "attainment": 0.0, "failed": 0}]  # fmt: skip
+    assert rows == [{"t": 0.0, "load": 0.5, "sent": 3, "attainment": 1 / 3, "failed": 1, "itl_p50_ms": 50.0,
+                     "busy_cores": pytest.approx(0.6), "engines_late_s": 0.5, "decode_streams_max": 5},
+                    {"t": 10.0, "load": 0.5, "sent": 1, "attainment": 0.0, "failed": 0, "itl_p50_ms": 200.0,
+                     "busy_cores": 1.0, "engines_late_s": 2.5, "decode_streams_max": 2}]  # fmt: skip

@@ -328,3 +328,51 @@ def test_when_no_layout_met_the_levels_the_one_that_served_more_did_better() -> 
     # (compared by goodput alone, 0 against 0, it read "no better" and the pool stayed on its one decode engine)
     decision = planner.decide(window(15000, 400, requests=20, met=0), split, 100.0)
     assert decision is not None and decision.roles == colocated
+
+
+def test_a_workload_that_returns_gets_the_layout_that_served_it_best_at_once() -> None:
+    """bench adaptive-roles' switching load: seed 000's phases (2 tokens out) last about
+    7 s, shorter than a window and its settling. The requests arriving say what they ask
+    for; the planner goes back to the layout that served that workload best at once, with
+    no answers of it yet and in its settling time."""
+    planner = RolePlanner(SLO, settle_s=30.0)
+    colocated = {"adaptive-0": "colocated", "adaptive-1": "colocated"}
+    short = dict(output_tokens=2.0, arriving_tokens=2.0)
+    long = dict(output_tokens=256.0, arriving_tokens=256.0)
+    # seed 000: colocated misses the inter-token level and splits; split serves it best
+    split = planner.decide(replace(window(1500, 220, met=26), **short), colocated, 0.0)
+    assert split is not None and layout_of(split.roles) == (1, 1, 0)
+    assert planner.decide(replace(window(800, 40, met=40), **short), split.roles, 30.0) is None  # judged: 2/s
+    probe = planner.decide(replace(window(1200, 40, requests=17), **long), split.roles, 60.0)
+    assert probe is not None and probe.roles == colocated  # long outputs: colocated tried, and judged
+    assert planner.decide(replace(window(1200, 40, requests=24), **long), colocated, 95.0) is None  # served more
+    # seed 000 arrives again: split at once, though its window holds no answer of it yet
+    returned = planner.decide(replace(window(1200, 40, requests=3), output_tokens=256.0, arriving_tokens=2.0),
+                              colocated, 100.0)  # fmt: skip
+    assert returned is not None and returned.roles == split.roles
+    assert returned.reason.startswith("the arriving requests ask for about 2 tokens out, not 256: back to 1P+1D")
+    # the long outputs return within the settling time: colocated at once
+    back = planner.decide(replace(window(800, 40, requests=12), output_tokens=2.0, arriving_tokens=256.0),
+                          returned.roles, 105.0)  # fmt: skip
+    assert back is not None and back.roles == colocated
+    # the same workload arriving moves nothing; nor does a workload never judged
+    assert planner.decide(replace(window(800, 40, requests=3), arriving_tokens=300.0), colocated, 110.0) is None
+    assert planner.decide(replace(window(800, 40, requests=3), arriving_tokens=40.0), colocated, 115.0) is None
+    assert planner.decide(replace(window(800, 40, requests=3), arriving_tokens=48.0), colocated, 120.0) is None
+
+
+def test_a_workload_is_gone_back_to_only_on_as_many_engines_within_recall_s() -> None:
+    planner = RolePlanner(SLO, settle_s=30.0, recall_s=600.0)
+    colocated = {"adaptive-0": "colocated", "adaptive-1": "colocated"}
+    short = dict(output_tokens=2.0, arriving_tokens=2.0)
+    split = planner.decide(replace(window(1500, 220, met=26), **short), colocated, 0.0)
+    assert split is not None
+    assert planner.decide(replace(window(800, 40, met=40), **short), split.roles, 30.0) is None
+    probe = planner.decide(replace(window(1200, 40, requests=17), output_tokens=256.0, arriving_tokens=256.0),
+                           split.roles, 60.0)  # fmt: skip
+    assert probe is not None and probe.roles == colocated
+    three = {**colocated, "adaptive-2": "colocated"}
+    assert planner.decide(replace(window(800, 40, requests=3), arriving_tokens=2.0), three, 100.0) is None
+    late = RolePlanner(SLO, settle_s=30.0, recall_s=600.0)
+    late._history, late._serving = planner._history, 256.0
+    assert late.decide(replace(window(800, 40, requests=3), arriving_tokens=2.0), colocated, 700.0) is None

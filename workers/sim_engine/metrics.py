@@ -15,6 +15,7 @@ class _Scheduler(Protocol):
     finished_requests: int
     preemptions: int
     busy_s: float
+    late_s: float
     ttft: Histogram
 
 
@@ -63,6 +64,8 @@ def render_metrics(scheduler: _Scheduler, cache: _Cache, model_name: str) -> str
         ("vllm:prefix_cache_hits_total", "counter", "Prefix cache hits, in terms of number of cached tokens.", cache.hits),
         ("vllm:sim_busy_seconds_total", "counter", "Simulated engine: seconds its steps took (the cost model's).",
          scheduler.busy_s),
+        ("vllm:sim_late_seconds_total", "counter",
+         "Simulated engine: seconds its steps ran past the cost model's (the host's cores were busy).", scheduler.late_s),
     )  # fmt: skip
     lines: list[str] = []
     for name, kind, help_text, value in unlabelled:

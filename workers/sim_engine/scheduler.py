@@ -99,6 +99,7 @@ class SimScheduler:
         self.preemptions = 0
         self.steps = 0
         self.busy_s = 0.0
+        self.late_s = 0.0  # how far steps ran past their cost: the host's cores were busy elsewhere
         self.ttft = Histogram(TTFT_BUCKETS)
 
     def start(self) -> None:
@@ -150,6 +151,7 @@ class SimScheduler:
             await asyncio.sleep(max(0.0, started + cost - time.monotonic()))
             self.steps += 1
             self.busy_s += cost
+            self.late_s += max(0.0, time.monotonic() - started - cost)
             self._advance(batch)
 
     def _schedule(self) -> list[tuple[SimRequest, int]]:
