@@ -178,7 +178,7 @@ class RolePlanner:
                 and min(ttft_over, itl_over) > GIVE:  # fmt: skip
             return self._scale_out(dict(roles), levels, now, summary, "neither role has engines to spare",
                                    max(ttft_over, itl_over), short)  # fmt: skip
-        target, why = _target(dict(roles), ttft_over, itl_over, levels)
+        target, why = _target(dict(roles), ttft_over, itl_over, levels, bounded=bool(self.max_engines))
         if target is not None:
             worse = self._worse_before(layout_of(target), levels, now)
             if worse:
@@ -197,12 +197,13 @@ class RolePlanner:
 
     def _probe_colocated(self, roles: dict[str, str], levels: ServiceLevels, now: float,
                          summary: str) -> RoleDecision | None:  # fmt: skip
-        """A split pool meeting both levels tries all colocated once per workload: a
+        """A split pool meeting both levels (99% of its answers) tries all colocated once per workload: a
         layout that meets the levels may still serve fewer answers (under a closed-loop
         load), and only a window of the other says so; the goodput comparison returns."""
         colocated = (0, 0, len(roles))
-        if layout_of(roles) == colocated or self._recall(colocated, levels, now) is not None:
-            return None
+        if layout_of(roles) == colocated or self._recall(colocated, levels, now) is not None \
+                or levels.attainment < ROOM_ATTAINMENT:  # fmt: skip
+            return None  # (at the edge of the levels, e.g. an open-loop load near capacity, a probe costs a window)
         target = dict.fromkeys(roles, "colocated")
         self._changed_at, self._before, self._quiet_since = now, dict(roles), None
         moved = {name: (role, "colocated") for name, role in roles.items()}
@@ -296,12 +297,17 @@ class RolePlanner:
                             itl_p90_ms=levels.itl_p90_ms)  # fmt: skip
 
 
-def _target(roles: dict[str, str], ttft_over: float, itl_over: float,
-            levels: ServiceLevels) -> tuple[dict[str, str] | None, str]:  # fmt: skip
+def _target(roles: dict[str, str], ttft_over: float, itl_over: float, levels: ServiceLevels,
+            bounded: bool = False) -> tuple[dict[str, str] | None, str]:  # fmt: skip
     """The roles to move to and why; (None, why not) when no role change helps. The
     worse level (against its own) decides; a split pool moves engines in proportion to
     how far it is over: ``ceil(n x (over - 1))`` of the ``n`` engines of the short role,
-    ``over`` taken at most 3 (so one prefill engine becomes 2, 3, then 3x as many)."""
+    ``over`` taken at most 3 (so one prefill engine becomes 2, 3, then 3x as many).
+    ``bounded`` (a planner that scales): the other role gives at most the share of its
+    engines its own level has to spare, ``floor(m x (1 - its over))`` of its ``m``; none
+    spare: engines are added instead, if the limit allows (on the ramp, 15P+8D with
+    inter-token latency at 75% of its level gave 7 decode engines to prefill, and the one
+    left missed it 2x)."""
     ttft_worse = ttft_over > 1 and ttft_over >= itl_over
     prefill, decode, colocated = layout_of(roles)
     if colocated and not (prefill or decode):
@@ -320,13 +326,24 @@ def _target(roles: dict[str, str], ttft_over: float, itl_over: float,
             return {**roles, **dict.fromkeys(names, "decode")}, (f"{', '.join(names)} prefill -> decode: prompts do "
                     "not queue at the prefill engines (under half a request each), answers wait for decode slots")  # fmt: skip
         if decode >= 2:
-            names = _least_busy(roles, "decode", levels, min(decode - 1, _step(prefill, ttft_over)))
+            count = min(decode - 1, _step(prefill, ttft_over), _spare(decode, itl_over) if bounded else decode)
+            if count <= 0:
+                return None, f"prompts queue, and the decode engines have none to spare (inter-token p90 at {itl_over:.0%})"
+            names = _least_busy(roles, "decode", levels, count)
             return {**roles, **dict.fromkeys(names, "prefill")}, f"{', '.join(names)} decode -> prefill: prompts queue"
         return {name: "colocated" for name in roles}, "all colocated: prompts queue and one decode engine is left"
     if prefill >= 2:
-        names = _least_busy(roles, "prefill", levels, min(prefill - 1, _step(decode, itl_over)))
+        count = min(prefill - 1, _step(decode, itl_over), _spare(prefill, ttft_over) if bounded else prefill)
+        if count <= 0:
+            return None, f"decodes are too many, and the prefill engines have none to spare (TTFT p90 at {ttft_over:.0%})"
+        names = _least_busy(roles, "prefill", levels, count)
         return {**roles, **dict.fromkeys(names, "decode")}, f"{', '.join(names)} prefill -> decode: decodes are too many for their engines"
     return None, "one prefill engine is the least a split pool has"
+
+
+def _spare(engines: int, over: float) -> int:
+    """Engines of a role that its level's room allows to go: ``floor(engines x (1 - over))``."""
+    return max(0, math.floor(engines * (1.0 - over)))
 
 
 def split_prefill(engines: int, levels: ServiceLevels) -> int:

@@ -113,8 +113,10 @@ SETTINGS: tuple[_Setting, ...] = (
              'holds, and skips the prefill leg where `SELECTIVE_PD_TOKENS` says). Unset with `DP_MODE=vllm` '
              'and PDP or DDP > 1: prefix_affinity (vLLM picks the rank; the door cannot see its KV)'),
     _Setting("SELECTIVE_PD_TOKENS", "256", "kv_aware, PD: a request whose prompt the chosen decode engine lacks at most this many "
-             "tokens of skips the prefill leg; 0: every request takes both legs"),
-    _Setting("MAX_IN_FLIGHT_PER_ENGINE", "128", "requests the door lets each serving (decode or colocated) engine have at once"),
+             "tokens of skips the prefill leg (ROLES=adaptive: only a decode engine with nothing in flight); "
+             "0: every request takes both legs"),
+    _Setting("MAX_IN_FLIGHT_PER_ENGINE", "128", "requests the door lets each serving (decode or colocated) engine have at once; "
+             "with ROLES=adaptive, each engine"),
     _Setting("SLO_TTFT_MS", "2000", "service level for time to first token; the door counts the requests that meet it and "
              "`SLO_ITL_MS` (goodput, `frontdoor_slo_requests_total`, `status`)"),
     _Setting("ROLES", "fixed", "fixed: engines are prefill, decode (or colocated) for life; adaptive: PREFILL_INS_NUM + "

@@ -146,7 +146,11 @@ class RoutingTable:
 
     def serving_engines(self) -> int:
         """Healthy engines that serve answers: decode engines (prefill ones while no decode
-        is healthy), or colocated ones."""
+        is healthy), or colocated ones; in an adaptive pool every engine (each can serve
+        answers, and a split short of decode engines shows as their inter-token latency,
+        which the planner reads, not as requests queued at the door)."""
+        if self.adaptive:
+            return sum(len(self._usable_of(role)) for role in ACTING_ROLES)
         if not self.disaggregated:
             return len(self.healthy("colocated"))
         return len(self.healthy("decode")) or len(self.healthy("prefill"))

@@ -166,3 +166,14 @@ def test_each_scale_step_the_planner_decides_runs_once_in_the_background() -> No
     asyncio.run(windows())
     assert steps == [1, -1]
     assert len(watch.series) == 5 and watch.decisions == planner.decisions
+
+
+def test_an_adaptive_pool_admits_requests_for_every_engine() -> None:
+    """On the ramp a split of 22 prefill and 1 decode engine let the door admit 12 requests
+    (MAX_IN_FLIGHT_PER_ENGINE x decode engines): the rest queued at the door, their TTFT
+    missed and the planner read prompts queueing. Every adaptive engine serves answers."""
+    infos = [{"name": f"adaptive-{i}", "role": "adaptive", "host": "127.0.0.1", "port": i + 1,
+              "acting": "decode" if i == 3 else "prefill", "state": "healthy"} for i in range(4)]  # fmt: skip
+    assert RoutingTable(infos).serving_engines() == 4
+    fixed = [{**info, "role": info["acting"]} for info in infos]
+    assert RoutingTable(fixed).serving_engines() == 1  # fixed PD: the decode engines serve the answers

@@ -376,3 +376,34 @@ def test_a_workload_is_gone_back_to_only_on_as_many_engines_within_recall_s() ->
     late = RolePlanner(SLO, settle_s=30.0, recall_s=600.0)
     late._history, late._serving = planner._history, 256.0
     assert late.decide(replace(window(800, 40, requests=3), arriving_tokens=2.0), colocated, 700.0) is None
+
+
+def test_with_engines_to_add_a_role_gives_only_the_engines_its_level_spares() -> None:
+    """bench adaptive-ramp: 15P+8D with TTFT p90 2.5x its level and inter-token p90 at 75%
+    of its own gave 7 decode engines to prefill; the one left missed its level 2x."""
+    roles = {f"adaptive-{i}": "prefill" if i < 15 else "decode" for i in range(23)}
+    ramp = window(5048, 75, met=72, requests=183)
+    decision = RolePlanner(SLO, max_engines=32).decide(ramp, roles, 0.0)
+    assert decision is not None and layout_of(decision.roles) == (17, 6, 0)  # floor(8 x 0.25) = 2 moved
+    fixed = RolePlanner(SLO).decide(ramp, roles, 0.0)  # engines may not be added: as before
+    assert fixed is not None and layout_of(fixed.roles) == (22, 1, 0)
+    few = {f"adaptive-{i}": "prefill" if i < 6 else "decode" for i in range(8)}  # 2 decode engines at 70%: none spare
+    tight = RolePlanner(SLO, max_engines=32).decide(window(5048, 70, met=72, requests=183), few, 0.0)
+    assert tight is not None and tight.scale == 8 and not tight.moved and "none to spare" in tight.reason
+    # at the limit too: the ramp's tail, 8P+24D, TTFT 25 s and inter-token p90 44 ms: 13 of 24 decode engines go
+    full = {f"adaptive-{i}": "prefill" if i < 8 else "decode" for i in range(32)}
+    decision = RolePlanner(SLO, max_engines=32).decide(window(25137, 44, met=5, requests=205), full, 0.0)
+    assert decision is not None and layout_of(decision.roles) == (21, 11, 0)
+    # the other way: decodes miss, the prefill engines spare floor(6 x (1 - 0.5)) = 3 of the ceil(2 x 1.5) = 3 asked
+    roles = {f"adaptive-{i}": "prefill" if i < 6 else "decode" for i in range(8)}
+    decision = RolePlanner(SLO, max_engines=32).decide(window(1000, 250, met=10), roles, 0.0)
+    assert decision is not None and layout_of(decision.roles) == (3, 5, 0)
+
+
+def test_a_split_pool_at_the_edge_of_the_levels_does_not_try_colocated() -> None:
+    """On the ramp 22P+9D met both levels with 92% of its answers at 1.15x the load; trying
+    colocated there cost a window of misses (TTFT 2.8 s, inter-token 194 ms)."""
+    split = {"adaptive-0": "prefill", "adaptive-1": "decode"}
+    assert RolePlanner(SLO).decide(window(1958, 67, met=254, requests=276), split, 0.0) is None
+    probe = RolePlanner(SLO).decide(window(1958, 67, met=276, requests=276), split, 0.0)
+    assert probe is not None and layout_of(probe.roles) == (0, 0, 2)
