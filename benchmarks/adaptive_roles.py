@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -110,12 +111,30 @@ def combined(results: Sequence[ServeResult]) -> dict[str, float]:
             "mean_tpot_ms": sum(r.mean_tpot_ms * r.completed for r in results) / max(done, 1)}  # fmt: skip
 
 
+def store_mb(workloads: Sequence[str], settle_prompts: float, kv_bytes_per_token: int) -> int:
+    """Data system shared memory for every prompt's KV a deployment's run may hand over,
+    twice over, in MiB. Handed-over blocks stay until KV_TTL_S (30 min) ends them: with
+    the default 2 GiB, seed 000's 1,680-token prompts (22 MB each for the 93M model in
+    float32) filled the store within the first workload, and every later handoff was
+    skipped ("full: skipping saves") and computed by the decode engine after 2 s."""
+    tokens = 0.0
+    for name in workloads:
+        phases = [(WORKLOADS[kind], SWITCHING_SCALE) for kind in SWITCHING] if name == "switching" else \
+            [(WORKLOADS[name], 1.0 + settle_prompts)]  # fmt: skip
+        for phase, scale in phases:
+            prompt = phase.input_tokens + (280 if phase.kind == "grouped" else 0)
+            tokens += max(4, round(phase.prompts * scale)) * prompt
+    return max(2048, 256 * math.ceil(2 * tokens * kv_bytes_per_token / 2**20 / 256))
+
+
 def run_arm(arm: str, repeat: int, workloads: Sequence[str], model_path: Path, slo: SloConfig,
-            settle_prompts: float) -> dict[str, object]:  # fmt: skip
+            settle_prompts: float, kv_bytes_per_token: int) -> dict[str, object]:  # fmt: skip
     tmp = Path(tempfile.mkdtemp(prefix=f"adaptive-{arm}-", dir="/tmp"))
     params = f"--enforce-eager --max-model-len {MAX_MODEL_LEN}"
     env = isolated_env(tmp, MODEL_PATH=str(model_path), PREFILL_STARTUP_PARAMS=params, DECODE_STARTUP_PARAMS=params,
-                       SLO_TTFT_MS=f"{slo.ttft_ms:g}", SLO_ITL_MS=f"{slo.itl_ms:g}", **COMMON, **ARMS[arm])  # fmt: skip
+                       SLO_TTFT_MS=f"{slo.ttft_ms:g}", SLO_ITL_MS=f"{slo.itl_ms:g}", DS_SHARED_MEMORY_POPULATE="0",
+                       DS_SHARED_MEMORY_MB=str(store_mb(workloads, settle_prompts, kv_bytes_per_token)),
+                       **COMMON, **ARMS[arm])  # fmt: skip
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     runs: dict[str, object] = {}
     with deployed(env) as state:
@@ -216,7 +235,7 @@ def main(argv: list[str] | None = None) -> None:
         figures, decisions = {}, {}
         for arm in arms:
             print(f"repeat {repeat + 1}/{args.repeats}: {arm}", flush=True)
-            outcome = run_arm(arm, repeat, workloads, model.path, slo, args.settle_prompts)
+            outcome = run_arm(arm, repeat, workloads, model.path, slo, args.settle_prompts, model.kv_bytes_per_token)
             figures[arm], decisions[arm] = outcome["runs"], outcome["decisions"]
         results["repeats"].append(figures)  # type: ignore[attr-defined]
         results["decisions"].append(decisions)  # type: ignore[attr-defined]

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks.adaptive_ramp import Answer, Ramp, buckets, pool_capacity, rate_at
-from benchmarks.adaptive_roles import ARMS, COMMON, combined, report_table, write_report
+from benchmarks.adaptive_roles import ARMS, COMMON, combined, report_table, store_mb, write_report
 from benchmarks.serve_bench import ServeResult
 from common.config import Role, SloConfig
 from controller.placement import instance_plans
@@ -84,3 +84,11 @@ def test_ramp_buckets_count_attainment_and_failures_by_when_requests_left() -> N
                      "busy_cores": pytest.approx(0.6), "engines_late_s": 0.5, "decode_streams_max": 5},
                     {"t": 10.0, "load": 0.5, "sent": 1, "attainment": 0.0, "failed": 0, "itl_p50_ms": 200.0,
                      "busy_cores": 1.0, "engines_late_s": 2.5, "decode_streams_max": 2}]  # fmt: skip
+
+
+def test_the_store_holds_every_prompt_a_deployment_hands_over_twice() -> None:
+    """With the default 2 GiB, seed 000's prompts filled the store within the first
+    workload and every later handoff was computed by the decode engine instead."""
+    # seed 000: 72 measured + 36 settling prompts of 1,400 + 280 tokens, 12,288 bytes a token, twice: 4,252 MiB
+    assert store_mb(["seed000"], 0.5, 12288) == 4352
+    assert store_mb(["seed002"], 0.5, 12288) == 2048  # small: the default
