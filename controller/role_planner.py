@@ -4,9 +4,13 @@ into prefill and decode engines (the door sends each request's prefill leg to on
 decode leg to another). Pure: the Controller feeds it the door's windows and applies what
 it returns (controller/controller.py); tests feed it recorded series.
 
+First, at once (no window, no settling): when the arriving requests ask for another
+workload than the layout was set or judged on (``arriving_tokens``), the layout that
+served that workload best within ``recall_s`` on as many engines, if one did.
+
 The rules, judged on a window that began after the last change:
 - both levels met: nothing changes, but a split pool tries all colocated once per
-  workload (below) if that was not seen on it;
+  workload (below) if that was not seen on it and 99% of its answers met both;
 - inter-token latency missed (prefills stall the decodes sharing their engine) on an
   all-colocated pool: split by the measured work (``split_prefill``): prefill engines
   enough for the answers a second, each prompt holding one about the median TTFT, the
@@ -22,7 +26,8 @@ The rules, judged on a window that began after the last change:
   engines, in the same proportion;
 - the worse of the two (measured against its level) decides when both are missed; where
   engines may be added, a split pool whose other level is over ``GIVE`` of its own too
-  moves nothing (neither role has engines to spare) and grows at once (no going back).
+  moves nothing (neither role has engines to spare) and grows at once (no going back);
+  a planner that scales moves at most the engines the giving role's level spares.
 Layouts are compared by goodput, the answers a second that met both levels (under a
 closed-loop load a layout that serves faster gets more answers, so a share would mislead;
 equal goodput, e.g. none met: by answers a second),
@@ -161,7 +166,10 @@ class RolePlanner:
         if now - self._changed_at < max(self.settle_s, levels.window_s):
             return None  # the window still holds answers of the layout before
         current = layout_of(roles)
-        self._history.append((current, Seen(*_served(levels), now, levels.output_tokens, levels.arriving_tokens)))
+        # a window whose answers are another workload than the requests arriving (a change under way) is
+        # remembered for comparisons, not for a workload's return
+        arriving = levels.arriving_tokens if same_workload(levels.arriving_tokens, levels.output_tokens) else 0.0
+        self._history.append((current, Seen(*_served(levels), now, levels.output_tokens, arriving)))
         self._serving = levels.arriving_tokens or self._serving
         ttft_over = levels.ttft_p90_ms / self.slo.ttft_ms
         itl_over = levels.itl_p90_ms / self.slo.itl_ms
@@ -243,8 +251,8 @@ class RolePlanner:
         for seen_layout, seen in reversed(self._history):
             if now - seen.at > self.memory_s:
                 return None
-            if seen_layout == layout:
-                return seen if same_workload(seen.output_tokens, levels.output_tokens) else None
+            if seen_layout == layout and same_workload(seen.output_tokens, levels.output_tokens):
+                return seen
         return None
 
     def _worse_before(self, layout: Layout, levels: ServiceLevels, now: float) -> str:

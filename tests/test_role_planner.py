@@ -407,3 +407,35 @@ def test_a_split_pool_at_the_edge_of_the_levels_does_not_try_colocated() -> None
     assert RolePlanner(SLO).decide(window(1958, 67, met=254, requests=276), split, 0.0) is None
     probe = RolePlanner(SLO).decide(window(1958, 67, met=276, requests=276), split, 0.0)
     assert probe is not None and layout_of(probe.roles) == (0, 0, 2)
+
+
+def test_a_window_of_a_change_under_way_is_not_recalled_for_the_arriving_workload() -> None:
+    """bench adaptive-roles' switching load: a window on 1P+1D held seed 000's answers (2
+    tokens out) while long outputs (256) arrived; remembered as 1P+1D serving the long
+    outputs, it kept the next long phase on 1P+1D."""
+    planner = RolePlanner(SLO, settle_s=30.0)
+    colocated = {"adaptive-0": "colocated", "adaptive-1": "colocated"}
+    split = {"adaptive-0": "prefill", "adaptive-1": "decode"}
+    long = dict(output_tokens=256.0, arriving_tokens=256.0)
+    assert planner.decide(replace(window(1500, 40, requests=12), **long), colocated, 0.0) is None  # long: colocated
+    planner.changed(10.0)  # an operator split the pool
+    # judged on 1P+1D: seed 000's answers, long outputs arriving (26 answers: more than colocated's 12)
+    planner.decide(replace(window(1300, 40, requests=26), output_tokens=2.0, arriving_tokens=256.0), split, 40.0)
+    planner.changed(90.0)  # split again by hand
+    assert planner.decide(replace(window(1300, 40, requests=3), output_tokens=2.0, arriving_tokens=2.0), split, 100.0) \
+        is None  # seed 000 arrives: never judged on it
+    back = planner.decide(replace(window(1300, 40, requests=3), **long), split, 105.0)
+    assert back is not None and back.roles == colocated  # not 1P+1D, from the window of the change
+
+
+def test_a_layout_seen_on_this_workload_is_remembered_behind_a_later_window_on_another() -> None:
+    """Colocated seen on seed 000, then on long outputs: back on seed 000 the split pool does
+    not try colocated again (it was seen on this workload within the memory)."""
+    planner = RolePlanner(SLO, settle_s=30.0)
+    colocated = {"adaptive-0": "colocated", "adaptive-1": "colocated"}
+    split = planner.decide(replace(window(1500, 220, met=26), output_tokens=2.0), colocated, 0.0)
+    assert split is not None
+    probe = planner.decide(replace(window(1200, 40, requests=17), output_tokens=256.0), split.roles, 30.0)
+    assert probe is not None and probe.roles == colocated
+    assert planner.decide(replace(window(1200, 40, requests=17), output_tokens=256.0), colocated, 65.0) is None
+    assert planner.decide(replace(window(900, 40), output_tokens=2.0), split.roles, 70.0) is None

@@ -16,6 +16,7 @@ from benchmarks.calibrate import Observation, decode_features, fit, prefill_feat
 from common.kv_wire import BlockRemoved, BlockStored, KVEventBatch, decode_batch, encode_batch
 from door.kv_index import KVIndex
 from workers.sim_engine.kv_cache import Allocation, SimKVCache
+from workers.sim_engine.metrics import render_metrics
 from workers.sim_engine.profile import CostProfile, load_profile, shipped_profiles
 from workers.sim_engine.scheduler import SchedulerLimits, SimRequest, SimScheduler
 
@@ -124,6 +125,26 @@ def test_a_request_takes_the_steps_the_profile_says() -> None:
     assert elapsed >= expected  # it slept at least what the profile says (busy_s: exactly that)
 
 
+def test_steps_that_run_past_their_cost_are_counted_late() -> None:
+    """The host's cores busy elsewhere (here: the loop blocked 0.3 s in one step) make the
+    steps late, and the figures are then the host's: ``vllm:sim_late_seconds_total``."""
+    scheduler = _scheduler(_profile(base_s=0.01, per_token_s=0.0))
+
+    async def go() -> None:
+        scheduler.start()
+        request = SimRequest("r", list(range(8)), max_tokens=20)
+        scheduler.add(request)
+        await request.output.get()  # the first token: steps are running
+        time.sleep(0.3)  # the loop held, as a busy host holds it
+        while await request.output.get() is not None:
+            pass
+        await scheduler.close()
+
+    asyncio.run(go())
+    assert 0.28 <= scheduler.late_s <= 0.28 + 0.01 * scheduler.steps  # the hold, less the step it fell in
+    assert "vllm:sim_late_seconds_total" in render_metrics(scheduler, scheduler.cache, "m")
+
+
 def test_the_same_prompt_gives_the_same_tokens_and_hits_the_prefix_cache() -> None:
     scheduler = _scheduler(_profile())
     prompt = list(range(20))
@@ -214,7 +235,6 @@ def test_many_requests_sharing_heads_all_finish_and_free_every_block(blocks: int
 def test_metrics_use_vllms_names_and_count_exactly() -> None:
     from prometheus_client.parser import text_string_to_metric_families
 
-    from workers.sim_engine.metrics import render_metrics
 
     scheduler = _scheduler(_profile())
     prompt = list(range(20))
