@@ -372,8 +372,8 @@ def _step(engines: int, over: float) -> int:
 
 def _prefill_idle(roles: Mapping[str, str], levels: ServiceLevels) -> bool:
     """A split pool's prefill engines hold under half a request each (measured): prompts do
-    not queue there; a missed TTFT is answers waiting for decode slots (the door admits as
-    many requests as its decode engines may hold). Half: while every prefill engine holds
+    not queue there; a missed TTFT is answers waiting for decode slots (in the decode
+    engines' own queues). Half: while every prefill engine holds
     one, the door lends whole requests to idle decode engines, so a busy prefill side
     reads about one each."""
     engines = [name for name, acting in roles.items() if acting == "prefill"]
