@@ -6,7 +6,8 @@ it returns (controller/controller.py); tests feed it recorded series.
 
 First, at once (no window, no settling): when the arriving requests ask for another
 workload than the layout was set or judged on (``arriving_tokens``), the layout that
-served that workload best within ``recall_s`` on as many engines, if one did.
+served that workload best within ``recall_s`` on as many engines, if one did; either
+way, windows are judged again only after ``settle_s`` (they hold the workload before).
 
 The rules, judged on a window that began after the last change:
 - both levels met: nothing changes, but a split pool tries all colocated once per
@@ -227,7 +228,8 @@ class RolePlanner:
         arriving = levels.arriving_tokens
         if arriving <= 0 or self._serving <= 0 or same_workload(arriving, self._serving):
             return None
-        was, self._serving = self._serving, arriving
+        # the windows now hold the workload before: judged again only after settling
+        was, self._serving, self._changed_at = self._serving, arriving, now
         best: dict[Layout, Seen] = {}  # each layout's latest window on the arriving workload
         for layout, seen in self._history:
             if now - seen.at <= self.recall_s and seen.arriving_tokens > 0 and sum(layout) == len(roles) \
