@@ -40,6 +40,7 @@ from benchmarks.deployment import exit_on_sigterm
 from benchmarks.sim_scale import _clean, _deploy, busy_cores_s
 from common.config import SloConfig
 from testkit.helpers import isolated_env
+from testkit.metrics import samples_in
 from workers.sim_engine.profile import load_profile
 
 RESULTS = Path(__file__).resolve().parent / "results" / "adaptive_ramp.json"
@@ -119,11 +120,9 @@ async def _engine_figures(client: aiohttp.ClientSession, engines: list[dict[str,
                 text = await response.text()
         except (aiohttp.ClientError, asyncio.TimeoutError):
             continue
-        for line in text.splitlines():
-            if line.startswith("vllm:sim_late_seconds_total"):
-                late += float(line.rpartition(" ")[2])
-            elif line.startswith("vllm:num_requests_running") and engine["acting"] == "decode":
-                streams = max(streams, int(float(line.rpartition(" ")[2])))
+        late += sum(samples_in(text, "vllm:sim_late_seconds_total"))
+        if engine["acting"] == "decode":
+            streams = max(streams, int(sum(samples_in(text, "vllm:num_requests_running"))))
     return late, streams
 
 

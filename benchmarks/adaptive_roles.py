@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -47,7 +46,7 @@ from benchmarks.datasets import (
     write_custom_jsonl,
 )
 from benchmarks.deployment import deployed, exit_on_sigterm
-from benchmarks.models import add_model_options, bench_model
+from benchmarks.models import add_model_options, bench_model, store_mib
 from benchmarks.report import Spread, bar_panels, markdown_table
 from benchmarks.serve_bench import ServeResult, serve_bench
 from common.config import SloConfig
@@ -112,11 +111,10 @@ def combined(results: Sequence[ServeResult]) -> dict[str, float]:
 
 
 def store_mb(workloads: Sequence[str], settle_prompts: float, kv_bytes_per_token: int) -> int:
-    """Data system shared memory for every prompt's KV a deployment's run may hand over,
-    twice over, in MiB. Handed-over blocks stay until KV_TTL_S (30 min) ends them: with
-    the default 2 GiB, seed 000's 1,680-token prompts (22 MB each for the 93M model in
-    float32) filled the store within the first workload, and every later handoff was
-    skipped ("full: skipping saves") and computed by the decode engine after 2 s."""
+    """Data system shared memory for every prompt's KV a deployment's run may hand over
+    (``store_mib``): with the default 2 GiB, seed 000's 1,680-token prompts (22 MB each for
+    the 93M model in float32) filled the store within the first workload, and every later
+    handoff was skipped ("full: skipping saves") and computed by the decode engine after 2 s."""
     tokens = 0.0
     for name in workloads:
         phases = [(WORKLOADS[kind], SWITCHING_SCALE) for kind in SWITCHING] if name == "switching" else \
@@ -124,7 +122,7 @@ def store_mb(workloads: Sequence[str], settle_prompts: float, kv_bytes_per_token
         for phase, scale in phases:
             prompt = phase.input_tokens + (280 if phase.kind == "grouped" else 0)
             tokens += max(4, round(phase.prompts * scale)) * prompt
-    return max(2048, 256 * math.ceil(2 * tokens * kv_bytes_per_token / 2**20 / 256))
+    return store_mib(tokens, kv_bytes_per_token, 2048)
 
 
 def run_arm(arm: str, repeat: int, workloads: Sequence[str], model_path: Path, slo: SloConfig,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +31,13 @@ class BenchModel:
         heads = int(config.get("num_key_value_heads") or config["num_attention_heads"])  # type: ignore[call-overload]
         head_dim = int(config.get("head_dim") or int(config["hidden_size"]) // int(config["num_attention_heads"]))  # type: ignore[call-overload]
         return 2 * layers * heads * head_dim * _DTYPE_BYTES.get(str(config.get("torch_dtype", "bfloat16")), 2)
+
+
+def store_mib(tokens: float, kv_bytes_per_token: int, least_mib: int) -> int:
+    """Data system shared memory, in MiB, for the KV of ``tokens`` prompt tokens twice over
+    (rounded up to 256 MiB, at least ``least_mib``): handed-over blocks stay until
+    KV_TTL_S ends them, and a full store refuses saves (the decode then recomputes)."""
+    return max(least_mib, 256 * math.ceil(2 * tokens * kv_bytes_per_token / 2**20 / 256))
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:

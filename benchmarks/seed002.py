@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import os
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -50,7 +49,7 @@ from transformers import AutoTokenizer
 from benchmarks.datasets import Tokenizer, random_prompts, write_custom_jsonl
 from benchmarks.deployment import deployed, exit_on_sigterm
 from benchmarks.frontdoor_overhead import installed_router
-from benchmarks.models import BenchModel, add_model_options, bench_model
+from benchmarks.models import BenchModel, add_model_options, bench_model, store_mib
 from benchmarks.report import Spread, bar_panels, bar_plot, markdown_table
 from benchmarks.router_arm import engine_url, load_through
 from benchmarks.serve_bench import ServeResult, serve_bench
@@ -190,7 +189,7 @@ def store_mb(workload: Workload, repeats: int, per_token: int) -> int:
     room to spare, in MiB (``per_token``: KV bytes per token): a full store refuses saves
     and the decode would recompute."""
     tokens = (workload.prompts * repeats + WARMUP_PROMPTS) * (workload.input_tokens + MAX_LEN_SLACK)
-    return max(512, 256 * math.ceil(2 * tokens * per_token / 2**20 / 256))
+    return store_mib(tokens, per_token, 512)
 
 
 def legs_counters(state: DeploymentState) -> dict[str, float]:
