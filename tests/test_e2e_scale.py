@@ -125,13 +125,25 @@ def _engine(deployment: Deployment, name: str) -> dict[str, object] | None:
     return next((engine for engine in _state(deployment).engines if engine["name"] == name), None)
 
 
-def _scale(deployment: Deployment, role: str, delta: str) -> str:
+def _served(deployment: Deployment, name: str) -> float:
+    """Requests the engine ``name`` answered (its warm-up's included)."""
+    engine = _engine(deployment, name)
+    assert engine is not None, f"{name} is not in state.json"
+    return metric(f"http://{engine['host']}:{engine['port']}", "vllm:request_success_total")
+
+
+def _scale(deployment: Deployment, role: str, delta: str, added: str | None = None) -> str:
+    """Runs ``scale role delta`` under traffic; with ``added``, the traffic goes on until
+    the door has routed a request to that new engine (the rotation among idle engines
+    follows the prompts, so the first few may all go to the old one)."""
     with Traffic(deployment.url) as traffic:
         traffic.wait_for_answers(4, "before the command")  # requests in flight through the old table
         started = time.monotonic()
         result = run_cli("scale", deployment.env, role, delta, timeout=900)
         elapsed = time.monotonic() - started
         traffic.wait_for_answers(4, "after the command")  # and through the new one
+        if added is not None and result.returncode == 0:
+            wait_for(lambda: _served(deployment, added) > 1, 60, f"a request routed to {added}", interval_s=0.5)
     print(f"\n$ bash run_vllm_on_yr.sh scale {role} {delta}  ({elapsed:.1f} s)\n{result.stdout}{result.stderr}")
     assert result.returncode == 0, result.stdout + result.stderr
     traffic.check(f"scale {role} {delta}")
@@ -139,7 +151,7 @@ def _scale(deployment: Deployment, role: str, delta: str) -> str:
 
 
 def _scale_out(deployment: Deployment, role: str, name: str) -> None:
-    output = _scale(deployment, role, "+1")
+    output = _scale(deployment, role, "+1", added=name)
     assert f"added {name}: http://127.0.0.1:" in output
     serving = _SERVING.search(output)
     assert serving is not None, output
@@ -149,8 +161,7 @@ def _scale_out(deployment: Deployment, role: str, name: str) -> None:
     assert engine is not None and engine["state"] == "healthy" and engine["role"] == role
     ports = [other["port"] for other in _state(deployment).engines]
     assert len(set(ports)) == len(ports) == 3
-    url = f"http://{engine['host']}:{engine['port']}"
-    assert metric(url, "vllm:request_success_total") > 1  # the door routed requests to it (besides the warm-up's)
+    assert _served(deployment, name) > 1  # the door routed requests to it (besides the warm-up's)
     listed = httpx.get(f"{deployment.url}/admin/engines", timeout=10).json()["engines"]
     assert {row["name"]: row["state"] for row in listed}[name] == "healthy"
 
