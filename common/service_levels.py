@@ -34,6 +34,8 @@ class ServiceLevels:
     output_tokens: float = 0.0  # mean token events per streamed answer; 0 with none
     ttft_p50_ms: float = 0.0
     arriving_tokens: float = 0.0  # the output tokens the latest requests asked for (median, door/arrivals.py); 0: unknown
+    arrival_rps: float = 0.0  # requests arrived a second over the window (admitted or not); 0: unknown
+    arrival_rps_before: float = 0.0  # over the window before it
 
     @property
     def attainment(self) -> float:

@@ -38,13 +38,13 @@ class AdaptiveRoles:
         decision = self.planner.decide(levels, self.acting, now)
         if decision is None:
             return None
-        if decision.scale:
-            logger.info("role planner: scale adaptive %+d (%s)", decision.scale, decision.reason)
-        elif decision.moved:
+        if decision.moved:
             self.acting = dict(decision.roles)
             logger.info("role planner: %s -> %s (%s)", ", ".join(f"{name} {old}->{new}" for name, (old, new)
                         in decision.moved.items()), describe_layout(layout_of(self.acting)), decision.reason)  # fmt: skip
-        else:
+        if decision.scale:
+            logger.info("role planner: scale adaptive %+d (%s)", decision.scale, decision.reason)
+        elif not decision.moved:
             logger.warning("role planner: %s", decision.reason)
         self.decisions.append(decision.as_dict())
         return decision

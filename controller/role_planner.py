@@ -55,11 +55,11 @@ from dataclasses import asdict, dataclass, field
 from common.config import SloConfig
 from common.scale_port import MAX_SCALE_STEP
 from common.service_levels import ServiceLevels, same_workload
+from controller.role_sizing import PREFILL_BUSY, RoleSizing, fit
 
 Layout = tuple[int, int, int]  # engines acting prefill, decode, colocated
 ROOM = 0.5  # both p90s at most this share of their levels: an engine may go
 ROOM_ATTAINMENT = 0.99
-PREFILL_BUSY = 0.85  # the share of their time a split's prefill engines are sized to be busy
 GIVE = 0.8  # a role gives engines to the other only with its own level this far under (when engines may be added)
 QUIET_WINDOWS = 3  # windows in a row with room before an engine goes
 HISTORY_KEPT = 512  # judged windows remembered (layout, how it served)
@@ -152,6 +152,7 @@ class RolePlanner:
         self._before: dict[str, str] | None = None  # the roles before the planner's last change
         self._quiet_since: float | None = None  # since when every window had room
         self.new_role = "colocated"  # the role engines added by the planner's last scale-out take
+        self._sizing = RoleSizing(slo, settle_s)  # what each role needs for the load coming (a planner that scales)
 
     def changed(self, now: float) -> None:
         """Roles changed from outside (an operator, new engines): judge afresh after ``settle_s``."""
@@ -178,6 +179,10 @@ class RolePlanner:
                    f"{levels.itl_p90_ms:.0f} ms (SLO {self.slo.itl_ms:g}), {levels.met} of {levels.requests} answers "
                    f"in {levels.window_s:g} s met both ({levels.attainment:.0%}, {levels.goodput_rps:.2f}/s) on "
                    f"{describe_layout(current)}")  # fmt: skip
+        self._sizing.learn(levels, roles)
+        sized = self._sized(dict(roles), levels, now, summary)
+        if sized is not None:
+            return sized
         if ttft_over <= 1 and itl_over <= 1:
             probe = self._probe_colocated(dict(roles), levels, now, summary)
             return probe or self._scale_in(dict(roles), levels, now, summary, max(ttft_over, itl_over))
@@ -203,6 +208,32 @@ class RolePlanner:
         self._changed_at, self._before = now, dict(roles)
         moved = {name: (roles[name], role) for name, role in target.items() if roles[name] != role}
         return self._decision(now, target, f"{summary}; {why}", levels, moved)
+
+    def _sized(self, roles: dict[str, str], levels: ServiceLevels, now: float, summary: str) -> RoleDecision | None:
+        """A scaling planner's split pool with a role short of what the measured work needs
+        for the load coming (controller/role_sizing.py), met levels or not: the roles moved
+        and engines added toward it (the new ones take the role further short)."""
+        need = self._sizing.need(levels) if self.max_engines and "colocated" not in roles.values() else None
+        prefill, decode, _ = layout_of(roles)
+        if need is None or (need.prefill <= prefill and need.decode <= decode):
+            return None
+        engines = len(roles)
+        want_prefill, want_decode = fit(need, prefill, decode, max(self.max_engines, engines))
+        count = max(0, min(MAX_SCALE_STEP, want_prefill + want_decode - engines))
+        self.new_role = "prefill" if want_prefill - prefill >= want_decode - decode else "decode"
+        now_prefill = want_prefill - count if self.new_role == "prefill" else want_prefill
+        now_prefill = min(engines - 1, max(1, now_prefill))
+        if not count and now_prefill == prefill:
+            return None
+        target = _roles_of((now_prefill, engines - now_prefill, 0), roles, levels)
+        moved = {name: (roles[name], role) for name, role in target.items() if roles[name] != role}
+        self._changed_at, self._quiet_since = now, None
+        if moved:
+            self._before = dict(roles)
+        adding = (f", adding {count} {self.new_role} engine(s) ({engines} -> {engines + count}, at most "
+                  f"{self.max_engines})" if count else "")  # fmt: skip
+        return self._decision(now, target, f"{summary}; {need.describe()}: {describe_layout(layout_of(target))}{adding}",
+                              levels, moved, scale=count)  # fmt: skip
 
     def _probe_colocated(self, roles: dict[str, str], levels: ServiceLevels, now: float,
                          summary: str) -> RoleDecision | None:  # fmt: skip
@@ -285,7 +316,8 @@ class RolePlanner:
                   worst_over: float) -> RoleDecision | None:  # fmt: skip
         if not self.max_engines or len(roles) <= self.min_engines:
             return None
-        if worst_over > ROOM or levels.attainment < ROOM_ATTAINMENT:
+        need = self._sizing.need(levels)
+        if worst_over > ROOM or levels.attainment < ROOM_ATTAINMENT or (need and need.prefill + need.decode >= len(roles)):
             self._quiet_since = None
             return None
         if self._quiet_since is None:

@@ -5,7 +5,7 @@ A request beyond the queue, or one that waited ``queue_timeout_s`` for a slot, i
 refused (the door answers 429 with Retry-After) instead of adding unbounded latency to
 every request behind it. The capacity follows the routing table: requests in flight
 may be at most ``max_in_flight_per_engine`` times the healthy engines that serve the
-answer (decode engines, or colocated ones).
+answer (decode engines, or colocated ones; ``RoutingTable.admission_slots``).
 """
 
 from __future__ import annotations
@@ -31,9 +31,9 @@ class Admission:
         self.waiting = 0
         self._freed = asyncio.Condition()
 
-    async def enter(self, serving_engines: int) -> Refusal | None:
-        """Take a slot (None), or say why not. ``serving_engines``: healthy engines now."""
-        capacity = max(1, serving_engines) * self.config.max_in_flight_per_engine
+    async def enter(self, slots: int) -> Refusal | None:
+        """Take a slot (None), or say why not. ``slots``: requests the engines now take at once."""
+        capacity = max(1, slots)
         if self.in_flight < capacity and not self.waiting:
             self.in_flight += 1
             return None

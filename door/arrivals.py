@@ -2,28 +2,44 @@
 ``max_completion_tokens``) of the latest few, as the role planner's workload signature
 (``ServiceLevels.arriving_tokens``). Answers say what a workload was only once they
 end, a long output's tens of seconds later; a request says it as it arrives. Pure
-bookkeeping on the request path: one lookup and one append; no I/O."""
+bookkeeping on the request path: one lookup and two appends; no I/O.
+
+It also keeps when they arrived (``rates``): the arrival rate over a window and over
+the window before, from which the planner sizes the roles for the load coming
+(controller/role_sizing.py); answers lag arrivals by their latency, and a queue's."""
 
 from __future__ import annotations
 
 import statistics
+import time
 from collections import deque
 from typing import Any
 
 from common.service_levels import same_workload
 
 ARRIVALS_KEPT = 5  # the latest requests whose median is the signature: a new workload shows after 3 of its requests
+TIMES_KEPT = 100_000  # arrival times kept for the rates (at 1,000 requests a second: two 50 s windows)
 
 
 class Arrivals:
     def __init__(self, kept: int = ARRIVALS_KEPT) -> None:
         self._asked: deque[int] = deque(maxlen=kept)
+        self._times: deque[float] = deque(maxlen=TIMES_KEPT)  # monotonic arrival times, oldest first
         self.reported = 0.0  # the signature last reported to the planner (EngineWatch sets it)
 
     def saw(self, body: dict[str, Any]) -> None:
         """A request arrived; one asking no number of tokens counts as 0 (unknown)."""
         asked = body.get("max_completion_tokens", body.get("max_tokens"))
         self._asked.append(asked if isinstance(asked, int) and asked > 0 else 0)
+        self._times.append(time.monotonic())
+
+    def rates(self, window_s: float) -> tuple[float, float]:
+        """Requests arrived a second over the last ``window_s`` and over the ``window_s`` before."""
+        now, times = time.monotonic(), self._times
+        while times and times[0] < now - 2 * window_s:
+            times.popleft()
+        latest = sum(1 for arrived in reversed(times) if arrived >= now - window_s)
+        return latest / window_s, (len(times) - latest) / window_s
 
     def tokens(self) -> float:
         """The median output tokens the latest requests asked for; 0 before any, or when most asked none."""

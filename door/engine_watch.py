@@ -101,7 +101,9 @@ class EngineWatch:
             return
         in_flight = {engine.name: engine.outstanding for engine in self.table.all_engines()}
         window = self.levels(self.window_s, in_flight)
-        window = dataclasses.replace(window, arriving_tokens=self.arrivals.tokens())
+        arrival_rps, arrival_rps_before = self.arrivals.rates(self.window_s)
+        window = dataclasses.replace(window, arriving_tokens=self.arrivals.tokens(), arrival_rps=arrival_rps,
+                                     arrival_rps_before=arrival_rps_before)  # fmt: skip
         self.arrivals.reported = window.arriving_tokens
         levels = window.as_dict()
         self.series.append((time.time(), levels, {engine.name: engine.acting for engine in self.table.all_engines()}))

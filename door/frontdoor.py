@@ -252,9 +252,10 @@ class FrontDoor:
 
     async def _admitted(self, exchange: Exchange, endpoint: str, required: str, request_id: str, started: float) -> int:
         body = self._parsed(exchange, required)
+        self.watch.arrivals.saw(body)  # the workload and the load the planner sees arriving (shed or not)
         admission = self.admission
         if admission is not None:
-            refusal = await admission.enter(self.table.serving_engines())
+            refusal = await admission.enter(self.table.admission_slots(admission.config.max_in_flight_per_engine))
             if refusal is not None:
                 self.metrics.refused.labels(refusal.value).inc()
                 message = (f"the service is at capacity ({admission.in_flight} requests in flight, "
@@ -270,7 +271,6 @@ class FrontDoor:
         table, kv_router = self.table, self.kv_router
         decision_started = time.perf_counter()
         leg = Leg(exchange, f"/v1/{endpoint}", endpoint, request_id, affinity_key(body), started)
-        self.watch.arrivals.saw(body)  # the workload the planner sees arriving
         single = single_prompt(body)
         prompt = kv_router.prompt(body) if kv_router is not None and single else None
         ranker = None if prompt is None else functools.partial(kv_router.order, prompt=prompt)  # type: ignore[union-attr]

@@ -22,6 +22,7 @@ from door.door_metrics import DoorMetrics
 from door.policies import EngineLoad, LeastOutstanding, Policy, RoundRobin
 
 SUSPECT_S = 5.0
+PREFILL_SLOTS = 2  # requests admitted per prefill engine of a split adaptive pool (``admission_slots``)
 ADAPTIVE = Role.ADAPTIVE.value  # the deploy role of ROLES=adaptive engines
 Ranker = Callable[[list[EngineLoad]], list[EngineLoad]]  # an engine the door could not reach is skipped this long
 
@@ -144,16 +145,21 @@ class RoutingTable:
         healthy; a colocated engine does both)."""
         return any(self._usable(engine) for engine in self._engines.values())
 
-    def serving_engines(self) -> int:
-        """Healthy engines that serve answers: decode engines (prefill ones while no decode
-        is healthy), or colocated ones; in an adaptive pool every engine (each can serve
-        answers, and a split short of decode engines shows as their inter-token latency,
-        which the planner reads, not as requests queued at the door)."""
+    def admission_slots(self, per_engine: int) -> int:
+        """Requests the door admits at once: ``per_engine`` per healthy engine that serves
+        answers (decode engines, prefill ones while no decode is healthy, or colocated
+        ones); in a split adaptive pool besides, ``PREFILL_SLOTS`` per prefill engine (a
+        prompt computing and one waiting keep it busy; more would wait there while the
+        decode engines take more streams than their level allows: on the ramp, admitting
+        ``per_engine`` per engine whatever its role put 60 streams on each of 6 decode
+        engines at 1.5x load, and no answer met the inter-token level)."""
         if self.adaptive:
-            return sum(len(self._usable_of(role)) for role in ACTING_ROLES)
+            prefill = len(self._usable_of("prefill"))
+            answering = len(self._usable_of("decode")) + len(self._usable_of("colocated"))
+            return max(1, answering * per_engine + prefill * PREFILL_SLOTS if answering else prefill * per_engine)
         if not self.disaggregated:
-            return len(self.healthy("colocated"))
-        return len(self.healthy("decode")) or len(self.healthy("prefill"))
+            return max(1, len(self.healthy("colocated")) * per_engine)
+        return max(1, (len(self.healthy("decode")) or len(self.healthy("prefill"))) * per_engine)
 
     def order(self, role: str, affinity_key: bytes, ranker: Ranker | None = None) -> list[EngineLoad]:
         """Engines of ``role`` to try, best first for this request: the healthy ones in the

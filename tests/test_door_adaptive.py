@@ -15,7 +15,7 @@ from common.config import SloConfig
 from door.door_metrics import DoorMetrics
 from door.engine_client import EngineClient
 from door.engine_watch import EngineWatch
-from door.routing import RoutingTable
+from door.routing import PREFILL_SLOTS, RoutingTable
 from door.slo import SloCounts
 from testkit.metrics import metric
 from tests.fake_engines import FakeEngine
@@ -168,12 +168,16 @@ def test_each_scale_step_the_planner_decides_runs_once_in_the_background() -> No
     assert len(watch.series) == 5 and watch.decisions == planner.decisions
 
 
-def test_an_adaptive_pool_admits_requests_for_every_engine() -> None:
+def test_an_adaptive_pool_admits_streams_per_answering_engine_and_two_per_prefill_engine() -> None:
     """On the ramp a split of 22 prefill and 1 decode engine let the door admit 12 requests
     (MAX_IN_FLIGHT_PER_ENGINE x decode engines): the rest queued at the door, their TTFT
-    missed and the planner read prompts queueing. Every adaptive engine serves answers."""
+    missed and the planner read prompts queueing. Admitting 12 per engine whatever its role
+    put 60 streams on each of 6 decode engines at 1.5x load. A prefill engine is kept busy
+    by a prompt computing and one waiting."""
     infos = [{"name": f"adaptive-{i}", "role": "adaptive", "host": "127.0.0.1", "port": i + 1,
-              "acting": "decode" if i == 3 else "prefill", "state": "healthy"} for i in range(4)]  # fmt: skip
-    assert RoutingTable(infos).serving_engines() == 4
+              "acting": "decode" if i >= 3 else "prefill", "state": "healthy"} for i in range(5)]  # fmt: skip
+    assert RoutingTable(infos).admission_slots(12) == 2 * 12 + 3 * PREFILL_SLOTS == 30
+    colocated = [{**info, "acting": "colocated"} for info in infos]
+    assert RoutingTable(colocated).admission_slots(12) == 60
     fixed = [{**info, "role": info["acting"]} for info in infos]
-    assert RoutingTable(fixed).serving_engines() == 1  # fixed PD: the decode engines serve the answers
+    assert RoutingTable(fixed).admission_slots(12) == 24  # fixed PD: the decode engines serve the answers
