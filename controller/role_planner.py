@@ -218,8 +218,8 @@ class RolePlanner:
         if need is None or (need.prefill <= prefill and need.decode <= decode):
             return None
         engines = len(roles)
-        want_prefill, want_decode = fit(need, prefill, decode, max(self.max_engines, engines))
-        count = max(0, min(MAX_SCALE_STEP, want_prefill + want_decode - engines))
+        count = max(0, min(MAX_SCALE_STEP, self.max_engines - engines, need.prefill + need.decode - engines))
+        want_prefill, want_decode = fit(need, prefill, decode, engines + count)  # the pool once this step is done
         self.new_role = "prefill" if want_prefill - prefill >= want_decode - decode else "decode"
         now_prefill = want_prefill - count if self.new_role == "prefill" else want_prefill
         now_prefill = min(engines - 1, max(1, now_prefill))

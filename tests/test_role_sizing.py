@@ -1,0 +1,97 @@
+"""Sizing a split pool's roles from the measured work (controller/role_sizing.py) and the
+role planner acting on it (pure: recorded windows, no engines). The windows are shaped
+on bench adaptive-ramp's simulated engines: a 256-token prompt about 0.8 s, a decode
+stream alone 39 ms a token, 4.5 ms more per stream on the engine, 32 tokens out."""
+
+from __future__ import annotations
+
+import time
+
+from common.config import SloConfig
+from common.service_levels import ServiceLevels
+from controller.role_planner import RolePlanner, layout_of
+from controller.role_sizing import Need, RoleSizing, fit
+from door.arrivals import Arrivals
+
+SLO = SloConfig(ttft_ms=2000, itl_ms=100)
+
+
+def window(ttft_p50_ms: float, itl_ms: float, in_flight: dict[str, int] | None = None, arrival_rps: float = 0.0,
+           arrival_rps_before: float = 0.0, output_tokens: float = 32.0, met: int = 100) -> ServiceLevels:  # fmt: skip
+    return ServiceLevels(window_s=10.0, requests=100, met=met, missed_ttft=0, missed_itl=100 - met, missed_both=0,
+                         ttft_p90_ms=1.2 * ttft_p50_ms, itl_p90_ms=itl_ms, in_flight=in_flight or {},
+                         output_tokens=output_tokens, ttft_p50_ms=ttft_p50_ms, arrival_rps=arrival_rps,
+                         arrival_rps_before=arrival_rps_before)  # fmt: skip
+
+
+def split(prefill: int, decode: int, streams: int = 0) -> tuple[dict[str, str], dict[str, int]]:
+    names = [f"adaptive-{i}" for i in range(prefill + decode)]
+    roles = {name: "prefill" if i < prefill else "decode" for i, name in enumerate(names)}
+    return roles, {name: streams for name in names[prefill:]}
+
+
+def test_the_needs_follow_the_arrivals_the_prompt_time_and_the_streams_a_decode_engine_holds() -> None:
+    sizing = RoleSizing(SLO, settle_s=10.0)
+    colocated = {"adaptive-0": "colocated", "adaptive-1": "colocated"}
+    sizing.learn(window(800, 39.0), colocated)  # light load: a prompt alone, a stream nearly alone
+    assert sizing.need(window(800, 39.0, arrival_rps=10)) is None  # decode engines not measured yet
+    roles, in_flight = split(10, 3, streams=6)
+    sizing.learn(window(900, 61.5, in_flight), roles)  # 6 streams per decode engine: 22.5 ms over one stream
+    assert sizing.prompt_s == 0.8 and round(sizing.streams_per_decode, 3) == round(1 + (90 - 39) / 4.5, 3)
+    # 20/s arriving, 16/s the window before: 0.4/s more each second, for 10 s settling and two 10 s windows
+    need = sizing.need(window(900, 61.5, in_flight, arrival_rps=20, arrival_rps_before=16))
+    assert need is not None and round(need.rate, 6) == 32.0
+    assert (need.prefill, need.decode) == (31, 8)  # ceil(32 x 0.8 / 0.85); ceil(32 x 32 x 0.09 / 12.33)
+    steady = sizing.need(window(900, 61.5, in_flight, arrival_rps=20, arrival_rps_before=24))  # falling: no growth
+    assert steady is not None and (steady.rate, steady.prefill, steady.decode) == (20, 19, 5)
+    sizing.learn(window(3000, 120, in_flight, output_tokens=256), roles)  # another workload: measured afresh
+    assert sizing.need(window(3000, 120, in_flight, arrival_rps=20, output_tokens=256)) is None
+
+
+def test_fit_keeps_spare_engines_where_they_are_and_shares_the_limit_by_need() -> None:
+    need = Need(prefill=12, decode=4, rate=10, prompt_s=0.8, streams_per_decode=12)
+    assert fit(need, 10, 3, 32) == (12, 4)  # grown: each role its need
+    assert fit(need, 14, 8, 32) == (14, 8)  # both roles have more than they need: kept
+    assert fit(need, 8, 14, 32) == (12, 10)  # prefill short: taken from the decode engines beyond their need
+    assert fit(Need(30, 8, 32, 0.8, 12), 26, 6, 32) == (25, 7)  # over the limit: floor(32 x 30 / 38) prefill
+
+
+def test_a_split_pool_grows_toward_the_load_coming_before_its_levels_miss() -> None:
+    """On the ramp (load 2.8x in 60 s) a planner that waited for missed levels stayed a
+    step behind: 11P+12D queued prompts at 0.47x load, then every window missed."""
+    planner = RolePlanner(SLO, settle_s=10.0, max_engines=32)
+    colocated = {f"adaptive-{i}": "colocated" for i in range(13)}
+    planner.decide(window(800, 39.0, arrival_rps=5), colocated, 0.0)  # judged: light load, measures taken
+    roles, in_flight = split(10, 3, streams=6)
+    planner.changed(10.0)
+    rising = window(900, 61.5, in_flight, arrival_rps=12, arrival_rps_before=8)  # both levels met
+    decision = planner.decide(rising, roles, 30.0)
+    # 12/s + 0.4/s x 30 s = 24/s: ceil(24 x 0.8 / 0.85) = 23 prefill, ceil(24 x 32 x 0.09 / 12.33) = 6 decode
+    assert decision is not None and decision.scale == 8 and planner.new_role == "prefill"
+    # 8 engines a step: 21 for now, shared by need, floor(21 x 23 / 29) = 16 prefill; 2 of them move to decode now
+    assert layout_of(decision.roles) == (16 - 8, 5, 0) and len(decision.moved) == 2
+    assert "24.0 requests/s coming need 23P+6D" in decision.reason
+    assert planner.decide(rising, decision.roles, 35.0) is None  # settling
+    # the same pool at a steady 10/s needs 10P+3D, what it has: nothing to do (no role short, no engine to spare)
+    steady = RolePlanner(SLO, settle_s=10.0, max_engines=32)
+    steady.decide(window(800, 39.0, arrival_rps=5), colocated, 0.0)
+    quiet = window(800, 48.0, dict.fromkeys(in_flight, 3), arrival_rps=10, arrival_rps_before=10)  # room on both levels
+    for at in (30.0, 45.0, 60.0, 75.0):
+        assert steady.decide(quiet, roles, at) is None
+
+
+def test_without_scaling_the_planner_does_not_size() -> None:
+    planner = RolePlanner(SLO, settle_s=10.0)
+    planner.decide(window(800, 39.0, arrival_rps=5), {"a-0": "colocated", "a-1": "colocated"}, 0.0)
+    roles, in_flight = split(1, 1, streams=6)
+    assert planner.decide(window(900, 61.5, in_flight, arrival_rps=12, arrival_rps_before=8), roles, 30.0) is None
+
+
+def test_arrival_rates_over_the_window_and_the_one_before() -> None:
+    arrivals = Arrivals()
+    for _ in range(3):
+        arrivals.saw({"prompt": "x", "max_tokens": 8})
+    assert arrivals.rates(0.5) == (6.0, 0.0)
+    time.sleep(0.6)
+    arrivals.saw({"prompt": "x", "max_tokens": 8})
+    assert arrivals.rates(0.5) == (2.0, 6.0)
