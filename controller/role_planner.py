@@ -192,7 +192,8 @@ class RolePlanner:
                 and min(ttft_over, itl_over) > GIVE:  # fmt: skip
             return self._scale_out(dict(roles), levels, now, summary, "neither role has engines to spare",
                                    max(ttft_over, itl_over), short)  # fmt: skip
-        target, why = _target(dict(roles), ttft_over, itl_over, levels, bounded=bool(self.max_engines))
+        target, why = _target(dict(roles), ttft_over, itl_over, levels, bounded=bool(self.max_engines),
+                              known=self._sizing.prefill_for_arrivals(levels) if self.max_engines else 0)  # fmt: skip
         if target is not None:
             worse = self._worse_before(layout_of(target), levels, now)
             if worse:
@@ -223,8 +224,8 @@ class RolePlanner:
         self.new_role = "prefill" if want_prefill - prefill >= want_decode - decode else "decode"
         now_prefill = want_prefill - count if self.new_role == "prefill" else want_prefill
         now_prefill = min(engines - 1, max(1, now_prefill))
-        if not count and now_prefill == prefill:
-            return None
+        if not count and abs(now_prefill - prefill) <= 1:
+            return None  # at the limit one engine either way is within the measures' noise
         target = _roles_of((now_prefill, engines - now_prefill, 0), roles, levels)
         moved = {name: (roles[name], role) for name, role in target.items() if roles[name] != role}
         self._changed_at, self._quiet_since = now, None
@@ -340,7 +341,7 @@ class RolePlanner:
 
 
 def _target(roles: dict[str, str], ttft_over: float, itl_over: float, levels: ServiceLevels,
-            bounded: bool = False) -> tuple[dict[str, str] | None, str]:  # fmt: skip
+            bounded: bool = False, known: int = 0) -> tuple[dict[str, str] | None, str]:  # fmt: skip
     """The roles to move to and why; (None, why not) when no role change helps. The
     worse level (against its own) decides; a split pool moves engines in proportion to
     how far it is over: ``ceil(n x (over - 1))`` of the ``n`` engines of the short role,
@@ -355,7 +356,7 @@ def _target(roles: dict[str, str], ttft_over: float, itl_over: float, levels: Se
     if colocated and not (prefill or decode):
         if ttft_worse:
             return None, "all engines compute prompts already"
-        prefill_count = split_prefill(len(roles), levels)
+        prefill_count = split_prefill(len(roles), levels, known)
         first = _least_busy(roles, "colocated", levels, prefill_count)
         split = {name: "prefill" if name in first else "decode" for name in roles}
         return split, (f"splitting {prefill_count}P+{len(roles) - prefill_count}D by the measured work: "
@@ -388,11 +389,16 @@ def _spare(engines: int, over: float) -> int:
     return max(0, math.floor(engines * (1.0 - over)))
 
 
-def split_prefill(engines: int, levels: ServiceLevels) -> int:
-    """How many of ``engines`` to compute prompts when a colocated pool splits: enough for
+def split_prefill(engines: int, levels: ServiceLevels, known: int = 0) -> int:
+    """How many of ``engines`` to compute prompts when a colocated pool splits: ``known``
+    when the sizing knows it (the arrivals over the prompt time measured,
+    ``RoleSizing.prefill_for_arrivals``: a colocated pool missing its inter-token level
+    has its prompts stalled, and its median TTFT is more than a prompt's), else enough for
     the answers a second of the window, each prompt holding an engine about the window's
     median TTFT, at ``PREFILL_BUSY`` of their time; the rest decode. At least 1 and at
     most ``engines - 1``; 1 when nothing was measured."""
+    if known:
+        return min(engines - 1, max(1, known))
     rate = levels.requests / levels.window_s if levels.window_s > 0 else 0.0
     prompt_s = levels.ttft_p50_ms / 1000.0
     if rate <= 0 or prompt_s <= 0:

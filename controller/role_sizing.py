@@ -12,8 +12,9 @@ planner feeds it the door's windows (``learn``) and asks it (``need``).
 - **Decode engines**: a decode step grows with the streams it carries, inter-token
   latency about ``b + k x streams``. The lowest inter-token p90 seen (a stream nearly
   alone: ``b + k``) and a split window's p90 at its mean streams per decode engine give
-  ``k``, and so the streams one engine holds at ``DECODE_TARGET`` of the level. The
-  arrivals keep ``rate x output tokens x that latency`` streams (Little's law) in flight.
+  ``k``, and so the streams one engine holds at ``DECODE_TARGET`` of the level (the
+  median of the latest ``ESTIMATES_KEPT`` windows': the streams are counted once, at
+  the window's end, and one count can be far off). The arrivals keep ``rate x output tokens x that latency`` streams (Little's law) in flight.
 
 A workload with other output tokens (``same_workload``) starts the measures afresh;
 decode engines are not sized until a split window measured them.
@@ -22,6 +23,8 @@ decode engines are not sized until a split window measured them.
 from __future__ import annotations
 
 import math
+import statistics
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -31,6 +34,8 @@ from common.service_levels import ServiceLevels, same_workload
 PREFILL_BUSY = 0.85  # the share of their time prefill engines are sized to be busy
 DECODE_TARGET = 0.9  # decode engines are sized for this share of the inter-token level
 MIN_STREAMS = 2.0  # a window with fewer streams per decode engine says nothing of their growth
+ESTIMATES_KEPT = 5  # the latest windows' streams-per-decode-engine estimates, whose median is used
+MAX_GROWTH = 2.0  # the rate sized for is at most this many times the arrivals'
 
 
 @dataclass(frozen=True)
@@ -38,11 +43,12 @@ class Need:
     prefill: int
     decode: int
     rate: float  # requests a second sized for
+    arriving: float  # requests a second arrived over the window
     prompt_s: float
     streams_per_decode: float
 
     def describe(self) -> str:
-        return (f"{self.rate:.1f} requests/s coming need {self.prefill}P+{self.decode}D (a prompt "
+        return (f"{self.arriving:.1f} requests/s arriving, {self.rate:.1f} coming need {self.prefill}P+{self.decode}D (a prompt "
                 f"{self.prompt_s * 1000:.0f} ms, {self.streams_per_decode:.1f} streams per decode engine)")  # fmt: skip
 
 
@@ -53,15 +59,15 @@ class RoleSizing:
         self._workload = 0.0  # output tokens of the windows measured
         self.prompt_s = math.inf
         self.one_stream_itl_ms = math.inf
-        self.streams_per_decode = 0.0  # at DECODE_TARGET of the level; 0: not measured
+        self._streams: deque[float] = deque(maxlen=ESTIMATES_KEPT)  # per decode engine at DECODE_TARGET of the level
 
     def learn(self, levels: ServiceLevels, roles: Mapping[str, str]) -> None:
         """Take a window's measures (answers of one workload)."""
         if levels.requests <= 0 or levels.output_tokens <= 0:
             return
         if not same_workload(levels.output_tokens, self._workload):
-            self._workload, self.prompt_s, self.one_stream_itl_ms, self.streams_per_decode = (
-                levels.output_tokens, math.inf, math.inf, 0.0)  # fmt: skip
+            self._workload, self.prompt_s, self.one_stream_itl_ms = levels.output_tokens, math.inf, math.inf
+            self._streams.clear()
         if levels.ttft_p50_ms > 0:
             self.prompt_s = min(self.prompt_s, levels.ttft_p50_ms / 1000.0)
         if levels.itl_p90_ms > 0:
@@ -71,7 +77,12 @@ class RoleSizing:
         one = self.one_stream_itl_ms
         if streams >= MIN_STREAMS and levels.itl_p90_ms > 1.1 * one:
             per_stream_ms = (levels.itl_p90_ms - one) / (streams - 1.0)
-            self.streams_per_decode = max(1.0, 1.0 + (DECODE_TARGET * self.slo.itl_ms - one) / per_stream_ms)
+            self._streams.append(max(1.0, 1.0 + (DECODE_TARGET * self.slo.itl_ms - one) / per_stream_ms))
+
+    @property
+    def streams_per_decode(self) -> float:
+        """Streams a decode engine holds at ``DECODE_TARGET`` of the level; 0: not measured."""
+        return statistics.median(self._streams) if self._streams else 0.0
 
     def need(self, levels: ServiceLevels) -> Need | None:
         """The engines each role needs for the rate coming; None before both are measured."""
@@ -79,11 +90,18 @@ class RoleSizing:
                 or not same_workload(levels.output_tokens, self._workload):  # fmt: skip
             return None
         growth = max(0.0, levels.arrival_rps - levels.arrival_rps_before) / levels.window_s
-        rate = levels.arrival_rps + growth * (self.settle_s + 2 * levels.window_s)
+        rate = min(MAX_GROWTH * levels.arrival_rps, levels.arrival_rps + growth * (self.settle_s + 2 * levels.window_s))
         prefill = math.ceil(rate * self.prompt_s / PREFILL_BUSY)
         streams = rate * levels.output_tokens * DECODE_TARGET * self.slo.itl_ms / 1000.0
         decode = math.ceil(streams / self.streams_per_decode)
-        return Need(max(1, prefill), max(1, decode), rate, self.prompt_s, self.streams_per_decode)
+        return Need(max(1, prefill), max(1, decode), rate, levels.arrival_rps, self.prompt_s, self.streams_per_decode)
+
+    def prefill_for_arrivals(self, levels: ServiceLevels) -> int:
+        """Prefill engines for the arrivals of the window (no growth), from the prompt
+        time measured; 0 when either is unknown."""
+        if math.isinf(self.prompt_s) or levels.arrival_rps <= 0 or not same_workload(levels.output_tokens, self._workload):
+            return 0
+        return math.ceil(levels.arrival_rps * self.prompt_s / PREFILL_BUSY)
 
 
 def fit(need: Need, prefill: int, decode: int, max_engines: int) -> tuple[int, int]:

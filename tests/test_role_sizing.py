@@ -49,11 +49,11 @@ def test_the_needs_follow_the_arrivals_the_prompt_time_and_the_streams_a_decode_
 
 
 def test_fit_keeps_spare_engines_where_they_are_and_shares_the_limit_by_need() -> None:
-    need = Need(prefill=12, decode=4, rate=10, prompt_s=0.8, streams_per_decode=12)
+    need = Need(prefill=12, decode=4, rate=10, arriving=10, prompt_s=0.8, streams_per_decode=12)
     assert fit(need, 10, 3, 32) == (12, 4)  # grown: each role its need
     assert fit(need, 14, 8, 32) == (14, 8)  # both roles have more than they need: kept
     assert fit(need, 8, 14, 32) == (12, 10)  # prefill short: taken from the decode engines beyond their need
-    assert fit(Need(30, 8, 32, 0.8, 12), 26, 6, 32) == (25, 7)  # over the limit: floor(32 x 30 / 38) prefill
+    assert fit(Need(30, 8, 32, 32, 0.8, 12), 26, 6, 32) == (25, 7)  # over the limit: floor(32 x 30 / 38) prefill
 
 
 def test_a_split_pool_grows_toward_the_load_coming_before_its_levels_miss() -> None:
@@ -70,7 +70,7 @@ def test_a_split_pool_grows_toward_the_load_coming_before_its_levels_miss() -> N
     assert decision is not None and decision.scale == 8 and planner.new_role == "prefill"
     # 8 engines a step: 21 for now, shared by need, floor(21 x 23 / 29) = 16 prefill; 2 of them move to decode now
     assert layout_of(decision.roles) == (16 - 8, 5, 0) and len(decision.moved) == 2
-    assert "24.0 requests/s coming need 23P+6D" in decision.reason
+    assert "12.0 requests/s arriving, 24.0 coming need 23P+6D" in decision.reason
     assert planner.decide(rising, decision.roles, 35.0) is None  # settling
     # the same pool at a steady 10/s needs 10P+3D, what it has: nothing to do (no role short, no engine to spare)
     steady = RolePlanner(SLO, settle_s=10.0, max_engines=32)
