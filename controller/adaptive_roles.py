@@ -27,10 +27,13 @@ DECISIONS_KEPT = 200
 
 
 class AdaptiveRoles:
-    def __init__(self, names: list[str], prefill: int, decode: int, slo: SloConfig, planner: PlannerConfig) -> None:
+    def __init__(self, names: list[str], prefill: int, decode: int, slo: SloConfig, planner: PlannerConfig,
+                 streams_per_engine: int = 0) -> None:  # fmt: skip
+        """``streams_per_engine``: what the operator says an engine holds (MAX_IN_FLIGHT_PER_ENGINE), the
+        planner's guess for a decode engine until it measured one."""
         self.acting: dict[str, str] = initial_roles(names, prefill, decode)
         self.planner = RolePlanner(slo, settle_s=planner.settle_s, min_engines=planner.min_engines,
-                                   max_engines=planner.max_engines)  # fmt: skip
+                                   max_engines=planner.max_engines, streams_prior=streams_per_engine)  # fmt: skip
         self.decisions: deque[dict[str, object]] = deque(maxlen=DECISIONS_KEPT)
 
     def observe(self, levels: ServiceLevels, now: float) -> RoleDecision | None:

@@ -86,7 +86,8 @@ class Controller:
         self._lock = threading.Lock()
         # ROLES=adaptive: each engine's acting role, the planner, its decisions (else None).
         self._roles = AdaptiveRoles([spec.name for spec in specs], config.prefill_instances, config.decode_instances,
-                                    config.slo, config.planner) if config.adaptive_roles else None  # fmt: skip
+                                    config.slo, config.planner, config.admission.max_in_flight_per_engine,
+                                    ) if config.adaptive_roles else None  # fmt: skip
 
     def initialize(self) -> list[dict[str, object]]:
         """Start all engines in parallel; return their infos, or stop them all and raise."""

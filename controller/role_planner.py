@@ -10,6 +10,9 @@ served that workload best within ``recall_s`` on as many engines, if one did; ei
 way, windows are judged again only after ``settle_s`` (they hold the workload before).
 
 The rules, judged on a window that began after the last change:
+- a planner that scales, on a split pool with a role short of what the measured work
+  needs for the load coming (controller/role_sizing.py), levels met or not: the roles
+  moved and engines added toward it;
 - both levels met: nothing changes, but a split pool tries all colocated once per
   workload (below) if that was not seen on it and 99% of its answers met both;
 - inter-token latency missed (prefills stall the decodes sharing their engine) on an
@@ -137,7 +140,8 @@ def describe_layout(layout: Layout) -> str:
 
 class RolePlanner:
     def __init__(self, slo: SloConfig, min_requests: int = 10, settle_s: float = 30.0, memory_s: float = 300.0,
-                 min_engines: int = 2, max_engines: int = 0, recall_s: float = 1800.0) -> None:  # fmt: skip
+                 min_engines: int = 2, max_engines: int = 0, recall_s: float = 1800.0,
+                 streams_prior: int = 0) -> None:  # fmt: skip
         self.slo = slo
         self.min_engines = min_engines
         self.max_engines = max_engines  # 0: the planner never scales
@@ -152,7 +156,9 @@ class RolePlanner:
         self._before: dict[str, str] | None = None  # the roles before the planner's last change
         self._quiet_since: float | None = None  # since when every window had room
         self.new_role = "colocated"  # the role engines added by the planner's last scale-out take
-        self._sizing = RoleSizing(slo, settle_s)  # what each role needs for the load coming (a planner that scales)
+        # what each role needs for the load coming (a planner that scales); ``streams_prior``: the streams a
+        # decode engine is taken to hold until a split window measured it
+        self._sizing = RoleSizing(slo, settle_s, streams_prior)
 
     def changed(self, now: float) -> None:
         """Roles changed from outside (an operator, new engines): judge afresh after ``settle_s``."""
@@ -192,8 +198,7 @@ class RolePlanner:
                 and min(ttft_over, itl_over) > GIVE:  # fmt: skip
             return self._scale_out(dict(roles), levels, now, summary, "neither role has engines to spare",
                                    max(ttft_over, itl_over), short)  # fmt: skip
-        target, why = _target(dict(roles), ttft_over, itl_over, levels, bounded=bool(self.max_engines),
-                              known=self._sizing.prefill_for_arrivals(levels) if self.max_engines else 0)  # fmt: skip
+        target, why = _target(dict(roles), ttft_over, itl_over, levels, bounded=bool(self.max_engines))
         if target is not None:
             worse = self._worse_before(layout_of(target), levels, now)
             if worse:
@@ -211,12 +216,17 @@ class RolePlanner:
         return self._decision(now, target, f"{summary}; {why}", levels, moved)
 
     def _sized(self, roles: dict[str, str], levels: ServiceLevels, now: float, summary: str) -> RoleDecision | None:
-        """A scaling planner's split pool with a role short of what the measured work needs
-        for the load coming (controller/role_sizing.py), met levels or not: the roles moved
-        and engines added toward it (the new ones take the role further short)."""
-        need = self._sizing.need(levels) if self.max_engines and "colocated" not in roles.values() else None
-        prefill, decode, _ = layout_of(roles)
-        if need is None or (need.prefill <= prefill and need.decode <= decode):
+        """A planner that scales, on a split pool with a role short of what the measured work
+        needs for the load coming (controller/role_sizing.py), met levels or not, or on an
+        all-colocated pool missing the inter-token level: the roles moved and engines added
+        toward it (the new ones take the role further short)."""
+        prefill, decode, colocated = layout_of(roles)
+        if not self.max_engines or (colocated and levels.itl_p90_ms <= self.slo.itl_ms):
+            return None
+        if colocated:  # a split takes its prefill engines from engines that all decode now
+            prefill, decode = 0, colocated
+        need = self._sizing.need(levels)
+        if need is None or (not colocated and need.prefill <= prefill and need.decode <= decode):
             return None
         engines = len(roles)
         count = max(0, min(MAX_SCALE_STEP, self.max_engines - engines, need.prefill + need.decode - engines))
@@ -245,6 +255,9 @@ class RolePlanner:
         if layout_of(roles) == colocated or self._recall(colocated, levels, now) is not None \
                 or levels.attainment < ROOM_ATTAINMENT:  # fmt: skip
             return None  # (at the edge of the levels, e.g. an open-loop load near capacity, a probe costs a window)
+        need = self._sizing.need(levels) if self.max_engines else None
+        if need is not None and need.prefill + need.decode > len(roles) / 2:
+            return None  # the split is busy: colocated engines would stall (on the ramp at its capacity, 52% met)
         target = dict.fromkeys(roles, "colocated")
         self._changed_at, self._before, self._quiet_since = now, dict(roles), None
         moved = {name: (role, "colocated") for name, role in roles.items()}
@@ -341,7 +354,7 @@ class RolePlanner:
 
 
 def _target(roles: dict[str, str], ttft_over: float, itl_over: float, levels: ServiceLevels,
-            bounded: bool = False, known: int = 0) -> tuple[dict[str, str] | None, str]:  # fmt: skip
+            bounded: bool = False) -> tuple[dict[str, str] | None, str]:  # fmt: skip
     """The roles to move to and why; (None, why not) when no role change helps. The
     worse level (against its own) decides; a split pool moves engines in proportion to
     how far it is over: ``ceil(n x (over - 1))`` of the ``n`` engines of the short role,
@@ -356,7 +369,7 @@ def _target(roles: dict[str, str], ttft_over: float, itl_over: float, levels: Se
     if colocated and not (prefill or decode):
         if ttft_worse:
             return None, "all engines compute prompts already"
-        prefill_count = split_prefill(len(roles), levels, known)
+        prefill_count = split_prefill(len(roles), levels)
         first = _least_busy(roles, "colocated", levels, prefill_count)
         split = {name: "prefill" if name in first else "decode" for name in roles}
         return split, (f"splitting {prefill_count}P+{len(roles) - prefill_count}D by the measured work: "
@@ -389,16 +402,12 @@ def _spare(engines: int, over: float) -> int:
     return max(0, math.floor(engines * (1.0 - over)))
 
 
-def split_prefill(engines: int, levels: ServiceLevels, known: int = 0) -> int:
-    """How many of ``engines`` to compute prompts when a colocated pool splits: ``known``
-    when the sizing knows it (the arrivals over the prompt time measured,
-    ``RoleSizing.prefill_for_arrivals``: a colocated pool missing its inter-token level
-    has its prompts stalled, and its median TTFT is more than a prompt's), else enough for
+def split_prefill(engines: int, levels: ServiceLevels) -> int:
+    """How many of ``engines`` to compute prompts when a colocated pool splits: enough for
     the answers a second of the window, each prompt holding an engine about the window's
     median TTFT, at ``PREFILL_BUSY`` of their time; the rest decode. At least 1 and at
-    most ``engines - 1``; 1 when nothing was measured."""
-    if known:
-        return min(engines - 1, max(1, known))
+    most ``engines - 1``; 1 when nothing was measured. (A planner that scales splits by
+    the sizing instead: ``RolePlanner._sized``.)"""
     rate = levels.requests / levels.window_s if levels.window_s > 0 else 0.0
     prompt_s = levels.ttft_p50_ms / 1000.0
     if rate <= 0 or prompt_s <= 0:

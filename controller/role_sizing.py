@@ -34,6 +34,7 @@ from common.service_levels import ServiceLevels, same_workload
 PREFILL_BUSY = 0.85  # the share of their time prefill engines are sized to be busy
 DECODE_TARGET = 0.9  # decode engines are sized for this share of the inter-token level
 MIN_STREAMS = 2.0  # a window with fewer streams per decode engine says nothing of their growth
+MAX_ITL = 2.0  # a window with the inter-token p90 beyond this many times its level measures queues, not steps
 ESTIMATES_KEPT = 5  # the latest windows' streams-per-decode-engine estimates, whose median is used
 MAX_GROWTH = 2.0  # the rate sized for is at most this many times the arrivals'
 
@@ -53,9 +54,10 @@ class Need:
 
 
 class RoleSizing:
-    def __init__(self, slo: SloConfig, settle_s: float) -> None:
+    def __init__(self, slo: SloConfig, settle_s: float, streams_prior: int = 0) -> None:
         self.slo = slo
         self.settle_s = settle_s
+        self.streams_prior = streams_prior  # streams per decode engine until measured; 0: none
         self._workload = 0.0  # output tokens of the windows measured
         self.prompt_s = math.inf
         self.one_stream_itl_ms = math.inf
@@ -75,14 +77,14 @@ class RoleSizing:
         decodes = [name for name, role in roles.items() if role == "decode"]
         streams = sum(levels.in_flight.get(name, 0) for name in decodes) / len(decodes) if decodes else 0.0
         one = self.one_stream_itl_ms
-        if streams >= MIN_STREAMS and levels.itl_p90_ms > 1.1 * one:
+        if streams >= MIN_STREAMS and 1.1 * one < levels.itl_p90_ms <= MAX_ITL * self.slo.itl_ms:
             per_stream_ms = (levels.itl_p90_ms - one) / (streams - 1.0)
             self._streams.append(max(1.0, 1.0 + (DECODE_TARGET * self.slo.itl_ms - one) / per_stream_ms))
 
     @property
     def streams_per_decode(self) -> float:
-        """Streams a decode engine holds at ``DECODE_TARGET`` of the level; 0: not measured."""
-        return statistics.median(self._streams) if self._streams else 0.0
+        """Streams a decode engine holds at ``DECODE_TARGET`` of the level; the prior until measured."""
+        return statistics.median(self._streams) if self._streams else float(self.streams_prior)
 
     def need(self, levels: ServiceLevels) -> Need | None:
         """The engines each role needs for the rate coming; None before both are measured."""
@@ -95,13 +97,6 @@ class RoleSizing:
         streams = rate * levels.output_tokens * DECODE_TARGET * self.slo.itl_ms / 1000.0
         decode = math.ceil(streams / self.streams_per_decode)
         return Need(max(1, prefill), max(1, decode), rate, levels.arrival_rps, self.prompt_s, self.streams_per_decode)
-
-    def prefill_for_arrivals(self, levels: ServiceLevels) -> int:
-        """Prefill engines for the arrivals of the window (no growth), from the prompt
-        time measured; 0 when either is unknown."""
-        if math.isinf(self.prompt_s) or levels.arrival_rps <= 0 or not same_workload(levels.output_tokens, self._workload):
-            return 0
-        return math.ceil(levels.arrival_rps * self.prompt_s / PREFILL_BUSY)
 
 
 def fit(need: Need, prefill: int, decode: int, max_engines: int) -> tuple[int, int]:

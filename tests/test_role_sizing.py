@@ -48,6 +48,38 @@ def test_the_needs_follow_the_arrivals_the_prompt_time_and_the_streams_a_decode_
     assert sizing.need(window(3000, 120, in_flight, arrival_rps=20, output_tokens=256)) is None
 
 
+def test_one_odd_count_of_streams_does_not_resize_the_decode_engines_and_growth_is_capped() -> None:
+    """On the ramp one window's count (2.4 streams a decode engine where the others read
+    8-16) asked 45 decode engines for 36 requests/s."""
+    sizing = RoleSizing(SLO, settle_s=10.0)
+    roles, in_flight = split(10, 3, streams=6)
+    sizing.learn(window(800, 39.0), roles)
+    for streams in (6, 6, 30):  # the last: 30 counted at the window's end, the latency of 6
+        sizing.learn(window(900, 61.5, dict.fromkeys(in_flight, streams)), roles)
+    assert round(sizing.streams_per_decode, 3) == round(1 + (90 - 39) / 4.5, 3)  # the median of the 3
+    surge = sizing.need(window(900, 61.5, in_flight, arrival_rps=10, arrival_rps_before=2))  # +0.8/s for 30 s
+    assert surge is not None and surge.rate == 20.0  # at most twice the arrivals, not 34
+
+
+def test_a_colocated_pool_splits_by_the_arrivals_over_the_prompt_time_measured() -> None:
+    """On the ramp 15 colocated engines missing the inter-token level at 7.4 requests/s
+    had a median TTFT of 1.6 s (prompts stalled by decodes) and split 12P+3D; a prompt
+    takes 0.8 s: 7 prefill engines at 85% busy. Decode engines are taken to hold
+    MAX_IN_FLIGHT_PER_ENGINE streams (12) until a split window measured them."""
+    colocated = {f"adaptive-{i}": "colocated" for i in range(15)}
+    decisions = []
+    for before in (7.4, 5.4):  # steady; rising 0.2/s each second: 13.4/s in 30 s
+        planner = RolePlanner(SLO, settle_s=10.0, max_engines=32, streams_prior=12)
+        planner.decide(window(800, 39.0, arrival_rps=3), colocated, 0.0)
+        decisions.append(planner.decide(window(1600, 118.0, arrival_rps=7.4, arrival_rps_before=before, met=64),
+                                        colocated, 30.0))  # fmt: skip
+    steady, rising = decisions
+    assert steady is not None and layout_of(steady.roles) == (7, 8, 0) and steady.scale == 0  # 7P+2D needed
+    assert rising is not None and layout_of(rising.roles) == (11, 4, 0) and rising.scale == 2  # 13P+4D needed
+    unmeasured = RolePlanner(SLO, settle_s=10.0).decide(window(1600, 118.0, arrival_rps=7.4, met=64), colocated, 30.0)
+    assert unmeasured is not None and layout_of(unmeasured.roles) == (14, 1, 0)  # without scaling: answers x TTFT
+
+
 def test_fit_keeps_spare_engines_where_they_are_and_shares_the_limit_by_need() -> None:
     need = Need(prefill=12, decode=4, rate=10, arriving=10, prompt_s=0.8, streams_per_decode=12)
     assert fit(need, 10, 3, 32) == (12, 4)  # grown: each role its need
