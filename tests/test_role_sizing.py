@@ -57,6 +57,9 @@ def test_one_odd_count_of_streams_does_not_resize_the_decode_engines_and_growth_
     for streams in (6, 6, 30):  # the last: 30 counted at the window's end, the latency of 6
         sizing.learn(window(900, 61.5, dict.fromkeys(in_flight, streams)), roles)
     assert round(sizing.streams_per_decode, 3) == round(1 + (90 - 39) / 4.5, 3)  # the median of the 3
+    for _ in range(3):  # p90s over twice the level measure queues and leftovers of a change, not decode steps
+        sizing.learn(window(900, 250.0, dict.fromkeys(in_flight, 12)), roles)
+    assert round(sizing.streams_per_decode, 3) == round(1 + (90 - 39) / 4.5, 3)
     surge = sizing.need(window(900, 61.5, in_flight, arrival_rps=10, arrival_rps_before=2))  # +0.8/s for 30 s
     assert surge is not None and surge.rate == 20.0  # at most twice the arrivals, not 34
 
@@ -78,6 +81,21 @@ def test_a_colocated_pool_splits_by_the_arrivals_over_the_prompt_time_measured()
     assert rising is not None and layout_of(rising.roles) == (11, 4, 0) and rising.scale == 2  # 13P+4D needed
     unmeasured = RolePlanner(SLO, settle_s=10.0).decide(window(1600, 118.0, arrival_rps=7.4, met=64), colocated, 30.0)
     assert unmeasured is not None and layout_of(unmeasured.roles) == (14, 1, 0)  # without scaling: answers x TTFT
+
+
+def test_a_busy_split_pool_does_not_try_colocated() -> None:
+    """On the ramp 25P+7D met both levels at its capacity and tried colocated: 52% met,
+    and the split after it queued prompts for a minute."""
+    colocated = {f"adaptive-{i}": "colocated" for i in range(13)}
+    roles, in_flight = split(10, 3, streams=2)
+    layouts = []
+    for arriving in (9.8, 2.0):  # needs 10P+3D, the 13 engines (none to remove either); 2P+1D
+        planner = RolePlanner(SLO, settle_s=10.0, max_engines=32, streams_prior=12)
+        planner.decide(window(800, 39.0, arrival_rps=1), colocated, 0.0)
+        decision = planner.decide(window(800, 45.0, in_flight, arrival_rps=arriving, arrival_rps_before=arriving),
+                                  roles, 400.0)  # colocated last seen 400 s ago  # fmt: skip
+        layouts.append(None if decision is None else layout_of(decision.roles))
+    assert layouts == [None, (0, 0, 13)]
 
 
 def test_fit_keeps_spare_engines_where_they_are_and_shares_the_limit_by_need() -> None:
