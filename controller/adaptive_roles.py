@@ -12,14 +12,8 @@ from collections.abc import Mapping
 from common.config import PlannerConfig, SloConfig
 from common.errors import ConfigError
 from common.service_levels import ACTING_ROLES, ServiceLevels
-from controller.role_planner import (
-    RoleDecision,
-    RolePlanner,
-    after_removal,
-    describe_layout,
-    initial_roles,
-    layout_of,
-)
+from controller.role_layouts import after_removal, describe_layout, initial_roles, layout_of
+from controller.role_planner import RoleDecision, RolePlanner
 
 logger = logging.getLogger(__name__)
 

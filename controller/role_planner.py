@@ -58,9 +58,18 @@ from dataclasses import asdict, dataclass, field
 from common.config import SloConfig
 from common.scale_port import MAX_SCALE_STEP
 from common.service_levels import ServiceLevels, same_workload
+from controller.role_layouts import (
+    Layout,
+    after_removal,
+    describe_layout,
+    highest_numbered,
+    layout_of,
+    least_busy,
+    roles_of,
+    spared,
+)
 from controller.role_sizing import PREFILL_BUSY, RoleSizing, fit
 
-Layout = tuple[int, int, int]  # engines acting prefill, decode, colocated
 ROOM = 0.5  # both p90s at most this share of their levels: an engine may go
 ROOM_ATTAINMENT = 0.99
 GIVE = 0.8  # a role gives engines to the other only with its own level this far under (when engines may be added)
@@ -104,40 +113,6 @@ class RoleDecision:
         return asdict(self)
 
 
-def initial_roles(names: list[str], prefill: int, decode: int) -> dict[str, str]:
-    """The first ``prefill`` engines act prefill and the rest decode; with no decode
-    engines asked for, all act colocated."""
-    if decode <= 0:
-        return {name: "colocated" for name in names}
-    return {name: "prefill" if index < prefill else "decode" for index, name in enumerate(names)}
-
-
-def after_removal(roles: Mapping[str, str], name: str) -> dict[str, str]:
-    """The roles once ``name`` is gone: when the last engine of one role went, the rest
-    serve whole requests (a split pool needs both)."""
-    rest = {engine: role for engine, role in roles.items() if engine != name}
-    acting = set(rest.values())
-    if ("prefill" in acting) != ("decode" in acting):
-        return {engine: "colocated" for engine in rest}
-    return rest
-
-
-def highest_numbered(names: list[str]) -> str:
-    """The engine the scale path removes first: ``adaptive-10`` before ``adaptive-9``."""
-    return max(names, key=lambda name: (int(name.rsplit("-", 1)[1]) if name.rsplit("-", 1)[-1].isdigit() else -1, name))
-
-
-def layout_of(roles: Mapping[str, str]) -> Layout:
-    values = list(roles.values())
-    return values.count("prefill"), values.count("decode"), values.count("colocated")
-
-
-def describe_layout(layout: Layout) -> str:
-    prefill, decode, colocated = layout
-    parts = [f"{prefill}P" if prefill else "", f"{decode}D" if decode else "", f"{colocated}C" if colocated else ""]
-    return "+".join(part for part in parts if part) or "none"
-
-
 class RolePlanner:
     def __init__(self, slo: SloConfig, min_requests: int = 10, settle_s: float = 30.0, memory_s: float = 300.0,
                  min_engines: int = 2, max_engines: int = 0, recall_s: float = 1800.0,
@@ -162,7 +137,7 @@ class RolePlanner:
 
     def changed(self, now: float) -> None:
         """Roles changed from outside (an operator, new engines): judge afresh after ``settle_s``."""
-        self._changed_at = now
+        self._changed_at, self._quiet_since = now, None
 
     def decide(self, levels: ServiceLevels, roles: Mapping[str, str], now: float) -> RoleDecision | None:
         """The decision for this window, or None (keep the roles as they are)."""
@@ -236,7 +211,7 @@ class RolePlanner:
         now_prefill = min(engines - 1, max(1, now_prefill))
         if not count and abs(now_prefill - prefill) <= 1:
             return None  # at the limit one engine either way is within the measures' noise
-        target = _roles_of((now_prefill, engines - now_prefill, 0), roles, levels)
+        target = roles_of((now_prefill, engines - now_prefill, 0), roles, levels)
         moved = {name: (roles[name], role) for name, role in target.items() if roles[name] != role}
         self._changed_at, self._quiet_since = now, None
         if moved:
@@ -285,7 +260,7 @@ class RolePlanner:
         layout, seen = max(best.items(), key=lambda item: item[1].served)
         if layout == layout_of(roles):
             return None
-        target = _roles_of(layout, roles, levels)
+        target = roles_of(layout, roles, levels)
         self._changed_at, self._before, self._quiet_since = now, dict(roles), None
         moved = {name: (roles[name], role) for name, role in target.items() if roles[name] != role}
         return self._decision(now, target, f"the arriving requests ask for about {arriving:.0f} tokens out, "
@@ -328,22 +303,30 @@ class RolePlanner:
 
     def _scale_in(self, roles: dict[str, str], levels: ServiceLevels, now: float, summary: str,
                   worst_over: float) -> RoleDecision | None:  # fmt: skip
+        """Both levels met with room (each p90 at most ``ROOM`` of its level; or, when the
+        sizing needs fewer engines than the pool has, at most ``GIVE``) for ``QUIET_WINDOWS``
+        windows: the highest-numbered engine goes (the scale path's order), first swapping
+        roles with another engine when its own role cannot spare it."""
         if not self.max_engines or len(roles) <= self.min_engines:
             return None
         need = self._sizing.need(levels)
-        if worst_over > ROOM or levels.attainment < ROOM_ATTAINMENT or (need and need.prefill + need.decode >= len(roles)):
+        spare = need is not None and need.prefill + need.decode < len(roles)
+        if levels.attainment < ROOM_ATTAINMENT or worst_over > (GIVE if spare else ROOM) or (need and not spare):
             self._quiet_since = None
             return None
         if self._quiet_since is None:
             self._quiet_since = now
         if now - self._quiet_since < QUIET_WINDOWS * levels.window_s:
             return None  # room for one window is not yet a trend
-        smaller = after_removal(roles, highest_numbered(list(roles)))
-        if self._worse_before(layout_of(smaller), levels, now):
+        name = highest_numbered(list(roles))
+        target = spared(roles, name, need, levels) if need is not None else dict(roles)
+        if target is None or self._worse_before(layout_of(after_removal(target, name)), levels, now):
             return None
         self._changed_at, self._quiet_since = now, None
-        return self._decision(now, roles, f"{summary}; both levels met with room for {QUIET_WINDOWS} windows: removing an engine "
-                              f"({len(roles)} -> {len(roles) - 1}, at least {self.min_engines})", levels, scale=-1)  # fmt: skip
+        moved = {engine: (roles[engine], role) for engine, role in target.items() if roles[engine] != role}
+        why = f"the measured work needs {need.prefill}P+{need.decode}D" if spare else "both levels met with room"  # type: ignore[union-attr]
+        return self._decision(now, target, f"{summary}; {why} for {QUIET_WINDOWS} windows: removing an engine "
+                              f"({len(roles)} -> {len(roles) - 1}, at least {self.min_engines})", levels, moved, scale=-1)  # fmt: skip
 
     @staticmethod
     def _decision(now: float, roles: dict[str, str], reason: str, levels: ServiceLevels,
@@ -370,7 +353,7 @@ def _target(roles: dict[str, str], ttft_over: float, itl_over: float, levels: Se
         if ttft_worse:
             return None, "all engines compute prompts already"
         prefill_count = split_prefill(len(roles), levels)
-        first = _least_busy(roles, "colocated", levels, prefill_count)
+        first = least_busy(roles, "colocated", levels, prefill_count)
         split = {name: "prefill" if name in first else "decode" for name in roles}
         return split, (f"splitting {prefill_count}P+{len(roles) - prefill_count}D by the measured work: "
                        f"{', '.join(first)} compute prompts, the others decode undisturbed")  # fmt: skip
@@ -378,21 +361,21 @@ def _target(roles: dict[str, str], ttft_over: float, itl_over: float, levels: Se
     decode += colocated
     if ttft_worse:
         if prefill >= 2 and _prefill_idle(roles, levels):
-            names = _least_busy(roles, "prefill", levels, min(prefill - 1, _step(decode, min(ttft_over, 2.0))))
+            names = least_busy(roles, "prefill", levels, min(prefill - 1, _step(decode, min(ttft_over, 2.0))))
             return {**roles, **dict.fromkeys(names, "decode")}, (f"{', '.join(names)} prefill -> decode: prompts do "
                     "not queue at the prefill engines (under half a request each), answers wait for decode slots")  # fmt: skip
         if decode >= 2:
             count = min(decode - 1, _step(prefill, ttft_over), _spare(decode, itl_over) if bounded else decode)
             if count <= 0:
                 return None, f"prompts queue, and the decode engines have none to spare (inter-token p90 at {itl_over:.0%})"
-            names = _least_busy(roles, "decode", levels, count)
+            names = least_busy(roles, "decode", levels, count)
             return {**roles, **dict.fromkeys(names, "prefill")}, f"{', '.join(names)} decode -> prefill: prompts queue"
         return {name: "colocated" for name in roles}, "all colocated: prompts queue and one decode engine is left"
     if prefill >= 2:
         count = min(prefill - 1, _step(decode, itl_over), _spare(prefill, ttft_over) if bounded else prefill)
         if count <= 0:
             return None, f"decodes are too many, and the prefill engines have none to spare (TTFT p90 at {ttft_over:.0%})"
-        names = _least_busy(roles, "prefill", levels, count)
+        names = least_busy(roles, "prefill", levels, count)
         return {**roles, **dict.fromkeys(names, "decode")}, f"{', '.join(names)} prefill -> decode: decodes are too many for their engines"
     return None, "one prefill engine is the least a split pool has"
 
@@ -427,19 +410,3 @@ def _prefill_idle(roles: Mapping[str, str], levels: ServiceLevels) -> bool:
     reads about one each."""
     engines = [name for name, acting in roles.items() if acting == "prefill"]
     return bool(engines and levels.in_flight) and sum(levels.in_flight.get(name, 0) for name in engines) < len(engines) / 2
-
-
-def _roles_of(layout: Layout, roles: Mapping[str, str], levels: ServiceLevels) -> dict[str, str]:
-    """``roles`` moved to ``layout`` (as many engines): the prefill engines are those
-    prefilling now, then the ones with the fewest requests in flight; the rest decode."""
-    prefill, _, colocated = layout
-    if colocated:
-        return dict.fromkeys(roles, "colocated")
-    order = sorted(roles, key=lambda name: (roles[name] != "prefill", levels.in_flight.get(name, 0), name))
-    return {name: "prefill" if name in order[:prefill] else "decode" for name in roles}
-
-
-def _least_busy(roles: Mapping[str, str], role: str, levels: ServiceLevels, count: int) -> list[str]:
-    """Of the engines acting ``role``, the ``count`` with the fewest requests in flight (then by name)."""
-    return sorted((name for name, acting in roles.items() if acting == role),
-                  key=lambda name: (levels.in_flight.get(name, 0), name))[:count]  # fmt: skip

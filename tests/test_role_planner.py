@@ -15,7 +15,8 @@ from common.config import PlannerConfig, SloConfig
 from common.errors import ConfigError
 from common.service_levels import ServiceLevels
 from controller.adaptive_roles import AdaptiveRoles
-from controller.role_planner import RolePlanner, initial_roles, layout_of, split_prefill
+from controller.role_layouts import initial_roles, layout_of
+from controller.role_planner import RolePlanner, split_prefill
 
 SLO = SloConfig(ttft_ms=2000, itl_ms=100)
 WINDOW = 20.0

@@ -9,7 +9,8 @@ import time
 
 from common.config import SloConfig
 from common.service_levels import ServiceLevels
-from controller.role_planner import RolePlanner, layout_of
+from controller.role_layouts import layout_of
+from controller.role_planner import RolePlanner
 from controller.role_sizing import Need, RoleSizing, fit
 from door.arrivals import Arrivals
 
@@ -96,6 +97,25 @@ def test_a_busy_split_pool_does_not_try_colocated() -> None:
                                   roles, 400.0)  # colocated last seen 400 s ago  # fmt: skip
         layouts.append(None if decision is None else layout_of(decision.roles))
     assert layouts == [None, (0, 0, 13)]
+
+
+def test_a_pool_larger_than_the_work_needs_shrinks_keeping_each_role_its_need() -> None:
+    """On the ramp's tail (0.5x capacity for 2 minutes) 24P+8D met both levels with the
+    inter-token p90 over half its level, so no engine went; the work needs 14P+4D."""
+    decisions = []
+    for prefill, decode in ((24, 8), (20, 4)):
+        planner = RolePlanner(SLO, settle_s=10.0, max_engines=32, streams_prior=12)
+        planner.decide(window(800, 39.0, arrival_rps=1), {"adaptive-0": "colocated", "adaptive-1": "colocated"}, 0.0)
+        planner.changed(10.0)
+        roles, in_flight = split(prefill, decode, streams=5)
+        tail = window(800, 57.0, in_flight, arrival_rps=14.8, arrival_rps_before=14.8)  # 5 streams: 4.5 ms each
+        assert [planner.decide(tail, roles, at) for at in (30.0, 45.0)] == [None, None]  # 3 windows first
+        decisions.append((roles, planner.decide(tail, roles, 60.0)))
+    (roles, shrink), (tight, swap) = decisions
+    assert shrink is not None and shrink.scale == -1 and not shrink.moved and "needs 14P+4D" in shrink.reason
+    # 20P+4D: the highest-numbered engine decodes, and the decode engines are what the work needs: it swaps first
+    assert swap is not None and swap.scale == -1 and layout_of(swap.roles) == (20, 4, 0)
+    assert swap.moved == {"adaptive-23": ("decode", "prefill"), "adaptive-0": ("prefill", "decode")}
 
 
 def test_fit_keeps_spare_engines_where_they_are_and_shares_the_limit_by_need() -> None:
