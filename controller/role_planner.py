@@ -73,6 +73,7 @@ from controller.role_sizing import PREFILL_BUSY, RoleSizing, fit
 ROOM = 0.5  # both p90s at most this share of their levels: an engine may go
 ROOM_ATTAINMENT = 0.99
 GIVE = 0.8  # a role gives engines to the other only with its own level this far under (when engines may be added)
+RISING = 1.1  # arrivals this many times the window before's: a rising load
 QUIET_WINDOWS = 3  # windows in a row with room before an engine goes
 HISTORY_KEPT = 512  # judged windows remembered (layout, how it served)
 
@@ -193,11 +194,13 @@ class RolePlanner:
     def _sized(self, roles: dict[str, str], levels: ServiceLevels, now: float, summary: str) -> RoleDecision | None:
         """A planner that scales, on a split pool with a role short of what the measured work
         needs for the load coming (controller/role_sizing.py), met levels or not, or on an
-        all-colocated pool missing the inter-token level: the roles moved and engines added
-        toward it (the new ones take the role further short)."""
+        all-colocated pool missing the inter-token level (or past ``GIVE`` of it with the
+        arrivals rising): the roles moved and engines added toward it (the new ones take
+        the role further short)."""
         prefill, decode, colocated = layout_of(roles)
-        if not self.max_engines or (colocated and levels.itl_p90_ms <= self.slo.itl_ms):
-            return None
+        rising = levels.arrival_rps > RISING * levels.arrival_rps_before
+        if not self.max_engines or (colocated and levels.itl_p90_ms <= self.slo.itl_ms * (GIVE if rising else 1.0)):
+            return None  # (colocated engines near their inter-token level under a rising load split before they miss it)
         if colocated:  # a split takes its prefill engines from engines that all decode now
             prefill, decode = 0, colocated
         need = self._sizing.need(levels)

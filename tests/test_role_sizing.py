@@ -80,6 +80,13 @@ def test_a_colocated_pool_splits_by_the_arrivals_over_the_prompt_time_measured()
     steady, rising = decisions
     assert steady is not None and layout_of(steady.roles) == (7, 8, 0) and steady.scale == 0  # 7P+2D needed
     assert rising is not None and layout_of(rising.roles) == (11, 4, 0) and rising.scale == 2  # 13P+4D needed
+    near = []  # inter-token p90 at 85% of its level: a rising load splits before it misses, a steady one stays
+    for before in (7.4, 5.4):
+        planner = RolePlanner(SLO, settle_s=10.0, max_engines=32, streams_prior=12)
+        planner.decide(window(800, 39.0, arrival_rps=3), colocated, 0.0)
+        decision = planner.decide(window(1000, 85.0, arrival_rps=7.4, arrival_rps_before=before), colocated, 30.0)
+        near.append(None if decision is None else layout_of(decision.roles))
+    assert near == [None, (11, 4, 0)]
     unmeasured = RolePlanner(SLO, settle_s=10.0).decide(window(1600, 118.0, arrival_rps=7.4, met=64), colocated, 30.0)
     assert unmeasured is not None and layout_of(unmeasured.roles) == (14, 1, 0)  # without scaling: answers x TTFT
 
