@@ -215,6 +215,8 @@ class RolePlanner:
         if not count and abs(now_prefill - prefill) <= 1:
             return None  # at the limit one engine either way is within the measures' noise
         target = roles_of((now_prefill, engines - now_prefill, 0), roles, levels)
+        if not count and self._worse_before(layout_of(target), levels, now):
+            return None  # at the limit the measures can be off; a layout seen doing no better is not gone back to
         moved = {name: (roles[name], role) for name, role in target.items() if roles[name] != role}
         self._changed_at, self._quiet_since = now, None
         if moved:

@@ -125,6 +125,25 @@ def test_a_pool_larger_than_the_work_needs_shrinks_keeping_each_role_its_need() 
     assert swap.moved == {"adaptive-23": ("decode", "prefill"), "adaptive-0": ("prefill", "decode")}
 
 
+def test_at_the_limit_the_sizing_does_not_go_back_to_a_layout_that_did_no_better() -> None:
+    """On the ramp at 1.5x capacity the sizing asked 25P+7D and the window rules 23P+9D,
+    which served 25.6 answers/s against 17.6: they took turns every window."""
+    planner = RolePlanner(SLO, settle_s=10.0, max_engines=32, streams_prior=12)
+    planner.decide(window(800, 39.0, arrival_rps=1), {"adaptive-0": "colocated", "adaptive-1": "colocated"}, 0.0)
+    layouts = []
+    for at, (prefill, decode, streams, itl_ms, met) in ((30.0, (25, 7, 12, 91.0, 53)), (60.0, (23, 9, 10, 80.0, 80))):
+        roles, in_flight = split(prefill, decode, streams)
+        in_flight.update(dict.fromkeys(list(roles)[:prefill], 2))  # prompts queue at every prefill engine
+        planner.changed(at - 20.0)
+        decision = planner.decide(window(2500, itl_ms, in_flight, arrival_rps=44.4, arrival_rps_before=44.4, met=met),
+                                  roles, at)  # fmt: skip
+        assert decision is not None
+        layouts.append((layout_of(decision.roles), "42P+11D" in decision.reason))
+    # 25P+7D: what the sizing asks; neither role spares an engine: more engines needed. 23P+9D served 8 answers/s
+    # met to 25P+7D's 5.3, and the sizing (25P+7D again) leaves it: the window rules move one engine
+    assert layouts == [((25, 7, 0), False), ((24, 8, 0), False)]
+
+
 def test_fit_keeps_spare_engines_where_they_are_and_shares_the_limit_by_need() -> None:
     need = Need(prefill=12, decode=4, rate=10, arriving=10, prompt_s=0.8, streams_per_decode=12)
     assert fit(need, 10, 3, 32) == (12, 4)  # grown: each role its need
