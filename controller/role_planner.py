@@ -11,8 +11,9 @@ way, windows are judged again only after ``settle_s`` (they hold the workload be
 
 The rules, judged on a window that began after the last change:
 - a planner that scales, on a split pool with a role short of what the measured work
-  needs for the load coming (controller/role_sizing.py), levels met or not: the roles
-  moved and engines added toward it;
+  needs for the load coming (controller/role_sizing.py), levels met or not, or on an
+  all-colocated pool missing the inter-token level: the roles moved and engines added
+  toward it;
 - both levels met: nothing changes, but a split pool tries all colocated once per
   workload (below) if that was not seen on it and 99% of its answers met both;
 - inter-token latency missed (prefills stall the decodes sharing their engine) on an
@@ -209,8 +210,8 @@ class RolePlanner:
         engines = len(roles)
         count = max(0, min(MAX_SCALE_STEP, self.max_engines - engines, need.prefill + need.decode - engines))
         want_prefill, want_decode = fit(need, prefill, decode, engines + count)  # the pool once this step is done
-        self.new_role = "prefill" if want_prefill - prefill >= want_decode - decode else "decode"
-        now_prefill = want_prefill - count if self.new_role == "prefill" else want_prefill
+        new_role = "prefill" if want_prefill - prefill >= want_decode - decode else "decode"
+        now_prefill = want_prefill - count if new_role == "prefill" else want_prefill
         now_prefill = min(engines - 1, max(1, now_prefill))
         if not count and abs(now_prefill - prefill) <= 1:
             return None  # at the limit one engine either way is within the measures' noise
@@ -221,7 +222,9 @@ class RolePlanner:
         self._changed_at, self._quiet_since = now, None
         if moved:
             self._before = dict(roles)
-        adding = (f", adding {count} {self.new_role} engine(s) ({engines} -> {engines + count}, at most "
+        if count:
+            self.new_role = new_role
+        adding = (f", adding {count} {new_role} engine(s) ({engines} -> {engines + count}, at most "
                   f"{self.max_engines})" if count else "")  # fmt: skip
         return self._decision(now, target, f"{summary}; {need.describe()}: {describe_layout(layout_of(target))}{adding}",
                               levels, moved, scale=count)  # fmt: skip

@@ -4,8 +4,9 @@ planner feeds it the door's windows (``learn``) and asks it (``need``).
 
 - **The rate** to size for: the window's arrivals (admitted or shed), plus their growth
   over the window before carried ahead for the time a change takes to serve (the
-  planner's settling and two windows: one to judge, one for new engines to start). Answers lag arrivals by their latency and
-  any queue; on a rising load a planner that waits for missed levels is a step behind.
+  planner's settling and two windows: one to judge, one for new engines to start).
+  Answers lag arrivals by their latency and any queue; on a rising load a planner that
+  waits for missed levels is a step behind.
 - **Prefill engines**: a prefill engine computes one prompt after another, each about
   the prompt time: the lowest median TTFT seen on this workload (a prompt with no queue
   before it). ``rate x prompt time / PREFILL_BUSY`` engines.
@@ -14,12 +15,13 @@ planner feeds it the door's windows (``learn``) and asks it (``need``).
   alone: ``b + k``) and a split window's p90 at its mean streams per decode engine give
   ``k``, and so the streams one engine holds at ``DECODE_TARGET`` of the level (the
   median of the latest ``ESTIMATES_KEPT`` windows': the streams are counted once, at
-  the window's end, and one count can be far off). The arrivals keep ``rate x output tokens x that latency`` streams (Little's law) in flight.
+  the window's end, and one count can be far off). The arrivals keep
+  ``rate x output tokens x that latency`` streams (Little's law) in flight.
 
 A workload with other output tokens (``same_workload``) starts the measures afresh;
-decode engines are not sized until a split window measured them.
+until a split window measured the decode engines, each is taken to hold
+``streams_prior`` streams (the operator's MAX_IN_FLIGHT_PER_ENGINE).
 """
-
 from __future__ import annotations
 
 import math
