@@ -13,6 +13,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections import deque
+from itertools import takewhile
 from typing import Any
 
 from common.service_levels import same_workload
@@ -38,7 +39,7 @@ class Arrivals:
         now, times = time.monotonic(), self._times
         while times and times[0] < now - 2 * window_s:
             times.popleft()
-        latest = sum(1 for arrived in reversed(times) if arrived >= now - window_s)
+        latest = sum(1 for _ in takewhile(lambda arrived: arrived >= now - window_s, reversed(times)))
         return latest / window_s, (len(times) - latest) / window_s
 
     def tokens(self) -> float:

@@ -156,10 +156,10 @@ class RoutingTable:
         if self.adaptive:
             prefill = len(self._usable_of("prefill"))
             answering = len(self._usable_of("decode")) + len(self._usable_of("colocated"))
-            return max(1, answering * per_engine + prefill * PREFILL_SLOTS if answering else prefill * per_engine)
+            return answering * per_engine + prefill * PREFILL_SLOTS if answering else prefill * per_engine
         if not self.disaggregated:
-            return max(1, len(self.healthy("colocated")) * per_engine)
-        return max(1, (len(self.healthy("decode")) or len(self.healthy("prefill"))) * per_engine)
+            return len(self.healthy("colocated")) * per_engine
+        return (len(self.healthy("decode")) or len(self.healthy("prefill"))) * per_engine
 
     def order(self, role: str, affinity_key: bytes, ranker: Ranker | None = None) -> list[EngineLoad]:
         """Engines of ``role`` to try, best first for this request: the healthy ones in the
