@@ -36,6 +36,7 @@ class ServiceLevels:
     arriving_tokens: float = 0.0  # the output tokens the latest requests asked for (median, door/arrivals.py); 0: unknown
     arrival_rps: float = 0.0  # requests arrived a second over the window (admitted or not); 0: unknown
     arrival_rps_before: float = 0.0  # over the window before it
+    idle_s: float = 0.0  # how long in the window the door held no request (a client that paused)
 
     @property
     def attainment(self) -> float:
@@ -45,6 +46,11 @@ class ServiceLevels:
     @property
     def goodput_rps(self) -> float:
         return self.met / self.window_s if self.window_s > 0 else 0.0
+
+    @property
+    def busy_s(self) -> float:
+        """How long in the window the door held requests."""
+        return max(0.0, self.window_s - self.idle_s)
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)

@@ -9,6 +9,10 @@ workload than the layout was set or judged on (``arriving_tokens``), the layout 
 served that workload best within ``recall_s`` on as many engines, if one did; either
 way, windows are judged again only after ``settle_s`` (they hold the workload before).
 
+A window in which the door held no request for over ``IDLE_SHARE`` of it (the client
+paused: a benchmark between its runs) says how much came, not what the layout serves:
+it is not remembered, and one that missed a level decides nothing.
+
 The rules, judged on a window that began after the last change:
 - a planner that scales, on a split pool with a role short of what the measured work
   needs for the load coming (controller/role_sizing.py), levels met or not, or on an
@@ -75,6 +79,7 @@ ROOM = 0.5  # both p90s at most this share of their levels: an engine may go
 ROOM_ATTAINMENT = 0.99
 GIVE = 0.8  # a role gives engines to the other only with its own level this far under (when engines may be added)
 RISING = 1.1  # arrivals this many times the window before's: a rising load
+IDLE_SHARE = 0.2  # the door held no request this share of a window: the client paused
 QUIET_WINDOWS = 3  # windows in a row with room before an engine goes
 HISTORY_KEPT = 512  # judged windows remembered (layout, how it served)
 
@@ -95,7 +100,9 @@ class Seen:
 
 
 def _served(levels: ServiceLevels) -> tuple[float, float]:
-    return levels.goodput_rps, levels.requests / levels.window_s
+    """Answers a second that met both levels, and all, over the time the door held requests."""
+    busy_s = max(levels.busy_s, 1e-3)
+    return levels.met / busy_s, levels.requests / busy_s
 
 
 @dataclass(frozen=True)
@@ -151,16 +158,21 @@ class RolePlanner:
         if now - self._changed_at < max(self.settle_s, levels.window_s):
             return None  # the window still holds answers of the layout before
         current = layout_of(roles)
-        # a window whose answers are another workload than the requests arriving (a change under way) is
-        # remembered for comparisons, not for a workload's return
-        arriving = levels.arriving_tokens if same_workload(levels.arriving_tokens, levels.output_tokens) else 0.0
-        self._history.append((current, Seen(*_served(levels), now, levels.output_tokens, arriving)))
-        self._serving = levels.arriving_tokens or self._serving
         ttft_over = levels.ttft_p90_ms / self.slo.ttft_ms
         itl_over = levels.itl_p90_ms / self.slo.itl_ms
+        paused = levels.idle_s > IDLE_SHARE * levels.window_s
+        if paused and max(ttft_over, itl_over) > 1:
+            return None  # a miss in a window the client paused in is judged once requests come steadily
+        if not paused:
+            # a window whose answers are another workload than the requests arriving (a change under way) is
+            # remembered for comparisons, not for a workload's return
+            arriving = levels.arriving_tokens if same_workload(levels.arriving_tokens, levels.output_tokens) else 0.0
+            self._history.append((current, Seen(*_served(levels), now, levels.output_tokens, arriving)))
+        self._serving = levels.arriving_tokens or self._serving
+        idle = f" (the door idle {levels.idle_s:.0f} s of it)" if levels.idle_s >= 0.5 else ""
         summary = (f"TTFT p90 {levels.ttft_p90_ms:.0f} ms (SLO {self.slo.ttft_ms:g}), inter-token p90 "
                    f"{levels.itl_p90_ms:.0f} ms (SLO {self.slo.itl_ms:g}), {levels.met} of {levels.requests} answers "
-                   f"in {levels.window_s:g} s met both ({levels.attainment:.0%}, {levels.goodput_rps:.2f}/s) on "
+                   f"in {levels.window_s:g} s{idle} met both ({levels.attainment:.0%}, {_served(levels)[0]:.2f}/s) on "
                    f"{describe_layout(current)}")  # fmt: skip
         self._sizing.learn(levels, roles)
         sized = self._sized(dict(roles), levels, now, summary)

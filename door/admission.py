@@ -73,6 +73,11 @@ class Admission:
                 self.in_flight += 1
                 waiter.set_result(None)
 
+    def refused(self, refusal: Refusal) -> str:
+        """What a refused client is told."""
+        return (f"the service is at capacity ({self.in_flight} requests in flight, {self.waiting} waiting; "
+                f"{refusal.value.replace('_', ' ')}); retry later")  # fmt: skip
+
     @property
     def retry_after_s(self) -> int:
         """What a refused client is told to wait (whole seconds, at least 1)."""

@@ -103,7 +103,8 @@ class EngineWatch:
         window = self.levels(self.window_s, in_flight)
         arrival_rps, arrival_rps_before = self.arrivals.rates(self.window_s)
         window = dataclasses.replace(window, arriving_tokens=self.arrivals.tokens(), arrival_rps=arrival_rps,
-                                     arrival_rps_before=arrival_rps_before)  # fmt: skip
+                                     arrival_rps_before=arrival_rps_before,
+                                     idle_s=self.arrivals.idle_s(window.window_s))  # fmt: skip
         self.arrivals.reported = window.arriving_tokens
         levels = window.as_dict()
         self.series.append((time.time(), levels, {engine.name: engine.acting for engine in self.table.all_engines()}))

@@ -60,7 +60,6 @@ logger = logging.getLogger(__name__)
 _CLIENT_CLOSED = 499  # counted when the client left before its answer (nginx's code)
 
 
-
 def openai_error(status: int, message: str, error_type: str, param: str | None = None, request_id: str = "",
                  headers: Mapping[str, str] | None = None) -> JSONResponse:  # fmt: skip
     """An OpenAI-form error as a FastAPI response (the door's less frequent endpoints)."""
@@ -252,20 +251,21 @@ class FrontDoor:
 
     async def _admitted(self, exchange: Exchange, endpoint: str, required: str, request_id: str, started: float) -> int:
         body = self._parsed(exchange, required)
-        self.watch.arrivals.saw(body)  # the workload and the load the planner sees arriving (shed or not)
-        admission = self.admission
-        if admission is not None:
-            refusal = await admission.enter(self.table.admission_slots(admission.config.max_in_flight_per_engine))
-            if refusal is not None:
-                self.metrics.refused.labels(refusal.value).inc()
-                message = (f"the service is at capacity ({admission.in_flight} requests in flight, "
-                           f"{admission.waiting} waiting; {refusal.value.replace('_', ' ')}); retry later")  # fmt: skip
-                raise _Refused(429, message, "rate_limit_exceeded", headers=(("Retry-After", str(admission.retry_after_s)),))
+        arrivals, admission, entered = self.watch.arrivals, self.admission, False
+        arrivals.saw(body)  # the workload and the load the planner sees arriving (shed or not), and door idle time
         try:
+            if admission is not None:
+                refusal = await admission.enter(self.table.admission_slots(admission.config.max_in_flight_per_engine))
+                if refusal is not None:
+                    self.metrics.refused.labels(refusal.value).inc()
+                    raise _Refused(429, admission.refused(refusal), "rate_limit_exceeded",
+                                   headers=(("Retry-After", str(admission.retry_after_s)),))  # fmt: skip
+                entered = True
             return await self._route(exchange, endpoint, body, request_id, started)
         finally:
-            if admission is not None:  # a stream holds its slot until it ends
-                await admission.leave()
+            arrivals.left()
+            if entered:  # a stream holds its slot until it ends
+                await admission.leave()  # type: ignore[union-attr]
 
     async def _route(self, exchange: Exchange, endpoint: str, body: dict[str, Any], request_id: str, started: float) -> int:
         table, kv_router = self.table, self.kv_router

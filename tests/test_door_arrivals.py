@@ -4,15 +4,22 @@ new workload within a routing-table refresh rather than a report period (door/en
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
-from common.config import SloConfig
+import httpx
+
+from common.config import AdmissionConfig, SloConfig
+from door.admission import Admission
 from door.arrivals import Arrivals
+from door.builder import build_door
 from door.door_metrics import DoorMetrics
 from door.engine_client import EngineClient
 from door.engine_watch import REFRESH_S, REPORT_EVERY, EngineWatch
 from door.routing import RoutingTable
 from door.slo import SloCounts
+from testkit.helpers import free_port, service_config
+from tests.fake_engines import FakeEngine, serving
 
 ENGINES = [{"name": "adaptive-0", "role": "adaptive", "host": "127.0.0.1", "port": 1, "acting": "colocated"},
            {"name": "adaptive-1", "role": "adaptive", "host": "127.0.0.1", "port": 2, "acting": "colocated"}]  # fmt: skip
@@ -32,6 +39,47 @@ def test_the_signature_is_the_median_of_the_latest_requests_asked_tokens() -> No
     for asked in (None, "many", -1):  # asked no number: unknown
         arrivals.saw({"prompt": "x", "max_tokens": asked})
     assert (arrivals.tokens(), arrivals.moved()) == (0.0, False)
+
+
+def test_idle_time_is_the_time_in_the_window_the_door_held_no_request() -> None:
+    now = [100.0]
+    arrivals = Arrivals(clock=lambda: now[0])
+    now[0] = 104.0
+    assert arrivals.idle_s(10.0) == 4.0  # idle since it started
+    arrivals.saw({"prompt": "x"})  # 104: busy
+    now[0] = 106.0
+    arrivals.saw({"prompt": "y"})
+    arrivals.left()
+    now[0] = 107.0
+    arrivals.left()  # 107: idle
+    now[0] = 109.0
+    arrivals.saw({"prompt": "z"})  # 109: busy
+    now[0] = 112.0
+    assert arrivals.idle_s(10.0) == 2.0 + 2.0  # 102-104 and 107-109
+    assert arrivals.idle_s(4.0) == 1.0  # 108-109
+    arrivals.left()
+    now[0] = 120.0
+    assert arrivals.idle_s(10.0) == 8.0  # 112-120
+
+
+def test_the_door_is_busy_while_it_holds_a_request_and_idle_once_each_is_answered_or_refused() -> None:
+    slow = FakeEngine("c0", "colocated", delay_s=1.0)
+    admission = Admission(AdmissionConfig(max_in_flight_per_engine=1, queue_size=1, queue_timeout_s=0.2))
+    built = build_door(service_config(ROUTING_POLICY="round_robin"), [slow.info], "m", admission=admission)
+    port = free_port()
+    with serving(slow.app(), slow.port), serving(built.app, port, built.uvicorn_config("127.0.0.1", port, drain_timeout_s=5)):
+        url, statuses = f"http://127.0.0.1:{port}/v1/completions", []
+        threads = [threading.Thread(target=lambda: statuses.append(httpx.post(url, json={"prompt": "p"}, timeout=10).status_code))
+                   for _ in range(2)]  # fmt: skip
+        for thread in threads:
+            thread.start()
+        time.sleep(0.6)  # one answering (1 s), the other refused after 0.2 s in the queue
+        assert built.watch.arrivals.idle_s(0.3) == 0.0
+        for thread in threads:
+            thread.join()
+        time.sleep(0.5)
+        assert sorted(statuses) == [200, 429]
+        assert 0.45 <= built.watch.arrivals.idle_s(0.5) <= 0.5
 
 
 class _Planner:

@@ -16,7 +16,7 @@ from common.errors import ConfigError
 from common.service_levels import ServiceLevels
 from controller.adaptive_roles import AdaptiveRoles
 from controller.role_layouts import initial_roles, layout_of
-from controller.role_planner import RolePlanner, split_prefill
+from controller.role_planner import RolePlanner, Seen, split_prefill
 
 SLO = SloConfig(ttft_ms=2000, itl_ms=100)
 WINDOW = 20.0
@@ -458,3 +458,25 @@ def test_after_a_new_workload_arrives_windows_are_judged_only_after_settling() -
     assert planner.decide(replace(window(700, 204, met=6), output_tokens=2.0, arriving_tokens=2.0), colocated, 110.0) is None
     split = planner.decide(replace(window(700, 204, met=6), output_tokens=2.0, arriving_tokens=2.0), colocated, 121.0)
     assert split is not None and layout_of(split.roles) == (1, 1, 0)  # judged once settled (and a window passed)
+
+
+def test_a_window_the_client_paused_in_neither_decides_nor_is_remembered() -> None:
+    """bench adaptive-roles at 5cece1b: seed 000 split the pool; the first window after
+    settling held 10 answers in 13.7 s, most of it the gap between two ``vllm bench
+    serve`` runs (8 of 10 met, TTFT p90 2.25 s), and sent the pool back to colocated
+    (2.10 answers/s met), where it stayed: 1P+1D was remembered at 0.58/s."""
+    planner = RolePlanner(SLO, settle_s=15.0)
+    colocated = {"adaptive-0": "colocated", "adaptive-1": "colocated"}
+    seed000 = replace(window(1471, 783, requests=43, met=21), window_s=10.0, output_tokens=2.0, arriving_tokens=2.0)
+    split = planner.decide(seed000, colocated, 0.0)
+    assert split is not None and layout_of(split.roles) == (1, 1, 0)
+    paused = replace(seed000, window_s=13.7, requests=10, met=8, ttft_p90_ms=2251, itl_p90_ms=50, idle_s=8.0)
+    assert planner.decide(paused, split.roles, 15.0) is None
+    # the load back: 1P+1D misses TTFT a little, but meets both for more answers a second than colocated did
+    steady = replace(paused, window_s=10.0, requests=28, met=25, ttft_p90_ms=2240, idle_s=0.0)
+    stays = planner.decide(steady, split.roles, 30.0)
+    assert stays is not None and stays.moved == {}
+    assert "2C met both levels at 2.10 answers/s 30 s ago, no better" in stays.reason
+    # met, but paused: judged (nothing to change) and not remembered as what 1P+1D serves
+    assert planner.decide(replace(steady, met=28, requests=28, ttft_p90_ms=1500, idle_s=5.0), split.roles, 45.0) is None
+    assert planner._recall((1, 1, 0), steady, 50.0) == Seen(2.5, 2.8, 30.0, 2.0, 2.0)
