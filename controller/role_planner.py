@@ -13,7 +13,9 @@ A window in which the door held no request for over ``IDLE_SHARE`` of it (the cl
 paused: a benchmark between its runs) says how much came, not what the layout serves:
 it is not remembered, and one that missed a level decides nothing.
 
-The rules, judged on a window that began after the last change:
+The rules, judged on a window that began after the last change (the rules below that
+move roles, on the layout's second window: its first holds the change's own transition,
+a prefill engine's prefix cache filling with the groups the other engines held):
 - a planner that scales, on a split pool with a role short of what the measured work
   needs for the load coming (controller/role_sizing.py), levels met or not, or on an
   all-colocated pool missing the inter-token level: the roles moved and engines added
@@ -139,6 +141,7 @@ class RolePlanner:
         self._serving = 0.0  # the workload (tokens asked for) the current layout was set or judged on
         self._before: dict[str, str] | None = None  # the roles before the planner's last change
         self._quiet_since: float | None = None  # since when every window had room
+        self._roles_since = -math.inf  # when the roles last moved (the planner, an operator, engines added or removed)
         self.new_role = "colocated"  # the role engines added by the planner's last scale-out take
         # what each role needs for the load coming (a planner that scales); ``streams_prior``: the streams a
         # decode engine is taken to hold until a split window measured it
@@ -146,10 +149,16 @@ class RolePlanner:
 
     def changed(self, now: float) -> None:
         """Roles changed from outside (an operator, new engines): judge afresh after ``settle_s``."""
-        self._changed_at, self._quiet_since = now, None
+        self._changed_at, self._roles_since, self._quiet_since = now, now, None
 
     def decide(self, levels: ServiceLevels, roles: Mapping[str, str], now: float) -> RoleDecision | None:
         """The decision for this window, or None (keep the roles as they are)."""
+        decision = self._decide(levels, roles, now)
+        if decision is not None and decision.moved:
+            self._roles_since = now
+        return decision
+
+    def _decide(self, levels: ServiceLevels, roles: Mapping[str, str], now: float) -> RoleDecision | None:
         if len(roles) < 2:
             return None
         returned = self._workload_returned(levels, roles, now)
@@ -200,6 +209,8 @@ class RolePlanner:
                        f"answers/s {now - seen.at:.0f} s ago")  # fmt: skip
         if target is None:
             return self._scale_out(dict(roles), levels, now, summary, why, max(ttft_over, itl_over), short)
+        if now - self._roles_since < max(self.settle_s, levels.window_s) + levels.window_s:
+            return None  # a layout's first window holds its change's own transition: roles move on its second
         self._changed_at, self._before = now, dict(roles)
         moved = {name: (roles[name], role) for name, role in target.items() if roles[name] != role}
         return self._decision(now, target, f"{summary}; {why}", levels, moved)
