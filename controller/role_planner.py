@@ -81,7 +81,7 @@ ROOM = 0.5  # both p90s at most this share of their levels: an engine may go
 ROOM_ATTAINMENT = 0.99
 GIVE = 0.8  # a role gives engines to the other only with its own level this far under (when engines may be added)
 RISING = 1.1  # arrivals this many times the window before's: a rising load
-IDLE_SHARE = 0.2  # the door held no request this share of a window: the client paused
+IDLE_SHARE = 0.5  # the door held no request over this share of a window: the client paused
 QUIET_WINDOWS = 3  # windows in a row with room before an engine goes
 HISTORY_KEPT = 512  # judged windows remembered (layout, how it served)
 

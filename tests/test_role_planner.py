@@ -481,5 +481,5 @@ def test_a_window_the_client_paused_in_neither_decides_nor_is_remembered() -> No
     assert stays is not None and stays.moved == {}
     assert "2C met both levels at 2.10 answers/s 30 s ago, no better" in stays.reason
     # met, but paused: judged (nothing to change) and not remembered as what 1P+1D serves
-    assert planner.decide(replace(steady, met=28, requests=28, ttft_p90_ms=1500, idle_s=5.0), split.roles, 45.0) is None
+    assert planner.decide(replace(steady, met=28, requests=28, ttft_p90_ms=1500, idle_s=6.0), split.roles, 45.0) is None
     assert planner._recall((1, 1, 0), steady, 50.0) == Seen(2.5, 2.8, 30.0, 2.0, 2.0)
