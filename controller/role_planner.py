@@ -39,7 +39,8 @@ a prefill engine's prefix cache filling with the groups the other engines held):
   engines may be added, a split pool whose other level is over ``GIVE`` of its own too
   moves nothing (neither role has engines to spare) and grows at once (no going back);
   a planner that scales moves at most the engines the giving role's level spares.
-Layouts are compared by goodput, the answers a second that met both levels (under a
+Layouts are compared by goodput, the answers a second that met both levels over the
+time the door held requests (under a
 closed-loop load a layout that serves faster gets more answers, so a share would mislead;
 equal goodput, e.g. none met: by answers a second),
 and only under the same workload (mean output tokens within ``SAME_WORKLOAD`` x): a layout
