@@ -47,11 +47,6 @@ class ServiceLevels:
     def goodput_rps(self) -> float:
         return self.met / self.window_s if self.window_s > 0 else 0.0
 
-    @property
-    def busy_s(self) -> float:
-        """How long in the window the door held requests."""
-        return max(0.0, self.window_s - self.idle_s)
-
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
 

@@ -40,10 +40,9 @@ a prefill engine's prefix cache filling with the groups the other engines held):
   moves nothing (neither role has engines to spare) and grows at once (no going back);
   a planner that scales moves at most the engines the giving role's level spares.
 Layouts are compared by goodput, the answers a second that met both levels over the
-time the door held requests (under a
-closed-loop load a layout that serves faster gets more answers, so a share would mislead;
-equal goodput, e.g. none met: by answers a second),
-and only under the same workload (mean output tokens within ``SAME_WORKLOAD`` x): a layout
+time the door held requests (under a closed-loop load a layout that serves faster gets
+more answers, so a share would mislead; equal goodput, e.g. none met: by answers a
+second), and only under the same workload (mean output tokens within ``SAME_WORKLOAD`` x): a layout
 seen within ``memory_s`` doing no better than now is not gone to (no flapping between two
 layouts that both miss), and when the rules above find no move, the layout before the
 last change is gone back to if it did better than now. When no change helps, the planner
@@ -104,7 +103,7 @@ class Seen:
 
 def _served(levels: ServiceLevels) -> tuple[float, float]:
     """Answers a second that met both levels, and all, over the time the door held requests."""
-    busy_s = max(levels.busy_s, 1e-3)
+    busy_s = max(levels.window_s - levels.idle_s, 1e-3)
     return levels.met / busy_s, levels.requests / busy_s
 
 
@@ -170,19 +169,19 @@ class RolePlanner:
         current = layout_of(roles)
         ttft_over = levels.ttft_p90_ms / self.slo.ttft_ms
         itl_over = levels.itl_p90_ms / self.slo.itl_ms
-        paused = levels.idle_s > IDLE_SHARE * levels.window_s
+        paused, served = levels.idle_s > IDLE_SHARE * levels.window_s, _served(levels)
         if paused and max(ttft_over, itl_over) > 1:
             return None  # a miss in a window the client paused in is judged once requests come steadily
         if not paused:
             # a window whose answers are another workload than the requests arriving (a change under way) is
             # remembered for comparisons, not for a workload's return
             arriving = levels.arriving_tokens if same_workload(levels.arriving_tokens, levels.output_tokens) else 0.0
-            self._history.append((current, Seen(*_served(levels), now, levels.output_tokens, arriving)))
+            self._history.append((current, Seen(*served, now, levels.output_tokens, arriving)))
         self._serving = levels.arriving_tokens or self._serving
         idle = f" (the door idle {levels.idle_s:.0f} s of it)" if levels.idle_s >= 0.5 else ""
         summary = (f"TTFT p90 {levels.ttft_p90_ms:.0f} ms (SLO {self.slo.ttft_ms:g}), inter-token p90 "
                    f"{levels.itl_p90_ms:.0f} ms (SLO {self.slo.itl_ms:g}), {levels.met} of {levels.requests} answers "
-                   f"in {levels.window_s:g} s{idle} met both ({levels.attainment:.0%}, {_served(levels)[0]:.2f}/s) on "
+                   f"in {levels.window_s:g} s{idle} met both ({levels.attainment:.0%}, {served[0]:.2f}/s) on "
                    f"{describe_layout(current)}")  # fmt: skip
         self._sizing.learn(levels, roles)
         sized = self._sized(dict(roles), levels, now, summary)

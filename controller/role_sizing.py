@@ -22,6 +22,7 @@ A workload with other output tokens (``same_workload``) starts the measures afre
 until a split window measured the decode engines, each is taken to hold
 ``streams_prior`` streams (the operator's MAX_IN_FLIGHT_PER_ENGINE).
 """
+
 from __future__ import annotations
 
 import math
